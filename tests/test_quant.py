@@ -1,0 +1,435 @@
+"""Tests of baseq_export.quant against an independent numpy reference written here."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from baseq_export import quant
+from baseq_export.quant import (
+    HessianAccumulator,
+    QuantizedWeight,
+    choose_qparams,
+    dequantize,
+    dequantize_weight,
+    fake_quant_kv,
+    fake_quant_per_token,
+    gptq_quantize,
+    pack_int4,
+    quantize,
+    rtn_quantize,
+    unpack_int4,
+)
+
+# --------------------------------------------------------------------------------------
+# Independent numpy reference (float32 arithmetic, numpy's round = half to even)
+# --------------------------------------------------------------------------------------
+
+F32 = np.float32
+
+
+def np_fp16_ceil(s: np.ndarray) -> np.ndarray:
+    """Smallest fp16 value >= s, within [2**-24, 65504]."""
+    s = np.clip(s.astype(F32), F32(2.0**-24), F32(65504.0))
+    h = s.astype(np.float16)
+    up = np.nextafter(h, np.float16(np.inf))
+    return np.where(h.astype(F32) < s, up, h).astype(F32)
+
+
+def np_qparams(w: np.ndarray, bits: int, gs: int, symmetric: bool, clip: float):
+    n, k = w.shape
+    wg = w.astype(F32).reshape(n, k // gs, gs)
+    qmax = 2**bits - 1
+    if symmetric:
+        half = 2 ** (bits - 1)
+        amax = np.abs(wg).max(-1) * F32(clip)
+        scale = np_fp16_ceil(amax / F32(half - 1))
+        zero = np.full(scale.shape, half, dtype=np.uint8)
+    else:
+        xmin = np.minimum(wg.min(-1), F32(0)) * F32(clip)
+        xmax = np.maximum(wg.max(-1), F32(0)) * F32(clip)
+        scale = np_fp16_ceil((xmax - xmin) / F32(qmax))
+        zero = np.clip(np.round(-xmin / scale), 0, qmax).astype(np.uint8)
+    return scale, zero
+
+
+def np_quant(w, scale, zero, bits, gs):
+    n, k = w.shape
+    wg = w.astype(F32).reshape(n, k // gs, gs)
+    q = np.round(wg / scale[..., None]) + zero[..., None].astype(F32)
+    return np.clip(q, 0, 2**bits - 1).astype(np.uint8).reshape(n, k)
+
+
+def np_dequant(codes, scale, zero, gs):
+    n, k = codes.shape
+    cg = codes.astype(F32).reshape(n, k // gs, gs)
+    return ((cg - zero[..., None].astype(F32)) * scale[..., None]).reshape(n, k)
+
+
+def np_fake_quant_per_token(x: np.ndarray, bits: int, clip) -> np.ndarray:
+    x = x.astype(F32)
+    qmax = 2**bits - 1
+    clip = np.asarray(clip, dtype=F32)
+    xmin = x.min(-1, keepdims=True)
+    xmax = x.max(-1, keepdims=True)
+    r = xmax - xmin
+    scale = np.maximum((r * clip) / F32(qmax), F32(1e-8))
+    lo = (xmax + xmin) * F32(0.5) - (r * F32(0.5)) * clip
+    zero = np.round(-lo / scale)
+    q = np.clip(np.round(x / scale) + zero, 0, qmax)
+    return ((q - zero) * scale).astype(F32)
+
+
+def heavy_weight(n: int, k: int, seed: int) -> torch.Tensor:
+    """Gaussian weights with a few outliers and a shifted (all-positive) row."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    w[0, 3] = 0.9
+    w[1] = w[1].abs() + 0.01
+    w[2] = -w[2].abs()
+    return w
+
+
+GROUPS = [None, 32, 64, 128]
+
+
+# --------------------------------------------------------------------------------------
+# Weight quantizer primitives
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("clip", [1.0, 0.9])
+def test_qparams_quantize_dequantize_match_numpy(bits, group_size, symmetric, clip):
+    n, k = 16, 256
+    w = heavy_weight(n, k, seed=bits * 7 + (group_size or 0))
+    gs = group_size or k
+    scale, zero = choose_qparams(w, bits, group_size, symmetric, clip)
+    assert scale.dtype == torch.float32 and zero.dtype == torch.uint8
+    assert scale.shape == (n, k // gs) and zero.shape == (n, k // gs)
+
+    ref_scale, ref_zero = np_qparams(w.numpy(), bits, gs, symmetric, clip)
+    np.testing.assert_array_equal(scale.numpy(), ref_scale)
+    np.testing.assert_array_equal(zero.numpy(), ref_zero)
+
+    qmax = 2**bits - 1
+    # fp16-representable, positive, zero in range
+    assert torch.equal(scale.half().float(), scale)
+    assert bool((scale > 0).all())
+    assert int(zero.max()) <= qmax
+    if symmetric:
+        assert bool((zero == 2 ** (bits - 1)).all())
+
+    codes = quantize(w, scale, zero, bits, group_size)
+    assert codes.dtype == torch.uint8 and codes.shape == w.shape
+    assert int(codes.max()) <= qmax
+    np.testing.assert_array_equal(codes.numpy(), np_quant(w.numpy(), ref_scale, ref_zero, bits, gs))
+
+    deq = dequantize(codes, scale, zero, group_size)
+    assert deq.dtype == torch.float32
+    np.testing.assert_array_equal(deq.numpy(), np_dequant(codes.numpy(), ref_scale, ref_zero, gs))
+
+    # error <= scale / 2 inside the clip range
+    wg = w.reshape(n, k // gs, gs)
+    if symmetric:
+        amax = wg.abs().amax(-1, keepdim=True) * clip
+        lo, hi = -amax, amax
+    else:
+        lo = wg.amin(-1, keepdim=True).clamp(max=0) * clip
+        hi = wg.amax(-1, keepdim=True).clamp(min=0) * clip
+    inside = (wg >= lo) & (wg <= hi)
+    err = (deq.reshape(n, k // gs, gs) - wg).abs()
+    bound = scale.unsqueeze(-1) / 2 * (1 + 1e-6)
+    assert bool((err <= bound)[inside].all())
+    if clip == 1.0:
+        assert bool(inside.all())
+
+
+def test_scale_guard_zero_and_tiny_groups():
+    w = torch.zeros(4, 64)
+    w[1, :] = 1e-12  # below the smallest fp16 subnormal
+    w[2, ::2] = 3e-6  # fp16 subnormal range
+    w[3, 5] = -1e-30
+    for symmetric in (False, True):
+        for bits in (4, 8):
+            qw = rtn_quantize(w, bits=bits, group_size=32, symmetric=symmetric)
+            qw.validate()
+            assert bool((qw.scale >= 2.0**-24).all())
+            deq = dequantize_weight(qw)
+            assert bool(torch.isfinite(deq).all())
+            assert torch.equal(deq[0], torch.zeros(64))  # all-zero rows are exact
+            assert bool(((deq - w).abs() <= qw.scale.repeat_interleave(32, dim=1) / 2).all())
+
+
+def test_fp16_ceil_never_rounds_down():
+    s = torch.rand(10000) * 10.0 ** torch.randint(-9, 4, (10000,)).float()
+    c = quant.fp16_ceil(s)
+    assert bool((c >= s.clamp(min=2.0**-24)).all())
+    assert torch.equal(c.half().float(), c)
+    np.testing.assert_array_equal(c.numpy(), np_fp16_ceil(s.numpy()))
+
+
+def test_quantize_group_size_checks():
+    w = torch.randn(4, 96)
+    with pytest.raises(ValueError):
+        choose_qparams(w, 4, group_size=64)
+    scale, zero = choose_qparams(w, 4, group_size=32)
+    with pytest.raises(ValueError):
+        quantize(w, scale, zero, 4, group_size=48)
+    # group size inferred from the scale shape
+    assert torch.equal(quantize(w, scale, zero, 4), quantize(w, scale, zero, 4, 32))
+
+
+def test_rtn_quantize_and_quantized_weight():
+    w = heavy_weight(8, 128, seed=1)
+    qw = rtn_quantize(w, bits=4, group_size=64)
+    assert isinstance(qw, QuantizedWeight)
+    assert qw.group_size == 64 and qw.bits == 4 and qw.shape == (8, 128)
+    qw.validate()
+    ref_s, ref_z = np_qparams(w.numpy(), 4, 64, False, 1.0)
+    np.testing.assert_array_equal(qw.codes.numpy(), np_quant(w.numpy(), ref_s, ref_z, 4, 64))
+    assert torch.equal(dequantize_weight(qw), qw.dequantize())
+    per_ch = rtn_quantize(w, bits=4)
+    assert per_ch.group_size == 128 and per_ch.scale.shape == (8, 1)
+    with pytest.raises(ValueError):
+        QuantizedWeight(qw.codes, qw.scale[:, :1], qw.zero, 64, 4)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_mse_clip_search_not_worse_than_rtn(symmetric, group_size):
+    w = heavy_weight(16, 128, seed=5)
+    base = rtn_quantize(w, 4, group_size, symmetric)
+    searched = rtn_quantize(w, 4, group_size, symmetric, mse_clip_search=True)
+    searched.validate()
+    gs = group_size or 128
+
+    def group_err(qw):
+        return ((dequantize_weight(qw) - w) ** 2).reshape(16, -1, gs).sum(-1)
+
+    assert bool((group_err(searched) <= group_err(base) + 1e-12).all())
+    assert float(group_err(searched).sum()) < float(group_err(base).sum())
+
+
+# --------------------------------------------------------------------------------------
+# int4 packing
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 32, 33])
+def test_pack_unpack_round_trip(k):
+    codes = torch.randint(0, 16, (3, 5, k), dtype=torch.uint8)
+    packed = pack_int4(codes)
+    assert packed.shape == (3, 5, (k + 1) // 2)
+    c = codes.numpy().astype(np.int32)
+    if k % 2:
+        c = np.concatenate([c, np.zeros((3, 5, 1), np.int32)], -1)
+    np.testing.assert_array_equal(packed.numpy(), (c[..., 0::2] | (c[..., 1::2] << 4)).astype(np.uint8))
+    assert torch.equal(unpack_int4(packed, k), codes)
+
+
+def test_pack_rejects_bad_input():
+    with pytest.raises(ValueError):
+        pack_int4(torch.tensor([16], dtype=torch.uint8))
+    with pytest.raises(TypeError):
+        pack_int4(torch.tensor([1], dtype=torch.int32))
+
+
+# --------------------------------------------------------------------------------------
+# Activation / KV fake quantization
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("clip", [1.0, 0.88])
+def test_fake_quant_per_token_matches_numpy(bits, clip):
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(3, 17, 64, generator=g) * 2 + torch.randn(3, 17, 1, generator=g)
+    x[0, 0] += 10.0  # an all-positive token
+    x[0, 1, 5] = 40.0  # an outlier
+    out = fake_quant_per_token(x, bits, clip)
+    ref = np_fake_quant_per_token(x.numpy(), bits, clip)
+    np.testing.assert_array_equal(out.numpy(), ref)
+    # at most 2**bits distinct values per token, error bounded inside the shrunk range
+    xmin, xmax = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    scale = (xmax - xmin) * clip / (2**bits - 1)
+    mid, half = (xmax + xmin) / 2, (xmax - xmin) / 2 * clip
+    inside = (x >= mid - half) & (x <= mid + half)
+    err = (out - x).abs()
+    assert bool((err <= scale * 1.0001)[inside].all())  # rounded zero point can cost up to half a step more
+
+
+def test_fake_quant_tensor_clip_per_head_and_kv():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 9, 16, generator=g)
+    clip = torch.tensor([1.0, 0.9, 0.8, 0.5])
+    out = fake_quant_per_token(x, 4, clip.view(4, 1, 1))
+    ref = np_fake_quant_per_token(x.numpy(), 4, clip.numpy().reshape(4, 1, 1))
+    np.testing.assert_array_equal(out.numpy(), ref)
+    assert torch.equal(fake_quant_kv(x, 4, clip), out)
+    assert torch.equal(fake_quant_kv(x, 4, 0.9), fake_quant_per_token(x, 4, 0.9))
+    with pytest.raises(ValueError):
+        fake_quant_kv(x, 4, torch.ones(3))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fake_quant_constant_rows(bits):
+    vals = torch.tensor([0.0, 1.0, -3.5, 1e-10, 123.456, -7e4, 0.1])
+    x = vals[:, None].expand(7, 32).clone()
+    for clip in (1.0, 0.7):
+        out = fake_quant_per_token(x, bits, clip)
+        np.testing.assert_array_equal(out.numpy(), np_fake_quant_per_token(x.numpy(), bits, clip))
+        assert torch.allclose(out, x, rtol=1e-6, atol=1e-9)
+    # fp16 input keeps dtype and value
+    xh = x[[0, 1, 2, 3, 4, 6]].half()  # -7e4 is beyond fp16; the rest round-trip exactly
+    outh = fake_quant_per_token(xh, bits)
+    assert outh.dtype == torch.float16 and torch.equal(outh, xh)
+
+
+def test_fake_quant_zero_size_and_identity():
+    for shape in [(0, 8), (2, 0, 8), (3, 0)]:
+        x = torch.randn(shape)
+        out = fake_quant_per_token(x, 4)
+        assert out.shape == x.shape
+    x = torch.randn(4, 8)
+    assert torch.equal(fake_quant_per_token(x, 16), x)
+    assert torch.equal(fake_quant_per_token(x, None), x)
+    assert fake_quant_kv(torch.randn(1, 2, 0, 4), 4, torch.ones(2)).shape == (1, 2, 0, 4)
+
+
+def test_fake_quant_shift():
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(5, 32, generator=g) + 3.0
+    shift = torch.randn(32, generator=g)
+    out = fake_quant_per_token(x, 4, 0.9, shift=shift)
+    ref = np_fake_quant_per_token((x - shift).numpy(), 4, 0.9) + shift.numpy()
+    np.testing.assert_array_equal(out.numpy(), ref.astype(np.float32))
+
+
+def test_ste_gradients_reach_x_and_clip_with_identical_values():
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(2, 4, 6, 16, generator=g)
+    x = x0.clone().requires_grad_(True)
+    clip = torch.full((4, 1, 1), 0.9, requires_grad=True)
+    out = fake_quant_per_token(x, 4, clip)
+    with torch.no_grad():
+        fast = fake_quant_per_token(x0, 4, clip.detach())
+    assert torch.equal(out.detach(), fast)
+    target = torch.randn(out.shape, generator=g)
+    ((out - target) ** 2).sum().backward()
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all()) and float(x.grad.abs().sum()) > 0
+    assert clip.grad is not None and bool((clip.grad != 0).all())
+    # shift is learnable too
+    shift = torch.zeros(16, requires_grad=True)
+    fake_quant_per_token(x0, 4, 0.9, shift=shift).pow(2).sum().backward()
+    assert shift.grad is not None and float(shift.grad.abs().sum()) > 0
+
+
+# --------------------------------------------------------------------------------------
+# GPTQ
+# --------------------------------------------------------------------------------------
+
+
+def correlated_layer(n: int = 64, k: int = 256, rows: int = 2048, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(k, k, generator=g) / math.sqrt(k)
+    z = torch.randn(rows, k, generator=g)
+    z[:, :8] *= 6.0  # a few strong directions, so act order matters
+    x = z @ a
+    w = torch.randn(n, k, generator=g) * 0.05
+    return x, w
+
+
+@pytest.fixture(scope="module")
+def layer():
+    x, w = correlated_layer()
+    acc = HessianAccumulator(x.shape[1])
+    for chunk in torch.split(x.reshape(4, -1, x.shape[1]), [1, 2, 1]):  # uneven 3-D batches
+        acc.add(chunk)
+    return x, w, acc.hessian
+
+
+def test_hessian_accumulator_running_average():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(37, 12, generator=g, dtype=torch.float64)
+    acc = HessianAccumulator(12)
+    for part in (x[:5], x[5:6], x[6:6], x[6:]):
+        acc.add(part)
+    assert acc.nsamples == 37 and acc.hessian.dtype == torch.float64
+    ref = 2.0 / 37 * (x.numpy().T @ x.numpy())
+    np.testing.assert_allclose(acc.hessian.numpy(), ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError):
+        acc.add(torch.randn(2, 11))
+
+
+@pytest.mark.parametrize("group_size", [None, 128])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gptq_beats_rtn_on_output_error(layer, group_size, act_order, symmetric):
+    x, w, h = layer
+    rtn = rtn_quantize(w, 4, group_size, symmetric)
+    gq = gptq_quantize(w, h, 4, group_size, symmetric, act_order=act_order, block_size=64)
+    gq.validate()
+    assert gq.group_size == (group_size or w.shape[1])
+    # static groups: params are those of RTN on the original weights
+    assert torch.equal(gq.scale, rtn.scale) and torch.equal(gq.zero, rtn.zero)
+    ref = x @ w.T
+    err_rtn = float((ref - x @ dequantize_weight(rtn).T).norm())
+    err_gptq = float((ref - x @ dequantize_weight(gq).T).norm())
+    assert err_gptq < 0.8 * err_rtn, (err_gptq, err_rtn)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_codes_are_what_error_feedback_used(layer, act_order):
+    x, w, h = layer
+    qw, used = quant._gptq_run(w, h, 4, 64, False, 0.01, act_order, 128, False, 1.0)
+    assert torch.equal(dequantize_weight(qw), used)
+    # stored codes are consistent with the stored params
+    s, z = qw.scale.numpy(), qw.zero.numpy()
+    np.testing.assert_array_equal(dequantize_weight(qw).numpy(), np_dequant(qw.codes.numpy(), s, z, 64))
+    assert int(qw.codes.max()) <= 15 and int(qw.zero.max()) <= 15
+
+
+def test_gptq_mse_clip_and_8bit(layer):
+    x, w, h = layer
+    for bits in (4, 8):
+        gq = gptq_quantize(w, h, bits, 32, mse_clip_search=True, act_order=True)
+        gq.validate()
+        rel = float((x @ (dequantize_weight(gq) - w).T).norm() / (x @ w.T).norm())
+        assert rel < (0.1 if bits == 4 else 0.005)
+
+
+def test_gptq_dead_input_column(layer):
+    x, w, _ = layer
+    x = x.clone()
+    x[:, 7] = 0.0
+    x[:, 200] = 0.0
+    acc = HessianAccumulator(x.shape[1])
+    acc.add(x)
+    assert float(acc.hessian[7, 7]) == 0.0
+    for act_order in (False, True):
+        gq = gptq_quantize(w, acc.hessian, 4, 128, act_order=act_order)
+        deq = dequantize_weight(gq)
+        assert bool(torch.isfinite(deq).all())
+        assert torch.equal(deq[:, 7], torch.zeros(w.shape[0]))
+        assert torch.equal(deq[:, 200], torch.zeros(w.shape[0]))
+        err = float((x @ (deq - w).T).norm() / (x @ w.T).norm())
+        assert err < 0.1
+
+
+def test_gptq_singular_hessian_and_dtype():
+    # rank-deficient Hessian (fewer samples than K) and a half-precision weight
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(16, 64, generator=g)
+    w = (torch.randn(8, 64, generator=g) * 0.05).half()
+    acc = HessianAccumulator(64)
+    acc.add(x)
+    gq = gptq_quantize(w, acc.hessian, 4, 32)
+    gq.validate()
+    assert gq.codes.device == w.device and gq.scale.dtype == torch.float32
+    assert bool(torch.isfinite(dequantize_weight(gq)).all())
