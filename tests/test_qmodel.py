@@ -1,0 +1,129 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from baseq_export import qmodel
+from baseq_export.qmodel import Artifact, ArtifactError, load_artifact, save_artifact
+from baseq_export.quant import pack_int4, unpack_int4
+
+
+def sample_artifact() -> Artifact:
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (48, 64), generator=gen, dtype=torch.uint8)
+    tensors = {
+        "layers.0.q.qweight": pack_int4(codes),
+        "layers.0.q.scales": torch.rand(48, 2, generator=gen).half().float(),
+        "layers.0.q.zeros": torch.randint(0, 16, (48, 2), generator=gen, dtype=torch.uint8),
+        "layers.0.q.bias": torch.randn(48, generator=gen),
+        "layers.0.attn_norm": torch.randn(64, generator=gen),
+        "layers.0.o_in.shift": torch.randn(64, generator=gen, dtype=torch.float64),
+        "embed": torch.randn(10, 64, generator=gen).half(),
+    }
+    return Artifact(
+        model={"arch": "llama", "hidden_size": 64},
+        quant={"bits": "w4a4kv4", "group_size": 32},
+        tensors=tensors,
+        source={"model": "test"},
+        calibration={"blocks": [{"loss": 0.5}]},
+    )
+
+
+def test_round_trip_is_bit_exact(tmp_path):
+    a = sample_artifact()
+    path = save_artifact(tmp_path / "m.baseq", a, write_extra=lambda d: (d / "tokenizer.json").write_text("{}"))
+    b = load_artifact(path)
+    assert b.model == a.model and b.quant == a.quant and b.source == a.source and b.calibration == a.calibration
+    assert set(b.tensors) == set(a.tensors)
+    for name, t in a.tensors.items():
+        assert b.tensors[name].dtype == t.dtype
+        assert torch.equal(b.tensors[name], t), name
+    assert (path / "tokenizer.json").is_file()
+    assert torch.equal(unpack_int4(b.tensors["layers.0.q.qweight"], 64), unpack_int4(a.tensors["layers.0.q.qweight"], 64))
+    assert not list(tmp_path.glob(".*tmp-*"))  # no temp dir left behind
+
+
+def test_pack_int4_layout_low_nibble_is_even_element():
+    codes = torch.tensor([[1, 2, 3, 4, 15]], dtype=torch.uint8)
+    packed = pack_int4(codes)
+    assert packed.tolist() == [[1 | 2 << 4, 3 | 4 << 4, 15]]
+    assert torch.equal(unpack_int4(packed, 5), codes)
+
+
+def test_corrupted_tensor_file_is_rejected(tmp_path):
+    path = save_artifact(tmp_path / "m.baseq", sample_artifact())
+    f = path / qmodel.TENSORS
+    raw = bytearray(f.read_bytes())
+    raw[-3] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match="fails its checksum"):
+        load_artifact(path)
+
+
+def test_truncated_tensor_file_is_rejected(tmp_path):
+    path = save_artifact(tmp_path / "m.baseq", sample_artifact())
+    f = path / qmodel.TENSORS
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(ArtifactError, match="corrupted or truncated"):
+        load_artifact(path)
+
+
+def test_wrong_version_and_foreign_directories_are_rejected(tmp_path):
+    path = save_artifact(tmp_path / "m.baseq", sample_artifact())
+    cfg = json.loads((path / qmodel.CONFIG).read_text())
+    cfg["format_version"] = 99
+    (path / qmodel.CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(ArtifactError, match="format version 99.*reads version 1"):
+        load_artifact(path)
+    (path / qmodel.CONFIG).write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        load_artifact(path)
+    with pytest.raises(ArtifactError, match="not a directory"):
+        load_artifact(tmp_path / "nothing")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ArtifactError, match="has no config.json"):
+        load_artifact(tmp_path / "plain")
+
+
+def test_missing_tensor_is_named(tmp_path):
+    path = save_artifact(tmp_path / "m.baseq", sample_artifact())
+    f = path / qmodel.TENSORS
+    tensors = load_file(str(f))
+    del tensors["layers.0.q.zeros"]
+    save_file(tensors, str(f))
+    cfg = json.loads((path / qmodel.CONFIG).read_text())
+    cfg["checksums"][qmodel.TENSORS] = qmodel.sha256_file(f)  # a consistent but incomplete file
+    (path / qmodel.CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(ArtifactError, match="missing tensors.*layers.0.q.zeros"):
+        load_artifact(path)
+
+
+def test_existing_paths_are_never_clobbered(tmp_path):
+    user_dir = tmp_path / "notes"
+    user_dir.mkdir()
+    (user_dir / "keep.txt").write_text("mine")
+    with pytest.raises(ArtifactError, match="not a baseq artifact; refusing"):
+        save_artifact(user_dir, sample_artifact(), overwrite=True)
+    assert (user_dir / "keep.txt").read_text() == "mine"
+
+    path = save_artifact(tmp_path / "m.baseq", sample_artifact())
+    with pytest.raises(ArtifactError, match="already exists"):
+        save_artifact(path, sample_artifact())
+    newer = sample_artifact()
+    newer.quant["group_size"] = 64
+    save_artifact(path, newer, overwrite=True)
+    assert load_artifact(path).quant["group_size"] == 64
+
+
+def test_failed_write_leaves_old_artifact_intact(tmp_path):
+    path = save_artifact(tmp_path / "m.baseq", sample_artifact())
+    before = (path / qmodel.TENSORS).read_bytes()
+
+    def boom(_):
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_artifact(path, sample_artifact(), overwrite=True, write_extra=boom)
+    assert (path / qmodel.TENSORS).read_bytes() == before
+    assert not list(tmp_path.glob(".*tmp-*"))
