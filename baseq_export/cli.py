@@ -33,6 +33,19 @@ def add_eval_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
     p.add_argument("--batch-size", type=int, default=_default(1, sub), help="windows per forward pass")
 
 
+def add_quant_args(p: argparse.ArgumentParser) -> None:
+    from .pipeline import METHODS
+    from .qmodel import BITS_PRESETS
+
+    p.add_argument("--method", choices=METHODS, default="quarot-gptq", help="quantization method (default quarot-gptq)")
+    p.add_argument("--bits", choices=tuple(BITS_PRESETS), default="w4a4kv4", help="weight/activation/KV bits (default w4a4kv4)")
+    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=None, help="weight group size (default: per output channel)")
+    p.add_argument("--calib-text", default=None, help="UTF-8 text file to calibrate on (default: the embedded calibration split)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--calib-ctx", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and the random rotation")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="baseq-export",
@@ -49,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and write a .baseq artifact")
     add_model_args(q, sub=True)
-    q.add_argument("--out", default=argparse.SUPPRESS, help="artifact directory to write (*.baseq)")
+    add_quant_args(q)
+    q.add_argument("--out", default=argparse.SUPPRESS, help="artifact directory to write (default: <model>-<method>-<bits>.baseq)")
     q.add_argument("--preset", choices=PRESETS, default=argparse.SUPPRESS)
+    q.add_argument("--force", action="store_true", help="replace an existing artifact at --out")
 
     e = sub.add_parser("export", help="export a .baseq artifact to ONNX or GGUF")
     e.add_argument("artifact", help="a .baseq directory")
@@ -110,9 +125,62 @@ def evaluate_fp(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    if args.artifact:
-        return not_built("evaluating a quantized artifact")
-    evaluate_fp(args)
+    if not args.artifact:
+        evaluate_fp(args)
+        return 0
+    import torch
+
+    from .evaluate import perplexity
+    from .qmodel import load_artifact, reference_model
+
+    art = load_artifact(args.artifact)
+    model = reference_model(art)
+    windows = eval_windows(load_tokenizer(args.artifact), args)
+    t0 = time.time()
+    with torch.inference_mode():
+        result = perplexity(model.logits, windows, args.batch_size, desc=f"{art.quant['method']} perplexity")
+    print(
+        f"{art.quant['method']} {art.quant['bits']} perplexity {result.ppl:.4f} on {result.tokens} scored tokens "
+        f"({result.windows} windows x {args.ctx}) in {time.time() - t0:.1f} s"
+    )
+    return 0
+
+
+def load_tokenizer(path):
+    """The tokenizer saved inside an artifact directory."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def calibration_windows(tokenizer, args: argparse.Namespace):
+    from . import data
+
+    tokens = data.tokenize(tokenizer, data.corpus_text("calib", args.calib_text))
+    return data.calibration_windows(tokens, args.nsamples, args.calib_ctx, args.seed)
+
+
+def default_out(model: str, suffix: str) -> str:
+    from pathlib import Path
+
+    name = "smollm2-135m" if model == "default" else Path(model).name.removesuffix(".gguf")
+    return f"{name}-{suffix}"
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .models import load_model
+    from .pipeline import QuantSettings, quantize_model
+    from .qmodel import save_artifact
+
+    settings = QuantSettings(method=args.method, bits=args.bits, group_size=args.group_size, seed=args.seed)
+    out = getattr(args, "out", None) or default_out(args.model, f"{args.method}-{args.bits}.baseq")
+    t0 = time.time()
+    m = load_model(args.model)
+    calib = calibration_windows(m.tokenizer, args) if settings.method.endswith("gptq") else None
+    art = quantize_model(m, settings, calib)
+    path = save_artifact(out, art, overwrite=args.force, write_extra=lambda d: m.tokenizer.save_pretrained(str(d)))
+    print(f"wrote {path} ({settings.method} {settings.bits}) in {time.time() - t0:.1f} s")
+    print(f"measure it: baseq-export eval {path}")
     return 0
 
 
@@ -135,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_main_job(args)
         if args.command == "eval":
             return cmd_eval(args)
+        if args.command == "quantize":
+            return cmd_quantize(args)
         return not_built(f"`baseq-export {args.command}`")
     except (ValueError, FileNotFoundError) as e:  # our loaders raise these with user-facing messages
         print(f"baseq-export: error: {e}", file=sys.stderr)

@@ -68,6 +68,36 @@ def test_eval_prints_perplexity_of_the_model(tmp_path, capsys):
     assert abs(float(ppl) - expected.ppl) < 1e-3
 
 
+def test_quantize_then_eval_artifact(tmp_path, capsys):
+    from baseq_export.qmodel import load_artifact, reference_model
+
+    ckpt, text = tiny_checkpoint(tmp_path)
+    out = tmp_path / "tiny.baseq"
+    args = ["quantize", "--model", str(ckpt), "--method", "quarot-gptq", "--bits", "w4a4kv4",
+            "--calib-text", str(text), "--nsamples", "4", "--calib-ctx", "16", "--out", str(out)]
+    assert main(args) == 0
+    assert main(args) == 1  # exists: refuses without --force
+    assert "already exists" in capsys.readouterr().err
+    assert main(args + ["--force"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--eval-text", str(text), "--ctx", "16"]) == 0
+    ppl = float(re.search(r"perplexity ([\d.]+) on", capsys.readouterr().out).group(1))
+    art = load_artifact(out)
+    assert art.quant["method"] == "quarot-gptq" and art.quant["a_bits"] == 4
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out))
+    ids = torch.tensor(tok(text.read_text(), add_special_tokens=False)["input_ids"])
+    windows = ids[: ids.numel() // 16 * 16].view(-1, 16)
+    assert abs(ppl - perplexity(reference_model(art).logits, windows).ppl) < 1e-3
+
+
+def test_eval_of_a_damaged_artifact_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "x.baseq").mkdir()
+    assert main(["eval", str(tmp_path / "x.baseq")]) == 1
+    assert "not a baseq artifact" in capsys.readouterr().err
+
+
 def test_not_built_subcommands_say_so(capsys):
     assert main(["report", "x.baseq", "--out", "plots"]) == 2
     assert "not built yet" in capsys.readouterr().err

@@ -1,0 +1,170 @@
+"""From a loaded FP model to a quantized artifact: rotate, collect statistics block by block, round.
+
+Methods: ``rtn`` (no rotation, round to nearest), ``quarot-rtn`` (rotations + RTN) and
+``quarot-gptq`` (rotations + GPTQ with Hessians from the calibration windows, one block at a
+time, each block fed by the already-quantized blocks before it).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .models import LoadedModel
+from .models.base import ACT_SITES, LINEARS, ModelConfig, block_forward, layer_weights, rope_tables
+from .qmodel import BITS_PRESETS, Artifact, linear_tensors
+from .quant import HessianAccumulator, QuantizedWeight, gptq_quantize, rtn_quantize
+from .rotate import RotationHooks, rotate_model
+
+METHODS = ("rtn", "quarot-rtn", "quarot-gptq")
+# Which activation site feeds which linears.
+SITE_LINEARS = {"attn_in": ("q", "k", "v"), "o_in": ("o",), "mlp_in": ("gate", "up"), "down_in": ("down",)}
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """Everything that decides the numbers of a quantized model (stored in the artifact)."""
+
+    method: str = "quarot-gptq"
+    bits: str = "w4a4kv4"
+    group_size: int | None = None  # None = per output channel
+    symmetric: bool = False
+    a_clip: float = 0.9  # activation clip ratio (QuaRot's default for 4-bit)
+    kv_clip: float = 0.95
+    seed: int = 0
+    damp: float = 0.01
+    act_order: bool = True
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.bits not in BITS_PRESETS:
+            raise ValueError(f"unknown bits {self.bits!r}; choose one of {', '.join(BITS_PRESETS)}")
+        if self.group_size not in (None, 32, 64, 128):
+            raise ValueError(f"group size must be per-channel (none) or 32, 64, 128; got {self.group_size}")
+
+    @property
+    def rotated(self) -> bool:
+        return self.method.startswith("quarot")
+
+    def quant_config(self) -> dict:
+        w_bits, a_bits, kv_bits = BITS_PRESETS[self.bits]
+        rotation = {"r1_seed": self.seed, "r1": True, "r2": True, "r3": bool(kv_bits), "r4": True} if self.rotated else None
+        return {
+            "method": self.method, "bits": self.bits, "w_bits": w_bits, "a_bits": a_bits, "kv_bits": kv_bits,
+            "group_size": self.group_size, "symmetric": self.symmetric, "rotation": rotation,
+            "lm_head": "float", "embed": "float",
+        }
+
+
+class CaptureHooks:
+    """Rotation hooks that also accumulate each activation site's Hessian (for GPTQ)."""
+
+    def __init__(self, inner, hessians: dict[str, HessianAccumulator]):
+        self.inner, self.hessians = inner, hessians
+
+    def act(self, layer, site, x):
+        x = self.inner.act(layer, site, x)
+        self.hessians[site].add(x)
+        return x
+
+    def qk(self, layer, q, k):
+        return self.inner.qk(layer, q, k)
+
+    def kv(self, layer, k, v):
+        return self.inner.kv(layer, k, v)
+
+
+def in_features(cfg: ModelConfig, site: str) -> int:
+    return {"attn_in": cfg.hidden_size, "o_in": cfg.num_heads * cfg.head_dim, "mlp_in": cfg.hidden_size,
+            "down_in": cfg.intermediate_size}[site]
+
+
+def round_layer(w: dict[str, torch.Tensor], s: QuantSettings, hessians: dict | None) -> dict[str, QuantizedWeight]:
+    """Quantize the seven linears of one layer (GPTQ when Hessians are given, else RTN)."""
+    out = {}
+    for site, names in SITE_LINEARS.items():
+        for name in names:
+            weight = w[f"{name}.weight"].to(torch.float32)
+            if hessians is None:
+                out[name] = rtn_quantize(weight, 4, s.group_size, s.symmetric)
+            else:
+                out[name] = gptq_quantize(weight, hessians[site].hessian, 4, s.group_size, s.symmetric, s.damp, s.act_order)
+    return out
+
+
+def run_blocks(cfg, w, layer, h, hooks, chunk: int) -> torch.Tensor:
+    """Block `layer` on every calibration window, a chunk of windows at a time."""
+    cos, sin = rope_tables(w["rope.inv_freq"], torch.arange(h.shape[1]), cfg.rope_attention_scaling, h.dtype)
+    lw = layer_weights(w, layer)
+    return torch.cat([block_forward(cfg, lw, layer, h[i : i + chunk], cos, sin, hooks) for i in range(0, h.shape[0], chunk)])
+
+
+@torch.no_grad()
+def quantize_model(
+    model: LoadedModel, settings: QuantSettings, calib: torch.Tensor | None = None, chunk: int = 8
+) -> Artifact:
+    """Quantize `model` into an artifact. `calib` [n, T] token windows are needed for GPTQ."""
+    t0 = time.time()
+    cfg, w = model.config, {k: v.to(torch.float64) for k, v in model.weights.items()}
+    if settings.rotated:
+        cfg, w = rotate_model(cfg, w, settings.seed)
+    w = {k: v.to(torch.float32) for k, v in w.items()}
+    gptq = settings.method.endswith("gptq")
+    if gptq and calib is None:
+        raise ValueError("GPTQ needs calibration windows")
+    hooks = RotationHooks(r3=False, r4=True) if settings.rotated else None
+    h = torch.nn.functional.embedding(calib, w["embed"]) if gptq else None
+    tensors: dict[str, torch.Tensor] = {}
+    bar = tqdm(range(cfg.num_layers), desc=f"{settings.method} {settings.bits}", unit="block")
+    for i in bar:
+        hessians = None
+        if gptq:
+            hessians = {site: HessianAccumulator(in_features(cfg, site)) for site in ACT_SITES}
+            run_blocks(cfg, w, i, h, CaptureHooks(hooks or _identity(), hessians), chunk)
+        qlayer = round_layer(layer_weights(w, i), settings, hessians)
+        for name, qw in qlayer.items():
+            tensors.update(linear_tensors(f"layers.{i}.{name}", qw, w.get(f"layers.{i}.{name}.bias")))
+            if gptq:
+                w[f"layers.{i}.{name}.weight"] = qw.dequantize()
+        if gptq:
+            h = run_blocks(cfg, w, i, h, hooks or _identity(), chunk)
+    tensors.update(_float_tensors(cfg, w, settings))
+    return Artifact(
+        model=cfg.to_dict(),
+        quant=settings.quant_config(),
+        tensors=tensors,
+        source={"model": model.source},
+        calibration={"seconds": round(time.time() - t0, 1), "windows": 0 if calib is None else list(calib.shape)},
+    )
+
+
+def _identity():
+    from .models.base import IDENTITY
+
+    return IDENTITY
+
+
+def _float_tensors(cfg: ModelConfig, w: dict[str, torch.Tensor], s: QuantSettings) -> dict[str, torch.Tensor]:
+    """Tensors kept in float (embeddings, head, norms, rope) and the initial online clip values."""
+    out = {}
+    for name, t in w.items():
+        if name.startswith("layers."):
+            if name.rsplit(".", 1)[-1] in ("attn_norm", "mlp_norm"):
+                out[name] = t
+            continue
+        if name == "lm_head" and cfg.tied_embeddings:
+            continue
+        out[name] = t
+    _, a_bits, kv_bits = BITS_PRESETS[s.bits]
+    for i in range(cfg.num_layers):
+        if a_bits:
+            for site in ACT_SITES:
+                out[f"layers.{i}.{site}.clip"] = torch.tensor([s.a_clip], dtype=torch.float32)
+        if kv_bits:
+            for site in ("k_cache", "v_cache"):
+                out[f"layers.{i}.{site}.clip"] = torch.full((cfg.num_kv_heads, 1, 1), s.kv_clip, dtype=torch.float32)
+    return out

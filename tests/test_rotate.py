@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from baseq_export.hadamard import hadamard_matrix
+from baseq_export.models import from_hf_model
+from baseq_export.models.base import forward
+from baseq_export.rotate import RotationHooks, fold_norms, random_signs, rotate_model, rotate_r1
+from conftest import tiny_hf_model
+
+# hidden 96 = 12*8, head_dim 24 = 12*2, ffn 160 = 20*8: non-power-of-two Hadamards everywhere
+ODD_DIMS = dict(hidden_size=96, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2)
+
+
+def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("dims", [{}, ODD_DIMS], ids=["pow2", "non-pow2"])
+def test_rotated_model_reproduces_logits(arch, dims):
+    m = from_hf_model(tiny_hf_model(arch, **dims))
+    ids = torch.randint(0, 96, (2, 19), generator=torch.Generator().manual_seed(0))
+    ref = forward(m.config, m.weights, ids)
+    cfg, w = rotate_model(m.config, m.weights, seed=3)
+    out = forward(cfg, w, ids, hooks=RotationHooks(r3=True, r4=True))
+    assert max_rel_diff(out, ref) < 1e-10
+    # the rotation really changed the weights (not an identity that passes trivially)
+    assert not torch.allclose(w["layers.0.q.weight"], m.weights["layers.0.q.weight"] * m.weights["layers.0.attn_norm"])
+    # without the online R4 the folded down_proj no longer matches: the online part is needed
+    wrong = forward(cfg, w, ids, hooks=RotationHooks(r3=True, r4=False))
+    assert max_rel_diff(wrong, ref) > 1e-3
+
+
+def test_r1_is_diag_signs_times_hadamard():
+    m = from_hf_model(tiny_hf_model("llama", **ODD_DIMS))
+    cfg, w = fold_norms(m.config, m.weights)
+    rotated = rotate_r1(cfg, w, seed=5)
+    r1 = torch.diag(random_signs(96, 5)) @ hadamard_matrix(96)
+    torch.testing.assert_close(rotated["embed"], w["embed"] @ r1)
+    torch.testing.assert_close(rotated["layers.1.o.weight"], r1.T @ w["layers.1.o.weight"])
+    torch.testing.assert_close(r1 @ r1.T, torch.eye(96, dtype=torch.float64))
+
+
+def test_rotation_needs_folded_norms():
+    m = from_hf_model(tiny_hf_model("llama"))
+    with pytest.raises(ValueError, match="fold_norms first"):
+        rotate_r1(m.config, m.weights)
+
+
+def test_tied_embeddings_are_untied_and_model_stays_correct():
+    m = from_hf_model(tiny_hf_model("llama"))
+    assert m.config.tied_embeddings
+    cfg, w = rotate_model(m.config, m.weights)
+    assert not cfg.tied_embeddings and w["lm_head"] is not w["embed"]
+
+
+@pytest.mark.real_model
+def test_default_model_rotation_is_exact(default_model):
+    w64 = {k: v.to(torch.float64) for k, v in default_model.weights.items()}
+    cfg = default_model.config
+    ids = torch.tensor([default_model.tokenizer("def rotate(x):\n    return x @ H  # a Hadamard rotation")["input_ids"]])
+    ref = forward(cfg, w64, ids)
+    rcfg, rw = rotate_model(cfg, w64, seed=0)
+    out = forward(rcfg, rw, ids, hooks=RotationHooks(r3=True, r4=True))
+    assert max_rel_diff(out, ref) < 1e-4
