@@ -14,14 +14,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .models import LoadedModel
-from .models.base import ACT_SITES, LINEARS, ModelConfig, block_forward, layer_weights, rope_tables
+from .models.base import ACT_SITES, IDENTITY, SITE_LINEARS, ModelConfig, block_forward, layer_weights, rope_tables, site_width
 from .qmodel import BITS_PRESETS, Artifact, linear_tensors
 from .quant import HessianAccumulator, QuantizedWeight, gptq_quantize, rtn_quantize
 from .rotate import RotationHooks, rotate_model
 
 METHODS = ("rtn", "quarot-rtn", "quarot-gptq")
-# Which activation site feeds which linears.
-SITE_LINEARS = {"attn_in": ("q", "k", "v"), "o_in": ("o",), "mlp_in": ("gate", "up"), "down_in": ("down",)}
 
 
 @dataclass(frozen=True)
@@ -78,11 +76,6 @@ class CaptureHooks:
         return self.inner.kv(layer, k, v)
 
 
-def in_features(cfg: ModelConfig, site: str) -> int:
-    return {"attn_in": cfg.hidden_size, "o_in": cfg.num_heads * cfg.head_dim, "mlp_in": cfg.hidden_size,
-            "down_in": cfg.intermediate_size}[site]
-
-
 def round_layer(w: dict[str, torch.Tensor], s: QuantSettings, hessians: dict | None) -> dict[str, QuantizedWeight]:
     """Quantize the seven linears of one layer (GPTQ when Hessians are given, else RTN)."""
     out = {}
@@ -96,11 +89,21 @@ def round_layer(w: dict[str, torch.Tensor], s: QuantSettings, hessians: dict | N
     return out
 
 
-def run_blocks(cfg, w, layer, h, hooks, chunk: int) -> torch.Tensor:
-    """Block `layer` on every calibration window, a chunk of windows at a time."""
-    cos, sin = rope_tables(w["rope.inv_freq"], torch.arange(h.shape[1]), cfg.rope_attention_scaling, h.dtype)
-    lw = layer_weights(w, layer)
-    return torch.cat([block_forward(cfg, lw, layer, h[i : i + chunk], cos, sin, hooks) for i in range(0, h.shape[0], chunk)])
+def calib_rope(cfg: ModelConfig, w: dict[str, torch.Tensor], h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for calibration windows h [n, T, d]."""
+    return rope_tables(w["rope.inv_freq"], torch.arange(h.shape[1]), cfg.rope_attention_scaling, h.dtype)
+
+
+def run_block(cfg, lw: dict, layer: int, h: torch.Tensor, hooks, rope, chunk: int = 8) -> torch.Tensor:
+    """Block `layer` (weights lw) on every calibration window, a chunk of windows at a time."""
+    return torch.cat([block_forward(cfg, lw, layer, h[i : i + chunk], *rope, hooks) for i in range(0, h.shape[0], chunk)])
+
+
+def gptq_hessians(cfg, lw: dict, layer: int, h: torch.Tensor, hooks, rope, chunk: int = 8) -> dict[str, HessianAccumulator]:
+    """Hessians of the four activation sites of one block, from its inputs h."""
+    hessians = {site: HessianAccumulator(site_width(cfg, site)) for site in ACT_SITES}
+    run_block(cfg, lw, layer, h, CaptureHooks(hooks, hessians), rope, chunk)
+    return hessians
 
 
 @torch.no_grad()
@@ -116,23 +119,21 @@ def quantize_model(
     gptq = settings.method.endswith("gptq")
     if gptq and calib is None:
         raise ValueError("GPTQ needs calibration windows")
-    hooks = RotationHooks(r3=False, r4=True) if settings.rotated else None
+    hooks = RotationHooks(r3=False, r4=True) if settings.rotated else IDENTITY
     h = torch.nn.functional.embedding(calib, w["embed"]) if gptq else None
+    rope = calib_rope(cfg, w, h) if gptq else None
     tensors: dict[str, torch.Tensor] = {}
     bar = tqdm(range(cfg.num_layers), desc=f"{settings.method} {settings.bits}", unit="block")
     for i in bar:
-        hessians = None
-        if gptq:
-            hessians = {site: HessianAccumulator(in_features(cfg, site)) for site in ACT_SITES}
-            run_blocks(cfg, w, i, h, CaptureHooks(hooks or _identity(), hessians), chunk)
+        hessians = gptq_hessians(cfg, layer_weights(w, i), i, h, hooks, rope, chunk) if gptq else None
         qlayer = round_layer(layer_weights(w, i), settings, hessians)
         for name, qw in qlayer.items():
             tensors.update(linear_tensors(f"layers.{i}.{name}", qw, w.get(f"layers.{i}.{name}.bias")))
             if gptq:
                 w[f"layers.{i}.{name}.weight"] = qw.dequantize()
         if gptq:
-            h = run_blocks(cfg, w, i, h, hooks or _identity(), chunk)
-    tensors.update(_float_tensors(cfg, w, settings))
+            h = run_block(cfg, layer_weights(w, i), i, h, hooks, rope, chunk)
+    tensors.update(float_tensors(cfg, w, settings))
     return Artifact(
         model=cfg.to_dict(),
         quant=settings.quant_config(),
@@ -142,14 +143,8 @@ def quantize_model(
     )
 
 
-def _identity():
-    from .models.base import IDENTITY
-
-    return IDENTITY
-
-
-def _float_tensors(cfg: ModelConfig, w: dict[str, torch.Tensor], s: QuantSettings) -> dict[str, torch.Tensor]:
-    """Tensors kept in float (embeddings, head, norms, rope) and the initial online clip values."""
+def float_tensors(cfg: ModelConfig, w: dict[str, torch.Tensor], s: QuantSettings, online: bool = True) -> dict[str, torch.Tensor]:
+    """Tensors kept in float (embeddings, head, norms, rope) and, if `online`, the fixed clip values."""
     out = {}
     for name, t in w.items():
         if name.startswith("layers."):
@@ -159,6 +154,8 @@ def _float_tensors(cfg: ModelConfig, w: dict[str, torch.Tensor], s: QuantSetting
         if name == "lm_head" and cfg.tied_embeddings:
             continue
         out[name] = t
+    if not online:
+        return out
     _, a_bits, kv_bits = BITS_PRESETS[s.bits]
     for i in range(cfg.num_layers):
         if a_bits:

@@ -66,6 +66,16 @@ def is_artifact(path: str | Path) -> bool:
         return False
 
 
+def check_writable(path: str | Path, overwrite: bool) -> None:
+    """Raise unless an artifact may be written at path (new, or an artifact with overwrite set)."""
+    path = Path(path).expanduser()
+    if path.exists():
+        if not overwrite:
+            raise ArtifactError(f"{path} already exists; choose another --out or pass --force to replace it")
+        if not is_artifact(path):
+            raise ArtifactError(f"{path} exists and is not a baseq artifact; refusing to replace it, choose another --out")
+
+
 def save_artifact(
     path: str | Path,
     artifact: Artifact,
@@ -78,11 +88,7 @@ def save_artifact(
     anything else there is never touched. write_extra(dir) may add files (the tokenizer).
     """
     path = Path(path).expanduser()
-    if path.exists():
-        if not overwrite:
-            raise ArtifactError(f"{path} already exists; choose another --out or pass --force to replace it")
-        if not is_artifact(path):
-            raise ArtifactError(f"{path} exists and is not a baseq artifact; refusing to replace it, choose another --out")
+    check_writable(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -218,8 +224,13 @@ def linear_from_tensors(prefix: str, tensors: dict[str, torch.Tensor], in_featur
 class QuantHooks:
     """Online part of a quantized model: R4/R3 Hadamards, per-token activation and KV fake quantization.
 
-    `params` holds the online tensors by artifact name: ``layers.i.<site>.clip`` for the four
-    activation sites and ``layers.i.k_cache.clip`` / ``layers.i.v_cache.clip`` (one per KV head).
+    `params` holds the online tensors by artifact name ``layers.i.<site>.<param>``:
+      clip   activation sites (one value) and k_cache / v_cache (one per KV head): range shrink
+      gain   o_in / down_in only: per-channel multiplier before quantization (BASE-Q scaling;
+             for attn_in / mlp_in the gain is the RMSNorm weight instead)
+      shift  per-channel shift subtracted before quantization (BASE-Q bias correction); the
+             matching `+ shift` is folded into the next linear's bias, so it is not added back
+    A site computes, in order: [R4 Hadamard if down_in] -> x * gain -> fq(x - shift).
     """
 
     def __init__(self, quant: dict, params: dict[str, torch.Tensor]):
@@ -234,8 +245,15 @@ class QuantHooks:
 
         if self.r4 and site == "down_in":
             x = apply_hadamard(x)
+        prefix = f"layers.{layer}.{site}"
+        gain = self.params.get(f"{prefix}.gain")
+        if gain is not None:
+            x = x * gain
+        shift = self.params.get(f"{prefix}.shift")
+        if shift is not None:
+            x = x - shift
         if self.a_bits:
-            x = fake_quant_per_token(x, self.a_bits, self.params[f"layers.{layer}.{site}.clip"])
+            x = fake_quant_per_token(x, self.a_bits, self.params[f"{prefix}.clip"])
         return x
 
     def qk(self, layer, q, k):
@@ -272,7 +290,7 @@ class QuantizedModel:
 
 def reference_model(artifact: Artifact, dtype: torch.dtype = torch.float32) -> QuantizedModel:
     """The PyTorch reference forward of an artifact: exactly what the exporters must compute."""
-    from .models.base import LINEARS, ModelConfig
+    from .models.base import ModelConfig, linear_in_features
 
     cfg = ModelConfig.from_dict(artifact.model)
     t = artifact.tensors
@@ -289,18 +307,8 @@ def reference_model(artifact: Artifact, dtype: torch.dtype = torch.float32) -> Q
         else:
             weights[name] = tensor.to(dtype)
     for prefix in quantized:
-        in_features = _in_features(cfg, prefix.rsplit(".", 1)[-1], LINEARS)
+        in_features = linear_in_features(cfg, prefix.rsplit(".", 1)[-1])
         weights[f"{prefix}.weight"] = linear_from_tensors(prefix, t, in_features, group_size).dequantize().to(dtype)
     if cfg.tied_embeddings:
         weights["lm_head"] = weights["embed"]
     return QuantizedModel(cfg, weights, QuantHooks(artifact.quant, online), artifact)
-
-
-def _in_features(cfg: "ModelConfig", linear: str, names) -> int:
-    if linear not in names:
-        raise ArtifactError(f"unknown linear {linear!r} in artifact")
-    if linear == "o":
-        return cfg.num_heads * cfg.head_dim
-    if linear == "down":
-        return cfg.intermediate_size
-    return cfg.hidden_size

@@ -92,6 +92,25 @@ def test_quantize_then_eval_artifact(tmp_path, capsys):
     assert abs(ppl - perplexity(reference_model(art).logits, windows).ppl) < 1e-3
 
 
+def test_main_job_calibrates_baseq_and_reuses_the_artifact(tmp_path, capsys):
+    from baseq_export.qmodel import load_artifact
+
+    ckpt, text = tiny_checkpoint(tmp_path)
+    args = ["--model", str(ckpt), "--eval-text", str(text), "--calib-text", str(text), "--ctx", "16",
+            "--nsamples", "4", "--calib-ctx", "16", "--out", str(tmp_path / "export")]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    fp, q = map(float, re.search(r"FP perplexity ([\d.]+), quantized ([\d.]+)", out).groups())
+    art = load_artifact(tmp_path / "export.baseq")
+    assert art.quant["method"] == "baseq" and art.quant["baseq"]["name"] == "quick"
+    assert len(art.calibration["blocks"]) == 2 and q != fp
+    assert not (tmp_path / "export.baseq.partial").exists()  # the resume state is removed once saved
+    assert main(args) == 0
+    assert "reusing the finished artifact" in capsys.readouterr().err
+    assert main(args + ["--bits", "w4a8kv8"]) == 1
+    assert "holds another quantization" in capsys.readouterr().err
+
+
 def test_eval_of_a_damaged_artifact_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "x.baseq").mkdir()
     assert main(["eval", str(tmp_path / "x.baseq")]) == 1

@@ -78,6 +78,18 @@ IDENTITY = IdentityHooks()
 
 # The activation sites, in forward order: input of q/k/v, input of o, input of gate/up, input of down.
 ACT_SITES = ("attn_in", "o_in", "mlp_in", "down_in")
+SITE_LINEARS = {"attn_in": ("q", "k", "v"), "o_in": ("o",), "mlp_in": ("gate", "up"), "down_in": ("down",)}
+
+
+def site_width(cfg: "ModelConfig", site: str) -> int:
+    """Channels of an activation site (the in_features of the linears it feeds)."""
+    return {"attn_in": cfg.hidden_size, "o_in": cfg.num_heads * cfg.head_dim, "mlp_in": cfg.hidden_size,
+            "down_in": cfg.intermediate_size}[site]
+
+
+def linear_in_features(cfg: "ModelConfig", linear: str) -> int:
+    """in_features of a named projection."""
+    return next(site_width(cfg, site) for site, names in SITE_LINEARS.items() if linear in names)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:

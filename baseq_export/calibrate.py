@@ -1,0 +1,286 @@
+"""BASE-Q blockwise calibration: GPTQ weights, then learned bias correction, scaling and clipping.
+
+One transformer block at a time, on top of the QuaRot rotations:
+  stage B  GPTQ asymmetric INT4 weights, Hessians from this block's quantized-stream inputs;
+  stage C  weights frozen, learn per site (attn_in, o_in, mlp_in, down_in) a per-channel gain
+           (asymmetric scaling), a per-channel shift (bias correction) and a clip (LAC,
+           clip = sigmoid(beta)); K and V get a clip per head. Loss: MSE between the block's
+           output on the quantized stream and the FP block's output on the FP stream.
+The training forward is the artifact's reference forward with its tensors made learnable: the
+gain of attn_in / mlp_in is the RMSNorm weight, `+ shift` lives in the next linear's bias
+(bias + W_q shift), so folding is just detaching (the folded artifact computes the same thing).
+
+Resumable: each finished block is written to `<out>.partial/block_<i>.safetensors`; a rerun
+with the same settings replays the finished blocks (deterministic) and continues.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .models import LoadedModel
+from .models.base import ACT_SITES, SITE_LINEARS, ModelConfig, layer_weights, site_width
+from .pipeline import QuantSettings, calib_rope, float_tensors, gptq_hessians, round_layer, run_block
+from .qmodel import KV_SITES, Artifact, QuantHooks, linear_tensors
+from .rotate import RotationHooks, rotate_model
+
+NORM_OF_SITE = {"attn_in": "attn_norm", "mlp_in": "mlp_norm"}  # sites whose gain is the norm weight
+
+
+@dataclass(frozen=True)
+class BaseqSettings:
+    """Budget and switches of stage C (what the ablations turn off)."""
+
+    name: str = "custom"
+    nsamples: int = 32
+    calib_ctx: int = 256
+    epochs: int = 2
+    batch_size: int = 4
+    lr_clip: float = 3e-2
+    lr_gain: float = 3e-3
+    lr_shift: float = 2e-3
+    clip_init: float = 0.88  # sigmoid(2): the LAC starting point
+    learn_shift: bool = True
+    learn_gain: bool = True
+    learn_clip: bool = True
+    shift_init: str = "zero"  # or "mean": per-channel token mean of the site's input
+    input_stream: str = "quant"  # block inputs for GPTQ and training: "quant" (previous quantized blocks) or "fp"
+
+
+PRESETS = {
+    "quick": BaseqSettings(name="quick", nsamples=32, calib_ctx=256, epochs=2, batch_size=4),
+    "standard": BaseqSettings(name="standard", nsamples=128, calib_ctx=512, epochs=5, batch_size=4),
+}
+
+
+def init_params(cfg: ModelConfig, b: BaseqSettings, site_means: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """Stage C's learnable tensors of one block at their starting values (gain 1, shift 0, LAC beta)."""
+    beta = math.log(b.clip_init / (1 - b.clip_init))
+    p = {}
+    for site in ACT_SITES:
+        n = site_width(cfg, site)
+        p[f"{site}.gain"] = torch.ones(n)
+        p[f"{site}.shift"] = site_means[site].clone() if site_means is not None else torch.zeros(n)
+        p[f"{site}.beta"] = torch.full((1,), beta)
+    for site in KV_SITES:
+        p[f"{site}.beta"] = torch.full((cfg.num_kv_heads, 1, 1), beta)
+    return p
+
+
+def fold_block(qlw: dict[str, torch.Tensor], params: dict[str, torch.Tensor], layer: int) -> tuple[dict, dict]:
+    """(layer weights, online params) that the reference forward uses, from the learnable tensors.
+
+    Differentiable in params, so training and the folded artifact share this one computation.
+    """
+    lw = dict(qlw)
+    online = {}
+    for site, linears in SITE_LINEARS.items():
+        gain, shift = params[f"{site}.gain"], params[f"{site}.shift"]
+        if site in NORM_OF_SITE:
+            lw[NORM_OF_SITE[site]] = gain
+        else:
+            online[f"layers.{layer}.{site}.gain"] = gain
+        online[f"layers.{layer}.{site}.shift"] = shift
+        online[f"layers.{layer}.{site}.clip"] = torch.sigmoid(params[f"{site}.beta"])
+        for name in linears:
+            w = qlw[f"{name}.weight"]
+            base = qlw.get(f"{name}.bias")
+            lw[f"{name}.bias"] = w @ shift + (base if base is not None else 0.0)
+    for site in KV_SITES:
+        online[f"layers.{layer}.{site}.clip"] = torch.sigmoid(params[f"{site}.beta"])
+    return lw, online
+
+
+def block_tensors(qweights: dict, lw: dict, online: dict, layer: int) -> dict[str, torch.Tensor]:
+    """Artifact tensors of one calibrated block."""
+    out = {k: v.detach().clone() for k, v in online.items()}
+    for name, qw in qweights.items():
+        out.update(linear_tensors(f"layers.{layer}.{name}", qw, lw[f"{name}.bias"].detach()))
+    for norm in NORM_OF_SITE.values():
+        out[f"layers.{layer}.{norm}"] = lw[norm].detach().clone()
+    return out
+
+
+def block_from_tensors(tensors: dict, qweights_deq: dict, layer: int) -> tuple[dict, dict]:
+    """(layer weights, online params) of a finished block, as the reference forward reads them."""
+    prefix = f"layers.{layer}."
+    lw = dict(qweights_deq)
+    online = {}
+    for k, v in tensors.items():
+        name = k[len(prefix):]
+        if name.split(".")[0] in ACT_SITES + KV_SITES:
+            online[k] = v
+        elif name.endswith(".bias") or name in NORM_OF_SITE.values():
+            lw[name] = v
+    return lw, online
+
+
+def train_block(cfg, qlw, layer, x, y, quant_cfg, b: BaseqSettings, rope, params, seed: int, bar=None) -> dict:
+    """Stage C for one block: AdamW + cosine schedule on the MSE to the FP block output."""
+    groups = []
+    for kind, lr, on in (("gain", b.lr_gain, b.learn_gain), ("shift", b.lr_shift, b.learn_shift), ("beta", b.lr_clip, b.learn_clip)):
+        tensors = [v for k, v in params.items() if k.endswith("." + kind)]
+        for t in tensors:
+            t.requires_grad_(on)
+        if on:
+            groups.append({"params": tensors, "lr": lr})
+    if not groups:
+        return params
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    steps_per_epoch = math.ceil(x.shape[0] / b.batch_size)
+    total = b.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(b.epochs):
+        order = torch.randperm(x.shape[0], generator=gen)
+        for s in range(steps_per_epoch):
+            idx = order[s * b.batch_size : (s + 1) * b.batch_size]
+            lw, online = fold_block(qlw, params, layer)
+            out = run_block(cfg, lw, layer, x[idx], QuantHooks(quant_cfg, online), rope, chunk=b.batch_size)
+            loss = torch.nn.functional.mse_loss(out, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if bar is not None:
+                bar.set_postfix(block=layer, loss=f"{loss.item():.3g}")
+    for t in params.values():
+        t.requires_grad_(False)
+    return params
+
+
+def settings_key(model: LoadedModel, q: QuantSettings, b: BaseqSettings, calib: torch.Tensor) -> str:
+    """A digest of everything that decides the result: a partial run resumes only if it matches."""
+    h = hashlib.sha256(json.dumps([model.source, dataclasses.asdict(q), dataclasses.asdict(b)], sort_keys=True).encode())
+    h.update(calib.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def block_mse(cfg, lw, layer, x, y, hooks, rope) -> float:
+    with torch.no_grad():
+        return float(torch.nn.functional.mse_loss(run_block(cfg, lw, layer, x, hooks, rope), y))
+
+
+@torch.no_grad()
+def calibrate_baseq(
+    model: LoadedModel, q: QuantSettings, b: BaseqSettings, calib: torch.Tensor, workdir: str | Path | None = None
+) -> Artifact:
+    """BASE-Q quantize `model` on the calibration windows; `workdir` makes the run resumable."""
+    if b.input_stream not in ("quant", "fp") or b.shift_init not in ("zero", "mean"):
+        raise ValueError("input_stream must be 'quant' or 'fp' and shift_init 'zero' or 'mean'")
+    if q.bits not in ("w4a4kv4", "w4a8kv8"):
+        raise ValueError("BASE-Q learns activation-quantizer parameters: use --bits w4a4kv4 or w4a8kv8")
+    t_start = time.time()
+    torch.manual_seed(q.seed)
+    cfg, w = rotate_model(model.config, {k: v.to(torch.float64) for k, v in model.weights.items()}, q.seed)
+    w = {k: v.to(torch.float32) for k, v in w.items()}
+    quant_cfg = dict(q.quant_config(), method="baseq", baseq=dataclasses.asdict(b))
+    fp_hooks = RotationHooks(r3=False, r4=True)
+    h_fp = torch.nn.functional.embedding(calib, w["embed"])
+    h_q = h_fp.clone()
+    rope = calib_rope(cfg, w, h_fp)
+    work = Path(workdir) if workdir else None
+    key = settings_key(model, q, b, calib)
+    if work:
+        work.mkdir(parents=True, exist_ok=True)
+        state = work / "state.json"
+        if state.is_file() and json.loads(state.read_text()).get("key") != key:
+            raise ValueError(f"{work} holds a partial run with other settings or data; remove it or choose another --out")
+        state.write_text(json.dumps({"key": key}))
+    tensors: dict[str, torch.Tensor] = {}
+    log = []
+    bar = tqdm(range(cfg.num_layers), desc="BASE-Q", unit="block")
+    for i in bar:
+        t0 = time.time()
+        fp_lw = layer_weights(w, i)
+        y = run_block(cfg, fp_lw, i, h_fp, fp_hooks, rope)
+        done = work / f"block_{i}.safetensors" if work else None
+        if done is not None and done.is_file():
+            bt = load_file(str(done))
+            entry = json.loads((work / f"block_{i}.json").read_text())
+            qdeq = _dequantized_linears(bt, cfg, q, i)
+        else:
+            x = h_q if b.input_stream == "quant" else h_fp
+            hessians = gptq_hessians(cfg, fp_lw, i, x, fp_hooks, rope)
+            qweights = round_layer(fp_lw, q, hessians)
+            qdeq = {f"{n}.weight": qw.dequantize() for n, qw in qweights.items()}
+            qlw = {**qdeq, **{k: v for k, v in fp_lw.items() if k.endswith(".bias")}}
+            means = _site_means(cfg, qlw, i, x, fp_hooks, rope) if b.shift_init == "mean" else None
+            params = init_params(cfg, b, means)
+            lw0, on0 = fold_block(qlw, params, i)
+            loss0 = block_mse(cfg, lw0, i, x, y, QuantHooks(quant_cfg, on0), rope)
+            with torch.enable_grad():
+                params = train_block(cfg, qlw, i, x, y, quant_cfg, b, rope, {k: v.clone() for k, v in params.items()}, q.seed + i, bar)
+            lw1, on1 = fold_block(qlw, params, i)
+            loss1 = block_mse(cfg, lw1, i, x, y, QuantHooks(quant_cfg, on1), rope)
+            kept = "trained"
+            if not loss1 < loss0:  # never make a block worse than its GPTQ start
+                lw1, on1, loss1, kept = lw0, on0, loss0, "untrained"
+            bt = block_tensors(qweights, lw1, on1, i)
+            entry = {"block": i, "mse_gptq": loss0, "mse_baseq": loss1, "kept": kept, "seconds": round(time.time() - t0, 2)}
+            if done is not None:
+                _save_atomic(bt, done)
+                (work / f"block_{i}.json").write_text(json.dumps(entry))
+        log.append(entry)
+        tensors.update(bt)
+        lw, online = block_from_tensors(bt, qdeq, i)
+        h_q = run_block(cfg, lw, i, h_q, QuantHooks(quant_cfg, online), rope)
+        h_fp = y
+        bar.set_postfix(block=i, mse=f"{entry['mse_baseq']:.3g}", gptq=f"{entry['mse_gptq']:.3g}")
+    tensors.update(float_tensors(cfg, w, q, online=False))
+    return Artifact(
+        model=cfg.to_dict(),
+        quant=quant_cfg,
+        tensors=tensors,
+        source={"model": model.source},
+        calibration={"seed": q.seed, "windows": list(calib.shape), "blocks": log, "seconds": round(time.time() - t_start, 1)},
+    )
+
+
+def _dequantized_linears(bt: dict, cfg: ModelConfig, q: QuantSettings, layer: int) -> dict[str, torch.Tensor]:
+    from .qmodel import linear_from_tensors
+
+    out = {}
+    for site, names in SITE_LINEARS.items():
+        for name in names:
+            qw = linear_from_tensors(f"layers.{layer}.{name}", bt, site_width(cfg, site), q.group_size)
+            out[f"{name}.weight"] = qw.dequantize()
+    return out
+
+
+def _site_means(cfg, qlw, layer, h, hooks, rope) -> dict[str, torch.Tensor]:
+    """Per-channel token means of each activation site's input (the 'mean' shift start)."""
+    sums: dict[str, torch.Tensor] = {}
+
+    class Mean:
+        def act(self, layer_, site, x):
+            x = hooks.act(layer_, site, x)
+            sums[site] = sums.get(site, 0) + x.reshape(-1, x.shape[-1]).sum(0)
+            return x
+
+        def qk(self, layer_, q, k):
+            return q, k
+
+        def kv(self, layer_, k, v):
+            return k, v
+
+    run_block(cfg, qlw, layer, h, Mean(), rope)
+    n = h.shape[0] * h.shape[1]
+    return {k: v / n for k, v in sums.items()}

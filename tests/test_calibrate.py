@@ -1,0 +1,100 @@
+import pytest
+import torch
+
+from baseq_export import calibrate
+from baseq_export.calibrate import BaseqSettings, block_tensors, calibrate_baseq, fold_block, init_params
+from baseq_export.models import from_hf_model
+from baseq_export.models.base import forward, layer_weights
+from baseq_export.pipeline import QuantSettings, calib_rope, quantize_model, round_layer, run_block
+from baseq_export.qmodel import QuantHooks, load_artifact, reference_model, save_artifact
+from conftest import tiny_hf_model
+
+Q = QuantSettings(method="quarot-gptq", bits="w4a4kv4")
+B = BaseqSettings(nsamples=12, calib_ctx=24, epochs=3, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return from_hf_model(tiny_hf_model("qwen2", dtype=torch.float32, num_hidden_layers=3))
+
+
+def calib():
+    return torch.randint(0, 96, (12, 24), generator=torch.Generator().manual_seed(0))
+
+
+def test_folded_artifact_equals_training_forward(tiny, tmp_path):
+    """Random (non-trivial) stage-C parameters: the training-time block and the saved artifact agree bit for bit."""
+    from baseq_export.rotate import rotate_model
+
+    cfg, w = rotate_model(tiny.config, {k: v.double() for k, v in tiny.weights.items()})
+    w = {k: v.float() for k, v in w.items()}
+    lw = layer_weights(w, 1)
+    qweights = round_layer(lw, Q, None)
+    qlw = {**{f"{n}.weight": qw.dequantize() for n, qw in qweights.items()}, **{k: v for k, v in lw.items() if k.endswith(".bias")}}
+    gen = torch.Generator().manual_seed(3)
+    params = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in init_params(cfg, B, None).items()}
+    quant_cfg = Q.quant_config()
+    h = torch.randn(2, 24, cfg.hidden_size, generator=gen)
+    rope = calib_rope(cfg, w, h)
+    with torch.enable_grad():
+        params_g = {k: v.clone().requires_grad_() for k, v in params.items()}
+        lw_t, on_t = fold_block(qlw, params_g, 1)
+        train_out = run_block(cfg, lw_t, 1, h, QuantHooks(quant_cfg, on_t), rope)
+        train_out.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params_g.values())  # every parameter is learnable
+
+    # a complete artifact whose block 1 is replaced by the folded one
+    base = quantize_model(tiny, QuantSettings(method="quarot-rtn", bits="w4a4kv4"))
+    base.tensors.update(block_tensors(qweights, lw_t, on_t, 1))
+    art = load_artifact(save_artifact(tmp_path / "b.baseq", base))
+    ref = reference_model(art)
+    ref_out = run_block(ref.config, layer_weights(ref.weights, 1), 1, h, ref.hooks, rope)
+    assert torch.equal(ref_out, train_out.detach())
+
+
+def test_training_lowers_every_block_mse_and_the_model_error(tiny):
+    art = calibrate_baseq(tiny, Q, B, calib())
+    blocks = art.calibration["blocks"]
+    assert len(blocks) == 3
+    for b in blocks:
+        assert b["kept"] == "trained" and b["mse_baseq"] < b["mse_gptq"]
+    ids = torch.randint(0, 96, (6, 24), generator=torch.Generator().manual_seed(9))
+    fp = forward(tiny.config, tiny.weights, ids)
+    err = lambda a: float((reference_model(a).logits(ids) - fp).norm() / fp.norm())  # noqa: E731
+    assert err(art) < err(quantize_model(tiny, Q, calib()))
+
+
+def test_resume_after_interruption_is_bit_identical(tiny, tmp_path, monkeypatch):
+    full = calibrate_baseq(tiny, Q, B, calib(), workdir=tmp_path / "a")
+    calls = {"n": 0}
+    real_train = calibrate.train_block
+
+    def interrupt_at_third_block(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(calibrate, "train_block", interrupt_at_third_block)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate_baseq(tiny, Q, B, calib(), workdir=tmp_path / "b")
+    assert sorted(p.name for p in (tmp_path / "b").glob("block_*.safetensors")) == ["block_0.safetensors", "block_1.safetensors"]
+    monkeypatch.setattr(calibrate, "train_block", real_train)
+    trained = []
+    monkeypatch.setattr(calibrate, "train_block", lambda *a, **k: trained.append(a[2]) or real_train(*a, **k))
+    resumed = calibrate_baseq(tiny, Q, B, calib(), workdir=tmp_path / "b")
+    assert trained == [2]  # only the unfinished block was trained again
+    assert set(resumed.tensors) == set(full.tensors)
+    for k, v in full.tensors.items():
+        assert torch.equal(resumed.tensors[k], v), k
+
+
+def test_partial_run_with_other_settings_is_refused(tiny, tmp_path):
+    calibrate_baseq(tiny, Q, B, calib(), workdir=tmp_path)
+    with pytest.raises(ValueError, match="partial run with other settings"):
+        calibrate_baseq(tiny, Q, BaseqSettings(nsamples=12, calib_ctx=24, epochs=1), calib(), workdir=tmp_path)
+
+
+def test_baseq_needs_activation_quantization(tiny):
+    with pytest.raises(ValueError, match="w4a4kv4 or w4a8kv8"):
+        calibrate_baseq(tiny, QuantSettings(method="quarot-gptq", bits="w4a16"), B, calib())
