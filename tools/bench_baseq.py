@@ -3,8 +3,9 @@
     python tools/bench_baseq.py --json bench-baseq.json [--skip-standard]
 
 All rows use the same evaluation windows (embedded evaluation split, ctx 512) and the same
-calibration windows (128 x 512 from the calibration split, seed 0); the quick preset and the
-ablations use the first 32 of them cut to 256 tokens, as `--preset quick` does. Rows: FP,
+calibration windows (128 x 512 from the calibration split, seed 0): QuaRot-GPTQ uses all of
+them, each BASE-Q row the first `nsamples` cut to `calib_ctx` tokens of its preset (quick: 32 x
+256, standard: 64 x 512; the CLI draws its own windows of those sizes). Rows: FP,
 QuaRot-RTN, QuaRot-GPTQ, BASE-Q quick, BASE-Q standard, and ablations at the quick budget
 (bias correction only, asymmetric scaling only, both without LAC), plus the gap closure
 (PPL_QuaRot-GPTQ - PPL_BASE-Q) / (PPL_QuaRot-GPTQ - PPL_FP).
@@ -57,10 +58,9 @@ def main() -> None:
     m = load_model("default")
     windows = data.token_windows(data.tokenize(m.tokenizer, data.embedded_text("eval")), 512, args.max_windows)
     calib = data.calibration_windows(data.tokenize(m.tokenizer, data.embedded_text("calib")), 128, 512, 0)
-    quick_calib = calib[: QUICK.nsamples, : QUICK.calib_ctx]
     q = QuantSettings(method="quarot-gptq", bits="w4a4kv4")
     res = {"machine": machine(), "cpu_busy_before": round(busy, 3), "eval_windows": windows.shape[0],
-           "calib": list(calib.shape), "quick_calib": list(quick_calib.shape), "rows": {}}
+           "calib": list(calib.shape), "rows": {}}
 
     def row(name: str, logits_fn, seconds: float | None, extra: dict | None = None) -> float:
         t0 = time.time()
@@ -82,13 +82,13 @@ def main() -> None:
     row("QuaRot-RTN", reference_model(art).logits, s)
     art, s = timed(lambda: quantize_model(m, q, calib))
     gptq = row("QuaRot-GPTQ", reference_model(art).logits, s)
-    runs = [("BASE-Q quick", QUICK, quick_calib)]
+    runs = [("BASE-Q quick", QUICK)]
     if not args.skip_standard:
-        runs.append(("BASE-Q standard", PRESETS["standard"], calib))
+        runs.append(("BASE-Q standard", PRESETS["standard"]))
     if not args.skip_ablations:
-        runs += [(name, b, quick_calib) for name, b in ABLATIONS]
-    for name, b, c in runs:
-        art, s = timed(lambda: calibrate_baseq(m, q, b, c))
+        runs += ABLATIONS
+    for name, b in runs:
+        art, s = timed(lambda: calibrate_baseq(m, q, b, calib[: b.nsamples, : b.calib_ctx]))
         ppl = row(name, reference_model(art).logits, s, {"blocks_kept_trained": sum(x["kept"] == "trained" for x in art.calibration["blocks"])})
         res["rows"][name]["gap_closure_vs_quarot_gptq"] = round(gap_closure(gptq, ppl, fp), 4)
     res["cpu_busy_after"] = round(require_idle(), 3)
