@@ -71,20 +71,28 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a .baseq artifact to ONNX or GGUF")
     e.add_argument("artifact", help="a .baseq directory")
     e.add_argument("--format", choices=FORMATS, default=argparse.SUPPRESS)
-    e.add_argument("--out", default=argparse.SUPPRESS)
+    e.add_argument("--out", default=argparse.SUPPRESS, help="export directory (default: the artifact name with -onnx)")
+    e.add_argument("--force", action="store_true", default=argparse.SUPPRESS, help="replace an existing export at --out")
 
-    ev = sub.add_parser("eval", help="perplexity of a model (FP) or of a quantized artifact")
-    ev.add_argument("artifact", nargs="?", help="a .baseq artifact; without it the FP --model is evaluated")
+    ev = sub.add_parser("eval", help="perplexity of a model (FP), a quantized artifact or an ONNX export")
+    ev.add_argument("artifact", nargs="?", help="a .baseq artifact or an ONNX export directory; without it the FP --model is evaluated")
     add_model_args(ev, sub=True)
     add_eval_args(ev, sub=True)
 
-    r = sub.add_parser("run", help="generate text with an artifact or an export")
-    r.add_argument("path", help="a .baseq artifact or an export directory")
+    r = sub.add_parser("run", help="generate text (greedy) with an artifact or an ONNX export")
+    r.add_argument("path", help="a .baseq artifact or an ONNX export directory")
     r.add_argument("--prompt", required=True)
+    r.add_argument("--backend", choices=("torch", "onnxruntime"), default=None,
+                   help="default: torch for an artifact, onnxruntime for an export")
+    r.add_argument("--max-new-tokens", type=int, default=64)
 
-    rp = sub.add_parser("report", help="plots of a calibrated artifact")
+    rp = sub.add_parser("report", help="PNG plots of a calibrated artifact")
     rp.add_argument("artifact")
-    rp.add_argument("--out", required=True)
+    rp.add_argument("--out", required=True, help="directory for the PNG files")
+    rp.add_argument("--layer", type=int, default=5, help="layer whose activation site is plotted (default 5)")
+    rp.add_argument("--site", default="down_in", help="activation site: attn_in, o_in, mlp_in, down_in (default down_in)")
+    rp.add_argument("--bench", default=None, help="a tools/bench_*.py JSON for the perplexity bar chart")
+    rp.add_argument("--source-model", default=None, help="the FP model (default: the artifact's recorded source)")
     return parser
 
 
@@ -125,23 +133,33 @@ def evaluate_fp(args: argparse.Namespace):
     return m, result
 
 
+def is_onnx_export(path) -> bool:
+    from pathlib import Path
+
+    return (Path(path) / "manifest.json").is_file() and (Path(path) / "model.onnx").is_file()
+
+
 def eval_artifact(path, args: argparse.Namespace):
-    """Perplexity of a .baseq artifact's reference forward; prints and returns it."""
+    """Perplexity of a .baseq artifact (PyTorch reference) or an ONNX export (onnxruntime)."""
     import torch
 
     from .evaluate import perplexity
-    from .qmodel import load_artifact, reference_model
 
-    art = load_artifact(path)
-    model = reference_model(art)
+    if is_onnx_export(path):
+        from .export.onnx import OnnxModel
+
+        logits, label = OnnxModel(path).logits, "onnxruntime"
+    else:
+        from .qmodel import load_artifact, reference_model
+
+        art = load_artifact(path)
+        logits, label = reference_model(art).logits, f"{art.quant['method']} {art.quant['bits']} (torch reference)"
     windows = eval_windows(load_tokenizer(path), args)
     t0 = time.time()
     with torch.inference_mode():
-        result = perplexity(model.logits, windows, args.batch_size, desc=f"{art.quant['method']} perplexity")
-    print(
-        f"{art.quant['method']} {art.quant['bits']} perplexity {result.ppl:.4f} on {result.tokens} scored tokens "
-        f"({result.windows} windows x {args.ctx}) in {time.time() - t0:.1f} s"
-    )
+        result = perplexity(logits, windows, args.batch_size, desc=f"{label} perplexity")
+    print(f"{label} perplexity {result.ppl:.4f} on {result.tokens} scored tokens "
+          f"({result.windows} windows x {args.ctx}) in {time.time() - t0:.1f} s")
     return result
 
 
@@ -241,9 +259,85 @@ def cmd_main_job(args: argparse.Namespace) -> int:
     else:
         quantize(args, str(artifact), model)
     q = eval_artifact(artifact, args)
-    print(f"artifact: {artifact}  (FP perplexity {fp.ppl:.4f}, quantized {q.ppl:.4f})")
-    print(f"baseq-export: the {args.format} exporter is not built yet in this version; the quantized model is the "
-          f"artifact above. Measure it again with: baseq-export eval {artifact}", file=sys.stderr)
+    if args.format != "onnx":
+        print(f"artifact: {artifact}  (FP perplexity {fp.ppl:.4f}, quantized {q.ppl:.4f})")
+        raise NotImplementedError(f"the {args.format} exporter is not built yet in this version; the quantized model is {artifact}")
+    from .export.onnx import MODEL_FILE
+
+    if Path(out).exists() and not is_onnx_export(out):
+        raise FileExistsError(f"{out} exists and is not an ONNX export of ours; pass another --out")
+    path = export(artifact, "onnx", out, force=True)  # an export is derived from the artifact: refresh it
+    o = eval_artifact(path, args)
+    print(f"\nONNX export: {path}/{MODEL_FILE}")
+    text = args.eval_text or "embedded evaluation split"
+    print(f"perplexity ({text}, ctx {args.ctx}): FP {fp.ppl:.4f}, torch reference {q.ppl:.4f}, onnxruntime {o.ppl:.4f}")
+    print(f"run it:      baseq-export run {path} --prompt \"def fibonacci(n):\"")
+    print(f"measure it:  baseq-export eval {path}")
+    return 0
+
+
+def export(artifact, fmt: str, out: str, force: bool):
+    """Export an artifact; returns the export directory."""
+    if fmt != "onnx":
+        raise NotImplementedError(f"the {fmt} exporter is not built yet in this version")
+    from .export.onnx import export_onnx
+
+    t0 = time.time()
+    path = export_onnx(artifact, out, force=force)
+    print(f"exported {artifact} to {path} in {time.time() - t0:.1f} s", file=sys.stderr)
+    return path
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    fmt = getattr(args, "format", "onnx")
+    out = getattr(args, "out", None) or str(Path(args.artifact).with_suffix("")) + f"-{fmt}"
+    path = export(args.artifact, fmt, out, getattr(args, "force", False))
+    print(f"wrote {path}")
+    print(f"measure it: baseq-export eval {path}")
+    print(f"run it:     baseq-export run {path} --prompt \"def fibonacci(n):\"")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .generate import generate, onnx_stepper, torch_stepper
+
+    backend = args.backend or ("onnxruntime" if is_onnx_export(args.path) else "torch")
+    if backend == "onnxruntime":
+        if not is_onnx_export(args.path):
+            raise ValueError(f"{args.path} is not an ONNX export; make one with `baseq-export export ARTIFACT`")
+        from .export.onnx import OnnxModel
+
+        step = onnx_stepper(OnnxModel(args.path))
+    else:
+        if is_onnx_export(args.path):
+            raise ValueError(f"{args.path} is an ONNX export: use --backend onnxruntime, or pass the .baseq artifact")
+        from .qmodel import load_artifact, reference_model
+
+        step = torch_stepper(reference_model(load_artifact(args.path)))
+    generate(step, load_tokenizer(args.path), args.prompt, args.max_new_tokens, lambda text: print(text, end="", flush=True))
+    print()
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import data
+    from .models import load_model
+    from .qmodel import load_artifact
+    from .report import write_report
+
+    art = load_artifact(args.artifact)
+    source = args.source_model or art.source.get("model")
+    if not source:
+        raise ValueError("the artifact does not record its source model; pass --source-model")
+    model = load_model(source)
+    tokens = data.tokenize(load_tokenizer(args.artifact), data.embedded_text("calib"))
+    ids = data.calibration_windows(tokens, 2, min(256, tokens.numel()), seed=0)
+    for path in write_report(art, model, ids, Path(args.out), args.layer, args.site, args.bench):
+        print(f"wrote {path}")
     return 0
 
 
@@ -257,8 +351,17 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(args)
         if args.command == "quantize":
             return cmd_quantize(args)
+        if args.command == "report":
+            return cmd_report(args)
+        if args.command == "export":
+            return cmd_export(args)
+        if args.command == "run":
+            return cmd_run(args)
         return not_built(f"`baseq-export {args.command}`")
-    except (ValueError, FileNotFoundError) as e:  # our loaders raise these with user-facing messages
+    except NotImplementedError as e:
+        print(f"baseq-export: {e}.", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # our loaders raise these with user-facing messages
         print(f"baseq-export: error: {e}", file=sys.stderr)
         return 1
 

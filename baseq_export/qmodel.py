@@ -108,14 +108,14 @@ def save_artifact(
             "checksums": {TENSORS: sha256_file(tmp / TENSORS)},
         }
         _write_json(tmp / CONFIG, config)
-        _replace_dir(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
 
 
-def _replace_dir(new: Path, dest: Path) -> None:
+def replace_dir(new: Path, dest: Path) -> None:
     """Move new onto dest; an old dest is renamed aside first and removed only after the swap."""
     if not dest.exists():
         os.replace(new, dest)
@@ -239,9 +239,9 @@ class QuantHooks:
         self.a_bits, self.kv_bits = quant.get("a_bits"), quant.get("kv_bits")
         self.params = params
 
-    def act(self, layer: int, site: str, x: torch.Tensor) -> torch.Tensor:
+    def prequant(self, layer: int, site: str, x: torch.Tensor) -> torch.Tensor:
+        """A site's input as its quantizer sees it: [R4 if down_in] -> x * gain -> x - shift."""
         from .hadamard import apply_hadamard
-        from .quant import fake_quant_per_token
 
         if self.r4 and site == "down_in":
             x = apply_hadamard(x)
@@ -252,8 +252,14 @@ class QuantHooks:
         shift = self.params.get(f"{prefix}.shift")
         if shift is not None:
             x = x - shift
+        return x
+
+    def act(self, layer: int, site: str, x: torch.Tensor) -> torch.Tensor:
+        from .quant import fake_quant_per_token
+
+        x = self.prequant(layer, site, x)
         if self.a_bits:
-            x = fake_quant_per_token(x, self.a_bits, self.params[f"{prefix}.clip"])
+            x = fake_quant_per_token(x, self.a_bits, self.params[f"layers.{layer}.{site}.clip"])
         return x
 
     def qk(self, layer, q, k):

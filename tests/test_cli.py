@@ -100,10 +100,11 @@ def test_main_job_calibrates_baseq_and_reuses_the_artifact(tmp_path, capsys):
             "--nsamples", "4", "--calib-ctx", "16", "--out", str(tmp_path / "export")]
     assert main(args) == 0
     out, err = capsys.readouterr()
-    fp, q = map(float, re.search(r"FP perplexity ([\d.]+), quantized ([\d.]+)", out).groups())
+    fp, q, o = map(float, re.search(r"FP ([\d.]+), torch reference ([\d.]+), onnxruntime ([\d.]+)", out).groups())
     art = load_artifact(tmp_path / "export.baseq")
     assert art.quant["method"] == "baseq" and art.quant["baseq"]["name"] == "quick"
-    assert len(art.calibration["blocks"]) == 2 and q != fp
+    assert len(art.calibration["blocks"]) == 2 and q != fp and abs(o / q - 1) < 0.005
+    assert f"ONNX export: {tmp_path / 'export'}/model.onnx" in out and "baseq-export run" in out
     assert not (tmp_path / "export.baseq.partial").exists()  # the resume state is removed once saved
     assert main(args) == 0
     assert "reusing the finished artifact" in capsys.readouterr().err
@@ -117,6 +118,70 @@ def test_eval_of_a_damaged_artifact_is_a_clear_error(tmp_path, capsys):
     assert "not a baseq artifact" in capsys.readouterr().err
 
 
-def test_not_built_subcommands_say_so(capsys):
-    assert main(["report", "x.baseq", "--out", "plots"]) == 2
+def test_report_writes_plots(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    ckpt, text = tiny_checkpoint(tmp_path)
+    art = tmp_path / "t.baseq"
+    assert main(["quantize", "--model", str(ckpt), "--calib-text", str(text), "--nsamples", "4",
+                 "--calib-ctx", "16", "--out", str(art)]) == 0
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"rows": {"FP32": {"ppl": 10.0}, "BASE-Q": {"ppl": 12.5}}}))
+    assert main(["report", str(art), "--out", str(tmp_path / "plots"), "--layer", "1", "--site", "mlp_in", "--bench", str(bench)]) == 0
+    names = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
+    assert names == ["activations_layer1_mlp_in.png", "block_losses.png", "perplexity.png"]
+    for n in names:
+        assert Image.open(tmp_path / "plots" / n).size[0] > 500
+    assert main(["report", str(art), "--out", str(tmp_path / "p2"), "--site", "nowhere"]) == 1
+    assert "--site must be one of" in capsys.readouterr().err
+
+
+def test_site_activations_match_the_reference_forward():
+    """The report's 'quantizer input' stage is what fake quantization actually receives."""
+    from baseq_export.calibrate import BaseqSettings, calibrate_baseq
+    from baseq_export.models import from_hf_model
+    from baseq_export.pipeline import QuantSettings
+    from baseq_export.quant import fake_quant_per_token
+    from baseq_export.report import site_activations
+    from conftest import tiny_hf_model
+
+    m = from_hf_model(tiny_hf_model("llama", dtype=torch.float32))
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    art = calibrate_baseq(m, QuantSettings(bits="w4a4kv4"), BaseqSettings(nsamples=4, calib_ctx=16, epochs=1), ids)
+    stages = site_activations(m, art, ids[:2], 1, "o_in")
+    assert list(stages) == ["original", "rotated", "baseq (quantizer input)"]
+    x_orig, x_rot, x_q = stages.values()
+    # R2 is orthogonal per head: the rotation keeps each token's norm; BASE-Q's shift moves the channel means
+    torch.testing.assert_close(x_rot.norm(dim=-1), x_orig.norm(dim=-1), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(x_q.mean(0), x_rot.mean(0), atol=1e-3)
+    assert torch.isfinite(fake_quant_per_token(x_q, 4, 0.9)).all()
+
+
+def test_export_eval_and_run_onnx(tmp_path, capsys):
+    from baseq_export.export.onnx import OnnxModel
+    from baseq_export.generate import greedy_tokens, onnx_stepper, torch_stepper
+    from baseq_export.qmodel import load_artifact, reference_model
+
+    ckpt, text = tiny_checkpoint(tmp_path)
+    art = tmp_path / "t.baseq"
+    assert main(["quantize", "--model", str(ckpt), "--calib-text", str(text), "--nsamples", "4",
+                 "--calib-ctx", "16", "--out", str(art)]) == 0
+    assert main(["export", str(art), "--out", str(tmp_path / "onnx")]) == 0
+    capsys.readouterr()
+    ppl = {}
+    for path in (art, tmp_path / "onnx"):
+        assert main(["eval", str(path), "--eval-text", str(text), "--ctx", "16"]) == 0
+        ppl[path] = float(re.search(r"perplexity ([\d.]+) on", capsys.readouterr().out).group(1))
+    assert abs(ppl[art] / ppl[tmp_path / "onnx"] - 1) < 0.005
+    # greedy decoding: torch reference and onnxruntime give the same tokens
+    prompt = [3, 5, 7, 2, 9]
+    ref = greedy_tokens(torch_stepper(reference_model(load_artifact(art))), prompt, 12)
+    assert greedy_tokens(onnx_stepper(OnnxModel(tmp_path / "onnx")), prompt, 12) == ref
+    assert main(["run", str(tmp_path / "onnx"), "--prompt", "the a of", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("the a of")
+    assert main(["run", str(art), "--backend", "onnxruntime", "--prompt", "x"]) == 1
+    assert "not an ONNX export" in capsys.readouterr().err
+    assert main(["export", str(art), "--format", "gguf", "--out", str(tmp_path / "g")]) == 2
     assert "not built yet" in capsys.readouterr().err

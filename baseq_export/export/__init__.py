@@ -1,0 +1,1 @@
+"""Exporters from a .baseq artifact to deployable formats."""

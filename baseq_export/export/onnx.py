@@ -1,0 +1,244 @@
+"""ONNX export of a .baseq artifact (standard ONNX ops + com.microsoft MatMulNBits).
+
+The graph is the artifact's reference forward (qmodel.reference_model) written out:
+4-bit linears as MatMulNBits with per-block scales and packed zero points, folded biases as its
+bias input, online Hadamards as MatMuls by their Kronecker factors, per-token activation and
+KV quant-dequant from Reduce/Round/Clip, and the KV cache as past/present tensors so decoding
+is incremental. Inputs: ``input_ids`` [batch, seq] and ``past_key_values.{i}.key|value``
+[batch, kv_heads, past, head_dim]; outputs: ``logits`` and ``present.{i}.key|value``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from ..models.base import ModelConfig, linear_in_features, rope_tables
+from ..qmodel import Artifact, linear_from_tensors, load_artifact, replace_dir
+from .onnx_graph import MS_DOMAIN, Graph, emit_fake_quant, emit_hadamard, emit_rms_norm, matmul_nbits_inputs
+
+OPSET = 18
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+class _Ctx:
+    """What the per-layer emitters need: the graph, config, artifact tensors and quant settings."""
+
+    def __init__(self, g: Graph, cfg: ModelConfig, art: Artifact):
+        self.g, self.cfg, self.art, self.t = g, cfg, art, art.tensors
+        rot = art.quant.get("rotation") or {}
+        self.r3, self.r4 = bool(rot.get("r3")), bool(rot.get("r4"))
+        self.a_bits, self.kv_bits = art.quant.get("a_bits"), art.quant.get("kv_bits")
+
+    def tensor(self, name: str) -> str | None:
+        """Initializer for an artifact tensor (float32), or None if the artifact has no such tensor."""
+        if name not in self.t:
+            return None
+        return self.g.init(name, _np(self.t[name].to(torch.float32)))
+
+
+def emit_site(c: _Ctx, layer: int, site: str, x: str) -> str:
+    """qmodel.QuantHooks.act: [R4] -> * gain -> - shift -> per-token fake quant."""
+    g = c.g
+    prefix = f"layers.{layer}.{site}"
+    if c.r4 and site == "down_in":
+        x = emit_hadamard(g, x, c.cfg.intermediate_size)
+    if (gain := c.tensor(f"{prefix}.gain")) is not None:
+        x = g.op("Mul", [x, gain])
+    if (shift := c.tensor(f"{prefix}.shift")) is not None:
+        x = g.op("Sub", [x, shift])
+    if c.a_bits:
+        x = emit_fake_quant(g, x, c.a_bits, c.tensor(f"{prefix}.clip"))
+    return x
+
+
+def emit_linear(c: _Ctx, layer: int, name: str, x: str) -> str:
+    """A 4-bit projection as com.microsoft.MatMulNBits (bias folded in)."""
+    prefix = f"layers.{layer}.{name}"
+    k = linear_in_features(c.cfg, name)
+    qw = linear_from_tensors(prefix, c.t, k, c.art.quant.get("group_size"))
+    arrays, block = matmul_nbits_inputs(_np(qw.codes), _np(qw.scale), _np(qw.zero), qw.group_size)
+    inputs = [x] + [c.g.init(f"{prefix}.{key}", arr) for key, arr in arrays.items()]
+    bias = c.tensor(f"{prefix}.bias")
+    if bias is not None:
+        inputs += ["", bias]  # g_idx unused
+    n = qw.codes.shape[0]
+    return c.g.op("MatMulNBits", inputs, hint=f"{prefix}.out", domain=MS_DOMAIN, K=k, N=n, bits=4, block_size=block, accuracy_level=0)
+
+
+def emit_rope(g: Graph, x: str, cos: str, sin: str, head_dim: int) -> str:
+    half = head_dim // 2
+    x1 = g.op("Slice", [x, g.const([0], np.int64), g.const([half], np.int64), g.const([-1], np.int64)])
+    x2 = g.op("Slice", [x, g.const([half], np.int64), g.const([head_dim], np.int64), g.const([-1], np.int64)])
+    rotated = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
+    return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])])
+
+
+def emit_heads(g: Graph, x: str, heads: int, head_dim: int) -> str:
+    """[B, T, heads*hd] -> [B, heads, T, hd]."""
+    y = g.op("Reshape", [x, g.const([0, 0, heads, head_dim], np.int64)])
+    return g.op("Transpose", [y], perm=[0, 2, 1, 3])
+
+
+def emit_repeat_kv(g: Graph, x: str, groups: int, heads: int, head_dim: int) -> str:
+    """[B, kvH, S, hd] -> [B, kvH*groups, S, hd], each KV head repeated `groups` times in a row."""
+    if groups == 1:
+        return x
+    y = g.op("Unsqueeze", [x, g.const([2], np.int64)])
+    shape = g.op("Shape", [y])
+    target = g.op("Mul", [shape, g.const([1, 1, groups, 1, 1], np.int64)])
+    y = g.op("Expand", [y, target])
+    return g.op("Reshape", [y, g.const([0, heads, -1, head_dim], np.int64)])
+
+
+def emit_block(c: _Ctx, i: int, h: str, cos: str, sin: str, mask: str, past: tuple[str, str]) -> tuple[str, str, str]:
+    """One decoder block (models.base.block_forward); returns (h, present key, present value)."""
+    g, cfg = c.g, c.cfg
+    x = emit_site(c, i, "attn_in", emit_rms_norm(g, h, c.tensor(f"layers.{i}.attn_norm"), cfg.rms_eps))
+    q = emit_heads(g, emit_linear(c, i, "q", x), cfg.num_heads, cfg.head_dim)
+    k = emit_heads(g, emit_linear(c, i, "k", x), cfg.num_kv_heads, cfg.head_dim)
+    v = emit_heads(g, emit_linear(c, i, "v", x), cfg.num_kv_heads, cfg.head_dim)
+    q, k = emit_rope(g, q, cos, sin, cfg.head_dim), emit_rope(g, k, cos, sin, cfg.head_dim)
+    if c.r3:
+        q, k = emit_hadamard(g, q, cfg.head_dim), emit_hadamard(g, k, cfg.head_dim)
+    if c.kv_bits:
+        k = emit_fake_quant(g, k, c.kv_bits, c.tensor(f"layers.{i}.k_cache.clip"))
+        v = emit_fake_quant(g, v, c.kv_bits, c.tensor(f"layers.{i}.v_cache.clip"))
+    k_all = g.op("Concat", [past[0], k], axis=2, hint=f"present.{i}.key")
+    v_all = g.op("Concat", [past[1], v], axis=2, hint=f"present.{i}.value")
+    groups = cfg.num_heads // cfg.num_kv_heads
+    k_full = emit_repeat_kv(g, k_all, groups, cfg.num_heads, cfg.head_dim)
+    v_full = emit_repeat_kv(g, v_all, groups, cfg.num_heads, cfg.head_dim)
+    scores = g.op("MatMul", [q, g.op("Transpose", [k_full], perm=[0, 1, 3, 2])])
+    scores = g.op("Add", [g.op("Mul", [scores, g.const(1.0 / np.sqrt(cfg.head_dim))]), mask])
+    a = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v_full])
+    a = g.op("Reshape", [g.op("Transpose", [a], perm=[0, 2, 1, 3]), g.const([0, 0, cfg.num_heads * cfg.head_dim], np.int64)])
+    h = g.op("Add", [h, emit_linear(c, i, "o", emit_site(c, i, "o_in", a))])
+    x = emit_site(c, i, "mlp_in", emit_rms_norm(g, h, c.tensor(f"layers.{i}.mlp_norm"), cfg.rms_eps))
+    gate = emit_linear(c, i, "gate", x)
+    act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), emit_linear(c, i, "up", x)])
+    h = g.op("Add", [h, emit_linear(c, i, "down", emit_site(c, i, "down_in", act))])
+    return h, k_all, v_all
+
+
+def emit_positions_and_mask(g: Graph, cfg: ModelConfig, ids: str, past_key: str) -> tuple[str, str]:
+    """Absolute positions [T] (past_len + arange(T)) and the additive causal mask [T, past+T]."""
+    past_len = g.op("Gather", [g.op("Shape", [past_key]), g.const(2, np.int64)], axis=0)
+    seq = g.op("Gather", [g.op("Shape", [ids]), g.const(1, np.int64)], axis=0)
+    total = g.op("Add", [past_len, seq])
+    positions = g.op("Range", [past_len, total, g.const(1, np.int64)])
+    k_pos = g.op("Range", [g.const(0, np.int64), total, g.const(1, np.int64)])
+    q_col = g.op("Unsqueeze", [positions, g.const([1], np.int64)])
+    allowed = g.op("LessOrEqual", [k_pos, q_col])
+    if cfg.sliding_window is not None:
+        lower = g.op("Sub", [q_col, g.const(cfg.sliding_window, np.int64)])
+        allowed = g.op("And", [allowed, g.op("Greater", [k_pos, lower])])
+    mask = g.op("Where", [allowed, g.const(0.0), g.const(-np.inf)])
+    return positions, mask
+
+
+def build_model(art: Artifact, max_length: int = 2048) -> onnx.ModelProto:
+    """The ONNX model of an artifact (standard ops + MatMulNBits)."""
+    cfg = ModelConfig.from_dict(art.model)
+    g = Graph()
+    c = _Ctx(g, cfg, art)
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", cfg.vocab_size])]
+    kv_shape = ["batch", cfg.num_kv_heads, "past_seq", cfg.head_dim]
+    total_shape = ["batch", cfg.num_kv_heads, "total_seq", cfg.head_dim]
+    for i in range(cfg.num_layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv_shape))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, total_shape))
+
+    cos_t, sin_t = rope_tables(art.tensors["rope.inv_freq"], torch.arange(max_length), cfg.rope_attention_scaling, torch.float32)
+    positions, mask = emit_positions_and_mask(g, cfg, "input_ids", "past_key_values.0.key")
+    cos = g.op("Gather", [g.init("rope.cos", _np(cos_t)), positions], axis=0)
+    sin = g.op("Gather", [g.init("rope.sin", _np(sin_t)), positions], axis=0)
+    h = g.op("Gather", [c.tensor("embed"), "input_ids"], axis=0)
+    for i in range(cfg.num_layers):
+        h, k, v = emit_block(c, i, h, cos, sin, mask, (f"past_key_values.{i}.key", f"past_key_values.{i}.value"))
+        g.nodes.append(helper.make_node("Identity", [k], [f"present.{i}.key"]))
+        g.nodes.append(helper.make_node("Identity", [v], [f"present.{i}.value"]))
+    h = emit_rms_norm(g, h, c.tensor("norm"), cfg.rms_eps)
+    head = art.tensors["embed"] if cfg.tied_embeddings else art.tensors["lm_head"]
+    logits = g.op("MatMul", [h, g.init("lm_head.T", _np(head.to(torch.float32).T.contiguous()))])
+    g.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
+    graph = helper.make_graph(g.nodes, "baseq", inputs, outputs, g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+                              producer_name="baseq-export")
+    model.ir_version = 9
+    return model
+
+
+def export_onnx(artifact: str | Path, out: str | Path, force: bool = False, max_length: int = 2048) -> Path:
+    """Write model.onnx (+ model.onnx.data), the tokenizer and a manifest to `out`, atomically."""
+    artifact, out = Path(artifact), Path(out).expanduser()
+    art = load_artifact(artifact)
+    if out.exists():
+        if not force:
+            raise FileExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
+        if not (out / "manifest.json").is_file():
+            raise FileExistsError(f"{out} exists and is not a baseq ONNX export; refusing to replace it")
+    model = build_model(art, max_length)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        onnx.save_model(model, str(tmp / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=DATA_FILE, size_threshold=1024)
+        onnx.checker.check_model(str(tmp / MODEL_FILE))
+        for f in artifact.iterdir():
+            if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "chat_template.jinja"):
+                shutil.copy2(f, tmp / f.name)
+        manifest = {"format": "baseq-onnx", "artifact": str(artifact.resolve()), "quant": art.quant, "model": art.model,
+                    "max_length": max_length, "ops": "standard", "files": [MODEL_FILE, DATA_FILE]}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+class OnnxModel:
+    """An exported model in an onnxruntime session, with the reference model's logits() interface."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        path = Path(path)
+        manifest = json.loads((path / "manifest.json").read_text())
+        self.config = ModelConfig.from_dict(manifest["model"])
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path / MODEL_FILE), opts, providers=["CPUExecutionProvider"])
+
+    def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
+        cfg = self.config
+        empty = np.zeros((batch, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
+        return {f"past_key_values.{i}.{kind}": empty for i in range(cfg.num_layers) for kind in ("key", "value")}
+
+    def step(self, ids: np.ndarray, past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Logits for ids [B, T] after `past`, and the cache that includes them."""
+        outs = self.session.run(None, {"input_ids": ids.astype(np.int64), **past})
+        names = [o.name for o in self.session.get_outputs()]
+        result = dict(zip(names, outs))
+        present = {n.replace("present.", "past_key_values."): v for n, v in result.items() if n.startswith("present.")}
+        return result["logits"], present
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        out, _ = self.step(ids.numpy(), self.empty_cache(ids.shape[0]))
+        return torch.from_numpy(out)

@@ -1,0 +1,114 @@
+"""A minimal ONNX graph accumulator and the standard-op building blocks of our quantized forward.
+
+Each `emit_*` function appends the nodes of one computation and returns its output name; they
+reproduce models.base / qmodel.QuantHooks op for op in float32, so onnxruntime matches the
+PyTorch reference up to matmul summation order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+MS_DOMAIN = "com.microsoft"
+
+
+class Graph:
+    """Nodes and initializers being collected, with unique names."""
+
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._n = 0
+        self._consts: dict[tuple, str] = {}
+
+    def name(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None, domain: str = "", n_out: int = 1, **attrs):
+        outs = [self.name(hint or op_type) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name("n_" + op_type), domain=domain, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def const(self, value, dtype=np.float32) -> str:
+        """A shared scalar or small constant initializer."""
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.init(self.name("c"), arr)
+        return self._consts[key]
+
+
+def emit_rms_norm(g: Graph, x: str, weight: str | None, eps: float) -> str:
+    """x * 1/sqrt(mean(x^2) + eps) [* weight], as models.base.rms_norm in float32."""
+    sq = g.op("Mul", [x, x])
+    mean = g.op("ReduceMean", [sq, g.const([-1], np.int64)], keepdims=1)
+    inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [mean, g.const(eps)])])])
+    y = g.op("Mul", [x, inv])
+    return g.op("Mul", [y, weight]) if weight else y
+
+
+def emit_fake_quant(g: Graph, x: str, bits: int, clip: str) -> str:
+    """Per-token asymmetric quant-dequant over the last axis: quant.fake_quant_per_token's recipe."""
+    qmax = float(2**bits - 1)
+    axes = g.const([-1], np.int64)
+    xmin = g.op("ReduceMin", [x, axes], keepdims=1)
+    xmax = g.op("ReduceMax", [x, axes], keepdims=1)
+    rng = g.op("Sub", [xmax, xmin])
+    scale = g.op("Max", [g.op("Div", [g.op("Mul", [rng, clip]), g.const(qmax)]), g.const(1e-8)])
+    mid = g.op("Mul", [g.op("Add", [xmax, xmin]), g.const(0.5)])
+    lo = g.op("Sub", [mid, g.op("Mul", [g.op("Mul", [rng, g.const(0.5)]), clip])])
+    zero = g.op("Round", [g.op("Div", [g.op("Neg", [lo]), scale])])
+    q = g.op("Add", [g.op("Round", [g.op("Div", [x, scale])]), zero])
+    q = g.op("Clip", [q, g.const(0.0), g.const(qmax)])
+    return g.op("Mul", [g.op("Sub", [q, zero]), scale])
+
+
+def emit_hadamard(g: Graph, x: str, n: int) -> str:
+    """x @ H along the last axis as Reshape + MatMul by the Kronecker factors of hadamard.plan_hadamard."""
+    from ..hadamard import hadamard_matrix, plan_hadamard
+
+    plan = plan_hadamard(n)
+    p = plan.pow2
+    pmat = g.const(hadamard_matrix(p).numpy() if p > 1 else np.ones((1, 1)))
+    m = plan.m
+    shape = g.op("Shape", [x])
+    lead = g.op("Slice", [shape, g.const([0], np.int64), g.const([-1], np.int64)])
+    split = g.op("Concat", [lead, g.const([plan.blocks, m, p], np.int64)], axis=0)
+    y = g.op("Reshape", [x, split])
+    if p > 1:
+        y = g.op("MatMul", [y, pmat])
+    if plan.small is not None:
+        y = g.op("MatMul", [g.const(plan.small.numpy().T), y])  # S^T X P for X = [m, p]
+    return g.op("Reshape", [y, shape])
+
+
+def matmul_nbits_inputs(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, group_size: int) -> tuple[dict, int]:
+    """(arrays, block_size) for com.microsoft.MatMulNBits from our [N, K] codes and [N, G] scale/zero.
+
+    Per-channel weights (G = 1) repeat the scale and zero point over blocks of 32 (or 16/64/128
+    when K needs it), which is exact.
+    """
+    n, k = codes.shape
+    groups = scale.shape[1]
+    if groups == 1:
+        block = next((b for b in (32, 64, 128, 16) if k % b == 0), None)
+        if block is None:
+            raise ValueError(f"in_features {k} is not a multiple of 16: MatMulNBits cannot hold it exactly")
+        scale = np.repeat(scale, k // block, axis=1)
+        zero = np.repeat(zero, k // block, axis=1)
+    else:
+        block = group_size
+    k_blocks = k // block
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    b = packed.reshape(n, k_blocks, block // 2).astype(np.uint8)
+    if k_blocks % 2:
+        zero = np.concatenate([zero, np.zeros((n, 1), np.uint8)], axis=1)
+    zp = (zero[:, 0::2] | (zero[:, 1::2] << 4)).astype(np.uint8)
+    return {"B": b, "scales": scale.astype(np.float32), "zero_points": zp}, block

@@ -1,0 +1,135 @@
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from baseq_export.calibrate import BaseqSettings, calibrate_baseq
+from baseq_export.export.onnx import OnnxModel, export_onnx
+from baseq_export.export.onnx_graph import MS_DOMAIN, Graph, emit_fake_quant, emit_hadamard, matmul_nbits_inputs
+from baseq_export.hadamard import apply_hadamard
+from baseq_export.models import from_hf_model
+from baseq_export.pipeline import QuantSettings, quantize_model
+from baseq_export.qmodel import reference_model, save_artifact
+from baseq_export.quant import fake_quant_per_token, rtn_quantize
+from conftest import tiny_hf_model
+
+
+def run_subgraph(build, x: np.ndarray, extra_inputs=()) -> np.ndarray:
+    """Build a one-output graph around `build(g, 'x')` and run it in onnxruntime."""
+    g = Graph()
+    out = build(g, "x")
+    g.nodes.append(helper.make_node("Identity", [out], ["y"]))
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)]
+    graph = helper.make_graph(g.nodes, "t", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MS_DOMAIN, 1)])
+    model.ir_version = 9
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 576), (2, 7, 896), (3, 5, 64), (2, 3, 4, 128)])
+@pytest.mark.parametrize("bits, clip", [(4, 0.88), (8, 1.0), (4, 0.5)])
+def test_fake_quant_subgraph_is_bit_exact(shape, bits, clip):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 3 + 0.5
+    x[..., 0] = 40.0  # an outlier channel
+    got = run_subgraph(lambda g, name: emit_fake_quant(g, name, bits, g.const(clip)), x.numpy())
+    np.testing.assert_array_equal(got, fake_quant_per_token(x, bits, clip).numpy())
+
+
+def test_fake_quant_subgraph_per_head_clip_and_constant_tokens():
+    x = torch.randn(2, 3, 5, 64, generator=torch.Generator().manual_seed(1))
+    x[0, 1, 2] = 1.5  # a constant token
+    clip = torch.tensor([0.9, 0.7, 1.0]).reshape(3, 1, 1)
+    got = run_subgraph(lambda g, name: emit_fake_quant(g, name, 4, g.init("clip", clip.numpy())), x.numpy())
+    np.testing.assert_array_equal(got, fake_quant_per_token(x, 4, clip).numpy())
+
+
+@pytest.mark.filterwarnings("ignore:no exact Hadamard")
+@pytest.mark.parametrize("n", [64, 128, 576, 896, 1536, 4864, 11008, 3776])
+def test_hadamard_subgraph_matches_fast_transform(n):
+    x = torch.randn(2, 3, n, generator=torch.Generator().manual_seed(n))
+    got = run_subgraph(lambda g, name: emit_hadamard(g, name, n), x.numpy())
+    np.testing.assert_allclose(got, apply_hadamard(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("k, group", [(96, None), (160, None), (96, 32), (224, 32), (256, 128)])
+def test_matmul_nbits_matches_numpy_dequant(k, group):
+    gen = torch.Generator().manual_seed(k)
+    w = torch.randn(24, k, generator=gen)
+    qw = rtn_quantize(w, 4, group)
+    arrays, block = matmul_nbits_inputs(qw.codes.numpy(), qw.scale.numpy(), qw.zero.numpy(), qw.group_size)
+    # independent numpy dequantization of the (unpacked) MatMulNBits inputs
+    b = arrays["B"].reshape(24, -1)
+    codes = np.stack([b & 15, b >> 4], axis=-1).reshape(24, -1)[:, :k].astype(np.float32)
+    zp = arrays["zero_points"]
+    zeros = np.stack([zp & 15, zp >> 4], axis=-1).reshape(24, -1)[:, : k // block].astype(np.float32)
+    deq = (codes - np.repeat(zeros, block, axis=1)) * np.repeat(arrays["scales"], block, axis=1)
+    np.testing.assert_array_equal(deq, qw.dequantize().numpy())
+    x = torch.randn(3, k, generator=gen).numpy()
+
+    def build(g, name):
+        ins = [name] + [g.init(key, arr) for key, arr in arrays.items()]
+        return g.op("MatMulNBits", ins, domain=MS_DOMAIN, K=k, N=24, bits=4, block_size=block)
+
+    np.testing.assert_allclose(run_subgraph(build, x), x @ deq.T, rtol=1e-5, atol=1e-5)
+
+
+def assert_parity(got: torch.Tensor, ref: torch.Tensor, quantized_activations: bool) -> None:
+    """Float-only graphs match to rounding; with quantized activations a last-bit difference in a
+    matmul can move a value across a rounding boundary (one code step at one site), so the check
+    is on the whole: relative error and the predicted tokens."""
+    if not quantized_activations:
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+        return
+    rel = float((got - ref).norm() / ref.norm())
+    assert rel < 5e-3, rel
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.97
+    assert float((got - ref).abs().median()) < 1e-5  # most logits are untouched by such a flip
+
+
+ARTIFACTS = {
+    "w4a16-rtn": lambda m, ids: quantize_model(m, QuantSettings(method="rtn", bits="w4a16")),
+    "w4a8kv8-quarot-gptq": lambda m, ids: quantize_model(m, QuantSettings(method="quarot-gptq", bits="w4a8kv8"), ids),
+    "w4a4kv4-baseq": lambda m, ids: calibrate_baseq(m, QuantSettings(bits="w4a4kv4"), BaseqSettings(nsamples=8, calib_ctx=16, epochs=1), ids),
+}
+
+
+@pytest.mark.parametrize("arch, dims", [("llama", {}), ("qwen2", {"hidden_size": 96, "intermediate_size": 160}),
+                                        ("mistral", {"sliding_window": 6})])
+@pytest.mark.parametrize("kind", list(ARTIFACTS))
+def test_exported_model_matches_reference_forward(tmp_path, arch, dims, kind):
+    m = from_hf_model(tiny_hf_model(arch, dtype=torch.float32, **dims))
+    calib = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))
+    art = ARTIFACTS[kind](m, calib)
+    out = export_onnx(save_artifact(tmp_path / "m.baseq", art), tmp_path / "onnx")
+    onnx.checker.check_model(str(out / "model.onnx"))
+    assert (out / "model.onnx.data").is_file()
+    om = OnnxModel(out, threads=1)
+    ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))
+    ref = reference_model(art).logits(ids)
+    full = om.logits(ids)
+    assert_parity(full, ref, quantized_activations=art.quant["a_bits"] is not None)
+    # incremental decoding with the past/present KV cache gives the same logits
+    logits, past = om.step(ids[:, :11].numpy(), om.empty_cache(2))
+    steps = [logits]
+    for t in range(11, 20):
+        logits, past = om.step(ids[:, t : t + 1].numpy(), past)
+        steps.append(logits)
+    assert_parity(torch.from_numpy(np.concatenate(steps, axis=1)), full, quantized_activations=art.quant["a_bits"] is not None)
+
+
+def test_export_refuses_to_clobber(tmp_path):
+    m = from_hf_model(tiny_hf_model("llama", dtype=torch.float32))
+    art = save_artifact(tmp_path / "m.baseq", quantize_model(m, QuantSettings(method="rtn", bits="w4a16")))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not a baseq ONNX export"):
+        export_onnx(art, mine, force=True)
+    out = export_onnx(art, tmp_path / "onnx")
+    with pytest.raises(FileExistsError, match="already exists"):
+        export_onnx(art, out)
+    export_onnx(art, out, force=True)
+    assert (mine / "keep.txt").read_text() == "x"
