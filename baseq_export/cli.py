@@ -7,8 +7,12 @@ Subcommands run one step each: quantize, export, eval, run, report.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import resource
+import shutil
 import sys
 import time
+from pathlib import Path
 
 from . import __version__
 
@@ -134,7 +138,6 @@ def evaluate_fp(args: argparse.Namespace):
 
 
 def is_onnx_export(path) -> bool:
-    from pathlib import Path
 
     return (Path(path) / "manifest.json").is_file() and (Path(path) / "model.onnx").is_file()
 
@@ -186,7 +189,6 @@ def calibration_windows(tokenizer, args: argparse.Namespace, nsamples: int, ctx:
 
 
 def default_out(model: str, suffix: str) -> str:
-    from pathlib import Path
 
     name = "smollm2-135m" if model == "default" else Path(model).name.removesuffix(".gguf")
     return f"{name}-{suffix}"
@@ -197,8 +199,6 @@ def quantize(args: argparse.Namespace, out: str, model=None):
     from .calibrate import PRESETS, calibrate_baseq
     from .models import load_model
     from .pipeline import QuantSettings, quantize_model
-    from pathlib import Path
-
     from .qmodel import check_writable, save_artifact
 
     method = args.method
@@ -210,8 +210,6 @@ def quantize(args: argparse.Namespace, out: str, model=None):
     workdir = Path(out).with_name(Path(out).name + ".partial")
     if method == "baseq":
         preset = PRESETS[args.preset]
-        import dataclasses
-
         preset = dataclasses.replace(preset, nsamples=args.nsamples or preset.nsamples, calib_ctx=args.calib_ctx or preset.calib_ctx)
         calib = calibration_windows(m.tokenizer, args, preset.nsamples, preset.calib_ctx)
         if workdir.exists():
@@ -224,10 +222,9 @@ def quantize(args: argparse.Namespace, out: str, model=None):
         art = quantize_model(m, settings, calib)
     path = save_artifact(out, art, overwrite=args.force, write_extra=lambda d: m.tokenizer.save_pretrained(str(d)))
     if workdir.exists():
-        import shutil
-
         shutil.rmtree(workdir)
-    print(f"wrote {path} ({method} {settings.bits}) in {time.time() - t0:.1f} s", file=sys.stderr)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"wrote {path} ({method} {settings.bits}) in {time.time() - t0:.1f} s, peak RSS so far {peak:.0f} MiB", file=sys.stderr)
     return path, m
 
 
@@ -241,12 +238,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_main_job(args: argparse.Namespace) -> int:
     """Load, measure FP, calibrate BASE-Q (or reuse a finished artifact), measure the artifact, export."""
-    from pathlib import Path
 
     from .qmodel import is_artifact, read_config
 
     print(f"baseq-export: main job: --model {args.model} --method {args.method} --bits {args.bits} "
           f"--preset {args.preset} --format {args.format}", file=sys.stderr)
+    if args.format != "onnx":
+        raise NotImplementedError(f"the {args.format} exporter is not built yet in this version; "
+                                  "`baseq-export quantize` writes the quantized artifact meanwhile")
     out = args.out or default_out(args.model, args.format)
     artifact = Path(f"{out}.baseq") if args.out else Path(default_out(args.model, f"{args.method}-{args.bits}-{args.preset}.baseq"))
     model, fp = evaluate_fp(args)
@@ -259,9 +258,6 @@ def cmd_main_job(args: argparse.Namespace) -> int:
     else:
         quantize(args, str(artifact), model)
     q = eval_artifact(artifact, args)
-    if args.format != "onnx":
-        print(f"artifact: {artifact}  (FP perplexity {fp.ppl:.4f}, quantized {q.ppl:.4f})")
-        raise NotImplementedError(f"the {args.format} exporter is not built yet in this version; the quantized model is {artifact}")
     from .export.onnx import MODEL_FILE
 
     if Path(out).exists() and not is_onnx_export(out):
@@ -289,7 +285,6 @@ def export(artifact, fmt: str, out: str, force: bool):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     fmt = getattr(args, "format", "onnx")
     out = getattr(args, "out", None) or str(Path(args.artifact).with_suffix("")) + f"-{fmt}"
@@ -322,7 +317,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from . import data
     from .models import load_model

@@ -16,11 +16,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    from .models.base import ModelConfig
+    from .quant import QuantizedWeight
 
 FORMAT = "baseq"
 FORMAT_VERSION = 1
