@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .models import LoadedModel
+from .models import LoadedModel, source_info
 from .models.base import ACT_SITES, SITE_LINEARS, ModelConfig, layer_weights, site_width
 from .pipeline import QuantSettings, calib_rope, float_tensors, gptq_hessians, round_layer, run_block
 from .qmodel import KV_SITES, Artifact, QuantHooks, linear_tensors
@@ -252,7 +252,7 @@ def calibrate_baseq(
         model=cfg.to_dict(),
         quant=quant_cfg,
         tensors=tensors,
-        source={"model": model.source},
+        source=source_info(model),
         calibration={"seed": q.seed, "windows": list(calib.shape), "blocks": log, "seconds": round(time.time() - t_start, 1)},
     )
 

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="generate text (greedy) with an artifact or an ONNX export")
     r.add_argument("path", help="a .baseq artifact or an ONNX export directory")
     r.add_argument("--prompt", required=True)
-    r.add_argument("--backend", choices=("torch", "onnxruntime"), default=None,
+    r.add_argument("--backend", choices=("torch", "onnxruntime", "onnxruntime-genai"), default=None,
                    help="default: torch for an artifact, onnxruntime for an export")
     r.add_argument("--max-new-tokens", type=int, default=64)
 
@@ -296,22 +296,28 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .generate import generate, onnx_stepper, torch_stepper
+    from .generate import genai_stream, greedy_stream, onnx_stepper, prompt_ids, stream_text, torch_stepper
 
-    backend = args.backend or ("onnxruntime" if is_onnx_export(args.path) else "torch")
-    if backend == "onnxruntime":
-        if not is_onnx_export(args.path):
-            raise ValueError(f"{args.path} is not an ONNX export; make one with `baseq-export export ARTIFACT`")
+    export_dir = is_onnx_export(args.path)
+    backend = args.backend or ("onnxruntime" if export_dir else "torch")
+    if backend != "torch" and not export_dir:
+        raise ValueError(f"{args.path} is not an ONNX export; make one with `baseq-export export ARTIFACT`")
+    if backend == "torch" and export_dir:
+        raise ValueError(f"{args.path} is an ONNX export: use --backend onnxruntime, or pass the .baseq artifact")
+    tokenizer = load_tokenizer(args.path)
+    ids = prompt_ids(tokenizer, args.prompt)
+    if backend == "onnxruntime-genai":
+        tokens = genai_stream(args.path, ids, args.max_new_tokens)
+    elif backend == "onnxruntime":
         from .export.onnx import OnnxModel
 
-        step = onnx_stepper(OnnxModel(args.path))
+        tokens = greedy_stream(onnx_stepper(OnnxModel(args.path)), ids)
     else:
-        if is_onnx_export(args.path):
-            raise ValueError(f"{args.path} is an ONNX export: use --backend onnxruntime, or pass the .baseq artifact")
         from .qmodel import load_artifact, reference_model
 
-        step = torch_stepper(reference_model(load_artifact(args.path)))
-    generate(step, load_tokenizer(args.path), args.prompt, args.max_new_tokens, lambda text: print(text, end="", flush=True))
+        tokens = greedy_stream(torch_stepper(reference_model(load_artifact(args.path))), ids)
+    print(args.prompt, end="", flush=True)
+    stream_text(tokens, tokenizer, args.max_new_tokens, lambda text: print(text, end="", flush=True))
     print()
     return 0
 

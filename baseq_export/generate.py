@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import itertools
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -34,35 +35,57 @@ def onnx_stepper(model) -> Step:
     return step
 
 
-def greedy_tokens(step: Step, prompt_ids: list[int], max_new_tokens: int, eos: int | None = None) -> list[int]:
-    """The argmax continuation of prompt_ids, one token per step after the prompt."""
-    out: list[int] = []
+def greedy_stream(step: Step, prompt_ids: list[int]) -> Iterator[int]:
+    """Argmax tokens after prompt_ids, one model step each, for as long as the caller reads."""
     logits = step(prompt_ids)
-    for _ in range(max_new_tokens):
+    while True:
         token = int(torch.argmax(logits))
-        out.append(token)
-        if eos is not None and token == eos:
-            break
+        yield token
         logits = step([token])
+
+
+def genai_stream(path, prompt_ids: list[int], max_new_tokens: int) -> Iterator[int]:
+    """Greedy tokens from onnxruntime-genai running an export directory."""
+    try:
+        import onnxruntime_genai as og
+    except ImportError as e:
+        raise ValueError("the onnxruntime-genai backend needs `pip install onnxruntime-genai`") from e
+    model = og.Model(str(path))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt_ids) + max_new_tokens, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([prompt_ids], dtype=np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+        yield int(gen.get_next_tokens()[0])
+
+
+def greedy_tokens(step: Step, prompt_ids: list[int], max_new_tokens: int, eos: int | None = None) -> list[int]:
+    """The argmax continuation of prompt_ids (stops after eos)."""
+    out: list[int] = []
+    for token in itertools.islice(greedy_stream(step, prompt_ids), max_new_tokens):
+        out.append(token)
+        if token == eos:
+            break
     return out
 
 
-def generate(step: Step, tokenizer, prompt: str, max_new_tokens: int, on_text: Callable[[str], None]) -> str:
-    """Greedy generation that streams decoded text through on_text as tokens arrive."""
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError("the prompt is empty after tokenisation; pass some text with --prompt")
-    on_text(prompt)
+def stream_text(tokens: Iterable[int], tokenizer, max_new_tokens: int, on_text: Callable[[str], None]) -> str:
+    """Decode tokens as they arrive, sending each new piece of text to on_text; stops at eos."""
     produced: list[int] = []
     shown = ""
-    logits = step(ids)
-    for _ in range(max_new_tokens):
-        token = int(torch.argmax(logits))
+    for token in itertools.islice(tokens, max_new_tokens):
         if token == tokenizer.eos_token_id:
             break
         produced.append(token)
         text = tokenizer.decode(produced, skip_special_tokens=True)
         on_text(text[len(shown):])
         shown = text
-        logits = step([token])
-    return prompt + shown
+    return shown
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError("the prompt is empty after tokenisation; pass some text with --prompt")
+    return ids

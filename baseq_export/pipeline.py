@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .models import LoadedModel
+from .models import LoadedModel, source_info
 from .models.base import ACT_SITES, IDENTITY, SITE_LINEARS, ModelConfig, block_forward, layer_weights, rope_tables, site_width
 from .qmodel import BITS_PRESETS, Artifact, linear_tensors
 from .quant import HessianAccumulator, QuantizedWeight, gptq_quantize, rtn_quantize
@@ -138,7 +138,7 @@ def quantize_model(
         model=cfg.to_dict(),
         quant=settings.quant_config(),
         tensors=tensors,
-        source={"model": model.source},
+        source=source_info(model),
         calibration={"seconds": round(time.time() - t0, 1), "windows": 0 if calib is None else list(calib.shape)},
     )
 

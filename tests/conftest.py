@@ -14,6 +14,8 @@ TINY = dict(
     num_key_value_heads=2,
     max_position_embeddings=128,
     rms_norm_eps=1e-6,
+    bos_token_id=1,
+    eos_token_id=2,
 )
 
 

@@ -180,7 +180,11 @@ def test_export_eval_and_run_onnx(tmp_path, capsys):
     ref = greedy_tokens(torch_stepper(reference_model(load_artifact(art))), prompt, 12)
     assert greedy_tokens(onnx_stepper(OnnxModel(tmp_path / "onnx")), prompt, 12) == ref
     assert main(["run", str(tmp_path / "onnx"), "--prompt", "the a of", "--max-new-tokens", "5"]) == 0
-    assert capsys.readouterr().out.startswith("the a of")
+    text = capsys.readouterr().out
+    assert text.startswith("the a of")
+    for backend, path in (("torch", art), ("onnxruntime-genai", tmp_path / "onnx")):
+        assert main(["run", str(path), "--backend", backend, "--prompt", "the a of", "--max-new-tokens", "5"]) == 0
+        assert capsys.readouterr().out == text  # same greedy text from every backend
     assert main(["run", str(art), "--backend", "onnxruntime", "--prompt", "x"]) == 1
     assert "not an ONNX export" in capsys.readouterr().err
     assert main(["export", str(art), "--format", "gguf", "--out", str(tmp_path / "g")]) == 2

@@ -133,8 +133,12 @@ def emit_block(c: _Ctx, i: int, h: str, cos: str, sin: str, mask: str, past: tup
     return h, k_all, v_all
 
 
-def emit_positions_and_mask(g: Graph, cfg: ModelConfig, ids: str, past_key: str) -> tuple[str, str]:
-    """Absolute positions [T] (past_len + arange(T)) and the additive causal mask [T, past+T]."""
+MASKED = -1e9  # additive mask value: exp() underflows to exactly 0, and a fully masked (padding) row stays finite
+
+
+def emit_positions_and_mask(g: Graph, cfg: ModelConfig, ids: str, past_key: str, attention_mask: str) -> tuple[str, str]:
+    """Absolute positions [T] (past_len + arange(T)) and the additive mask [B, 1, T, past+T]:
+    causal (and sliding window), and keys whose attention_mask [B, past+T] is 0 are hidden."""
     past_len = g.op("Gather", [g.op("Shape", [past_key]), g.const(2, np.int64)], axis=0)
     seq = g.op("Gather", [g.op("Shape", [ids]), g.const(1, np.int64)], axis=0)
     total = g.op("Add", [past_len, seq])
@@ -145,7 +149,10 @@ def emit_positions_and_mask(g: Graph, cfg: ModelConfig, ids: str, past_key: str)
     if cfg.sliding_window is not None:
         lower = g.op("Sub", [q_col, g.const(cfg.sliding_window, np.int64)])
         allowed = g.op("And", [allowed, g.op("Greater", [k_pos, lower])])
-    mask = g.op("Where", [allowed, g.const(0.0), g.const(-np.inf)])
+    keep = g.op("Cast", [attention_mask], to=TensorProto.BOOL)
+    keep = g.op("Unsqueeze", [keep, g.const([1, 2], np.int64)])  # [B, 1, 1, S]
+    allowed = g.op("And", [allowed, keep])
+    mask = g.op("Where", [allowed, g.const(0.0), g.const(MASKED)])
     return positions, mask
 
 
@@ -154,7 +161,8 @@ def build_model(art: Artifact, max_length: int = 2048) -> onnx.ModelProto:
     cfg = ModelConfig.from_dict(art.model)
     g = Graph()
     c = _Ctx(g, cfg, art)
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_seq"])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", cfg.vocab_size])]
     kv_shape = ["batch", cfg.num_kv_heads, "past_seq", cfg.head_dim]
     total_shape = ["batch", cfg.num_kv_heads, "total_seq", cfg.head_dim]
@@ -164,7 +172,7 @@ def build_model(art: Artifact, max_length: int = 2048) -> onnx.ModelProto:
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, total_shape))
 
     cos_t, sin_t = rope_tables(art.tensors["rope.inv_freq"], torch.arange(max_length), cfg.rope_attention_scaling, torch.float32)
-    positions, mask = emit_positions_and_mask(g, cfg, "input_ids", "past_key_values.0.key")
+    positions, mask = emit_positions_and_mask(g, cfg, "input_ids", "past_key_values.0.key", "attention_mask")
     cos = g.op("Gather", [g.init("rope.cos", _np(cos_t)), positions], axis=0)
     sin = g.op("Gather", [g.init("rope.sin", _np(sin_t)), positions], axis=0)
     h = g.op("Gather", [c.tensor("embed"), "input_ids"], axis=0)
@@ -202,6 +210,7 @@ def export_onnx(artifact: str | Path, out: str | Path, force: bool = False, max_
         for f in artifact.iterdir():
             if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "chat_template.jinja"):
                 shutil.copy2(f, tmp / f.name)
+        write_genai_config(tmp, cfg_of(art), art, max_length)
         manifest = {"format": "baseq-onnx", "artifact": str(artifact.resolve()), "quant": art.quant, "model": art.model,
                     "max_length": max_length, "ops": "standard", "files": [MODEL_FILE, DATA_FILE]}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -210,6 +219,50 @@ def export_onnx(artifact: str | Path, out: str | Path, force: bool = False, max_
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def cfg_of(art: Artifact) -> ModelConfig:
+    return ModelConfig.from_dict(art.model)
+
+
+GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+
+
+def write_genai_config(out: Path, cfg: ModelConfig, art: Artifact, max_length: int) -> None:
+    """genai_config.json for onnxruntime-genai: our input/output names, a growing (not shared) KV buffer."""
+    eos = art.source.get("eos_token_id")
+    if eos is None:
+        import warnings
+
+        warnings.warn("the model has no eos_token_id: genai_config.json not written (onnxruntime-genai needs it)")
+        return
+    config = {
+        "model": {
+            "bos_token_id": art.source.get("bos_token_id") if art.source.get("bos_token_id") is not None else eos,
+            "eos_token_id": eos,
+            "pad_token_id": art.source.get("pad_token_id", eos),
+            "context_length": max_length,
+            "type": GENAI_TYPES[cfg.arch],
+            "vocab_size": cfg.vocab_size,
+            "decoder": {
+                "session_options": {"log_id": "baseq-export", "provider_options": []},
+                "filename": MODEL_FILE,
+                "head_size": cfg.head_dim,
+                "hidden_size": cfg.hidden_size,
+                "num_attention_heads": cfg.num_heads,
+                "num_hidden_layers": cfg.num_layers,
+                "num_key_value_heads": cfg.num_kv_heads,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
+            },
+        },
+        "search": {"do_sample": False, "num_beams": 1, "max_length": max_length, "min_length": 0,
+                   "past_present_share_buffer": False, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+                   "repetition_penalty": 1.0, "num_return_sequences": 1, "early_stopping": True,
+                   "length_penalty": 1.0, "no_repeat_ngram_size": 0, "diversity_penalty": 0.0},
+    }
+    (out / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 class OnnxModel:
@@ -233,7 +286,9 @@ class OnnxModel:
 
     def step(self, ids: np.ndarray, past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Logits for ids [B, T] after `past`, and the cache that includes them."""
-        outs = self.session.run(None, {"input_ids": ids.astype(np.int64), **past})
+        total = ids.shape[1] + next(iter(past.values())).shape[2]
+        mask = np.ones((ids.shape[0], total), np.int64)
+        outs = self.session.run(None, {"input_ids": ids.astype(np.int64), "attention_mask": mask, **past})
         names = [o.name for o in self.session.get_outputs()]
         result = dict(zip(names, outs))
         present = {n.replace("present.", "past_key_values."): v for n, v in result.items() if n.startswith("present.")}

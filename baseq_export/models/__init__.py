@@ -7,7 +7,7 @@ rest of the project works on; one adapter module per architecture says where the
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +36,29 @@ class LoadedModel:
     weights: dict[str, torch.Tensor]
     tokenizer: object
     source: str
+    token_ids: dict[str, int] = field(default_factory=dict)  # bos / eos / pad ids
+
+
+def source_info(model: "LoadedModel") -> dict:
+    """Where a model came from and its special token ids (recorded in artifacts and exports)."""
+    return {"model": model.source, **model.token_ids}
+
+
+TOKEN_ID_NAMES = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def special_token_ids(hf_config, tokenizer) -> dict[str, int]:
+    """bos/eos/pad ids: the tokenizer's where it has them, else the model config's."""
+    ids = {}
+    for name in TOKEN_ID_NAMES:
+        value = getattr(tokenizer, name, None) if tokenizer is not None else None
+        if value is None:
+            value = getattr(hf_config, name, None)
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if value is not None:
+            ids[name] = int(value)
+    return ids
 
 
 def default_model_path() -> Path:
@@ -70,7 +93,8 @@ def from_hf_model(hf_model, tokenizer=None, source: str = "<in-memory>") -> Load
         import dataclasses
 
         cfg = dataclasses.replace(cfg, rope_attention_scaling=scaling)
-    return LoadedModel(cfg, adapter.weights_from_hf(hf_model, cfg), tokenizer, source)
+    ids = special_token_ids(hf_model.config, tokenizer)
+    return LoadedModel(cfg, adapter.weights_from_hf(hf_model, cfg), tokenizer, source, ids)
 
 
 def _resolve(spec: str) -> tuple[Path, str | None]:
