@@ -196,7 +196,8 @@ def _plan(n: int) -> HadamardPlan:
     pow2, m = _exact_split(block)
     small = None
     if m > 1:
-        small = torch.from_numpy(_build(_recipe(m)).astype(np.float64) / math.sqrt(m))
+        with torch.inference_mode(False):  # cached: must stay usable by autograd later
+            small = torch.from_numpy(_build(_recipe(m)).astype(np.float64) / math.sqrt(m))
     return HadamardPlan(n=n, blocks=n // block, pow2=pow2, small=small)
 
 
@@ -233,7 +234,8 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
 @functools.lru_cache(maxsize=64)
 def _small_on(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """plan.small cast to x's dtype and device once, not on every call."""
-    return _plan(n).small.to(device=device, dtype=dtype)
+    with torch.inference_mode(False):  # cached: a tensor made under inference_mode would break training later
+        return _plan(n).small.to(device=device, dtype=dtype).clone()
 
 
 def _butterfly(x: torch.Tensor) -> torch.Tensor:

@@ -247,3 +247,13 @@ def test_cuda_matches_cpu() -> None:
         assert y.device.type == "cuda"
         torch.testing.assert_close(y.cpu(), apply_hadamard(x), rtol=0, atol=1e-10)
         assert apply_hadamard(x.cuda().float()).dtype == torch.float32
+
+
+def test_cache_filled_under_inference_mode_still_serves_autograd():
+    """Evaluating (inference_mode) before training in one process must not poison the caches."""
+    n = 480  # 60 x 8 (Paley I, q = 59): a size no other test builds first
+    with torch.inference_mode():
+        apply_hadamard(torch.randn(2, n, dtype=torch.float32))
+    x = torch.randn(2, n, requires_grad=True)
+    apply_hadamard(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
