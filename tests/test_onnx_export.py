@@ -156,3 +156,47 @@ def test_onnxruntime_genai_runs_the_export(tmp_path):
         token = int(gen.get_next_tokens()[0])
         assert token == int(ours[0, -1].argmax())
         ours, past = om.step(np.array([[token]]), past)
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("kind", ["w4a16-rtn", "w4a4kv4-baseq"])
+def test_default_model_onnx_parity(default_model, tmp_path, kind):
+    """Default model: onnxruntime against the torch reference of the same artifact, and greedy decoding
+    with torch, onnxruntime and onnxruntime-genai.
+
+    W4A16: perplexity within 0.5% and 32 identical greedy tokens. W4A4KV4: the two backends' float
+    matmuls differ in summation order; a value that lands on a 4-bit rounding boundary then flips
+    one code, and the flip spreads through attention to later tokens and layers. This W4A4KV4
+    model is chaotic in that sense: in torch alone, 1e-6 relative noise on the embeddings moves
+    its perplexity by up to 4% (README, "ONNX parity"), so the backends agree only to a few
+    percent (3.5% on these 4 windows). Every quantizer site of the graph is checked bit-exact
+    against torch on the same inputs (also on real activations of this model), and onnxruntime
+    and onnxruntime-genai, which run the same graph, agree token for token.
+    """
+    from baseq_export import data
+    from baseq_export.evaluate import perplexity
+    from baseq_export.generate import genai_stream, greedy_tokens, onnx_stepper, torch_stepper
+
+    tok = default_model.tokenizer
+    if kind == "w4a16-rtn":
+        art = quantize_model(default_model, QuantSettings(method="rtn", bits="w4a16"))
+    else:  # a small calibration budget keeps the test short; the method and the graph are the same
+        calib = data.calibration_windows(data.tokenize(tok, data.embedded_text("calib")), 4, 128, seed=0)
+        art = calibrate_baseq(default_model, QuantSettings(bits="w4a4kv4"), BaseqSettings(nsamples=4, calib_ctx=128, epochs=1), calib)
+    path = save_artifact(tmp_path / "m.baseq", art, write_extra=lambda d: tok.save_pretrained(str(d)))
+    out = export_onnx(path, tmp_path / "onnx")
+    ref = reference_model(art)
+    om = OnnxModel(out)
+    windows = data.token_windows(data.tokenize(tok, data.embedded_text("eval")), 512, 4)
+    p_ref, p_ort = perplexity(ref.logits, windows).ppl, perplexity(om.logits, windows).ppl
+    prompt = tok("def fibonacci(n):\n    ", add_special_tokens=False)["input_ids"]
+    ort_tokens = greedy_tokens(onnx_stepper(om), prompt, 32)
+    torch_tokens = greedy_tokens(torch_stepper(ref), prompt, 32)
+    print(kind, "ppl torch", p_ref, "ort", p_ort, "tokens equal", ort_tokens == torch_tokens)
+    if kind == "w4a16-rtn":
+        assert abs(p_ort / p_ref - 1) < 0.005, (p_ort, p_ref)
+        assert ort_tokens == torch_tokens
+    else:
+        assert abs(p_ort / p_ref - 1) < 0.05, (p_ort, p_ref)
+    pytest.importorskip("onnxruntime_genai")
+    assert list(genai_stream(out, prompt, 32)) == ort_tokens
