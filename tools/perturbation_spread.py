@@ -1,0 +1,47 @@
+"""How much a W4A4KV4 model's perplexity moves under float-rounding-sized noise, in torch alone.
+
+    python tools/perturbation_spread.py [--method quarot-rtn] [--windows 2] [--seeds 3]
+
+Multiplies the embedding table by (1 + 1e-6 * noise) and re-measures: with 4-bit activations a
+value near a rounding boundary flips one code and the flip spreads, so this spread is the
+floor for comparing two backends (torch vs onnxruntime) or two close methods.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from baseq_export import data
+from baseq_export.evaluate import perplexity
+from baseq_export.models import load_model
+from baseq_export.pipeline import QuantSettings, quantize_model
+from baseq_export.qmodel import reference_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--method", default="quarot-rtn", choices=("rtn", "quarot-rtn"))
+    ap.add_argument("--windows", type=int, default=2)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--noise", type=float, default=1e-6)
+    args = ap.parse_args()
+    m = load_model("default")
+    windows = data.token_windows(data.tokenize(m.tokenizer, data.embedded_text("eval")), 512, args.windows)
+    for bits in ("w4a4kv4", "w4a16"):
+        q = reference_model(quantize_model(m, QuantSettings(method=args.method, bits=bits)))
+        base = perplexity(q.logits, windows).ppl
+        embed = q.weights["embed"]
+        spread = []
+        for seed in range(args.seeds):
+            noise = torch.randn(embed.shape, generator=torch.Generator().manual_seed(seed))
+            q.weights["embed"] = embed * (1 + args.noise * noise)
+            spread.append(perplexity(q.logits, windows).ppl)
+        q.weights["embed"] = embed
+        print(f"{args.method} {bits}: perplexity {base:.4f}; with {args.noise:g} relative noise on the embeddings: "
+              + ", ".join(f"{p:.4f}" for p in spread), flush=True)
+
+
+if __name__ == "__main__":
+    main()
