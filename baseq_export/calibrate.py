@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .models import LoadedModel, source_info
 from .models.base import ACT_SITES, SITE_LINEARS, ModelConfig, layer_weights, site_width
-from .pipeline import QuantSettings, calib_rope, float_tensors, gptq_hessians, round_layer, run_block
+from .pipeline import QuantSettings, TapHooks, calib_rope, float_tensors, gptq_hessians, round_layer, run_block
 from .qmodel import KV_SITES, Artifact, QuantHooks, linear_tensors
 from .rotate import RotationHooks, rotate_model
 
@@ -272,18 +272,9 @@ def _site_means(cfg, qlw, layer, h, hooks, rope) -> dict[str, torch.Tensor]:
     """Per-channel token means of each activation site's input (the 'mean' shift start)."""
     sums: dict[str, torch.Tensor] = {}
 
-    class Mean:
-        def act(self, layer_, site, x):
-            x = hooks.act(layer_, site, x)
-            sums[site] = sums.get(site, 0) + x.reshape(-1, x.shape[-1]).sum(0)
-            return x
+    def add(site: str, x: torch.Tensor) -> None:
+        sums[site] = sums.get(site, 0) + x.reshape(-1, x.shape[-1]).sum(0)
 
-        def qk(self, layer_, q, k):
-            return q, k
-
-        def kv(self, layer_, k, v):
-            return k, v
-
-    run_block(cfg, qlw, layer, h, Mean(), rope)
+    run_block(cfg, qlw, layer, h, TapHooks(hooks, add), rope)
     n = h.shape[0] * h.shape[1]
     return {k: v / n for k, v in sums.items()}

@@ -58,15 +58,15 @@ class QuantSettings:
         }
 
 
-class CaptureHooks:
-    """Rotation hooks that also accumulate each activation site's Hessian (for GPTQ)."""
+class TapHooks:
+    """Wraps hooks and calls on_act(site, x) with each activation site's output (statistics collection)."""
 
-    def __init__(self, inner, hessians: dict[str, HessianAccumulator]):
-        self.inner, self.hessians = inner, hessians
+    def __init__(self, inner, on_act):
+        self.inner, self.on_act = inner, on_act
 
     def act(self, layer, site, x):
         x = self.inner.act(layer, site, x)
-        self.hessians[site].add(x)
+        self.on_act(site, x)
         return x
 
     def qk(self, layer, q, k):
@@ -102,7 +102,7 @@ def run_block(cfg, lw: dict, layer: int, h: torch.Tensor, hooks, rope, chunk: in
 def gptq_hessians(cfg, lw: dict, layer: int, h: torch.Tensor, hooks, rope, chunk: int = 8) -> dict[str, HessianAccumulator]:
     """Hessians of the four activation sites of one block, from its inputs h."""
     hessians = {site: HessianAccumulator(site_width(cfg, site)) for site in ACT_SITES}
-    run_block(cfg, lw, layer, h, CaptureHooks(hooks, hessians), rope, chunk)
+    run_block(cfg, lw, layer, h, TapHooks(hooks, lambda site, x: hessians[site].add(x)), rope, chunk)
     return hessians
 
 
