@@ -237,7 +237,8 @@ def calibrate_baseq(
             if not loss1 < loss0:  # never make a block worse than its GPTQ start
                 lw1, on1, loss1, kept = lw0, on0, loss0, "untrained"
             bt = block_tensors(qweights, lw1, on1, i)
-            entry = {"block": i, "mse_gptq": loss0, "mse_baseq": loss1, "kept": kept, "seconds": round(time.time() - t0, 2)}
+            entry = {"block": i, "mse_gptq": loss0, "mse_baseq": loss1, "kept": kept, "seconds": round(time.time() - t0, 2),
+                     **memory_now()}
             if done is not None:
                 _save_atomic(bt, done)
                 (work / f"block_{i}.json").write_text(json.dumps(entry))
@@ -255,6 +256,19 @@ def calibrate_baseq(
         source=source_info(model),
         calibration={"seed": q.seed, "windows": list(calib.shape), "blocks": log, "seconds": round(time.time() - t_start, 1)},
     )
+
+
+def memory_now() -> dict[str, float]:
+    """Resident and peak memory of this process in MiB, logged per block to show it does not grow with depth."""
+    import resource
+
+    out = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        out["rss_mib"] = round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        pass  # not Linux: the peak alone
+    return out
 
 
 def _dequantized_linears(bt: dict, cfg: ModelConfig, q: QuantSettings, layer: int) -> dict[str, torch.Tensor]:

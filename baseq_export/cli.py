@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import resource
 import shutil
 import sys
@@ -51,6 +52,12 @@ def add_quant_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
     p.add_argument("--force", action="store_true", default=_default(False, sub), help="replace an existing artifact at --out")
 
 
+def add_ops_arg(p: argparse.ArgumentParser, sub: bool = False) -> None:
+    p.add_argument("--ops", choices=("auto", "custom", "standard"), default=_default("auto", sub),
+                   help="ONNX online parts as our C++ custom ops (custom), as standard ONNX ops for runtimes that cannot "
+                   "load our library (standard), or custom when the library builds here, else standard (auto, default)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="baseq-export",
@@ -62,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(parser)
     parser.add_argument("--out", default=None, help="output directory (default: <model name>-<format>)")
     parser.add_argument("--preset", choices=PRESETS, default="quick", help="calibration budget (default quick)")
+    add_ops_arg(parser)
     add_eval_args(parser)
     add_quant_args(parser)
     sub = parser.add_subparsers(dest="command", title="subcommands", metavar="{quantize,export,eval,run,report}")
@@ -77,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", choices=FORMATS, default=argparse.SUPPRESS)
     e.add_argument("--out", default=argparse.SUPPRESS, help="export directory (default: the artifact name with -onnx)")
     e.add_argument("--force", action="store_true", default=argparse.SUPPRESS, help="replace an existing export at --out")
+    add_ops_arg(e, sub=True)
 
     ev = sub.add_parser("eval", help="perplexity of a model (FP), a quantized artifact or an ONNX export")
     ev.add_argument("artifact", nargs="?", help="a .baseq artifact or an ONNX export directory; without it the FP --model is evaluated")
@@ -262,24 +271,30 @@ def cmd_main_job(args: argparse.Namespace) -> int:
 
     if Path(out).exists() and not is_onnx_export(out):
         raise FileExistsError(f"{out} exists and is not an ONNX export of ours; pass another --out")
-    path = export(artifact, "onnx", out, force=True)  # an export is derived from the artifact: refresh it
+    path = export(artifact, "onnx", out, force=True, ops=args.ops)  # an export is derived from the artifact: refresh it
     o = eval_artifact(path, args)
-    print(f"\nONNX export: {path}/{MODEL_FILE}")
+    ops = json.loads((Path(path) / "manifest.json").read_text())["ops"]
+    print(f"\nONNX export: {path}/{MODEL_FILE} ({ops} ops)")
     text = args.eval_text or "embedded evaluation split"
     print(f"perplexity ({text}, ctx {args.ctx}): FP {fp.ppl:.4f}, torch reference {q.ppl:.4f}, onnxruntime {o.ppl:.4f}")
-    print(f"run it:      baseq-export run {path} --prompt \"def fibonacci(n):\"")
-    print(f"measure it:  baseq-export eval {path}")
+    print_run_commands(path)
     return 0
 
 
-def export(artifact, fmt: str, out: str, force: bool):
+def print_run_commands(path) -> None:
+    print(f"run it:      baseq-export run {path} --prompt \"def fibonacci(n):\"")
+    print(f"   or with onnxruntime-genai: baseq-export run {path} --backend onnxruntime-genai --prompt \"def fibonacci(n):\"")
+    print(f"measure it:  baseq-export eval {path}")
+
+
+def export(artifact, fmt: str, out: str, force: bool, ops: str = "auto"):
     """Export an artifact; returns the export directory."""
     if fmt != "onnx":
         raise NotImplementedError(f"the {fmt} exporter is not built yet in this version")
     from .export.onnx import export_onnx
 
     t0 = time.time()
-    path = export_onnx(artifact, out, force=force)
+    path = export_onnx(artifact, out, force=force, ops=ops)
     print(f"exported {artifact} to {path} in {time.time() - t0:.1f} s", file=sys.stderr)
     return path
 
@@ -288,10 +303,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     fmt = getattr(args, "format", "onnx")
     out = getattr(args, "out", None) or str(Path(args.artifact).with_suffix("")) + f"-{fmt}"
-    path = export(args.artifact, fmt, out, getattr(args, "force", False))
+    path = export(args.artifact, fmt, out, getattr(args, "force", False), getattr(args, "ops", "auto"))
     print(f"wrote {path}")
-    print(f"measure it: baseq-export eval {path}")
-    print(f"run it:     baseq-export run {path} --prompt \"def fibonacci(n):\"")
+    print_run_commands(path)
     return 0
 
 
@@ -362,6 +376,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"baseq-export: {e}.", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, FileExistsError) as e:  # our loaders raise these with user-facing messages
+        print(f"baseq-export: error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        from .runtime_ops import BuildError
+
+        if not isinstance(e, BuildError):
+            raise
         print(f"baseq-export: error: {e}", file=sys.stderr)
         return 1
 

@@ -1,3 +1,4 @@
+import json
 import re
 import subprocess
 import sys
@@ -169,12 +170,16 @@ def test_export_eval_and_run_onnx(tmp_path, capsys):
     assert main(["quantize", "--model", str(ckpt), "--calib-text", str(text), "--nsamples", "4",
                  "--calib-ctx", "16", "--out", str(art)]) == 0
     assert main(["export", str(art), "--out", str(tmp_path / "onnx")]) == 0
-    capsys.readouterr()
+    assert main(["export", str(art), "--out", str(tmp_path / "onnx-std"), "--ops", "standard"]) == 0
+    assert "--backend onnxruntime-genai" in capsys.readouterr().out
+    for path, ops in ((tmp_path / "onnx", "custom"), (tmp_path / "onnx-std", "standard")):
+        assert json.loads((path / "manifest.json").read_text())["ops"] == ops
     ppl = {}
-    for path in (art, tmp_path / "onnx"):
+    for path in (art, tmp_path / "onnx", tmp_path / "onnx-std"):
         assert main(["eval", str(path), "--eval-text", str(text), "--ctx", "16"]) == 0
         ppl[path] = float(re.search(r"perplexity ([\d.]+) on", capsys.readouterr().out).group(1))
     assert abs(ppl[art] / ppl[tmp_path / "onnx"] - 1) < 0.005
+    assert abs(ppl[art] / ppl[tmp_path / "onnx-std"] - 1) < 0.005
     # greedy decoding: torch reference and onnxruntime give the same tokens
     prompt = [3, 5, 7, 2, 9]
     ref = greedy_tokens(torch_stepper(reference_model(load_artifact(art))), prompt, 12)

@@ -1,3 +1,6 @@
+import importlib.util
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -99,12 +102,17 @@ ARTIFACTS = {
 @pytest.mark.parametrize("arch, dims", [("llama", {}), ("qwen2", {"hidden_size": 96, "intermediate_size": 160}),
                                         ("mistral", {"sliding_window": 6})])
 @pytest.mark.parametrize("kind", list(ARTIFACTS))
-def test_exported_model_matches_reference_forward(tmp_path, arch, dims, kind):
+@pytest.mark.parametrize("ops", ["custom", "standard"])
+def test_exported_model_matches_reference_forward(tmp_path, arch, dims, kind, ops):
     m = from_hf_model(tiny_hf_model(arch, dtype=torch.float32, **dims))
     calib = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))
     art = ARTIFACTS[kind](m, calib)
-    out = export_onnx(save_artifact(tmp_path / "m.baseq", art), tmp_path / "onnx")
+    out = export_onnx(save_artifact(tmp_path / "m.baseq", art), tmp_path / "onnx", ops=ops)
     onnx.checker.check_model(str(out / "model.onnx"))
+    domains = {n.domain for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
+    online = art.quant["a_bits"] is not None
+    assert ("baseq" in domains) == (ops == "custom" and online)  # W4A16 RTN has no online part
+    assert (out / "libbaseq_ops.so").is_file() == (ops == "custom")
     assert (out / "model.onnx.data").is_file()
     om = OnnxModel(out, threads=1)
     ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))
@@ -135,12 +143,16 @@ def test_export_refuses_to_clobber(tmp_path):
     assert (mine / "keep.txt").read_text() == "x"
 
 
-def test_onnxruntime_genai_runs_the_export(tmp_path):
+@pytest.mark.parametrize("ops", ["custom", "standard"])
+def test_onnxruntime_genai_runs_the_export(tmp_path, ops):
     og = pytest.importorskip("onnxruntime_genai", reason="install the [genai] extra")
     m = from_hf_model(tiny_hf_model("qwen2", dtype=torch.float32))
     calib = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))
     art = calibrate_baseq(m, QuantSettings(bits="w4a4kv4"), BaseqSettings(nsamples=8, calib_ctx=16, epochs=1), calib)
-    out = export_onnx(save_artifact(tmp_path / "m.baseq", art), tmp_path / "onnx")
+    out = export_onnx(save_artifact(tmp_path / "m.baseq", art), tmp_path / "onnx", ops=ops)
+    config = json.loads((out / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["session_options"].get("custom_ops_library") == (
+        "libbaseq_ops.so" if ops == "custom" else None)
     model = og.Model(str(out))
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=14, do_sample=False)
@@ -184,19 +196,21 @@ def test_default_model_onnx_parity(default_model, tmp_path, kind):
         calib = data.calibration_windows(data.tokenize(tok, data.embedded_text("calib")), 4, 128, seed=0)
         art = calibrate_baseq(default_model, QuantSettings(bits="w4a4kv4"), BaseqSettings(nsamples=4, calib_ctx=128, epochs=1), calib)
     path = save_artifact(tmp_path / "m.baseq", art, write_extra=lambda d: tok.save_pretrained(str(d)))
-    out = export_onnx(path, tmp_path / "onnx")
     ref = reference_model(art)
-    om = OnnxModel(out)
     windows = data.token_windows(data.tokenize(tok, data.embedded_text("eval")), 512, 4)
-    p_ref, p_ort = perplexity(ref.logits, windows).ppl, perplexity(om.logits, windows).ppl
+    p_ref = perplexity(ref.logits, windows).ppl
     prompt = tok("def fibonacci(n):\n    ", add_special_tokens=False)["input_ids"]
-    ort_tokens = greedy_tokens(onnx_stepper(om), prompt, 32)
     torch_tokens = greedy_tokens(torch_stepper(ref), prompt, 32)
-    print(kind, "ppl torch", p_ref, "ort", p_ort, "tokens equal", ort_tokens == torch_tokens)
-    if kind == "w4a16-rtn":
-        assert abs(p_ort / p_ref - 1) < 0.005, (p_ort, p_ref)
-        assert ort_tokens == torch_tokens
-    else:
-        assert abs(p_ort / p_ref - 1) < 0.05, (p_ort, p_ref)
-    pytest.importorskip("onnxruntime_genai")
-    assert list(genai_stream(out, prompt, 32)) == ort_tokens
+    for ops in ("custom", "standard"):
+        out = export_onnx(path, tmp_path / f"onnx-{ops}", ops=ops)
+        om = OnnxModel(out)
+        p_ort = perplexity(om.logits, windows).ppl
+        ort_tokens = greedy_tokens(onnx_stepper(om), prompt, 32)
+        print(kind, ops, "ppl torch", p_ref, "ort", p_ort, "tokens equal", ort_tokens == torch_tokens)
+        if kind == "w4a16-rtn":
+            assert abs(p_ort / p_ref - 1) < 0.005, (ops, p_ort, p_ref)
+            assert ort_tokens == torch_tokens
+        else:
+            assert abs(p_ort / p_ref - 1) < 0.05, (ops, p_ort, p_ref)
+        if importlib.util.find_spec("onnxruntime_genai"):
+            assert list(genai_stream(out, prompt, 32)) == ort_tokens

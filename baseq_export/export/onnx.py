@@ -22,11 +22,13 @@ from onnx import TensorProto, helper
 
 from ..models.base import ModelConfig, linear_in_features, rope_tables
 from ..qmodel import Artifact, linear_from_tensors, load_artifact, replace_dir
-from .onnx_graph import MS_DOMAIN, Graph, emit_fake_quant, emit_hadamard, emit_rms_norm, matmul_nbits_inputs
+from .onnx_graph import (MS_DOMAIN, OPS_DOMAIN, Graph, emit_fake_quant, emit_hadamard, emit_hadamard_op,
+                         emit_quant_dequant_op, emit_rms_norm, matmul_nbits_inputs)
 
 OPSET = 18
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+OPS_CHOICES = ("custom", "standard")
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -36,8 +38,8 @@ def _np(t: torch.Tensor) -> np.ndarray:
 class _Ctx:
     """What the per-layer emitters need: the graph, config, artifact tensors and quant settings."""
 
-    def __init__(self, g: Graph, cfg: ModelConfig, art: Artifact):
-        self.g, self.cfg, self.art, self.t = g, cfg, art, art.tensors
+    def __init__(self, g: Graph, cfg: ModelConfig, art: Artifact, ops: str):
+        self.g, self.cfg, self.art, self.t, self.custom = g, cfg, art, art.tensors, ops == "custom"
         rot = art.quant.get("rotation") or {}
         self.r3, self.r4 = bool(rot.get("r3")), bool(rot.get("r4"))
         self.a_bits, self.kv_bits = art.quant.get("a_bits"), art.quant.get("kv_bits")
@@ -49,12 +51,20 @@ class _Ctx:
         return self.g.init(name, _np(self.t[name].to(torch.float32)))
 
 
+def hadamard(c: _Ctx, x: str, n: int) -> str:
+    return emit_hadamard_op(c.g, x, n) if c.custom else emit_hadamard(c.g, x, n)
+
+
 def emit_site(c: _Ctx, layer: int, site: str, x: str) -> str:
     """qmodel.QuantHooks.act: [R4] -> * gain -> - shift -> per-token fake quant."""
     g = c.g
     prefix = f"layers.{layer}.{site}"
     if c.r4 and site == "down_in":
-        x = emit_hadamard(g, x, c.cfg.intermediate_size)
+        x = hadamard(c, x, c.cfg.intermediate_size)
+    if c.custom and c.a_bits:
+        shift, gain = c.tensor(f"{prefix}.shift"), c.tensor(f"{prefix}.gain")
+        width = int(c.t[f"{prefix}.gain"].numel()) if gain is not None else None
+        return emit_quant_dequant_op(g, x, c.a_bits, c.tensor(f"{prefix}.clip"), shift, gain, width)
     if (gain := c.tensor(f"{prefix}.gain")) is not None:
         x = g.op("Mul", [x, gain])
     if (shift := c.tensor(f"{prefix}.shift")) is not None:
@@ -112,10 +122,11 @@ def emit_block(c: _Ctx, i: int, h: str, cos: str, sin: str, mask: str, past: tup
     v = emit_heads(g, emit_linear(c, i, "v", x), cfg.num_kv_heads, cfg.head_dim)
     q, k = emit_rope(g, q, cos, sin, cfg.head_dim), emit_rope(g, k, cos, sin, cfg.head_dim)
     if c.r3:
-        q, k = emit_hadamard(g, q, cfg.head_dim), emit_hadamard(g, k, cfg.head_dim)
+        q, k = hadamard(c, q, cfg.head_dim), hadamard(c, k, cfg.head_dim)
     if c.kv_bits:
-        k = emit_fake_quant(g, k, c.kv_bits, c.tensor(f"layers.{i}.k_cache.clip"))
-        v = emit_fake_quant(g, v, c.kv_bits, c.tensor(f"layers.{i}.v_cache.clip"))
+        fq = emit_quant_dequant_op if c.custom else emit_fake_quant
+        k = fq(g, k, c.kv_bits, c.tensor(f"layers.{i}.k_cache.clip"))
+        v = fq(g, v, c.kv_bits, c.tensor(f"layers.{i}.v_cache.clip"))
     k_all = g.op("Concat", [past[0], k], axis=2, hint=f"present.{i}.key")
     v_all = g.op("Concat", [past[1], v], axis=2, hint=f"present.{i}.value")
     groups = cfg.num_heads // cfg.num_kv_heads
@@ -156,11 +167,14 @@ def emit_positions_and_mask(g: Graph, cfg: ModelConfig, ids: str, past_key: str,
     return positions, mask
 
 
-def build_model(art: Artifact, max_length: int = 2048) -> onnx.ModelProto:
-    """The ONNX model of an artifact (standard ops + MatMulNBits)."""
+def build_model(art: Artifact, max_length: int = 2048, ops: str = "standard") -> onnx.ModelProto:
+    """The ONNX model of an artifact: MatMulNBits linears; online parts as our baseq ops (`ops="custom"`)
+    or as standard ONNX ops (`ops="standard"`)."""
+    if ops not in OPS_CHOICES:
+        raise ValueError(f"ops must be one of {OPS_CHOICES}, got {ops!r}")
     cfg = ModelConfig.from_dict(art.model)
     g = Graph()
-    c = _Ctx(g, cfg, art)
+    c = _Ctx(g, cfg, art, ops)
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_seq"])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", cfg.vocab_size])]
@@ -185,14 +199,40 @@ def build_model(art: Artifact, max_length: int = 2048) -> onnx.ModelProto:
     logits = g.op("MatMul", [h, g.init("lm_head.T", _np(head.to(torch.float32).T.contiguous()))])
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
     graph = helper.make_graph(g.nodes, "baseq", inputs, outputs, g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
-                              producer_name="baseq-export")
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
+    if any(n.domain == OPS_DOMAIN for n in g.nodes):
+        opsets.append(helper.make_opsetid(OPS_DOMAIN, 1))
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="baseq-export")
     model.ir_version = 9
     return model
 
 
-def export_onnx(artifact: str | Path, out: str | Path, force: bool = False, max_length: int = 2048) -> Path:
-    """Write model.onnx (+ model.onnx.data), the tokenizer and a manifest to `out`, atomically."""
+def resolve_ops(ops: str) -> tuple[str, Path | None]:
+    """("custom", library) or ("standard", None) for --ops custom|standard|auto.
+
+    auto: our custom ops when the library builds here, else standard ops with a warning saying why.
+    """
+    from ..runtime_ops import BuildError, library_path
+
+    if ops == "standard":
+        return "standard", None
+    if ops not in ("custom", "auto"):
+        raise ValueError(f"--ops must be custom, standard or auto, got {ops!r}")
+    try:
+        return "custom", library_path()
+    except BuildError as e:
+        if ops == "custom":
+            raise
+        import warnings
+
+        warnings.warn(f"custom ops unavailable, exporting with standard ONNX ops instead: {e}")
+        return "standard", None
+
+
+def export_onnx(artifact: str | Path, out: str | Path, force: bool = False, max_length: int = 2048,
+                ops: str = "auto") -> Path:
+    """Write model.onnx (+ model.onnx.data), the tokenizer, genai_config.json, a manifest and, with
+    custom ops, a copy of our op library to `out`, atomically."""
     artifact, out = Path(artifact), Path(out).expanduser()
     art = load_artifact(artifact)
     if out.exists():
@@ -200,19 +240,24 @@ def export_onnx(artifact: str | Path, out: str | Path, force: bool = False, max_
             raise FileExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
         if not (out / "manifest.json").is_file():
             raise FileExistsError(f"{out} exists and is not a baseq ONNX export; refusing to replace it")
-    model = build_model(art, max_length)
+    ops, library = resolve_ops(ops)
+    model = build_model(art, max_length, ops)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         onnx.save_model(model, str(tmp / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=DATA_FILE, size_threshold=1024)
         onnx.checker.check_model(str(tmp / MODEL_FILE))
+        files = [MODEL_FILE, DATA_FILE]
+        if library is not None:
+            shutil.copy2(library, tmp / library.name)
+            files.append(library.name)
         for f in artifact.iterdir():
             if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "chat_template.jinja"):
                 shutil.copy2(f, tmp / f.name)
-        write_genai_config(tmp, cfg_of(art), art, max_length)
+        write_genai_config(tmp, cfg_of(art), art, max_length, library.name if library is not None else None)
         manifest = {"format": "baseq-onnx", "artifact": str(artifact.resolve()), "quant": art.quant, "model": art.model,
-                    "max_length": max_length, "ops": "standard", "files": [MODEL_FILE, DATA_FILE]}
+                    "max_length": max_length, "ops": ops, "files": files}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         replace_dir(tmp, out)
     except BaseException:
@@ -228,8 +273,9 @@ def cfg_of(art: Artifact) -> ModelConfig:
 GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 
 
-def write_genai_config(out: Path, cfg: ModelConfig, art: Artifact, max_length: int) -> None:
-    """genai_config.json for onnxruntime-genai: our input/output names, a growing (not shared) KV buffer."""
+def write_genai_config(out: Path, cfg: ModelConfig, art: Artifact, max_length: int, ops_library: str | None = None) -> None:
+    """genai_config.json for onnxruntime-genai: our input/output names, a growing (not shared) KV buffer,
+    and our op library (a file inside the export: genai refuses paths outside the model folder)."""
     eos = art.source.get("eos_token_id")
     if eos is None:
         import warnings
@@ -245,7 +291,8 @@ def write_genai_config(out: Path, cfg: ModelConfig, art: Artifact, max_length: i
             "type": GENAI_TYPES[cfg.arch],
             "vocab_size": cfg.vocab_size,
             "decoder": {
-                "session_options": {"log_id": "baseq-export", "provider_options": []},
+                "session_options": {"log_id": "baseq-export", "provider_options": [],
+                                    **({"custom_ops_library": ops_library} if ops_library else {})},
                 "filename": MODEL_FILE,
                 "head_size": cfg.head_dim,
                 "hidden_size": cfg.hidden_size,
@@ -277,6 +324,12 @@ class OnnxModel:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        if manifest.get("ops") == "custom":
+            libs = [f for f in manifest["files"] if f.endswith(".so")]
+            if not libs or not (path / libs[0]).is_file():
+                raise FileNotFoundError(f"{path} was exported with custom ops but its op library is missing; "
+                                        "re-export it (or export with --ops standard)")
+            opts.register_custom_ops_library(str((path / libs[0]).resolve()))
         self.session = ort.InferenceSession(str(path / MODEL_FILE), opts, providers=["CPUExecutionProvider"])
 
     def empty_cache(self, batch: int) -> dict[str, np.ndarray]:

@@ -62,6 +62,9 @@ def emit_fake_quant(g: Graph, x: str, bits: int, clip: str) -> str:
     xmax = g.op("ReduceMax", [x, axes], keepdims=1)
     rng = g.op("Sub", [xmax, xmin])
     scale = g.op("Max", [g.op("Div", [g.op("Mul", [rng, clip]), g.const(qmax)]), g.const(1e-8)])
+    # onnxruntime's ReduceMin/Max skip NaN; torch's propagate it. sum(x * 0) is 0 for a finite token and
+    # NaN otherwise, so adding it makes a token holding NaN or Inf all NaN, as in torch (and exact otherwise).
+    scale = g.op("Add", [scale, g.op("ReduceSum", [g.op("Mul", [x, g.const(0.0)]), axes], keepdims=1)])
     mid = g.op("Mul", [g.op("Add", [xmax, xmin]), g.const(0.5)])
     lo = g.op("Sub", [mid, g.op("Mul", [g.op("Mul", [rng, g.const(0.5)]), clip])])
     zero = g.op("Round", [g.op("Div", [g.op("Neg", [lo]), scale])])
@@ -112,3 +115,30 @@ def matmul_nbits_inputs(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, 
         zero = np.concatenate([zero, np.zeros((n, 1), np.uint8)], axis=1)
     zp = (zero[:, 0::2] | (zero[:, 1::2] << 4)).astype(np.uint8)
     return {"B": b, "scales": scale.astype(np.float32), "zero_points": zp}, block
+
+
+# ------------------------------------------------------------------ our custom ops (domain "baseq")
+
+OPS_DOMAIN = "baseq"
+
+
+def emit_hadamard_op(g: Graph, x: str, n: int) -> str:
+    """x @ H along the last axis as one baseq.Hadamard node (butterflies + the small dense factor)."""
+    from ..hadamard import plan_hadamard
+
+    plan = plan_hadamard(n)
+    inputs = [x] if plan.small is None else [x, g.const(plan.small.numpy())]
+    return g.op("Hadamard", inputs, domain=OPS_DOMAIN, blocks=plan.blocks, size=n)
+
+
+def emit_quant_dequant_op(g: Graph, x: str, bits: int, clip: str, shift: str | None = None, gain: str | None = None,
+                          width: int | None = None) -> str:
+    """fq(x * gain - shift) per token as one baseq.QuantDequant node (a gain without a shift gets zeros)."""
+    inputs = [x, clip]
+    if gain is not None and shift is None:
+        shift = g.const(np.zeros(width, np.float32))
+    if shift is not None:
+        inputs.append(shift)
+    if gain is not None:
+        inputs.append(gain)
+    return g.op("QuantDequant", inputs, domain=OPS_DOMAIN, bits=bits)

@@ -1,0 +1,266 @@
+// baseq-export's onnxruntime custom ops (domain "baseq"), built by baseq_export/runtime_ops/__init__.py.
+//
+//   Hadamard(X[..., n], S[m, m]?) -> Y            attributes blocks (default 1), size (n; 0 = any)
+//       Y = X @ H along the last axis, H = block_diag(blocks x kron(S, Sylvester(p) / sqrt(p))),
+//       n = blocks * m * p, p a power of two; the same recipe and float32 operation order as
+//       baseq_export.hadamard.apply_hadamard (scale, butterflies, then S^T times the [m, p] block).
+//   QuantDequant(X[..., n], clip, shift[n]?, gain[n]?) -> Y     attribute bits (1..8)
+//       per-row asymmetric fake quant of x' = x * gain - shift, exactly the float32 recipe of
+//       baseq_export.quant.fake_quant_per_token (shift is not added back: the next linear's bias
+//       holds it). clip holds one value, or one per head (axis 1) for a rank-4 KV tensor.
+//
+// Bad shapes or attributes return an onnxruntime error; nothing here aborts the process.
+// Build flags keep float semantics exact: -ffp-contract=off, no -ffast-math.
+
+#define ORT_API_MANUAL_INIT
+#include "onnxruntime_cxx_api.h"
+#undef ORT_API_MANUAL_INIT
+#include "onnxruntime_lite_custom_op.h"
+
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace {
+
+using Ort::Custom::Tensor;
+
+constexpr float kScaleFloor = 1e-8f;     // quant.ACT_SCALE_EPS
+constexpr int64_t kParallelGrain = 1 << 15;  // elements per parallel task
+
+Ort::Status Error(const std::string& msg) { return Ort::Status(msg.c_str(), ORT_INVALID_ARGUMENT); }
+
+std::string ShapeStr(const std::vector<int64_t>& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+// Runs body(first_row, end_row) over `rows` rows of `width` elements, on onnxruntime's intra-op
+// threads when the work is large enough to pay for it.
+template <typename Body>
+void ForRows(OrtKernelContext* ctx, int64_t rows, int64_t width, Body body) {
+  int64_t per_task = std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(1, width));
+  int64_t tasks = (rows + per_task - 1) / per_task;
+  if (tasks <= 1) {
+    body(0, rows);
+    return;
+  }
+  struct Job {
+    Body* body;
+    int64_t rows, per_task;
+  } job{&body, rows, per_task};
+  auto run = [](void* data, size_t t) {
+    auto* j = static_cast<Job*>(data);
+    int64_t first = static_cast<int64_t>(t) * j->per_task;
+    (*j->body)(first, std::min(j->rows, first + j->per_task));
+  };
+  Ort::KernelContext(ctx).ParallelFor(run, static_cast<size_t>(tasks), 0, &job);
+}
+
+// ------------------------------------------------------------------------------------ Hadamard
+
+// In-place unnormalised Sylvester transform of p = 2^k values: log2(p) add/sub passes, pairing
+// index j with j + h inside chunks of 2h (the pairing of hadamard._butterfly).
+void Butterfly(float* y, int64_t p) {
+  for (int64_t h = 1; h < p; h *= 2) {
+    for (int64_t base = 0; base < p; base += 2 * h) {
+      float* a = y + base;
+      float* b = a + h;
+      for (int64_t t = 0; t < h; ++t) {
+        float u = a[t], v = b[t];
+        a[t] = u + v;
+        b[t] = u - v;
+      }
+    }
+  }
+}
+
+// An optional int attribute, or `fallback` when the node does not set it.
+int64_t IntAttribute(const OrtApi* api, const OrtKernelInfo* info, const char* name, int64_t fallback) {
+  int64_t value = fallback;
+  OrtStatus* st = api->KernelInfoGetAttribute_int64(info, name, &value);
+  if (st != nullptr) {
+    api->ReleaseStatus(st);
+    return fallback;
+  }
+  return value;
+}
+
+struct Hadamard {
+  int64_t blocks = 1;
+  int64_t size = 0;  // expected last dimension; 0 = any
+
+  Hadamard(const OrtApi* api, const OrtKernelInfo* info)
+      : blocks(IntAttribute(api, info, "blocks", 1)), size(IntAttribute(api, info, "size", 0)) {
+    if (blocks < 1) ORT_CXX_API_THROW("baseq.Hadamard: attribute blocks must be >= 1", ORT_INVALID_ARGUMENT);
+    if (size < 0) ORT_CXX_API_THROW("baseq.Hadamard: attribute size must be >= 0", ORT_INVALID_ARGUMENT);
+  }
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& x, std::optional<const Tensor<float>*> small,
+                      Tensor<float>& y) {
+    const auto& shape = x.Shape();
+    if (shape.empty()) return Error("baseq.Hadamard: input X must have rank >= 1, got a scalar");
+    int64_t n = shape.back();
+    if (size && n != size)
+      return Error("baseq.Hadamard: X " + ShapeStr(shape) + " has last dimension " + std::to_string(n) +
+                   ", the node transforms size " + std::to_string(size));
+    int64_t m = 1;
+    const float* s = nullptr;
+    if (small.has_value() && *small != nullptr) {
+      const auto& ss = (*small)->Shape();
+      if (ss.size() != 2 || ss[0] != ss[1] || ss[0] < 1)
+        return Error("baseq.Hadamard: input S must be a square [m, m] matrix, got " + ShapeStr(ss));
+      m = ss[0];
+      s = (*small)->Data();
+    }
+    if (n % (blocks * m) != 0)
+      return Error("baseq.Hadamard: last dimension " + std::to_string(n) + " of X " + ShapeStr(shape) +
+                   " is not blocks (" + std::to_string(blocks) + ") x m (" + std::to_string(m) + ") x a power of two");
+    int64_t p = n / (blocks * m);
+    if ((p & (p - 1)) != 0)
+      return Error("baseq.Hadamard: last dimension " + std::to_string(n) + " / (blocks x m) = " + std::to_string(p) +
+                   " is not a power of two");
+    float* out = y.Allocate(shape);
+    int64_t total = x.NumberOfElement();
+    if (total == 0) return Ort::Status{nullptr};
+    const float* in = x.Data();
+    const float norm = static_cast<float>(1.0 / std::sqrt(static_cast<double>(p)));
+    int64_t rows = total / n;
+    ForRows(ctx, rows, n, [&](int64_t first, int64_t end) {
+      std::vector<float> tmp(s ? m * p : 0);
+      for (int64_t r = first; r < end; ++r) {
+        for (int64_t b = 0; b < blocks; ++b) {
+          const float* src = in + r * n + b * m * p;
+          float* dst = out + r * n + b * m * p;
+          float* work = s ? tmp.data() : dst;
+          for (int64_t i = 0; i < m * p; ++i) work[i] = src[i] * norm;
+          for (int64_t i = 0; i < m; ++i) Butterfly(work + i * p, p);
+          if (s) {  // dst[i, :] = sum_k S[k, i] * work[k, :]
+            for (int64_t i = 0; i < m; ++i) {
+              float* d = dst + i * p;
+              for (int64_t j = 0; j < p; ++j) d[j] = 0.0f;
+              for (int64_t k = 0; k < m; ++k) {
+                const float c = s[k * m + i];
+                const float* w = work + k * p;
+                for (int64_t j = 0; j < p; ++j) d[j] += c * w[j];
+              }
+            }
+          }
+        }
+      }
+    });
+    return Ort::Status{nullptr};
+  }
+};
+
+// -------------------------------------------------------------------------------- QuantDequant
+
+struct QuantDequant {
+  int64_t bits = 0;
+
+  QuantDequant(const OrtApi* api, const OrtKernelInfo* info) : bits(IntAttribute(api, info, "bits", 0)) {
+    if (bits < 1 || bits > 8)
+      ORT_CXX_API_THROW("baseq.QuantDequant: attribute bits must be in 1..8, got " + std::to_string(bits),
+                        ORT_INVALID_ARGUMENT);
+  }
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<float>& clip,
+                      std::optional<const Tensor<float>*> shift, std::optional<const Tensor<float>*> gain,
+                      Tensor<float>& y) {
+    const auto& shape = x.Shape();
+    if (shape.empty()) return Error("baseq.QuantDequant: input X must have rank >= 1, got a scalar");
+    const int64_t n = shape.back();
+    const int64_t clips = clip.NumberOfElement();
+    int64_t heads = 0, per_head_rows = 1;
+    if (clips != 1) {
+      if (shape.size() != 4 || clips != shape[1])
+        return Error("baseq.QuantDequant: clip must hold 1 value, or one per head (axis 1) of a rank-4 X; got " +
+                     std::to_string(clips) + " values for X " + ShapeStr(shape));
+      heads = shape[1];
+      per_head_rows = shape[2];
+    }
+    const float* sh = nullptr;
+    const float* gn = nullptr;
+    for (int which = 0; which < 2; ++which) {
+      auto& opt = which ? gain : shift;
+      if (opt.has_value() && *opt != nullptr) {
+        const auto& vs = (*opt)->Shape();
+        if ((*opt)->NumberOfElement() != n || vs.empty() || vs.back() != n)
+          return Error(std::string("baseq.QuantDequant: ") + (which ? "gain" : "shift") + " must have " +
+                       std::to_string(n) + " values (the last dimension of X), got " + ShapeStr(vs));
+        (which ? gn : sh) = (*opt)->Data();
+      }
+    }
+    float* out = y.Allocate(shape);
+    const int64_t total = x.NumberOfElement();
+    if (total == 0) return Ort::Status{nullptr};
+    if (n == 0) return Ort::Status{nullptr};
+    const float* in = x.Data();
+    const float* cl = clip.Data();
+    const float qmax = static_cast<float>((1 << bits) - 1);
+    ForRows(ctx, total / n, n, [&](int64_t first, int64_t end) {
+      std::vector<float> buf(n);
+      for (int64_t r = first; r < end; ++r) {
+        const float* src = in + r * n;
+        float* dst = out + r * n;
+        const float c = heads ? cl[(r / per_head_rows) % heads] : cl[0];
+        float lo_v = INFINITY, hi_v = -INFINITY;
+        bool nan = false;
+        for (int64_t i = 0; i < n; ++i) {
+          float v = src[i];
+          if (gn) v = v * gn[i];
+          if (sh) v = v - sh[i];
+          buf[i] = v;
+          nan |= std::isnan(v);
+          lo_v = v < lo_v ? v : lo_v;
+          hi_v = v > hi_v ? v : hi_v;
+        }
+        if (nan) lo_v = hi_v = NAN;  // torch.amin/amax propagate NaN
+        const float rng = hi_v - lo_v;
+        float scale = (rng * c) / qmax;
+        scale = scale < kScaleFloor ? kScaleFloor : scale;  // NaN stays NaN, as torch.clamp
+        const float lo = (hi_v + lo_v) * 0.5f - (rng * 0.5f) * c;
+        const float zero = std::nearbyint(-lo / scale);  // half to even in the default rounding mode
+        for (int64_t i = 0; i < n; ++i) {
+          float q = std::nearbyint(buf[i] / scale) + zero;
+          q = q < 0.0f ? 0.0f : (q > qmax ? qmax : q);  // NaN passes through, as torch.clamp
+          dst[i] = (q - zero) * scale;
+        }
+      }
+    });
+    return Ort::Status{nullptr};
+  }
+};
+
+std::once_flag g_once;
+std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>> g_ops;
+Ort::CustomOpDomain* g_domain = nullptr;
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
+RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr)  // onnxruntime older than the headers we were built with: report it with the oldest API
+    return api_base->GetApi(1)->CreateStatus(ORT_FAIL, "baseq custom ops: this onnxruntime is older than the headers "
+                                             "the library was built with; upgrade onnxruntime");
+  Ort::InitApi(api);
+  try {
+    std::call_once(g_once, [] {
+      g_domain = new Ort::CustomOpDomain("baseq");  // lives as long as the process: sessions keep pointers to it
+      g_ops.emplace_back(Ort::Custom::CreateLiteCustomOp<Hadamard>("Hadamard", "CPUExecutionProvider"));
+      g_ops.emplace_back(Ort::Custom::CreateLiteCustomOp<QuantDequant>("QuantDequant", "CPUExecutionProvider"));
+      for (auto& op : g_ops) g_domain->Add(op.get());
+    });
+    Ort::UnownedSessionOptions(options).Add(*g_domain);
+  } catch (const Ort::Exception& e) {
+    return api->CreateStatus(e.GetOrtErrorCode(), e.what());
+  } catch (const std::exception& e) {
+    return api->CreateStatus(ORT_FAIL, e.what());
+  }
+  return nullptr;
+}

@@ -1,0 +1,183 @@
+"""The online ops (Hadamard, per-token quant-dequant) in onnxruntime, as our C++ custom ops and as
+standard-op subgraphs, against independent numpy references; bad inputs give onnxruntime errors."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from baseq_export import runtime_ops
+from baseq_export.export.onnx_graph import (MS_DOMAIN, OPS_DOMAIN, Graph, emit_fake_quant, emit_hadamard,
+                                            emit_hadamard_op, emit_quant_dequant_op)
+from baseq_export.hadamard import hadamard_matrix
+
+IMPLS = ["custom", "standard"]
+
+
+def session(build, input_names=("x",), custom: bool = True):
+    """An onnxruntime session for the one-output graph `build(g)` with float inputs `input_names`."""
+    g = Graph()
+    out = build(g)
+    g.nodes.append(helper.make_node("Identity", [out], ["y"]))
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in input_names]
+    graph = helper.make_graph(g.nodes, "t", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], g.inits)
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid(MS_DOMAIN, 1), helper.make_opsetid(OPS_DOMAIN, 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 9
+    opts = runtime_ops.session_options() if custom else ort.SessionOptions()
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def np_fake_quant(x, bits, clip, shift=None, gain=None):
+    """Numpy float32 reference of the per-token quantizer (quant.fake_quant_per_token's recipe):
+    x' = x*gain - shift; scale = max(range*clip/qmax, 1e-8); zero = round(-lo/scale) with lo the
+    clipped range's bottom; q = clamp(round(x'/scale) + zero, 0, qmax); out = (q - zero) * scale.
+    A token holding NaN or Inf comes out all NaN (min/max propagate NaN)."""
+    f = np.float32
+    x = x.astype(f)
+    if gain is not None:
+        x = x * gain.astype(f)
+    if shift is not None:
+        x = x - shift.astype(f)
+    clip = np.asarray(clip, f)
+    qmax = f(2**bits - 1)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        xmin, xmax = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
+        rng = xmax - xmin
+        scale = (rng * clip) / qmax
+        scale = np.where(scale < f(1e-8), f(1e-8), scale)
+        lo = (xmax + xmin) * f(0.5) - (rng * f(0.5)) * clip
+        zero = np.round(-lo / scale)
+        q = np.round(x / scale) + zero
+        q = np.where(q < 0, f(0), np.where(q > qmax, qmax, q))
+        return ((q - zero) * scale).astype(f)
+
+
+def hadamard_graph(impl, n):
+    return session(lambda g: emit_hadamard_op(g, "x", n) if impl == "custom" else emit_hadamard(g, "x", n),
+                   custom=impl == "custom")
+
+
+def quant_graph(impl, bits, clip, shift=None, gain=None):
+    def build(g):
+        c = g.init("clip", np.asarray(clip, np.float32))
+        s = g.init("shift", shift) if shift is not None else None
+        w = g.init("gain", gain) if gain is not None else None
+        if impl == "custom":
+            return emit_quant_dequant_op(g, "x", bits, c, s, w, None if gain is None else gain.shape[-1])
+        x = g.op("Mul", ["x", w]) if w else "x"
+        x = g.op("Sub", [x, s]) if s else x
+        return emit_fake_quant(g, x, bits, c)
+
+    return session(build, custom=impl == "custom")
+
+
+@pytest.mark.filterwarnings("ignore:no exact Hadamard")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", [(1, 1, 576), (2, 3, 896), (1, 2, 1536), (1, 2, 4864), (1, 2, 11008), (2, 3, 3776),
+                                   (2, 9, 5, 64), (1, 4, 3, 128)])
+def test_hadamard_matches_dense_numpy(impl, shape):
+    n = shape[-1]
+    x = np.random.default_rng(n).standard_normal(shape).astype(np.float32)
+    got = hadamard_graph(impl, n).run(None, {"x": x})[0]
+    ref = x.astype(np.float64) @ hadamard_matrix(n).numpy()
+    assert got.shape == shape
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_hadamard_zero_size_nan_inf(impl):
+    sess = hadamard_graph(impl, 64)
+    for shape in [(0, 64), (2, 0, 64), (0, 3, 0, 64)]:
+        assert sess.run(None, {"x": np.zeros(shape, np.float32)})[0].shape == shape
+    x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    x[0, 5], x[1, 9] = np.nan, np.inf
+    got = sess.run(None, {"x": x})[0]
+    with np.errstate(invalid="ignore"):
+        ref = x.astype(np.float64) @ hadamard_matrix(64).numpy()
+    assert np.isnan(got[0]).all() and np.isinf(got[1]).all()
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=2e-5)  # NaN == NaN, inf signs equal
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", [(1, 1, 576), (2, 7, 896), (3, 5, 1536), (1, 2, 4864), (1, 3, 11008), (2, 4, 64)])
+@pytest.mark.parametrize("bits, clip", [(4, 0.88), (8, 1.0)])
+def test_quant_dequant_matches_numpy(impl, shape, bits, clip):
+    rng = np.random.default_rng(shape[-1] + bits)
+    x = (rng.standard_normal(shape) * 3 + 0.5).astype(np.float32)
+    x[..., 0] = 40.0  # outlier channel
+    n = shape[-1]
+    shift = rng.standard_normal(n).astype(np.float32)
+    gain = (rng.random(n) + 0.5).astype(np.float32)
+    for s, w in [(None, None), (shift, None), (shift, gain), (None, gain)]:
+        got = quant_graph(impl, bits, [clip], s, w).run(None, {"x": x})[0]
+        np.testing.assert_array_equal(got, np_fake_quant(x, bits, clip, s, w))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("heads, head_dim", [(3, 64), (2, 128)])
+def test_kv_quant_per_head_clip(impl, heads, head_dim):
+    x = np.random.default_rng(heads).standard_normal((2, heads, 5, head_dim)).astype(np.float32)
+    x[0, 1, 2] = 1.5  # a constant token: scale hits the floor, output == input
+    clip = np.linspace(0.7, 1.0, heads).astype(np.float32).reshape(heads, 1, 1)
+    got = quant_graph(impl, 4, clip).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, np_fake_quant(x, 4, clip))
+    np.testing.assert_array_equal(got[0, 1, 2], x[0, 1, 2])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_quant_dequant_zero_size_nan_inf(impl):
+    sess = quant_graph(impl, 4, [0.9])
+    for shape in [(0, 576), (2, 0, 576), (1, 3, 0, 64)]:
+        assert sess.run(None, {"x": np.zeros(shape, np.float32)})[0].shape == shape
+    x = np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32)
+    x[0, 3], x[1, 5], x[2, 7] = np.nan, np.inf, -np.inf
+    got = sess.run(None, {"x": x})[0]
+    ref = np_fake_quant(x, 4, 0.9)
+    assert np.isnan(ref[:3]).all() and np.isfinite(ref[3]).all()
+    np.testing.assert_array_equal(got, ref)
+
+
+def run_error(sess, feeds) -> str:
+    with pytest.raises(Exception) as info:
+        sess.run(None, feeds)
+    return str(info.value)
+
+
+def test_custom_ops_reject_bad_inputs():
+    qd = session(lambda g: g.op("QuantDequant", ["x", "clip"], domain=OPS_DOMAIN, bits=4), ("x", "clip"))
+    x = np.ones((2, 3, 576), np.float32)
+    assert "one per head" in run_error(qd, {"x": x, "clip": np.ones(3, np.float32)})
+    assert "rank >= 1" in run_error(qd, {"x": np.array(1.0, np.float32), "clip": np.ones(1, np.float32)})
+    qds = session(lambda g: g.op("QuantDequant", ["x", "clip", "shift"], domain=OPS_DOMAIN, bits=4), ("x", "clip", "shift"))
+    assert "shift must have 576" in run_error(qds, {"x": x, "clip": np.ones(1, np.float32), "shift": np.ones(5, np.float32)})
+    had = session(lambda g: emit_hadamard_op(g, "x", 1536))
+    assert "size 1536" in run_error(had, {"x": np.ones((2, 1024), np.float32)})
+    hs = session(lambda g: g.op("Hadamard", ["x", "s"], domain=OPS_DOMAIN), ("x", "s"))
+    assert "square" in run_error(hs, {"x": x, "s": np.ones((3, 4), np.float32)})
+    assert "power of two" in run_error(hs, {"x": np.ones((2, 36), np.float32), "s": np.ones((3, 3), np.float32)})
+    with pytest.raises(Exception):  # wrong dtype: refused by onnxruntime at run time
+        had.run(None, {"x": np.ones((2, 1536), np.float64)})
+    for attrs in [{"bits": 0}, {"bits": 9}, {}]:  # bad attributes: refused when the session is made
+        with pytest.raises(Exception, match="bits must be in 1..8"):
+            session(lambda g: g.op("QuantDequant", ["x", "clip"], domain=OPS_DOMAIN, **attrs), ("x", "clip"))
+    with pytest.raises(Exception, match="blocks must be >= 1"):
+        session(lambda g: g.op("Hadamard", ["x"], domain=OPS_DOMAIN, blocks=0))
+    assert had.run(None, {"x": np.ones((1, 1536), np.float32)})[0].shape == (1, 1536)  # the process and session live on
+
+
+def test_library_is_cached_and_honours_ort_include_dir(tmp_path):
+    lib = runtime_ops.library_path()
+    assert lib.is_file() and runtime_ops.library_path() == lib  # built once, then found
+    env = {**os.environ, "ORT_INCLUDE_DIR": str(tmp_path)}
+    code = "from baseq_export.runtime_ops import include_dir; include_dir()"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and f"ORT_INCLUDE_DIR={tmp_path} does not contain" in proc.stderr
+    env = {**os.environ, "ORT_INCLUDE_DIR": str(runtime_ops.include_dir())}
+    code = "from baseq_export.runtime_ops import library_path; print(library_path())"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == str(lib)
