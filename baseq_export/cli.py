@@ -49,6 +49,8 @@ def add_quant_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
     p.add_argument("--nsamples", type=int, default=_default(None, sub), help="calibration windows (default: the preset's; 128 for GPTQ)")
     p.add_argument("--calib-ctx", type=int, default=_default(None, sub), help="tokens per calibration window (default: the preset's; 512 for GPTQ)")
     p.add_argument("--seed", type=int, default=_default(0, sub), help="seed for calibration sampling and the random rotation")
+    p.add_argument("--head-bits", type=int, choices=(4, 16), default=_default(16, sub),
+                   help="embedding and lm_head: 16 = float (default), 4 = 4-bit groups of 32 (smaller, faster, less accurate)")
     p.add_argument("--force", action="store_true", default=_default(False, sub), help="replace an existing artifact at --out")
 
 
@@ -212,7 +214,7 @@ def quantize(args: argparse.Namespace, out: str, model=None):
 
     method = args.method
     settings = QuantSettings(method="quarot-gptq" if method == "baseq" else method, bits=args.bits,
-                             group_size=args.group_size, seed=args.seed)
+                             group_size=args.group_size, seed=args.seed, head_bits=args.head_bits)
     check_writable(out, args.force)  # fail before the long work, not after it
     t0 = time.time()
     m = model or load_model(args.model)
@@ -260,7 +262,9 @@ def cmd_main_job(args: argparse.Namespace) -> int:
     model, fp = evaluate_fp(args)
     if is_artifact(artifact) and not args.force:
         quant = read_config(artifact)["quant"]
-        if (quant.get("method"), quant.get("bits"), (quant.get("baseq") or {}).get("name", args.preset)) != (args.method, args.bits, args.preset):
+        head_bits = 16 if quant.get("embed", "float") == "float" else 4
+        if (quant.get("method"), quant.get("bits"), (quant.get("baseq") or {}).get("name", args.preset), head_bits) != (
+                args.method, args.bits, args.preset, args.head_bits):
             raise ValueError(f"{artifact} holds another quantization ({quant.get('method')} {quant.get('bits')}); "
                              "pass --force to replace it or --out to write elsewhere")
         print(f"reusing the finished artifact {artifact} (pass --force to calibrate again)", file=sys.stderr)

@@ -22,6 +22,10 @@ from .rotate import RotationHooks, rotate_model
 METHODS = ("rtn", "quarot-rtn", "quarot-gptq")
 
 
+HEAD_GROUP_SIZE = 32
+"""Group size of a 4-bit embedding / lm_head: onnxruntime's GatherBlockQuantized and MatMulNBits blocks."""
+
+
 @dataclass(frozen=True)
 class QuantSettings:
     """Everything that decides the numbers of a quantized model (stored in the artifact)."""
@@ -35,6 +39,7 @@ class QuantSettings:
     seed: int = 0
     damp: float = 0.01
     act_order: bool = True
+    head_bits: int = 16  # embedding and lm_head: 16 = float, 4 = 4-bit groups of HEAD_GROUP_SIZE (RTN, MSE clip)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -43,6 +48,8 @@ class QuantSettings:
             raise ValueError(f"unknown bits {self.bits!r}; choose one of {', '.join(BITS_PRESETS)}")
         if self.group_size not in (None, 32, 64, 128):
             raise ValueError(f"group size must be per-channel (none) or 32, 64, 128; got {self.group_size}")
+        if self.head_bits not in (4, 16):
+            raise ValueError(f"head bits must be 4 or 16 (float), got {self.head_bits}")
 
     @property
     def rotated(self) -> bool:
@@ -54,7 +61,8 @@ class QuantSettings:
         return {
             "method": self.method, "bits": self.bits, "w_bits": w_bits, "a_bits": a_bits, "kv_bits": kv_bits,
             "group_size": self.group_size, "symmetric": self.symmetric, "rotation": rotation,
-            "lm_head": "float", "embed": "float",
+            "lm_head": "float" if self.head_bits == 16 else "int4", "embed": "float" if self.head_bits == 16 else "int4",
+            **({"head_group_size": HEAD_GROUP_SIZE} if self.head_bits == 4 else {}),
         }
 
 
@@ -144,7 +152,8 @@ def quantize_model(
 
 
 def float_tensors(cfg: ModelConfig, w: dict[str, torch.Tensor], s: QuantSettings, online: bool = True) -> dict[str, torch.Tensor]:
-    """Tensors kept in float (embeddings, head, norms, rope) and, if `online`, the fixed clip values."""
+    """Tensors outside the blocks (embeddings, head, norms, rope; embedding and head as 4-bit codes when
+    s.head_bits == 4) and, if `online`, the fixed clip values."""
     out = {}
     for name, t in w.items():
         if name.startswith("layers."):
@@ -152,6 +161,9 @@ def float_tensors(cfg: ModelConfig, w: dict[str, torch.Tensor], s: QuantSettings
                 out[name] = t
             continue
         if name == "lm_head" and cfg.tied_embeddings:
+            continue
+        if name in ("embed", "lm_head") and s.head_bits == 4:
+            out.update(linear_tensors(name, rtn_quantize(t.to(torch.float32), 4, HEAD_GROUP_SIZE, mse_clip_search=True), None))
             continue
         out[name] = t
     if not online:

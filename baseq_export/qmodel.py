@@ -195,6 +195,7 @@ def load_artifact(path: str | Path, map_location: str = "cpu") -> Artifact:
 
 BITS_PRESETS = {"w4a16": (4, None, None), "w4a8kv8": (4, 8, 8), "w4a4kv4": (4, 4, 4)}
 KV_SITES = ("k_cache", "v_cache")
+HEAD_TENSORS = ("embed", "lm_head")  # stored as float, or as 4-bit codes (quant["head_group_size"])
 
 
 def is_online_param(name: str) -> bool:
@@ -317,6 +318,10 @@ def reference_model(artifact: Artifact, dtype: torch.dtype = torch.float32) -> Q
         else:
             weights[name] = tensor.to(dtype)
     for prefix in quantized:
+        if prefix in HEAD_TENSORS:  # 4-bit embedding / lm_head: [vocab, hidden] in groups along hidden
+            qw = linear_from_tensors(prefix, t, cfg.hidden_size, artifact.quant["head_group_size"])
+            weights[prefix] = qw.dequantize().to(dtype)
+            continue
         in_features = linear_in_features(cfg, prefix.rsplit(".", 1)[-1])
         weights[f"{prefix}.weight"] = linear_from_tensors(prefix, t, in_features, group_size).dequantize().to(dtype)
     if cfg.tied_embeddings:

@@ -96,6 +96,7 @@ ARTIFACTS = {
     "w4a16-rtn": lambda m, ids: quantize_model(m, QuantSettings(method="rtn", bits="w4a16")),
     "w4a8kv8-quarot-gptq": lambda m, ids: quantize_model(m, QuantSettings(method="quarot-gptq", bits="w4a8kv8"), ids),
     "w4a4kv4-baseq": lambda m, ids: calibrate_baseq(m, QuantSettings(bits="w4a4kv4"), BaseqSettings(nsamples=8, calib_ctx=16, epochs=1), ids),
+    "w4a16-rtn-head4": lambda m, ids: quantize_model(m, QuantSettings(method="rtn", bits="w4a16", head_bits=4)),
 }
 
 
@@ -113,6 +114,8 @@ def test_exported_model_matches_reference_forward(tmp_path, arch, dims, kind, op
     online = art.quant["a_bits"] is not None
     assert ("baseq" in domains) == (ops == "custom" and online)  # W4A16 RTN has no online part
     assert (out / "libbaseq_ops.so").is_file() == (ops == "custom")
+    ops_used = {n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
+    assert ("GatherBlockQuantized" in ops_used) == kind.endswith("head4")
     assert (out / "model.onnx.data").is_file()
     om = OnnxModel(out, threads=1)
     ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))

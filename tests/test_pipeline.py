@@ -74,6 +74,35 @@ def test_bad_settings_are_rejected():
         QuantSettings(bits="w3a3")
     with pytest.raises(ValueError, match="group size"):
         QuantSettings(group_size=48)
+    with pytest.raises(ValueError, match="head bits"):
+        QuantSettings(head_bits=8)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # tied and untied embeddings
+def test_4bit_embedding_and_head(tmp_path, arch):
+    """--head-bits 4: the embedding (and an untied lm_head) are stored as group-32 4-bit codes; the
+    reference reads exactly (code - zero) * scale of them, and stays close to the float head."""
+    import numpy as np
+
+    m = from_hf_model(tiny_hf_model(arch, dtype=torch.float32))
+    art = quantize_model(m, QuantSettings(method="rtn", bits="w4a16", head_bits=4))
+    art = load_artifact(save_artifact(tmp_path / "m.baseq", art))
+    heads = ["embed"] if m.config.tied_embeddings else ["embed", "lm_head"]
+    assert not any(h in art.tensors for h in heads)  # no float copy left
+    ref = reference_model(art)
+    for h in heads:
+        packed = art.tensors[f"{h}.qweight"].numpy()
+        codes = np.stack([packed & 15, packed >> 4], -1).reshape(packed.shape[0], -1).astype(np.float32)
+        zeros = art.tensors[f"{h}.zeros"].numpy().astype(np.float32)
+        scales = art.tensors[f"{h}.scales"].numpy()
+        deq = (codes - np.repeat(zeros, 32, 1)) * np.repeat(scales, 32, 1)  # independent dequant, groups of 32
+        np.testing.assert_array_equal(ref.weights[h].numpy(), deq)
+        assert 0 < rel_err(ref.weights[h], m.weights[h]) < 0.15
+    if m.config.tied_embeddings:
+        assert ref.weights["lm_head"] is ref.weights["embed"]
+    ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))
+    float_head = reference_model(quantize_model(m, QuantSettings(method="rtn", bits="w4a16"))).logits(ids)
+    assert 0 < rel_err(ref.logits(ids), float_head) < 0.2
 
 
 @pytest.mark.real_model

@@ -74,18 +74,51 @@ def emit_site(c: _Ctx, layer: int, site: str, x: str) -> str:
     return x
 
 
-def emit_linear(c: _Ctx, layer: int, name: str, x: str) -> str:
-    """A 4-bit projection as com.microsoft.MatMulNBits (bias folded in)."""
-    prefix = f"layers.{layer}.{name}"
-    k = linear_in_features(c.cfg, name)
-    qw = linear_from_tensors(prefix, c.t, k, c.art.quant.get("group_size"))
+def emit_matmul_nbits(c: _Ctx, x: str, prefix: str, qw, bias: str | None = None) -> str:
+    """x @ dequant(qw).T [+ bias] as com.microsoft.MatMulNBits (4-bit, exact per-block mapping of our format)."""
     arrays, block = matmul_nbits_inputs(_np(qw.codes), _np(qw.scale), _np(qw.zero), qw.group_size)
     inputs = [x] + [c.g.init(f"{prefix}.{key}", arr) for key, arr in arrays.items()]
-    bias = c.tensor(f"{prefix}.bias")
     if bias is not None:
         inputs += ["", bias]  # g_idx unused
-    n = qw.codes.shape[0]
-    return c.g.op("MatMulNBits", inputs, hint=f"{prefix}.out", domain=MS_DOMAIN, K=k, N=n, bits=4, block_size=block, accuracy_level=0)
+    n, k = qw.codes.shape
+    return c.g.op("MatMulNBits", inputs, hint=f"{prefix}.out", domain=MS_DOMAIN, K=k, N=n, bits=4, block_size=block,
+                  accuracy_level=0)
+
+
+def emit_linear(c: _Ctx, layer: int, name: str, x: str) -> str:
+    """A 4-bit projection of a block (bias folded in)."""
+    prefix = f"layers.{layer}.{name}"
+    qw = linear_from_tensors(prefix, c.t, linear_in_features(c.cfg, name), c.art.quant.get("group_size"))
+    return emit_matmul_nbits(c, x, prefix, qw, c.tensor(f"{prefix}.bias"))
+
+
+def _head_weight(c: _Ctx, name: str):
+    """The embedding / lm_head as a QuantizedWeight (4-bit artifacts) or None (float)."""
+    if f"{name}.qweight" not in c.t:
+        return None
+    return linear_from_tensors(name, c.t, c.cfg.hidden_size, c.art.quant["head_group_size"])
+
+
+def emit_embedding(c: _Ctx, ids: str) -> str:
+    """Token embeddings: Gather on the float table, or com.microsoft.GatherBlockQuantized on 4-bit codes."""
+    qw = _head_weight(c, "embed")
+    if qw is None:
+        return c.g.op("Gather", [c.tensor("embed"), ids], axis=0)
+    from ..quant import pack_int4
+
+    inputs = [c.g.init("embed.qweight", _np(pack_int4(qw.codes))), ids, c.g.init("embed.scales", _np(qw.scale)),
+              c.g.init("embed.zeros", _np(pack_int4(qw.zero)))]
+    return c.g.op("GatherBlockQuantized", inputs, domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
+                  block_size=qw.group_size, bits=4)
+
+
+def emit_lm_head(c: _Ctx, h: str) -> str:
+    """Logits: MatMul by the float head, or MatMulNBits on the 4-bit codes (the tied embedding's own codes)."""
+    name = "embed" if c.cfg.tied_embeddings else "lm_head"
+    qw = _head_weight(c, name)
+    if qw is None:
+        return c.g.op("MatMul", [h, c.g.init("lm_head.T", _np(c.t[name].to(torch.float32).T.contiguous()))])
+    return emit_matmul_nbits(c, h, "lm_head", qw)
 
 
 def emit_rope(g: Graph, x: str, cos: str, sin: str, head_dim: int) -> str:
@@ -189,14 +222,13 @@ def build_model(art: Artifact, max_length: int = 2048, ops: str = "standard") ->
     positions, mask = emit_positions_and_mask(g, cfg, "input_ids", "past_key_values.0.key", "attention_mask")
     cos = g.op("Gather", [g.init("rope.cos", _np(cos_t)), positions], axis=0)
     sin = g.op("Gather", [g.init("rope.sin", _np(sin_t)), positions], axis=0)
-    h = g.op("Gather", [c.tensor("embed"), "input_ids"], axis=0)
+    h = emit_embedding(c, "input_ids")
     for i in range(cfg.num_layers):
         h, k, v = emit_block(c, i, h, cos, sin, mask, (f"past_key_values.{i}.key", f"past_key_values.{i}.value"))
         g.nodes.append(helper.make_node("Identity", [k], [f"present.{i}.key"]))
         g.nodes.append(helper.make_node("Identity", [v], [f"present.{i}.value"]))
     h = emit_rms_norm(g, h, c.tensor("norm"), cfg.rms_eps)
-    head = art.tensors["embed"] if cfg.tied_embeddings else art.tensors["lm_head"]
-    logits = g.op("MatMul", [h, g.init("lm_head.T", _np(head.to(torch.float32).T.contiguous()))])
+    logits = emit_lm_head(c, h)
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
     graph = helper.make_graph(g.nodes, "baseq", inputs, outputs, g.inits)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
