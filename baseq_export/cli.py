@@ -54,10 +54,13 @@ def add_quant_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
     p.add_argument("--force", action="store_true", default=_default(False, sub), help="replace an existing artifact at --out")
 
 
-def add_ops_arg(p: argparse.ArgumentParser, sub: bool = False) -> None:
+def add_onnx_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
     p.add_argument("--ops", choices=("auto", "custom", "standard"), default=_default("auto", sub),
                    help="ONNX online parts as our C++ custom ops (custom), as standard ONNX ops for runtimes that cannot "
                    "load our library (standard), or custom when the library builds here, else standard (auto, default)")
+    p.add_argument("--kv-cache", choices=("float", "int4"), default=_default("float", sub),
+                   help="ONNX KV cache: float32 values on the 4-bit grid (default; onnxruntime-genai runs it), or packed "
+                   "4-bit codes + per-token scale/zero (int4: about 6x smaller, onnxruntime with our ops only)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(parser)
     parser.add_argument("--out", default=None, help="output directory (default: <model name>-<format>)")
     parser.add_argument("--preset", choices=PRESETS, default="quick", help="calibration budget (default quick)")
-    add_ops_arg(parser)
+    add_onnx_args(parser)
     add_eval_args(parser)
     add_quant_args(parser)
     sub = parser.add_subparsers(dest="command", title="subcommands", metavar="{quantize,export,eval,run,report}")
@@ -87,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", choices=FORMATS, default=argparse.SUPPRESS)
     e.add_argument("--out", default=argparse.SUPPRESS, help="export directory (default: the artifact name with -onnx)")
     e.add_argument("--force", action="store_true", default=argparse.SUPPRESS, help="replace an existing export at --out")
-    add_ops_arg(e, sub=True)
+    add_onnx_args(e, sub=True)
 
     ev = sub.add_parser("eval", help="perplexity of a model (FP), a quantized artifact or an ONNX export")
     ev.add_argument("artifact", nargs="?", help="a .baseq artifact or an ONNX export directory; without it the FP --model is evaluated")
@@ -275,7 +278,7 @@ def cmd_main_job(args: argparse.Namespace) -> int:
 
     if Path(out).exists() and not is_onnx_export(out):
         raise FileExistsError(f"{out} exists and is not an ONNX export of ours; pass another --out")
-    path = export(artifact, "onnx", out, force=True, ops=args.ops)  # an export is derived from the artifact: refresh it
+    path = export(artifact, "onnx", out, force=True, ops=args.ops, kv_cache=args.kv_cache)  # an export is derived from the artifact: refresh it
     o = eval_artifact(path, args)
     ops = json.loads((Path(path) / "manifest.json").read_text())["ops"]
     print(f"\nONNX export: {path}/{MODEL_FILE} ({ops} ops)")
@@ -287,18 +290,19 @@ def cmd_main_job(args: argparse.Namespace) -> int:
 
 def print_run_commands(path) -> None:
     print(f"run it:      baseq-export run {path} --prompt \"def fibonacci(n):\"")
-    print(f"   or with onnxruntime-genai: baseq-export run {path} --backend onnxruntime-genai --prompt \"def fibonacci(n):\"")
+    if (Path(path) / "genai_config.json").is_file():
+        print(f"   or with onnxruntime-genai: baseq-export run {path} --backend onnxruntime-genai --prompt \"def fibonacci(n):\"")
     print(f"measure it:  baseq-export eval {path}")
 
 
-def export(artifact, fmt: str, out: str, force: bool, ops: str = "auto"):
+def export(artifact, fmt: str, out: str, force: bool, ops: str = "auto", kv_cache: str = "float"):
     """Export an artifact; returns the export directory."""
     if fmt != "onnx":
         raise NotImplementedError(f"the {fmt} exporter is not built yet in this version")
     from .export.onnx import export_onnx
 
     t0 = time.time()
-    path = export_onnx(artifact, out, force=force, ops=ops)
+    path = export_onnx(artifact, out, force=force, ops=ops, kv_cache=kv_cache)
     print(f"exported {artifact} to {path} in {time.time() - t0:.1f} s", file=sys.stderr)
     return path
 
@@ -307,7 +311,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     fmt = getattr(args, "format", "onnx")
     out = getattr(args, "out", None) or str(Path(args.artifact).with_suffix("")) + f"-{fmt}"
-    path = export(args.artifact, fmt, out, getattr(args, "force", False), getattr(args, "ops", "auto"))
+    path = export(args.artifact, fmt, out, getattr(args, "force", False), getattr(args, "ops", "auto"),
+                  getattr(args, "kv_cache", "float"))
     print(f"wrote {path}")
     print_run_commands(path)
     return 0

@@ -46,6 +46,11 @@ def greedy_stream(step: Step, prompt_ids: list[int]) -> Iterator[int]:
 
 def genai_stream(path, prompt_ids: list[int], max_new_tokens: int) -> Iterator[int]:
     """Greedy tokens from onnxruntime-genai running an export directory."""
+    from pathlib import Path
+
+    if not (Path(path) / "genai_config.json").is_file():
+        raise ValueError(f"{path} has no genai_config.json: onnxruntime-genai cannot run it (an export with "
+                         "--kv-cache int4 is for onnxruntime only; export with --kv-cache float for genai)")
     try:
         import onnxruntime_genai as og
     except ImportError as e:

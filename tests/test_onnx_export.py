@@ -217,3 +217,41 @@ def test_default_model_onnx_parity(default_model, tmp_path, kind):
             assert abs(p_ort / p_ref - 1) < 0.05, (ops, p_ort, p_ref)
         if importlib.util.find_spec("onnxruntime_genai"):
             assert list(genai_stream(out, prompt, 32)) == ort_tokens
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_packed_int4_kv_cache_gives_the_same_logits(tmp_path, arch):
+    """--kv-cache int4 stores the artifact's 4-bit KV codes packed (head_dim/2 bytes + scale + zero per
+    token and head): the logits equal those of the float cache bit for bit, for prompt and decode steps."""
+    m = from_hf_model(tiny_hf_model(arch, dtype=torch.float32, **({"sliding_window": 6} if arch == "mistral" else {})))
+    calib = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))
+    art_path = save_artifact(tmp_path / "m.baseq", ARTIFACTS["w4a4kv4-baseq"](m, calib))
+    flt = OnnxModel(export_onnx(art_path, tmp_path / "float", ops="custom"), threads=1)
+    packed_dir = export_onnx(art_path, tmp_path / "int4", kv_cache="int4")
+    assert not (packed_dir / "genai_config.json").exists()
+    pk = OnnxModel(packed_dir, threads=1)
+    ids = torch.randint(0, 96, (2, 14), generator=torch.Generator().manual_seed(3)).numpy()
+    lf, past_f = flt.step(ids[:, :9], flt.empty_cache(2))
+    lp, past_p = pk.step(ids[:, :9], pk.empty_cache(2))
+    np.testing.assert_array_equal(lp, lf)
+    for t in range(9, 14):
+        lf, past_f = flt.step(ids[:, t : t + 1], past_f)
+        lp, past_p = pk.step(ids[:, t : t + 1], past_p)
+        np.testing.assert_array_equal(lp, lf)
+    key = past_p["past_key_values.0.key"]
+    hd = m.config.head_dim
+    assert key.dtype == np.uint8 and key.shape == (2, m.config.num_kv_heads, 14, hd // 2 + 8)
+    # independent numpy unpacking of the stored rows gives the float cache's values
+    codes = np.stack([key[..., : hd // 2] & 15, key[..., : hd // 2] >> 4], -1).reshape(*key.shape[:3], hd).astype(np.float32)
+    scale = key[..., hd // 2 : hd // 2 + 4].copy().view(np.float32)
+    zero = key[..., hd // 2 + 4 :].copy().view(np.float32)
+    np.testing.assert_array_equal((codes - zero) * scale, past_f["past_key_values.0.key"])
+    assert past_f["past_key_values.0.key"].nbytes / key.nbytes == 4 * hd / (hd // 2 + 8)  # hd 64: 256 -> 40 bytes a row
+
+
+def test_packed_kv_cache_needs_custom_ops_and_4bit_kv(tmp_path):
+    m = from_hf_model(tiny_hf_model("llama", dtype=torch.float32))
+    art = save_artifact(tmp_path / "m.baseq", quantize_model(m, QuantSettings(method="rtn", bits="w4a16")))
+    with pytest.raises(ValueError, match="4-bit KV cache"):
+        export_onnx(art, tmp_path / "o", kv_cache="int4")
+    assert not (tmp_path / "o").exists()

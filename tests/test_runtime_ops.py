@@ -18,13 +18,16 @@ from baseq_export.hadamard import hadamard_matrix
 IMPLS = ["custom", "standard"]
 
 
-def session(build, input_names=("x",), custom: bool = True):
-    """An onnxruntime session for the one-output graph `build(g)` with float inputs `input_names`."""
+def session(build, input_names=("x",), custom: bool = True, extra_outputs=()):
+    """An onnxruntime session for the graph `build(g)` with float inputs `input_names`, output y
+    (float) and `extra_outputs` (name, elem_type) that build() connects itself."""
     g = Graph()
     out = build(g)
     g.nodes.append(helper.make_node("Identity", [out], ["y"]))
     inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in input_names]
-    graph = helper.make_graph(g.nodes, "t", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], g.inits)
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    outputs += [helper.make_tensor_value_info(n, t, None) for n, t in extra_outputs]
+    graph = helper.make_graph(g.nodes, "t", inputs, outputs, g.inits)
     opsets = [helper.make_opsetid("", 18), helper.make_opsetid(MS_DOMAIN, 1), helper.make_opsetid(OPS_DOMAIN, 1)]
     model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 9
@@ -181,3 +184,59 @@ def test_library_is_cached_and_honours_ort_include_dir(tmp_path):
     code = "from baseq_export.runtime_ops import library_path; print(library_path())"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == str(lib)
+
+
+def kv_pack_session(head_dim: int):
+    def build(g):
+        packed = g.op("KVQuantPack", ["x", "clip"], domain=OPS_DOMAIN, bits=4)
+        g.nodes.append(helper.make_node("Identity", [packed], ["packed"]))
+        return g.op("KVUnpack", [packed], domain=OPS_DOMAIN, head_dim=head_dim)
+
+    sess = session(build, ("x", "clip"), extra_outputs=[("packed", TensorProto.UINT8)])
+    return lambda x, clip: sess.run(["y", "packed"], {"x": x, "clip": np.asarray(clip, np.float32)})
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 7, 64), (2, 2, 5, 128), (1, 3, 0, 64), (0, 3, 4, 64)])
+def test_kv_pack_unpack_matches_numpy(shape):
+    heads, hd = shape[1], shape[3]
+    x = np.random.default_rng(hd).standard_normal(shape).astype(np.float32) * 2
+    clip = np.linspace(0.8, 1.0, heads).astype(np.float32)
+    if x.size:
+        x[0, 0, 1] = np.nan
+        x[0, 1, 2] = 0.25  # constant token
+    y, packed = kv_pack_session(hd)(x, clip)
+    ref = np_fake_quant(x, 4, clip.reshape(heads, 1, 1))
+    np.testing.assert_array_equal(y, ref)  # the same floats as QuantDequant, NaN rows included
+    assert packed.dtype == np.uint8 and packed.shape == shape[:3] + (hd // 2 + 8,)
+    if x.size:  # the stored codes are the quantizer's integer codes, low nibble = even element
+        scale, zero = packed[..., hd // 2 : hd // 2 + 4].copy().view(np.float32), packed[..., hd // 2 + 4 :].copy().view(np.float32)
+        codes = np.stack([packed[..., : hd // 2] & 15, packed[..., : hd // 2] >> 4], -1).reshape(*shape[:3], hd)
+        finite = np.isfinite(scale[..., 0])
+        expect = np.clip(np.round(x / scale) + zero, 0, 15)
+        np.testing.assert_array_equal(codes[finite], expect[finite])
+
+
+def test_kv_pack_rejects_bad_inputs():
+    pack = kv_pack_session(64)
+    x = np.ones((1, 3, 2, 64), np.float32)
+    assert "one per head" in run_error_fn(lambda: pack(x, np.ones(2)))
+    assert "[batch, heads, seq, head_dim]" in run_error_fn(lambda: pack(np.ones((3, 2, 64), np.float32), [1.0]))
+    def unpack_with(head_dim):
+        return lambda g: g.op("KVUnpack", [g.op("KVQuantPack", ["x", "clip"], domain=OPS_DOMAIN)], domain=OPS_DOMAIN,
+                              head_dim=head_dim)
+
+    with pytest.raises(Exception, match="head_dim \\(even, > 0\\) is required"):
+        session(unpack_with(63), ("x", "clip"))
+    wrong = session(unpack_with(32), ("x", "clip"))
+    assert "must be [batch, heads, seq, 24] for head_dim 32" in run_error(wrong, {"x": x, "clip": np.ones(1, np.float32)})
+    with pytest.raises(Exception, match="invalid"):  # a float tensor where the packed uint8 cache belongs
+        session(lambda g: g.op("KVUnpack", ["x"], domain=OPS_DOMAIN, head_dim=64))
+    with pytest.raises(Exception, match="only bits = 4"):
+        session(lambda g: g.op("KVUnpack", [g.op("KVQuantPack", ["x", "clip"], domain=OPS_DOMAIN, bits=8)],
+                               domain=OPS_DOMAIN, head_dim=64), ("x", "clip"))
+
+
+def run_error_fn(fn) -> str:
+    with pytest.raises(Exception) as info:
+        fn()
+    return str(info.value)

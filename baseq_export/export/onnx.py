@@ -29,6 +29,7 @@ OPSET = 18
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 OPS_CHOICES = ("custom", "standard")
+KV_CACHE_CHOICES = ("float", "int4")
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -38,8 +39,9 @@ def _np(t: torch.Tensor) -> np.ndarray:
 class _Ctx:
     """What the per-layer emitters need: the graph, config, artifact tensors and quant settings."""
 
-    def __init__(self, g: Graph, cfg: ModelConfig, art: Artifact, ops: str):
+    def __init__(self, g: Graph, cfg: ModelConfig, art: Artifact, ops: str, kv_cache: str):
         self.g, self.cfg, self.art, self.t, self.custom = g, cfg, art, art.tensors, ops == "custom"
+        self.kv_packed = kv_cache == "int4"
         rot = art.quant.get("rotation") or {}
         self.r3, self.r4 = bool(rot.get("r3")), bool(rot.get("r4"))
         self.a_bits, self.kv_bits = art.quant.get("a_bits"), art.quant.get("kv_bits")
@@ -156,12 +158,18 @@ def emit_block(c: _Ctx, i: int, h: str, cos: str, sin: str, mask: str, past: tup
     q, k = emit_rope(g, q, cos, sin, cfg.head_dim), emit_rope(g, k, cos, sin, cfg.head_dim)
     if c.r3:
         q, k = hadamard(c, q, cfg.head_dim), hadamard(c, k, cfg.head_dim)
-    if c.kv_bits:
+    k_clip, v_clip = c.tensor(f"layers.{i}.k_cache.clip"), c.tensor(f"layers.{i}.v_cache.clip")
+    if c.kv_packed:  # the cache holds 4-bit codes + per-row scale/zero; attention reads it unpacked
+        k = g.op("KVQuantPack", [k, k_clip], domain=OPS_DOMAIN, bits=4)
+        v = g.op("KVQuantPack", [v, v_clip], domain=OPS_DOMAIN, bits=4)
+    elif c.kv_bits:
         fq = emit_quant_dequant_op if c.custom else emit_fake_quant
-        k = fq(g, k, c.kv_bits, c.tensor(f"layers.{i}.k_cache.clip"))
-        v = fq(g, v, c.kv_bits, c.tensor(f"layers.{i}.v_cache.clip"))
-    k_all = g.op("Concat", [past[0], k], axis=2, hint=f"present.{i}.key")
-    v_all = g.op("Concat", [past[1], v], axis=2, hint=f"present.{i}.value")
+        k, v = fq(g, k, c.kv_bits, k_clip), fq(g, v, c.kv_bits, v_clip)
+    present_k = k_all = g.op("Concat", [past[0], k], axis=2, hint=f"present.{i}.key")
+    present_v = v_all = g.op("Concat", [past[1], v], axis=2, hint=f"present.{i}.value")
+    if c.kv_packed:
+        k_all = g.op("KVUnpack", [present_k], domain=OPS_DOMAIN, head_dim=cfg.head_dim)
+        v_all = g.op("KVUnpack", [present_v], domain=OPS_DOMAIN, head_dim=cfg.head_dim)
     groups = cfg.num_heads // cfg.num_kv_heads
     k_full = emit_repeat_kv(g, k_all, groups, cfg.num_heads, cfg.head_dim)
     v_full = emit_repeat_kv(g, v_all, groups, cfg.num_heads, cfg.head_dim)
@@ -174,7 +182,7 @@ def emit_block(c: _Ctx, i: int, h: str, cos: str, sin: str, mask: str, past: tup
     gate = emit_linear(c, i, "gate", x)
     act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), emit_linear(c, i, "up", x)])
     h = g.op("Add", [h, emit_linear(c, i, "down", emit_site(c, i, "down_in", act))])
-    return h, k_all, v_all
+    return h, present_k, present_v
 
 
 MASKED = -1e9  # additive mask value: exp() underflows to exactly 0, and a fully masked (padding) row stays finite
@@ -200,23 +208,40 @@ def emit_positions_and_mask(g: Graph, cfg: ModelConfig, ids: str, past_key: str,
     return positions, mask
 
 
-def build_model(art: Artifact, max_length: int = 2048, ops: str = "standard") -> onnx.ModelProto:
+def check_kv_cache(art: Artifact, ops: str, kv_cache: str) -> None:
+    """A packed int4 cache needs our custom ops and a 4-bit KV quantizer in the artifact."""
+    if kv_cache not in KV_CACHE_CHOICES:
+        raise ValueError(f"--kv-cache must be one of {KV_CACHE_CHOICES}, got {kv_cache!r}")
+    if kv_cache == "int4" and (ops != "custom" or art.quant.get("kv_bits") != 4):
+        raise ValueError("--kv-cache int4 stores the artifact's 4-bit KV codes packed: it needs --ops custom and an "
+                         f"artifact with a 4-bit KV cache (this one: kv_bits={art.quant.get('kv_bits')}, ops={ops})")
+
+
+def kv_row_width(cfg: ModelConfig, kv_cache: str) -> int:
+    """Last dimension of a past/present tensor: head_dim floats, or head_dim/2 code bytes + scale + zero."""
+    return cfg.head_dim if kv_cache == "float" else cfg.head_dim // 2 + 8
+
+
+def build_model(art: Artifact, max_length: int = 2048, ops: str = "standard", kv_cache: str = "float") -> onnx.ModelProto:
     """The ONNX model of an artifact: MatMulNBits linears; online parts as our baseq ops (`ops="custom"`)
-    or as standard ONNX ops (`ops="standard"`)."""
+    or as standard ONNX ops (`ops="standard"`); the KV cache as float32 or packed 4-bit (`kv_cache="int4"`)."""
     if ops not in OPS_CHOICES:
         raise ValueError(f"ops must be one of {OPS_CHOICES}, got {ops!r}")
+    check_kv_cache(art, ops, kv_cache)
     cfg = ModelConfig.from_dict(art.model)
     g = Graph()
-    c = _Ctx(g, cfg, art, ops)
+    c = _Ctx(g, cfg, art, ops, kv_cache)
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_seq"])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", cfg.vocab_size])]
-    kv_shape = ["batch", cfg.num_kv_heads, "past_seq", cfg.head_dim]
-    total_shape = ["batch", cfg.num_kv_heads, "total_seq", cfg.head_dim]
+    width = kv_row_width(cfg, kv_cache)
+    kv_type = TensorProto.FLOAT if kv_cache == "float" else TensorProto.UINT8
+    kv_shape = ["batch", cfg.num_kv_heads, "past_seq", width]
+    total_shape = ["batch", cfg.num_kv_heads, "total_seq", width]
     for i in range(cfg.num_layers):
         for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv_shape))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, total_shape))
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", kv_type, kv_shape))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", kv_type, total_shape))
 
     cos_t, sin_t = rope_tables(art.tensors["rope.inv_freq"], torch.arange(max_length), cfg.rope_attention_scaling, torch.float32)
     positions, mask = emit_positions_and_mask(g, cfg, "input_ids", "past_key_values.0.key", "attention_mask")
@@ -262,7 +287,7 @@ def resolve_ops(ops: str) -> tuple[str, Path | None]:
 
 
 def export_onnx(artifact: str | Path, out: str | Path, force: bool = False, max_length: int = 2048,
-                ops: str = "auto") -> Path:
+                ops: str = "auto", kv_cache: str = "float") -> Path:
     """Write model.onnx (+ model.onnx.data), the tokenizer, genai_config.json, a manifest and, with
     custom ops, a copy of our op library to `out`, atomically."""
     artifact, out = Path(artifact), Path(out).expanduser()
@@ -272,8 +297,10 @@ def export_onnx(artifact: str | Path, out: str | Path, force: bool = False, max_
             raise FileExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
         if not (out / "manifest.json").is_file():
             raise FileExistsError(f"{out} exists and is not a baseq ONNX export; refusing to replace it")
+    if kv_cache == "int4" and ops == "auto":
+        ops = "custom"  # a packed cache exists only as our ops: fail clearly rather than fall back
     ops, library = resolve_ops(ops)
-    model = build_model(art, max_length, ops)
+    model = build_model(art, max_length, ops, kv_cache)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -287,9 +314,10 @@ def export_onnx(artifact: str | Path, out: str | Path, force: bool = False, max_
         for f in artifact.iterdir():
             if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "chat_template.jinja"):
                 shutil.copy2(f, tmp / f.name)
-        write_genai_config(tmp, cfg_of(art), art, max_length, library.name if library is not None else None)
+        if kv_cache == "float":  # genai allocates float past/present itself; it cannot hold our packed rows
+            write_genai_config(tmp, cfg_of(art), art, max_length, library.name if library is not None else None)
         manifest = {"format": "baseq-onnx", "artifact": str(artifact.resolve()), "quant": art.quant, "model": art.model,
-                    "max_length": max_length, "ops": ops, "files": files}
+                    "max_length": max_length, "ops": ops, "kv_cache": kv_cache, "files": files}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         replace_dir(tmp, out)
     except BaseException:
@@ -353,6 +381,7 @@ class OnnxModel:
         path = Path(path)
         manifest = json.loads((path / "manifest.json").read_text())
         self.config = ModelConfig.from_dict(manifest["model"])
+        self.kv_cache = manifest.get("kv_cache", "float")
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -366,7 +395,8 @@ class OnnxModel:
 
     def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
         cfg = self.config
-        empty = np.zeros((batch, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
+        dtype = np.float32 if self.kv_cache == "float" else np.uint8
+        empty = np.zeros((batch, cfg.num_kv_heads, 0, kv_row_width(cfg, self.kv_cache)), dtype)
         return {f"past_key_values.{i}.{kind}": empty for i in range(cfg.num_layers) for kind in ("key", "value")}
 
     def step(self, ids: np.ndarray, past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
