@@ -337,6 +337,13 @@ def write_genai_config(out: Path, cfg: ModelConfig, art: Artifact, max_length: i
     """genai_config.json for onnxruntime-genai: our input/output names, a growing (not shared) KV buffer,
     and our op library (a file inside the export: genai refuses paths outside the model folder)."""
     eos = art.source.get("eos_token_id")
+    if eos is None:  # artifacts that do not record it: the tokenizer copied into the export may know it
+        try:
+            from transformers import AutoTokenizer
+
+            eos = AutoTokenizer.from_pretrained(str(out)).eos_token_id
+        except (OSError, ValueError):
+            eos = None
     if eos is None:
         import warnings
 
