@@ -237,6 +237,7 @@ def calibrate_baseq(
             if not loss1 < loss0:  # never make a block worse than its GPTQ start
                 lw1, on1, loss1, kept = lw0, on0, loss0, "untrained"
             bt = block_tensors(qweights, lw1, on1, i)
+            release_free_memory()
             entry = {"block": i, "mse_gptq": loss0, "mse_baseq": loss1, "kept": kept, "seconds": round(time.time() - t0, 2),
                      **memory_now()}
             if done is not None:
@@ -256,6 +257,18 @@ def calibrate_baseq(
         source=source_info(model),
         calibration={"seed": q.seed, "windows": list(calib.shape), "blocks": log, "seconds": round(time.time() - t_start, 1)},
     )
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc malloc_trim), so fragmentation left by one block's
+    temporaries does not add up over the blocks; a no-op where glibc is absent."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def memory_now() -> dict[str, float]:

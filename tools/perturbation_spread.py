@@ -1,6 +1,7 @@
 """How much a W4A4KV4 model's perplexity moves under float-rounding-sized noise, in torch alone.
 
     python tools/perturbation_spread.py [--method quarot-rtn] [--windows 2] [--seeds 3]
+    python tools/perturbation_spread.py --artifact X.baseq [--windows 38] [--seeds 3]
 
 Multiplies the embedding table by (1 + 1e-6 * noise) and re-measures: with 4-bit activations a
 value near a rounding boundary flips one code and the flip spreads, so this spread is the
@@ -26,11 +27,24 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--noise", type=float, default=1e-6)
+    ap.add_argument("--artifact", default=None, help="measure this .baseq artifact instead of quantizing --method")
     args = ap.parse_args()
-    m = load_model("default")
-    windows = data.token_windows(data.tokenize(m.tokenizer, data.embedded_text("eval")), 512, args.windows)
-    for bits in ("w4a4kv4", "w4a16"):
-        q = reference_model(quantize_model(m, QuantSettings(method=args.method, bits=bits)))
+    if args.artifact:
+        from transformers import AutoTokenizer
+
+        from baseq_export.qmodel import load_artifact
+
+        art = load_artifact(args.artifact)
+        tokenizer = AutoTokenizer.from_pretrained(args.artifact)
+        models = {f"{art.quant['method']} {art.quant['bits']}": lambda: reference_model(art)}
+    else:
+        m = load_model("default")
+        tokenizer = m.tokenizer
+        models = {f"{args.method} {bits}": (lambda b=bits: reference_model(quantize_model(m, QuantSettings(method=args.method, bits=b))))
+                  for bits in ("w4a4kv4", "w4a16")}
+    windows = data.token_windows(data.tokenize(tokenizer, data.embedded_text("eval")), 512, args.windows)
+    for name, make in models.items():
+        q = make()
         base = perplexity(q.logits, windows).ppl
         embed = q.weights["embed"]
         spread = []
@@ -39,7 +53,7 @@ def main() -> None:
             q.weights["embed"] = embed * (1 + args.noise * noise)
             spread.append(perplexity(q.logits, windows).ppl)
         q.weights["embed"] = embed
-        print(f"{args.method} {bits}: perplexity {base:.4f}; with {args.noise:g} relative noise on the embeddings: "
+        print(f"{name}: perplexity {base:.4f}; with {args.noise:g} relative noise on the embeddings: "
               + ", ".join(f"{p:.4f}" for p in spread), flush=True)
 
 
