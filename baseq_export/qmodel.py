@@ -119,8 +119,20 @@ def save_artifact(
     return path
 
 
+def _usual_permissions(d: Path) -> None:
+    """Give a directory built in a private temp dir (mkdtemp makes it 0700) the modes a plain mkdir and
+    open would have under the user's umask, so others can read a published artifact or export."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(d, 0o777 & ~umask)
+    for f in d.iterdir():
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, (0o777 if os.access(f, os.X_OK) else 0o666) & ~umask)
+
+
 def replace_dir(new: Path, dest: Path) -> None:
     """Move new onto dest; an old dest is renamed aside first and removed only after the swap."""
+    _usual_permissions(new)
     if not dest.exists():
         os.replace(new, dest)
         return

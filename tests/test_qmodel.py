@@ -44,6 +44,20 @@ def test_round_trip_is_bit_exact(tmp_path):
     assert not list(tmp_path.glob(".*tmp-*"))  # no temp dir left behind
 
 
+def test_published_directory_has_the_umask_modes_not_mkdtemps_0700(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = save_artifact(tmp_path / "m.baseq", sample_artifact())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    for f in path.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f.name
+
+
 def test_pack_int4_layout_low_nibble_is_even_element():
     codes = torch.tensor([[1, 2, 3, 4, 15]], dtype=torch.uint8)
     packed = pack_int4(codes)
