@@ -240,3 +240,34 @@ def run_error_fn(fn) -> str:
     with pytest.raises(Exception) as info:
         fn()
     return str(info.value)
+
+
+def test_export_falls_back_to_standard_ops_when_the_library_cannot_build(tmp_path, monkeypatch):
+    """--ops auto exports with standard ops (and warns why) when our library cannot be built here;
+    --ops custom fails with a message that names the problem and the way out."""
+    import json
+
+    import torch
+
+    from baseq_export.export.onnx import OnnxModel, export_onnx
+    from baseq_export.models import from_hf_model
+    from baseq_export.pipeline import QuantSettings, quantize_model
+    from baseq_export.qmodel import reference_model, save_artifact
+    from conftest import tiny_hf_model
+
+    m = from_hf_model(tiny_hf_model("llama", dtype=torch.float32))
+    art = quantize_model(m, QuantSettings(method="quarot-rtn", bits="w4a8kv8"))
+    path = save_artifact(tmp_path / "m.baseq", art)
+    monkeypatch.setenv("BASEQ_CACHE_DIR", str(tmp_path / "cache"))  # nothing built here yet
+    monkeypatch.setenv("ORT_INCLUDE_DIR", str(runtime_ops.include_dir()))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(runtime_ops.BuildError, match="not an executable C\\+\\+ compiler.*--ops standard"):
+        export_onnx(path, tmp_path / "custom", ops="custom")
+    assert not (tmp_path / "custom").exists()
+    with pytest.warns(UserWarning, match="exporting with standard ONNX ops instead"):
+        out = export_onnx(path, tmp_path / "auto")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["ops"] == "standard" and not (out / "libbaseq_ops.so").exists()
+    ids = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+    got, ref = OnnxModel(out, threads=1).logits(ids), reference_model(art).logits(ids)
+    assert float((got - ref).norm() / ref.norm()) < 5e-3

@@ -126,7 +126,13 @@ def include_dir() -> Path:
 
 
 def _compiler() -> str:
-    cxx = os.environ.get("CXX") or next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
+    env = os.environ.get("CXX")
+    if env:
+        if not shutil.which(env):
+            raise BuildError(f"CXX={env} is not an executable C++ compiler; point CXX at one (e.g. g++) or unset it, "
+                             "or export with --ops standard")
+        return env
+    cxx = next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
     if not cxx:
         raise BuildError("no C++ compiler found (tried $CXX, g++, c++, clang++): install one (Debian: apt install g++) "
                          "or export with --ops standard")
