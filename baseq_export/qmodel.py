@@ -9,6 +9,7 @@ Layout:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -93,9 +94,7 @@ def save_artifact(
     """
     path = Path(path).expanduser()
     check_writable(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with staged_dir(path) as tmp:
         tensors = {k: v.detach().contiguous().cpu() for k, v in artifact.tensors.items()}
         save_file(tensors, str(tmp / TENSORS))
         if write_extra is not None:
@@ -112,11 +111,21 @@ def save_artifact(
             "checksums": {TENSORS: sha256_file(tmp / TENSORS)},
         }
         _write_json(tmp / CONFIG, config)
-        replace_dir(tmp, path)
+    return path
+
+
+@contextlib.contextmanager
+def staged_dir(dest: Path):
+    """A sibling temp directory to build `dest` in; on success it replaces dest (replace_dir), on any
+    error it is removed and dest is left as it was."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+        replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
 
 
 def _usual_permissions(d: Path) -> None:
@@ -238,6 +247,14 @@ def linear_from_tensors(prefix: str, tensors: dict[str, torch.Tensor], in_featur
     return QuantizedWeight(codes, tensors[f"{prefix}.scales"], tensors[f"{prefix}.zeros"], group_size or in_features, 4)
 
 
+def head_from_tensors(name: str, tensors: dict[str, torch.Tensor], cfg: "ModelConfig", quant: dict) -> "QuantizedWeight | None":
+    """A 4-bit embedding / lm_head ([vocab, hidden] in groups of quant["head_group_size"] along hidden), or
+    None when the artifact keeps it in float."""
+    if f"{name}.qweight" not in tensors:
+        return None
+    return linear_from_tensors(name, tensors, cfg.hidden_size, quant["head_group_size"])
+
+
 class QuantHooks:
     """Online part of a quantized model: R4/R3 Hadamards, per-token activation and KV fake quantization.
 
@@ -330,9 +347,8 @@ def reference_model(artifact: Artifact, dtype: torch.dtype = torch.float32) -> Q
         else:
             weights[name] = tensor.to(dtype)
     for prefix in quantized:
-        if prefix in HEAD_TENSORS:  # 4-bit embedding / lm_head: [vocab, hidden] in groups along hidden
-            qw = linear_from_tensors(prefix, t, cfg.hidden_size, artifact.quant["head_group_size"])
-            weights[prefix] = qw.dequantize().to(dtype)
+        if prefix in HEAD_TENSORS:
+            weights[prefix] = head_from_tensors(prefix, t, cfg, artifact.quant).dequantize().to(dtype)
             continue
         in_features = linear_in_features(cfg, prefix.rsplit(".", 1)[-1])
         weights[f"{prefix}.weight"] = linear_from_tensors(prefix, t, in_features, group_size).dequantize().to(dtype)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 from onnx import TensorProto, helper
 
 from ..models.base import ModelConfig, linear_in_features, rope_tables
-from ..qmodel import Artifact, linear_from_tensors, load_artifact, replace_dir
+from ..qmodel import Artifact, head_from_tensors, linear_from_tensors, load_artifact, staged_dir
 from .onnx_graph import (MS_DOMAIN, OPS_DOMAIN, Graph, emit_fake_quant, emit_hadamard, emit_hadamard_op,
                          emit_quant_dequant_op, emit_rms_norm, matmul_nbits_inputs)
 
@@ -94,21 +93,15 @@ def emit_linear(c: _Ctx, layer: int, name: str, x: str) -> str:
     return emit_matmul_nbits(c, x, prefix, qw, c.tensor(f"{prefix}.bias"))
 
 
-def _head_weight(c: _Ctx, name: str):
-    """The embedding / lm_head as a QuantizedWeight (4-bit artifacts) or None (float)."""
-    if f"{name}.qweight" not in c.t:
-        return None
-    return linear_from_tensors(name, c.t, c.cfg.hidden_size, c.art.quant["head_group_size"])
-
-
 def emit_embedding(c: _Ctx, ids: str) -> str:
-    """Token embeddings: Gather on the float table, or com.microsoft.GatherBlockQuantized on 4-bit codes."""
-    qw = _head_weight(c, "embed")
+    """Token embeddings: Gather on the float table, or com.microsoft.GatherBlockQuantized on the artifact's
+    packed 4-bit codes (its byte layout is GatherBlockQuantized's)."""
+    qw = head_from_tensors("embed", c.t, c.cfg, c.art.quant)
     if qw is None:
         return c.g.op("Gather", [c.tensor("embed"), ids], axis=0)
     from ..quant import pack_int4
 
-    inputs = [c.g.init("embed.qweight", _np(pack_int4(qw.codes))), ids, c.g.init("embed.scales", _np(qw.scale)),
+    inputs = [c.g.init("embed.qweight", _np(c.t["embed.qweight"])), ids, c.g.init("embed.scales", _np(qw.scale)),
               c.g.init("embed.zeros", _np(pack_int4(qw.zero)))]
     return c.g.op("GatherBlockQuantized", inputs, domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
                   block_size=qw.group_size, bits=4)
@@ -117,7 +110,7 @@ def emit_embedding(c: _Ctx, ids: str) -> str:
 def emit_lm_head(c: _Ctx, h: str) -> str:
     """Logits: MatMul by the float head, or MatMulNBits on the 4-bit codes (the tied embedding's own codes)."""
     name = "embed" if c.cfg.tied_embeddings else "lm_head"
-    qw = _head_weight(c, name)
+    qw = head_from_tensors(name, c.t, c.cfg, c.art.quant)
     if qw is None:
         return c.g.op("MatMul", [h, c.g.init("lm_head.T", _np(c.t[name].to(torch.float32).T.contiguous()))])
     return emit_matmul_nbits(c, h, "lm_head", qw)
@@ -301,9 +294,7 @@ def export_onnx(artifact: str | Path, out: str | Path, force: bool = False, max_
         ops = "custom"  # a packed cache exists only as our ops: fail clearly rather than fall back
     ops, library = resolve_ops(ops)
     model = build_model(art, max_length, ops, kv_cache)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         onnx.save_model(model, str(tmp / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=DATA_FILE, size_threshold=1024)
         onnx.checker.check_model(str(tmp / MODEL_FILE))
@@ -319,10 +310,6 @@ def export_onnx(artifact: str | Path, out: str | Path, force: bool = False, max_
         manifest = {"format": "baseq-onnx", "artifact": str(artifact.resolve()), "quant": art.quant, "model": art.model,
                     "max_length": max_length, "ops": ops, "kv_cache": kv_cache, "files": files}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

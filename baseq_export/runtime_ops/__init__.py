@@ -140,7 +140,8 @@ def _compiler() -> str:
 
 
 def _arch_flags() -> list[str]:
-    """AVX2+FMA-free x86-64 baseline (portable: an export's copy of the library may run on another PC)."""
+    """No -march: the compiler's baseline instruction set, so an export's copy of the library also runs on
+    another PC (-mtune only schedules for common CPUs)."""
     return ["-mtune=generic"] if platform.machine() in ("x86_64", "AMD64") else []
 
 
@@ -153,18 +154,15 @@ def _build_key(cxx: str, include: Path, flags: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def library_path(build: bool = True) -> Path:
-    """Path of the built custom-op library, building it first if needed (`build=False`: raise instead)."""
-    include = include_dir() if build else Path(os.environ.get("ORT_INCLUDE_DIR") or
-                                                   cache_dir() / "onnxruntime-headers/usr/include/onnxruntime")
+def library_path() -> Path:
+    """Path of the built custom-op library, building it first if needed (cached per sources, headers, flags)."""
+    include = include_dir()
     cxx = _compiler()
     flags = CXXFLAGS + _arch_flags()
     out_dir = cache_dir() / "runtime_ops" / _build_key(cxx, include, flags)
     lib = out_dir / LIB_NAME
     if lib.is_file():
         return lib
-    if not build:
-        raise BuildError(f"the custom-op library is not built yet ({lib}); call library_path() to build it")
     with _locked(out_dir.with_suffix(".lock")):
         if lib.is_file():
             return lib
