@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 if TYPE_CHECKING:
     from .models.base import ModelConfig
-    from .quant import QuantizedWeight
+    from .quant import IntActivation, QuantizedWeight
 
 FORMAT = "baseq"
 FORMAT_VERSION = 1
@@ -265,20 +265,27 @@ class QuantHooks:
       shift  per-channel shift subtracted before quantization (BASE-Q bias correction); the
              matching `+ shift` is folded into the next linear's bias, so it is not added back
     A site computes, in order: [R4 Hadamard if down_in] -> x * gain -> fq(x - shift).
+    exact=True (the reference forward): Hadamards in float64 rounded once, and quantized activation
+    sites return an IntActivation (levels and scale) so the next linear is an integer matmul.
     """
 
-    def __init__(self, quant: dict, params: dict[str, torch.Tensor]):
+    def __init__(self, quant: dict, params: dict[str, torch.Tensor], exact: bool = False):
         rot = quant.get("rotation") or {}
         self.r3, self.r4 = bool(rot.get("r3")), bool(rot.get("r4"))
         self.a_bits, self.kv_bits = quant.get("a_bits"), quant.get("kv_bits")
         self.params = params
+        self.exact = exact
+
+    def hadamard(self, x: torch.Tensor) -> torch.Tensor:
+        """An online Hadamard; in exact mode computed in float64 and rounded once (models.base.forward)."""
+        from .hadamard import apply_hadamard
+
+        return apply_hadamard(x.to(torch.float64)).to(x.dtype) if self.exact else apply_hadamard(x)
 
     def prequant(self, layer: int, site: str, x: torch.Tensor) -> torch.Tensor:
         """A site's input as its quantizer sees it: [R4 if down_in] -> x * gain -> x - shift."""
-        from .hadamard import apply_hadamard
-
         if self.r4 and site == "down_in":
-            x = apply_hadamard(x)
+            x = self.hadamard(x)
         prefix = f"layers.{layer}.{site}"
         gain = self.params.get(f"{prefix}.gain")
         if gain is not None:
@@ -288,18 +295,17 @@ class QuantHooks:
             x = x - shift
         return x
 
-    def act(self, layer: int, site: str, x: torch.Tensor) -> torch.Tensor:
-        from .quant import fake_quant_per_token
+    def act(self, layer: int, site: str, x: torch.Tensor) -> "torch.Tensor | IntActivation":
+        from .quant import fake_quant_per_token, quantize_per_token
 
         x = self.prequant(layer, site, x)
         if self.a_bits:
-            x = fake_quant_per_token(x, self.a_bits, self.params[f"layers.{layer}.{site}.clip"])
+            clip = self.params[f"layers.{layer}.{site}.clip"]
+            x = quantize_per_token(x, self.a_bits, clip) if self.exact else fake_quant_per_token(x, self.a_bits, clip)
         return x
 
     def qk(self, layer, q, k):
-        from .hadamard import apply_hadamard
-
-        return (apply_hadamard(q), apply_hadamard(k)) if self.r3 else (q, k)
+        return (self.hadamard(q), self.hadamard(k)) if self.r3 else (q, k)
 
     def kv(self, layer, k, v):
         from .quant import fake_quant_kv
@@ -325,16 +331,23 @@ class QuantizedModel:
     def logits(self, ids: torch.Tensor, cache: list | None = None) -> torch.Tensor:
         from .models.base import forward
 
-        return forward(self.config, self.weights, ids, self.hooks, cache)
+        return forward(self.config, self.weights, ids, self.hooks, cache, exact=self.hooks.exact)
 
 
-def reference_model(artifact: Artifact, dtype: torch.dtype = torch.float32) -> QuantizedModel:
-    """The PyTorch reference forward of an artifact: exactly what the exporters must compute."""
+def reference_model(artifact: Artifact, dtype: torch.dtype = torch.float32, exact: bool = True) -> QuantizedModel:
+    """The PyTorch reference forward of an artifact: exactly what the exporters must compute.
+
+    exact (default): the order-independent forward of models.base.forward(exact=True); with 4-bit
+    activations and per-channel weights every linear holds integer levels (codes - zero) and its
+    per-channel scales instead of a dequantized weight. exact=False: the float32 forward that
+    calibration trains (same values up to rounding).
+    """
     from .models.base import ModelConfig, linear_in_features
 
     cfg = ModelConfig.from_dict(artifact.model)
     t = artifact.tensors
     group_size = artifact.quant.get("group_size")
+    integer_linears = exact and bool(artifact.quant.get("a_bits")) and group_size is None
     weights: dict[str, torch.Tensor] = {}
     online: dict[str, torch.Tensor] = {}
     quantized = {name.removesuffix(".qweight") for name in t if name.endswith(".qweight")}
@@ -351,7 +364,12 @@ def reference_model(artifact: Artifact, dtype: torch.dtype = torch.float32) -> Q
             weights[prefix] = head_from_tensors(prefix, t, cfg, artifact.quant).dequantize().to(dtype)
             continue
         in_features = linear_in_features(cfg, prefix.rsplit(".", 1)[-1])
-        weights[f"{prefix}.weight"] = linear_from_tensors(prefix, t, in_features, group_size).dequantize().to(dtype)
+        qw = linear_from_tensors(prefix, t, in_features, group_size)
+        if integer_linears:
+            weights[f"{prefix}.levels"] = qw.codes.to(torch.float32) - qw.zero.to(torch.float32)
+            weights[f"{prefix}.scales"] = qw.scale[:, 0]
+        else:
+            weights[f"{prefix}.weight"] = qw.dequantize().to(dtype)
     if cfg.tied_embeddings:
         weights["lm_head"] = weights["embed"]
-    return QuantizedModel(cfg, weights, QuantHooks(artifact.quant, online), artifact)
+    return QuantizedModel(cfg, weights, QuantHooks(artifact.quant, online, exact), artifact)

@@ -536,6 +536,32 @@ def fake_quant_per_token(
     return out.to(x.dtype)
 
 
+@dataclass
+class IntActivation:
+    """A per-token quantized activation as integers: levels = q - zero (integer-valued float32) and
+    scale [..., 1]; it stands for levels * scale. A linear on it is an integer matmul, exact in
+    any summation order (see models.base.linear)."""
+
+    levels: torch.Tensor
+    scale: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        """levels * scale in float32: the value fake_quant_per_token returns."""
+        return self.levels * self.scale
+
+
+def quantize_per_token(x: torch.Tensor, bits: int, clip: float | torch.Tensor = 1.0) -> IntActivation:
+    """fake_quant_per_token's quantizer (no shift, no gradient) with its levels and scale kept apart."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"quantize_per_token: bits must be in [1, 8], got {bits}")
+    xf = x.to(torch.float32)
+    if xf.numel() == 0:
+        return IntActivation(xf.clone(), xf.new_ones(*xf.shape[:-1], 1))
+    scale, zero = per_token_qparams(xf, bits, clip)
+    q = (torch.round(xf / scale) + zero).clamp(0, 2**bits - 1)
+    return IntActivation(q - zero, scale)
+
+
 def fake_quant_kv(
     x: torch.Tensor, bits: int | None, clip: float | torch.Tensor = 1.0
 ) -> torch.Tensor:

@@ -47,7 +47,7 @@ def test_folded_artifact_equals_training_forward(tiny, tmp_path):
     base = quantize_model(tiny, QuantSettings(method="quarot-rtn", bits="w4a4kv4"))
     base.tensors.update(block_tensors(qweights, lw_t, on_t, 1))
     art = load_artifact(save_artifact(tmp_path / "b.baseq", base))
-    ref = reference_model(art)
+    ref = reference_model(art, exact=False)  # the float32 forward training runs (exact mode rounds differently)
     ref_out = run_block(ref.config, layer_weights(ref.weights, 1), 1, h, ref.hooks, rope)
     assert torch.equal(ref_out, train_out.detach())
 

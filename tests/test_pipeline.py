@@ -54,7 +54,9 @@ def test_reference_forward_is_the_documented_computation(tiny):
 
     ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(2))
     expected = forward(cfg, w, ids, hooks=Hand(r3=True, r4=True))
-    torch.testing.assert_close(reference_model(art).logits(ids), expected, rtol=0, atol=0)
+    torch.testing.assert_close(reference_model(art, exact=False).logits(ids), expected, rtol=0, atol=0)
+    # the exact (order-independent) forward computes the same values, rounded differently
+    torch.testing.assert_close(reference_model(art).logits(ids), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_gptq_beats_rtn_through_the_pipeline(tiny):

@@ -1,4 +1,4 @@
-"""The online ops (Hadamard, per-token quant-dequant) in onnxruntime, as our C++ custom ops and as
+"""The online ops (Hadamard, per-token quantizers) in onnxruntime, as our C++ custom ops and as
 standard-op subgraphs, against independent numpy references; bad inputs give onnxruntime errors."""
 
 import os
@@ -12,7 +12,8 @@ from onnx import TensorProto, helper
 
 from baseq_export import runtime_ops
 from baseq_export.export.onnx_graph import (MS_DOMAIN, OPS_DOMAIN, Graph, emit_fake_quant, emit_hadamard,
-                                            emit_hadamard_op, emit_quant_dequant_op)
+                                            emit_hadamard_op, emit_quant_dequant_op, emit_quant_levels,
+                                            emit_quant_levels_op)
 from baseq_export.hadamard import hadamard_matrix
 
 IMPLS = ["custom", "standard"]
@@ -23,6 +24,7 @@ def session(build, input_names=("x",), custom: bool = True, extra_outputs=()):
     (float) and `extra_outputs` (name, elem_type) that build() connects itself."""
     g = Graph()
     out = build(g)
+    out = out if isinstance(out, str) else out[0]  # a node with several outputs: y is the first
     g.nodes.append(helper.make_node("Identity", [out], ["y"]))
     inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in input_names]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
@@ -35,10 +37,10 @@ def session(build, input_names=("x",), custom: bool = True, extra_outputs=()):
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def np_fake_quant(x, bits, clip, shift=None, gain=None):
+def np_quant_levels(x, bits, clip, shift=None, gain=None):
     """Numpy float32 reference of the per-token quantizer (quant.fake_quant_per_token's recipe):
     x' = x*gain - shift; scale = max(range*clip/qmax, 1e-8); zero = round(-lo/scale) with lo the
-    clipped range's bottom; q = clamp(round(x'/scale) + zero, 0, qmax); out = (q - zero) * scale.
+    clipped range's bottom; q = clamp(round(x'/scale) + zero, 0, qmax); returns (q - zero, scale).
     A token holding NaN or Inf comes out all NaN (min/max propagate NaN)."""
     f = np.float32
     x = x.astype(f)
@@ -57,7 +59,14 @@ def np_fake_quant(x, bits, clip, shift=None, gain=None):
         zero = np.round(-lo / scale)
         q = np.round(x / scale) + zero
         q = np.where(q < 0, f(0), np.where(q > qmax, qmax, q))
-        return ((q - zero) * scale).astype(f)
+        return (q - zero).astype(f), scale.astype(f)
+
+
+def np_fake_quant(x, bits, clip, shift=None, gain=None):
+    """(q - zero) * scale of np_quant_levels."""
+    levels, scale = np_quant_levels(x, bits, clip, shift, gain)
+    with np.errstate(invalid="ignore"):
+        return (levels * scale).astype(np.float32)
 
 
 def hadamard_graph(impl, n):
@@ -79,17 +88,38 @@ def quant_graph(impl, bits, clip, shift=None, gain=None):
     return session(build, custom=impl == "custom")
 
 
+def levels_graph(impl, bits, clip, shift=None, gain=None):
+    """Session with outputs y = levels and scale of the per-token quantizer."""
+    def build(g):
+        c = g.init("clip", np.asarray(clip, np.float32))
+        s = g.init("shift", shift) if shift is not None else None
+        w = g.init("gain", gain) if gain is not None else None
+        if impl == "custom":
+            levels, scale = emit_quant_levels_op(g, "x", bits, c, s, w, None if gain is None else gain.shape[-1])
+        else:
+            x = g.op("Mul", ["x", w]) if w else "x"
+            levels, scale = emit_quant_levels(g, g.op("Sub", [x, s]) if s else x, bits, c)
+        g.nodes.append(helper.make_node("Identity", [scale], ["scale"]))
+        return levels
+
+    sess = session(build, custom=impl == "custom", extra_outputs=[("scale", TensorProto.FLOAT)])
+    return lambda x: sess.run(["y", "scale"], {"x": x})
+
+
 @pytest.mark.filterwarnings("ignore:no exact Hadamard")
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", [(1, 1, 576), (2, 3, 896), (1, 2, 1536), (1, 2, 4864), (1, 2, 11008), (2, 3, 3776),
                                    (2, 9, 5, 64), (1, 4, 3, 128)])
 def test_hadamard_matches_dense_numpy(impl, shape):
+    """Both implementations compute in float64 and round once: the float32 result of a float64 dense
+    matmul, up to the rare element whose float64 value lies within rounding error of a float32 tie."""
     n = shape[-1]
     x = np.random.default_rng(n).standard_normal(shape).astype(np.float32)
     got = hadamard_graph(impl, n).run(None, {"x": x})[0]
-    ref = x.astype(np.float64) @ hadamard_matrix(n).numpy()
-    assert got.shape == shape
-    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=2e-5)
+    ref = (x.astype(np.float64) @ hadamard_matrix(n).numpy()).astype(np.float32)
+    assert got.shape == shape and got.dtype == np.float32
+    np.testing.assert_array_max_ulp(got, ref, maxulp=1)
+    assert (got != ref).mean() < 1e-4
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -101,9 +131,9 @@ def test_hadamard_zero_size_nan_inf(impl):
     x[0, 5], x[1, 9] = np.nan, np.inf
     got = sess.run(None, {"x": x})[0]
     with np.errstate(invalid="ignore"):
-        ref = x.astype(np.float64) @ hadamard_matrix(64).numpy()
+        ref = (x.astype(np.float64) @ hadamard_matrix(64).numpy()).astype(np.float32)
     assert np.isnan(got[0]).all() and np.isinf(got[1]).all()
-    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=2e-5)  # NaN == NaN, inf signs equal
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)  # NaN == NaN, inf signs equal
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -119,6 +149,11 @@ def test_quant_dequant_matches_numpy(impl, shape, bits, clip):
     for s, w in [(None, None), (shift, None), (shift, gain), (None, gain)]:
         got = quant_graph(impl, bits, [clip], s, w).run(None, {"x": x})[0]
         np.testing.assert_array_equal(got, np_fake_quant(x, bits, clip, s, w))
+        levels, scale = levels_graph(impl, bits, [clip], s, w)(x)
+        ref_levels, ref_scale = np_quant_levels(x, bits, clip, s, w)
+        np.testing.assert_array_equal(levels, ref_levels)
+        np.testing.assert_array_equal(scale, ref_scale)
+        assert scale.shape == (*shape[:-1], 1) and np.all(levels == np.round(levels))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -143,6 +178,15 @@ def test_quant_dequant_zero_size_nan_inf(impl):
     ref = np_fake_quant(x, 4, 0.9)
     assert np.isnan(ref[:3]).all() and np.isfinite(ref[3]).all()
     np.testing.assert_array_equal(got, ref)
+    run_levels = levels_graph(impl, 4, [0.9])
+    for shape in [(0, 576), (2, 0), (1, 3, 0, 64)]:
+        levels, scale = run_levels(np.zeros(shape, np.float32))
+        assert levels.shape == shape and scale.shape == (*shape[:-1], 1)
+    levels, scale = run_levels(x)
+    ref_levels, ref_scale = np_quant_levels(x, 4, 0.9)
+    np.testing.assert_array_equal(levels[3], ref_levels[3])
+    np.testing.assert_array_equal(scale[3], ref_scale[3])
+    assert np.isnan(levels[:3] * scale[:3]).all()  # the bad tokens stand for all NaN, as in fake quant
 
 
 def run_error(sess, feeds) -> str:
@@ -160,14 +204,21 @@ def test_custom_ops_reject_bad_inputs():
     assert "shift must have 576" in run_error(qds, {"x": x, "clip": np.ones(1, np.float32), "shift": np.ones(5, np.float32)})
     had = session(lambda g: emit_hadamard_op(g, "x", 1536))
     assert "size 1536" in run_error(had, {"x": np.ones((2, 1024), np.float32)})
-    hs = session(lambda g: g.op("Hadamard", ["x", "s"], domain=OPS_DOMAIN), ("x", "s"))
+    hs = session(lambda g: g.op("Hadamard", ["x", g.op("Cast", ["s"], to=TensorProto.DOUBLE)], domain=OPS_DOMAIN),
+                 ("x", "s"))
     assert "square" in run_error(hs, {"x": x, "s": np.ones((3, 4), np.float32)})
     assert "power of two" in run_error(hs, {"x": np.ones((2, 36), np.float32), "s": np.ones((3, 3), np.float32)})
     with pytest.raises(Exception):  # wrong dtype: refused by onnxruntime at run time
         had.run(None, {"x": np.ones((2, 1536), np.float64)})
-    for attrs in [{"bits": 0}, {"bits": 9}, {}]:  # bad attributes: refused when the session is made
-        with pytest.raises(Exception, match="bits must be in 1..8"):
-            session(lambda g: g.op("QuantDequant", ["x", "clip"], domain=OPS_DOMAIN, **attrs), ("x", "clip"))
+    ql = session(lambda g: g.op("QuantLevels", ["x", "clip", "shift"], domain=OPS_DOMAIN, n_out=2, bits=4),
+                 ("x", "clip", "shift"))
+    assert "QuantLevels: shift must have 576" in run_error(ql, {"x": x, "clip": np.ones(1, np.float32),
+                                                                "shift": np.ones(5, np.float32)})
+    for op in ("QuantDequant", "QuantLevels"):
+        for attrs in [{"bits": 0}, {"bits": 9}, {}]:  # bad attributes: refused when the session is made
+            with pytest.raises(Exception, match=f"{op}: attribute bits must be in 1..8"):
+                session(lambda g: g.op(op, ["x", "clip"], domain=OPS_DOMAIN, n_out=1 + (op == "QuantLevels"),
+                                       **attrs), ("x", "clip"))
     with pytest.raises(Exception, match="blocks must be >= 1"):
         session(lambda g: g.op("Hadamard", ["x"], domain=OPS_DOMAIN, blocks=0))
     assert had.run(None, {"x": np.ones((1, 1536), np.float32)})[0].shape == (1, 1536)  # the process and session live on

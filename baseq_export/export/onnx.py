@@ -1,10 +1,12 @@
 """ONNX export of a .baseq artifact (standard ONNX ops + com.microsoft MatMulNBits).
 
-The graph is the artifact's reference forward (qmodel.reference_model) written out:
-4-bit linears as MatMulNBits with per-block scales and packed zero points, folded biases as its
-bias input, online Hadamards as MatMuls by their Kronecker factors, per-token activation and
-KV quant-dequant from Reduce/Round/Clip, and the KV cache as past/present tensors so decoding
-is incremental. Inputs: ``input_ids`` [batch, seq] and ``past_key_values.{i}.key|value``
+The graph is the artifact's reference forward (qmodel.reference_model, exact mode) written out:
+4-bit linears as MatMulNBits with packed zero points; on 4-bit activations (per-channel weights)
+an integer matmul (MatMulNBits with unit scales on the activation's integer levels) rescaled in
+float64, else per-block scales with the folded bias as its bias input; norms, attention, SwiGLU
+and online Hadamards in float64 rounded once; per-token activation and KV quantizers as our
+baseq ops or from Reduce/Round/Clip; the KV cache as past/present tensors so decoding is
+incremental. onnxruntime so computes the reference's float32 values, not merely close ones. Inputs: ``input_ids`` [batch, seq] and ``past_key_values.{i}.key|value``
 [batch, kv_heads, past, head_dim]; outputs: ``logits`` and ``present.{i}.key|value``.
 """
 
@@ -22,7 +24,8 @@ from onnx import TensorProto, helper
 from ..models.base import ModelConfig, linear_in_features, rope_tables
 from ..qmodel import Artifact, head_from_tensors, linear_from_tensors, load_artifact, staged_dir
 from .onnx_graph import (MS_DOMAIN, OPS_DOMAIN, Graph, emit_fake_quant, emit_hadamard, emit_hadamard_op,
-                         emit_quant_dequant_op, emit_rms_norm, matmul_nbits_inputs)
+                         emit_quant_dequant_op, emit_quant_levels, emit_quant_levels_op, emit_rms_norm,
+                         matmul_nbits_inputs, to_double, to_float)
 
 OPSET = 18
 MODEL_FILE = "model.onnx"
@@ -56,8 +59,9 @@ def hadamard(c: _Ctx, x: str, n: int) -> str:
     return emit_hadamard_op(c.g, x, n) if c.custom else emit_hadamard(c.g, x, n)
 
 
-def emit_site(c: _Ctx, layer: int, site: str, x: str) -> str:
-    """qmodel.QuantHooks.act: [R4] -> * gain -> - shift -> per-token fake quant."""
+def emit_site(c: _Ctx, layer: int, site: str, x: str) -> "str | tuple[str, str]":
+    """qmodel.QuantHooks.act: [R4] -> * gain -> - shift -> per-token quantizer. With 4-bit activations
+    the result is (levels, scale as float64), the IntActivation the next linear multiplies as integers."""
     g = c.g
     prefix = f"layers.{layer}.{site}"
     if c.r4 and site == "down_in":
@@ -65,20 +69,25 @@ def emit_site(c: _Ctx, layer: int, site: str, x: str) -> str:
     if c.custom and c.a_bits:
         shift, gain = c.tensor(f"{prefix}.shift"), c.tensor(f"{prefix}.gain")
         width = int(c.t[f"{prefix}.gain"].numel()) if gain is not None else None
-        return emit_quant_dequant_op(g, x, c.a_bits, c.tensor(f"{prefix}.clip"), shift, gain, width)
+        levels, scale = emit_quant_levels_op(g, x, c.a_bits, c.tensor(f"{prefix}.clip"), shift, gain, width)
+        return levels, to_double(g, scale)
     if (gain := c.tensor(f"{prefix}.gain")) is not None:
         x = g.op("Mul", [x, gain])
     if (shift := c.tensor(f"{prefix}.shift")) is not None:
         x = g.op("Sub", [x, shift])
     if c.a_bits:
-        x = emit_fake_quant(g, x, c.a_bits, c.tensor(f"{prefix}.clip"))
+        levels, scale = emit_quant_levels(g, x, c.a_bits, c.tensor(f"{prefix}.clip"))
+        return levels, to_double(g, scale)
     return x
 
 
-def emit_matmul_nbits(c: _Ctx, x: str, prefix: str, qw, bias: str | None = None) -> str:
-    """x @ dequant(qw).T [+ bias] as com.microsoft.MatMulNBits (4-bit, exact per-block mapping of our format)."""
-    arrays, block = matmul_nbits_inputs(_np(qw.codes), _np(qw.scale), _np(qw.zero), qw.group_size)
-    inputs = [x] + [c.g.init(f"{prefix}.{key}", arr) for key, arr in arrays.items()]
+def emit_matmul_nbits(c: _Ctx, x: str, prefix: str, qw, bias: str | None = None, unit_scales: bool = False) -> str:
+    """x @ dequant(qw).T [+ bias] as com.microsoft.MatMulNBits (4-bit, exact per-block mapping of our format);
+    unit_scales: x @ (codes - zero).T, the integer sums (all-ones scales, shared between same-shape linears)."""
+    scale = np.ones_like(_np(qw.scale)) if unit_scales else _np(qw.scale)
+    arrays, block = matmul_nbits_inputs(_np(qw.codes), scale, _np(qw.zero), qw.group_size)
+    inputs = [x] + [c.g.const(arr) if key == "scales" and unit_scales else c.g.init(f"{prefix}.{key}", arr)
+                    for key, arr in arrays.items()]
     if bias is not None:
         inputs += ["", bias]  # g_idx unused
     n, k = qw.codes.shape
@@ -86,11 +95,26 @@ def emit_matmul_nbits(c: _Ctx, x: str, prefix: str, qw, bias: str | None = None)
                   accuracy_level=0)
 
 
-def emit_linear(c: _Ctx, layer: int, name: str, x: str) -> str:
-    """A 4-bit projection of a block (bias folded in)."""
+def emit_linear(c: _Ctx, layer: int, name: str, x: "str | tuple[str, str]") -> str:
+    """A 4-bit projection of a block (bias folded in), as models.base.linear.
+
+    On (levels, scale) with per-channel weights: MatMulNBits with unit scales gives the integer
+    sums levels @ (codes - zero)^T exactly; they are scaled by the activation's and the weight's
+    scales in float64 and rounded once, then the bias is added in float32.
+    """
     prefix = f"layers.{layer}.{name}"
     qw = linear_from_tensors(prefix, c.t, linear_in_features(c.cfg, name), c.art.quant.get("group_size"))
-    return emit_matmul_nbits(c, x, prefix, qw, c.tensor(f"{prefix}.bias"))
+    bias = c.tensor(f"{prefix}.bias")
+    if isinstance(x, str):
+        return emit_matmul_nbits(c, x, prefix, qw, bias)
+    levels, scale = x
+    g = c.g
+    if qw.scale.shape[1] != 1:  # grouped scales have no exact integer form: dequantize (as models.base.linear)
+        return emit_matmul_nbits(c, g.op("Mul", [levels, to_float(g, scale)]), prefix, qw, bias)
+    sums = to_double(g, emit_matmul_nbits(c, levels, prefix, qw, unit_scales=True))
+    w_scale = g.init(f"{prefix}.channel_scales", _np(qw.scale[:, 0].to(torch.float64)))
+    y = to_float(g, g.op("Mul", [g.op("Mul", [sums, scale]), w_scale]))
+    return y if bias is None else g.op("Add", [y, bias])
 
 
 def emit_embedding(c: _Ctx, ids: str) -> str:
@@ -164,25 +188,36 @@ def emit_block(c: _Ctx, i: int, h: str, cos: str, sin: str, mask: str, past: tup
         k_all = g.op("KVUnpack", [present_k], domain=OPS_DOMAIN, head_dim=cfg.head_dim)
         v_all = g.op("KVUnpack", [present_v], domain=OPS_DOMAIN, head_dim=cfg.head_dim)
     groups = cfg.num_heads // cfg.num_kv_heads
-    k_full = emit_repeat_kv(g, k_all, groups, cfg.num_heads, cfg.head_dim)
-    v_full = emit_repeat_kv(g, v_all, groups, cfg.num_heads, cfg.head_dim)
-    scores = g.op("MatMul", [q, g.op("Transpose", [k_full], perm=[0, 1, 3, 2])])
-    scores = g.op("Add", [g.op("Mul", [scores, g.const(1.0 / np.sqrt(cfg.head_dim))]), mask])
-    a = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v_full])
+    k_full = emit_repeat_kv(g, to_double(g, k_all), groups, cfg.num_heads, cfg.head_dim)
+    v_full = emit_repeat_kv(g, to_double(g, v_all), groups, cfg.num_heads, cfg.head_dim)
+    a = emit_attention(g, to_double(g, q), k_full, v_full, mask, cfg.head_dim)
     a = g.op("Reshape", [g.op("Transpose", [a], perm=[0, 2, 1, 3]), g.const([0, 0, cfg.num_heads * cfg.head_dim], np.int64)])
     h = g.op("Add", [h, emit_linear(c, i, "o", emit_site(c, i, "o_in", a))])
     x = emit_site(c, i, "mlp_in", emit_rms_norm(g, h, c.tensor(f"layers.{i}.mlp_norm"), cfg.rms_eps))
-    gate = emit_linear(c, i, "gate", x)
-    act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), emit_linear(c, i, "up", x)])
+    act = emit_swiglu(g, emit_linear(c, i, "gate", x), emit_linear(c, i, "up", x))
     h = g.op("Add", [h, emit_linear(c, i, "down", emit_site(c, i, "down_in", act))])
     return h, present_k, present_v
+
+
+def emit_attention(g: Graph, q: str, k: str, v: str, mask: str, head_dim: int) -> str:
+    """softmax(q k^T / sqrt(hd) + mask) v on float64 q, k, v [B, H, *, hd], rounded once to float32
+    (models.base.attend in exact mode)."""
+    scores = g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])])
+    scores = g.op("Add", [g.op("Mul", [scores, g.const(1.0 / np.sqrt(head_dim), np.float64)]), mask])
+    return to_float(g, g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v]))
+
+
+def emit_swiglu(g: Graph, gate: str, up: str) -> str:
+    """silu(gate) * up in float64 rounded once (models.base.swiglu in exact mode)."""
+    gd, ud = to_double(g, gate), to_double(g, up)
+    return to_float(g, g.op("Mul", [g.op("Mul", [gd, g.op("Sigmoid", [gd])]), ud]))
 
 
 MASKED = -1e9  # additive mask value: exp() underflows to exactly 0, and a fully masked (padding) row stays finite
 
 
 def emit_positions_and_mask(g: Graph, cfg: ModelConfig, ids: str, past_key: str, attention_mask: str) -> tuple[str, str]:
-    """Absolute positions [T] (past_len + arange(T)) and the additive mask [B, 1, T, past+T]:
+    """Absolute positions [T] (past_len + arange(T)) and the additive float64 mask [B, 1, T, past+T]:
     causal (and sliding window), and keys whose attention_mask [B, past+T] is 0 are hidden."""
     past_len = g.op("Gather", [g.op("Shape", [past_key]), g.const(2, np.int64)], axis=0)
     seq = g.op("Gather", [g.op("Shape", [ids]), g.const(1, np.int64)], axis=0)
@@ -197,7 +232,7 @@ def emit_positions_and_mask(g: Graph, cfg: ModelConfig, ids: str, past_key: str,
     keep = g.op("Cast", [attention_mask], to=TensorProto.BOOL)
     keep = g.op("Unsqueeze", [keep, g.const([1, 2], np.int64)])  # [B, 1, 1, S]
     allowed = g.op("And", [allowed, keep])
-    mask = g.op("Where", [allowed, g.const(0.0), g.const(MASKED)])
+    mask = g.op("Where", [allowed, g.const(0.0, np.float64), g.const(MASKED, np.float64)])
     return positions, mask
 
 

@@ -1,15 +1,16 @@
 """A minimal ONNX graph accumulator and the standard-op building blocks of our quantized forward.
 
 Each `emit_*` function appends the nodes of one computation and returns its output name; they
-reproduce models.base / qmodel.QuantHooks op for op in float32, so onnxruntime matches the
-PyTorch reference up to matmul summation order.
+reproduce the exact mode of models.base / qmodel.QuantHooks: float32 element-wise steps op for op,
+norms and Hadamards in float64 rounded once, quantizers bit for bit. So onnxruntime gets the
+reference's values, not just close ones.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 MS_DOMAIN = "com.microsoft"
 
@@ -45,17 +46,31 @@ class Graph:
         return self._consts[key]
 
 
+def to_double(g: Graph, x: str) -> str:
+    return g.op("Cast", [x], to=TensorProto.DOUBLE)
+
+
+def to_float(g: Graph, x: str) -> str:
+    return g.op("Cast", [x], to=TensorProto.FLOAT)
+
+
 def emit_rms_norm(g: Graph, x: str, weight: str | None, eps: float) -> str:
-    """x * 1/sqrt(mean(x^2) + eps) [* weight], as models.base.rms_norm in float32."""
-    sq = g.op("Mul", [x, x])
-    mean = g.op("ReduceMean", [sq, g.const([-1], np.int64)], keepdims=1)
-    inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [mean, g.const(eps)])])])
-    y = g.op("Mul", [x, inv])
+    """x * 1/sqrt(mean(x^2) + eps) in float64 rounded once [* weight in float32], as models.base.rms_norm(exact=True)."""
+    xd = to_double(g, x)
+    mean = g.op("ReduceMean", [g.op("Mul", [xd, xd]), g.const([-1], np.int64)], keepdims=1)
+    inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [mean, g.const(eps, np.float64)])])])
+    y = to_float(g, g.op("Mul", [xd, inv]))
     return g.op("Mul", [y, weight]) if weight else y
 
 
 def emit_fake_quant(g: Graph, x: str, bits: int, clip: str) -> str:
     """Per-token asymmetric quant-dequant over the last axis: quant.fake_quant_per_token's recipe."""
+    levels, scale = emit_quant_levels(g, x, bits, clip)
+    return g.op("Mul", [levels, scale])
+
+
+def emit_quant_levels(g: Graph, x: str, bits: int, clip: str) -> tuple[str, str]:
+    """(levels, scale) of the per-token quantizer over the last axis: quant.quantize_per_token's recipe."""
     qmax = float(2**bits - 1)
     axes = g.const([-1], np.int64)
     xmin = g.op("ReduceMin", [x, axes], keepdims=1)
@@ -70,26 +85,26 @@ def emit_fake_quant(g: Graph, x: str, bits: int, clip: str) -> str:
     zero = g.op("Round", [g.op("Div", [g.op("Neg", [lo]), scale])])
     q = g.op("Add", [g.op("Round", [g.op("Div", [x, scale])]), zero])
     q = g.op("Clip", [q, g.const(0.0), g.const(qmax)])
-    return g.op("Mul", [g.op("Sub", [q, zero]), scale])
+    return g.op("Sub", [q, zero]), scale
 
 
 def emit_hadamard(g: Graph, x: str, n: int) -> str:
-    """x @ H along the last axis as Reshape + MatMul by the Kronecker factors of hadamard.plan_hadamard."""
+    """x @ H along the last axis as Reshape + MatMul by the Kronecker factors of hadamard.plan_hadamard,
+    in float64 rounded once (QuantHooks.hadamard in exact mode)."""
     from ..hadamard import hadamard_matrix, plan_hadamard
 
     plan = plan_hadamard(n)
     p = plan.pow2
-    pmat = g.const(hadamard_matrix(p).numpy() if p > 1 else np.ones((1, 1)))
     m = plan.m
     shape = g.op("Shape", [x])
     lead = g.op("Slice", [shape, g.const([0], np.int64), g.const([-1], np.int64)])
     split = g.op("Concat", [lead, g.const([plan.blocks, m, p], np.int64)], axis=0)
-    y = g.op("Reshape", [x, split])
+    y = g.op("Reshape", [to_double(g, x), split])
     if p > 1:
-        y = g.op("MatMul", [y, pmat])
+        y = g.op("MatMul", [y, g.const(hadamard_matrix(p).numpy(), np.float64)])
     if plan.small is not None:
-        y = g.op("MatMul", [g.const(plan.small.numpy().T), y])  # S^T X P for X = [m, p]
-    return g.op("Reshape", [y, shape])
+        y = g.op("MatMul", [g.const(plan.small.numpy().T, np.float64), y])  # S^T X P for X = [m, p]
+    return to_float(g, g.op("Reshape", [y, shape]))
 
 
 def matmul_nbits_inputs(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, group_size: int) -> tuple[dict, int]:
@@ -127,18 +142,28 @@ def emit_hadamard_op(g: Graph, x: str, n: int) -> str:
     from ..hadamard import plan_hadamard
 
     plan = plan_hadamard(n)
-    inputs = [x] if plan.small is None else [x, g.const(plan.small.numpy())]
+    inputs = [x] if plan.small is None else [x, g.const(plan.small.numpy(), np.float64)]
     return g.op("Hadamard", inputs, domain=OPS_DOMAIN, blocks=plan.blocks, size=n)
 
 
-def emit_quant_dequant_op(g: Graph, x: str, bits: int, clip: str, shift: str | None = None, gain: str | None = None,
-                          width: int | None = None) -> str:
-    """fq(x * gain - shift) per token as one baseq.QuantDequant node (a gain without a shift gets zeros)."""
+def _quantizer_inputs(g: Graph, x: str, clip: str, shift: str | None, gain: str | None, width: int | None) -> list[str]:
     inputs = [x, clip]
-    if gain is not None and shift is None:
+    if gain is not None and shift is None:  # a gain without a shift gets zeros
         shift = g.const(np.zeros(width, np.float32))
     if shift is not None:
         inputs.append(shift)
     if gain is not None:
         inputs.append(gain)
-    return g.op("QuantDequant", inputs, domain=OPS_DOMAIN, bits=bits)
+    return inputs
+
+
+def emit_quant_dequant_op(g: Graph, x: str, bits: int, clip: str, shift: str | None = None, gain: str | None = None,
+                          width: int | None = None) -> str:
+    """fq(x * gain - shift) per token as one baseq.QuantDequant node."""
+    return g.op("QuantDequant", _quantizer_inputs(g, x, clip, shift, gain, width), domain=OPS_DOMAIN, bits=bits)
+
+
+def emit_quant_levels_op(g: Graph, x: str, bits: int, clip: str, shift: str | None = None, gain: str | None = None,
+                         width: int | None = None) -> tuple[str, str]:
+    """(levels, scale) of x * gain - shift per token as one baseq.QuantLevels node."""
+    return g.op("QuantLevels", _quantizer_inputs(g, x, clip, shift, gain, width), domain=OPS_DOMAIN, n_out=2, bits=bits)

@@ -19,6 +19,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from ..quant import IntActivation
+
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
@@ -92,9 +94,17 @@ def linear_in_features(cfg: "ModelConfig", linear: str) -> int:
     return next(site_width(cfg, site) for site, names in SITE_LINEARS.items() if linear in names)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """RMSNorm in the input's dtype with float32-or-better accumulation; weight None = no gain."""
-    acc = x.to(torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x
+def _wide(x: torch.Tensor, exact: bool) -> torch.Tensor:
+    """The accumulation tensor: float64 in exact mode, else float32 for half types and x itself otherwise."""
+    if exact:
+        return x.to(torch.float64)
+    return x.to(torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, exact: bool = False) -> torch.Tensor:
+    """RMSNorm in the input's dtype with float32-or-better accumulation (float64 when exact, rounded once);
+    weight None = no gain."""
+    acc = _wide(x, exact)
     y = acc * torch.rsqrt(acc.pow(2).mean(-1, keepdim=True) + eps)
     y = y.to(x.dtype)
     return y if weight is None else y * weight
@@ -117,9 +127,38 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    """x @ W^T + b for the named projection of a layer dict (bias optional)."""
-    return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
+def linear(x: "torch.Tensor | IntActivation", w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """x @ W^T + b for the named projection of a layer dict (bias optional).
+
+    On an IntActivation with integer weights (``{name}.levels`` = codes - zero, ``{name}.scales``
+    [N] per output channel) it is an integer matmul: levels_x @ levels_w^T is exact in float32 in
+    any summation order (|sums| < 2**24), then scaled by both scales in float64 and rounded once.
+    Every backend that does this gets the same float32 bits.
+    """
+    bias = w.get(f"{name}.bias")
+    if isinstance(x, IntActivation):
+        levels = w.get(f"{name}.levels")
+        if levels is None:  # grouped weight scales: no exact integer form, use the dequantized weight
+            return F.linear(x.dequantize(), w[f"{name}.weight"], bias)
+        acc = F.linear(x.levels, levels).to(torch.float64)
+        y = ((acc * x.scale.to(torch.float64)) * w[f"{name}.scales"].to(torch.float64)).to(torch.float32)
+        return y if bias is None else y + bias
+    return F.linear(x, w[f"{name}.weight"], bias)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, exact: bool = False) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v; in exact mode computed in float64 and rounded once."""
+    if not exact:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    a = F.scaled_dot_product_attention(q.to(torch.float64), k.to(torch.float64), v.to(torch.float64), attn_mask=mask)
+    return a.to(q.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, exact: bool = False) -> torch.Tensor:
+    """silu(gate) * up; in exact mode computed in float64 and rounded once."""
+    if not exact:
+        return F.silu(gate) * up
+    return (F.silu(gate.to(torch.float64)) * up.to(torch.float64)).to(gate.dtype)
 
 
 def layer_weights(weights: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
@@ -147,10 +186,15 @@ def block_forward(
     sin: torch.Tensor,
     hooks: Hooks = IDENTITY,
     cache: list | None = None,
+    exact: bool = False,
 ) -> torch.Tensor:
-    """One decoder block on h [B, T, d]; `cache` (a [k, v] list or None) holds past keys/values."""
+    """One decoder block on h [B, T, d]; `cache` (a [k, v] list or None) holds past keys/values.
+
+    exact=True: norms, attention and the SwiGLU product run in float64 and are rounded once, so
+    the result does not depend on summation order (see `forward`).
+    """
     b, t, _ = h.shape
-    x = hooks.act(layer, "attn_in", rms_norm(h, w.get("attn_norm"), cfg.rms_eps))
+    x = hooks.act(layer, "attn_in", rms_norm(h, w.get("attn_norm"), cfg.rms_eps, exact))
     q = linear(x, w, "q").view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)
     k = linear(x, w, "k").view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
     v = linear(x, w, "v").view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
@@ -166,11 +210,11 @@ def block_forward(
     k_full = k.repeat_interleave(groups, dim=1)
     v_full = v.repeat_interleave(groups, dim=1)
     mask = attention_mask(t, k.shape[2], cfg.sliding_window, h.device)
-    a = F.scaled_dot_product_attention(q, k_full, v_full, attn_mask=mask)
+    a = attend(q, k_full, v_full, mask, exact)
     a = a.transpose(1, 2).reshape(b, t, cfg.num_heads * cfg.head_dim)
     h = h + linear(hooks.act(layer, "o_in", a), w, "o")
-    x = hooks.act(layer, "mlp_in", rms_norm(h, w.get("mlp_norm"), cfg.rms_eps))
-    g = F.silu(linear(x, w, "gate")) * linear(x, w, "up")
+    x = hooks.act(layer, "mlp_in", rms_norm(h, w.get("mlp_norm"), cfg.rms_eps, exact))
+    g = swiglu(linear(x, w, "gate"), linear(x, w, "up"), exact)
     return h + linear(hooks.act(layer, "down_in", g), w, "down")
 
 
@@ -180,15 +224,24 @@ def forward(
     ids: torch.Tensor,
     hooks: Hooks = IDENTITY,
     cache: list[list] | None = None,
+    exact: bool = False,
 ) -> torch.Tensor:
-    """Logits [B, T, vocab] for token ids [B, T]; with `cache` (one list per layer) decoding is incremental."""
+    """Logits [B, T, vocab] for token ids [B, T]; with `cache` (one list per layer) decoding is incremental.
+
+    exact=True (the quantized reference): every norm, attention and SwiGLU product is computed in
+    float64 and rounded once to float32, and linears on quantized activations are integer matmuls
+    (`linear`). Such values do not depend on summation order, so another backend computing them
+    the same way gets the same bits, and so the same codes at every 4-bit activation quantizer. A
+    last-bit difference there could flip one code, and in a W4A4 model one flip spreads into
+    different tokens.
+    """
     h = F.embedding(ids, weights["embed"])
     past = cache[0][0].shape[2] if cache and cache[0] else 0
     positions = torch.arange(past, past + ids.shape[1], device=ids.device)
     cos, sin = rope_tables(weights["rope.inv_freq"], positions, cfg.rope_attention_scaling, h.dtype)
     for i in range(cfg.num_layers):
-        h = block_forward(cfg, layer_weights(weights, i), i, h, cos, sin, hooks, None if cache is None else cache[i])
-    h = rms_norm(h, weights.get("norm"), cfg.rms_eps)
+        h = block_forward(cfg, layer_weights(weights, i), i, h, cos, sin, hooks, None if cache is None else cache[i], exact)
+    h = rms_norm(h, weights.get("norm"), cfg.rms_eps, exact)
     return F.linear(h, weights["lm_head"])
 
 

@@ -2,12 +2,16 @@
 //
 //   Hadamard(X[..., n], S[m, m]?) -> Y            attributes blocks (default 1), size (n; 0 = any)
 //       Y = X @ H along the last axis, H = block_diag(blocks x kron(S, Sylvester(p) / sqrt(p))),
-//       n = blocks * m * p, p a power of two; the same recipe and float32 operation order as
-//       baseq_export.hadamard.apply_hadamard (scale, butterflies, then S^T times the [m, p] block).
+//       n = blocks * m * p, p a power of two; S is float64. Computed in float64 and rounded once to
+//       float32, in the order of baseq_export.hadamard.apply_hadamard on float64 (scale,
+//       butterflies, then S^T times the [m, p] block): the reference's exact mode.
 //   QuantDequant(X[..., n], clip, shift[n]?, gain[n]?) -> Y     attribute bits (1..8)
 //       per-row asymmetric fake quant of x' = x * gain - shift, exactly the float32 recipe of
 //       baseq_export.quant.fake_quant_per_token (shift is not added back: the next linear's bias
 //       holds it). clip holds one value, or one per head (axis 1) for a rank-4 KV tensor.
+//   QuantLevels(X[..., n], clip, shift[n]?, gain[n]?) -> L[..., n], S[..., 1]   attribute bits
+//       the same quantizer with its integer levels L = q - zero (as float32) and scale S kept
+//       apart (baseq_export.quant.quantize_per_token), for an integer matmul: L * S = QuantDequant.
 //   KVQuantPack(X[B, H, T, hd], clip) -> uint8 [B, H, T, hd/2 + 8]   attribute bits (4)
 //       the 4-bit KV quantizer, stored packed: hd/2 bytes of codes, then float32 scale and zero.
 //   KVUnpack(P[B, H, S, hd/2 + 8]) -> float [B, H, S, hd]             attribute head_dim
@@ -23,7 +27,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -70,13 +76,13 @@ void ForRows(OrtKernelContext* ctx, int64_t rows, int64_t width, Body body) {
 
 // In-place unnormalised Sylvester transform of p = 2^k values: log2(p) add/sub passes, pairing
 // index j with j + h inside chunks of 2h (the pairing of hadamard._butterfly).
-void Butterfly(float* y, int64_t p) {
+void Butterfly(double* y, int64_t p) {
   for (int64_t h = 1; h < p; h *= 2) {
     for (int64_t base = 0; base < p; base += 2 * h) {
-      float* a = y + base;
-      float* b = a + h;
+      double* a = y + base;
+      double* b = a + h;
       for (int64_t t = 0; t < h; ++t) {
-        float u = a[t], v = b[t];
+        double u = a[t], v = b[t];
         a[t] = u + v;
         b[t] = u - v;
       }
@@ -105,7 +111,7 @@ struct Hadamard {
     if (size < 0) ORT_CXX_API_THROW("baseq.Hadamard: attribute size must be >= 0", ORT_INVALID_ARGUMENT);
   }
 
-  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& x, std::optional<const Tensor<float>*> small,
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& x, std::optional<const Tensor<double>*> small,
                       Tensor<float>& y) {
     const auto& shape = x.Shape();
     if (shape.empty()) return Error("baseq.Hadamard: input X must have rank >= 1, got a scalar");
@@ -114,7 +120,7 @@ struct Hadamard {
       return Error("baseq.Hadamard: X " + ShapeStr(shape) + " has last dimension " + std::to_string(n) +
                    ", the node transforms size " + std::to_string(size));
     int64_t m = 1;
-    const float* s = nullptr;
+    const double* s = nullptr;
     if (small.has_value() && *small != nullptr) {
       const auto& ss = (*small)->Shape();
       if (ss.size() != 2 || ss[0] != ss[1] || ss[0] < 1)
@@ -133,28 +139,30 @@ struct Hadamard {
     int64_t total = x.NumberOfElement();
     if (total == 0) return Ort::Status{nullptr};
     const float* in = x.Data();
-    const float norm = static_cast<float>(1.0 / std::sqrt(static_cast<double>(p)));
+    const double norm = 1.0 / std::sqrt(static_cast<double>(p));
     int64_t rows = total / n;
     ForRows(ctx, rows, n, [&](int64_t first, int64_t end) {
-      std::vector<float> tmp(s ? m * p : 0);
+      std::vector<double> work(m * p), mixed(s ? m * p : 0);
       for (int64_t r = first; r < end; ++r) {
         for (int64_t b = 0; b < blocks; ++b) {
           const float* src = in + r * n + b * m * p;
           float* dst = out + r * n + b * m * p;
-          float* work = s ? tmp.data() : dst;
-          for (int64_t i = 0; i < m * p; ++i) work[i] = src[i] * norm;
-          for (int64_t i = 0; i < m; ++i) Butterfly(work + i * p, p);
-          if (s) {  // dst[i, :] = sum_k S[k, i] * work[k, :]
+          for (int64_t i = 0; i < m * p; ++i) work[i] = static_cast<double>(src[i]) * norm;
+          for (int64_t i = 0; i < m; ++i) Butterfly(work.data() + i * p, p);
+          const double* res = work.data();
+          if (s) {  // mixed[i, :] = sum_k S[k, i] * work[k, :]
             for (int64_t i = 0; i < m; ++i) {
-              float* d = dst + i * p;
-              for (int64_t j = 0; j < p; ++j) d[j] = 0.0f;
+              double* d = mixed.data() + i * p;
+              for (int64_t j = 0; j < p; ++j) d[j] = 0.0;
               for (int64_t k = 0; k < m; ++k) {
-                const float c = s[k * m + i];
-                const float* w = work + k * p;
+                const double c = s[k * m + i];
+                const double* w = work.data() + k * p;
                 for (int64_t j = 0; j < p; ++j) d[j] += c * w[j];
               }
             }
+            res = mixed.data();
           }
+          for (int64_t i = 0; i < m * p; ++i) dst[i] = static_cast<float>(res[i]);
         }
       }
     });
@@ -191,26 +199,30 @@ inline float Code(float v, const RowQParams& p, float qmax) {
   return q < 0.0f ? 0.0f : (q > qmax ? qmax : q);
 }
 
-struct QuantDequant {
-  int64_t bits = 0;
-
-  QuantDequant(const OrtApi* api, const OrtKernelInfo* info) : bits(IntAttribute(api, info, "bits", 0)) {
-    if (bits < 1 || bits > 8)
-      ORT_CXX_API_THROW("baseq.QuantDequant: attribute bits must be in 1..8, got " + std::to_string(bits),
+// The per-row quantizer of QuantDequant and QuantLevels: checks the inputs, then calls
+// emit(row, buf, params) with each row's x' = x * gain - shift and its scale and zero point.
+class RowQuantizer {
+ public:
+  RowQuantizer(const OrtApi* api, const OrtKernelInfo* info, const char* op) : op_(op) {
+    bits_ = IntAttribute(api, info, "bits", 0);
+    if (bits_ < 1 || bits_ > 8)
+      ORT_CXX_API_THROW(std::string(op) + ": attribute bits must be in 1..8, got " + std::to_string(bits_),
                         ORT_INVALID_ARGUMENT);
   }
 
-  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<float>& clip,
-                      std::optional<const Tensor<float>*> shift, std::optional<const Tensor<float>*> gain,
-                      Tensor<float>& y) {
+ protected:
+  template <typename Emit>
+  Ort::Status ForEachRow(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<float>& clip,
+                         std::optional<const Tensor<float>*> shift, std::optional<const Tensor<float>*> gain,
+                         const std::function<void()>& allocate, Emit emit) const {
     const auto& shape = x.Shape();
-    if (shape.empty()) return Error("baseq.QuantDequant: input X must have rank >= 1, got a scalar");
+    if (shape.empty()) return Error(op_ + ": input X must have rank >= 1, got a scalar");
     const int64_t n = shape.back();
     const int64_t clips = clip.NumberOfElement();
     int64_t heads = 0, per_head_rows = 1;
     if (clips != 1) {
       if (shape.size() != 4 || clips != shape[1])
-        return Error("baseq.QuantDequant: clip must hold 1 value, or one per head (axis 1) of a rank-4 X; got " +
+        return Error(op_ + ": clip must hold 1 value, or one per head (axis 1) of a rank-4 X; got " +
                      std::to_string(clips) + " values for X " + ShapeStr(shape));
       heads = shape[1];
       per_head_rows = shape[2];
@@ -222,18 +234,17 @@ struct QuantDequant {
       if (opt.has_value() && *opt != nullptr) {
         const auto& vs = (*opt)->Shape();
         if ((*opt)->NumberOfElement() != n || vs.empty() || vs.back() != n)
-          return Error(std::string("baseq.QuantDequant: ") + (which ? "gain" : "shift") + " must have " +
-                       std::to_string(n) + " values (the last dimension of X), got " + ShapeStr(vs));
+          return Error(op_ + ": " + (which ? "gain" : "shift") + " must have " + std::to_string(n) +
+                       " values (the last dimension of X), got " + ShapeStr(vs));
         (which ? gn : sh) = (*opt)->Data();
       }
     }
-    float* out = y.Allocate(shape);
+    allocate();
     const int64_t total = x.NumberOfElement();
-    if (total == 0) return Ort::Status{nullptr};
-    if (n == 0) return Ort::Status{nullptr};
+    if (total == 0 || n == 0) return Ort::Status{nullptr};
     const float* in = x.Data();
     const float* cl = clip.Data();
-    const float qmax = static_cast<float>((1 << bits) - 1);
+    const float qmax = static_cast<float>((1 << bits_) - 1);
     ForRows(ctx, total / n, n, [&](int64_t first, int64_t end) {
       std::vector<float> buf(n);
       for (int64_t r = first; r < end; ++r) {
@@ -245,12 +256,59 @@ struct QuantDequant {
           buf[i] = v;
         }
         const float c = heads ? cl[(r / per_head_rows) % heads] : cl[0];
-        const RowQParams p = RowQParamsOf(buf.data(), n, c, qmax);
-        float* dst = out + r * n;
-        for (int64_t i = 0; i < n; ++i) dst[i] = (Code(buf[i], p, qmax) - p.zero) * p.scale;
+        emit(r, buf.data(), RowQParamsOf(buf.data(), n, c, qmax), qmax);
       }
     });
     return Ort::Status{nullptr};
+  }
+
+ private:
+  std::string op_;
+  int64_t bits_ = 0;
+};
+
+struct QuantDequant : RowQuantizer {
+  QuantDequant(const OrtApi* api, const OrtKernelInfo* info) : RowQuantizer(api, info, "baseq.QuantDequant") {}
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<float>& clip,
+                      std::optional<const Tensor<float>*> shift, std::optional<const Tensor<float>*> gain,
+                      Tensor<float>& y) {
+    const auto& shape = x.Shape();
+    const int64_t n = shape.empty() ? 0 : shape.back();
+    float* out = nullptr;
+    return ForEachRow(ctx, x, clip, shift, gain, [&] { out = y.Allocate(shape); },
+                      [&](int64_t r, const float* buf, const RowQParams& p, float qmax) {
+                        float* dst = out + r * n;
+                        for (int64_t i = 0; i < n; ++i) dst[i] = (Code(buf[i], p, qmax) - p.zero) * p.scale;
+                      });
+  }
+};
+
+struct QuantLevels : RowQuantizer {
+  QuantLevels(const OrtApi* api, const OrtKernelInfo* info) : RowQuantizer(api, info, "baseq.QuantLevels") {}
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<float>& clip,
+                      std::optional<const Tensor<float>*> shift, std::optional<const Tensor<float>*> gain,
+                      Tensor<float>& levels, Tensor<float>& scale) {
+    const auto& shape = x.Shape();
+    const int64_t n = shape.empty() ? 0 : shape.back();
+    float* out = nullptr;
+    float* sc = nullptr;
+    auto allocate = [&] {
+      std::vector<int64_t> scale_shape(shape);
+      scale_shape.back() = 1;
+      out = levels.Allocate(shape);
+      sc = scale.Allocate(scale_shape);
+      int64_t rows = 1;
+      for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
+      std::fill(sc, sc + rows, 1.0f);  // rows of width 0 (no values to quantize) keep scale 1
+    };
+    return ForEachRow(ctx, x, clip, shift, gain, allocate,
+                      [&](int64_t r, const float* buf, const RowQParams& p, float qmax) {
+                        float* dst = out + r * n;
+                        for (int64_t i = 0; i < n; ++i) dst[i] = Code(buf[i], p, qmax) - p.zero;
+                        sc[r] = p.scale;
+                      });
   }
 };
 
@@ -357,6 +415,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
       g_domain = new Ort::CustomOpDomain("baseq");  // lives as long as the process: sessions keep pointers to it
       g_ops.emplace_back(Ort::Custom::CreateLiteCustomOp<Hadamard>("Hadamard", "CPUExecutionProvider"));
       g_ops.emplace_back(Ort::Custom::CreateLiteCustomOp<QuantDequant>("QuantDequant", "CPUExecutionProvider"));
+      g_ops.emplace_back(Ort::Custom::CreateLiteCustomOp<QuantLevels>("QuantLevels", "CPUExecutionProvider"));
       g_ops.emplace_back(Ort::Custom::CreateLiteCustomOp<KVQuantPack>("KVQuantPack", "CPUExecutionProvider"));
       g_ops.emplace_back(Ort::Custom::CreateLiteCustomOp<KVUnpack>("KVUnpack", "CPUExecutionProvider"));
       for (auto& op : g_ops) g_domain->Add(op.get());
