@@ -174,17 +174,10 @@ def test_onnxruntime_genai_runs_the_export(tmp_path, ops):
 @pytest.mark.real_model
 @pytest.mark.parametrize("kind", ["w4a16-rtn", "w4a4kv4-baseq"])
 def test_default_model_onnx_parity(default_model, tmp_path, kind):
-    """Default model: onnxruntime against the torch reference of the same artifact, and greedy decoding
-    with torch, onnxruntime and onnxruntime-genai.
-
-    W4A16: perplexity within 0.5% and 32 identical greedy tokens. W4A4KV4: the two backends' float
-    matmuls differ in summation order; a value that lands on a 4-bit rounding boundary then flips
-    one code, and the flip spreads through attention to later tokens and layers. This W4A4KV4
-    model is chaotic in that sense: in torch alone, 1e-6 relative noise on the embeddings moves
-    its perplexity by up to 4% (README, "ONNX parity"), so the backends agree only to a few
-    percent (3.5% on these 4 windows). Every quantizer site of the graph is checked bit-exact
-    against torch on the same inputs (also on real activations of this model), and onnxruntime
-    and onnxruntime-genai, which run the same graph, agree token for token.
+    """Default model: onnxruntime (our ops and standard ops) against the torch reference of the same
+    artifact: perplexity within 0.01% and the same 32 greedy tokens with torch, onnxruntime and
+    onnxruntime-genai. For W4A4KV4 this needs the exact mode (models.base.forward): with plain float32
+    matmuls a last-bit difference flips a 4-bit code and the flip spreads into other tokens.
     """
     from baseq_export import data
     from baseq_export.evaluate import perplexity
@@ -208,11 +201,8 @@ def test_default_model_onnx_parity(default_model, tmp_path, kind):
         p_ort = perplexity(om.logits, windows).ppl
         ort_tokens = greedy_tokens(onnx_stepper(om), prompt, 32)
         print(kind, ops, "ppl torch", p_ref, "ort", p_ort, "tokens equal", ort_tokens == torch_tokens)
-        if kind == "w4a16-rtn":
-            assert abs(p_ort / p_ref - 1) < 0.005, (ops, p_ort, p_ref)
-            assert ort_tokens == torch_tokens
-        else:
-            assert abs(p_ort / p_ref - 1) < 0.05, (ops, p_ort, p_ref)
+        assert abs(p_ort / p_ref - 1) < 1e-4, (ops, p_ort, p_ref)  # the issue asks 0.5%; exact mode gives ~1e-7
+        assert ort_tokens == torch_tokens
         if importlib.util.find_spec("onnxruntime_genai"):
             assert list(genai_stream(out, prompt, 32)) == ort_tokens
 

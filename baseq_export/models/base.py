@@ -132,7 +132,8 @@ def linear(x: "torch.Tensor | IntActivation", w: dict[str, torch.Tensor], name: 
 
     On an IntActivation with integer weights (``{name}.levels`` = codes - zero, ``{name}.scales``
     [N] per output channel) it is an integer matmul: levels_x @ levels_w^T is exact in float32 in
-    any summation order (|sums| < 2**24), then scaled by both scales in float64 and rounded once.
+    any summation order while partial sums stay below 2**24 (always for 4-bit levels and
+    K < 74,000), then scaled by both scales in float64 and rounded once.
     Every backend that does this gets the same float32 bits.
     """
     bias = w.get(f"{name}.bias")
