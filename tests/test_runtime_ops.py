@@ -322,3 +322,114 @@ def test_export_falls_back_to_standard_ops_when_the_library_cannot_build(tmp_pat
     ids = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(0))
     got, ref = OnnxModel(out, threads=1).logits(ids), reference_model(art).logits(ids)
     assert float((got - ref).norm() / ref.norm()) < 5e-3
+
+
+# ------------------------------------------------------------ the float64 steps of the exact mode
+
+def run_ops(build, feeds: dict, custom: bool = True, out=np.float32):
+    """Run graph build(g) -> output name (of dtype `out`) on feeds (float32 / float64 numpy arrays)."""
+    g = Graph()
+    g.nodes.append(helper.make_node("Identity", [build(g)], ["y"]))
+    dt = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float64): TensorProto.DOUBLE}
+    inputs = [helper.make_tensor_value_info(k, dt[v.dtype], None) for k, v in feeds.items()]
+    graph = helper.make_graph(g.nodes, "t", inputs, [helper.make_tensor_value_info("y", dt[np.dtype(out)], None)], g.inits)
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid(MS_DOMAIN, 1), helper.make_opsetid(OPS_DOMAIN, 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 9
+    opts = runtime_ops.session_options() if custom else ort.SessionOptions()
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def assert_rounded_once(got: np.ndarray, ref64: np.ndarray) -> None:
+    """got is the float32 rounding of a float64 computation of ref64's value: within one unit in the
+    last place everywhere and equal in all but rare near-tie elements."""
+    ref = ref64.astype(np.float32)
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    np.testing.assert_array_max_ulp(got, ref, maxulp=1)
+    assert (got != ref).mean() < 1e-3
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rms_norm_and_swiglu_round_once_from_float64(impl):
+    import torch
+
+    from baseq_export.export.onnx_graph import emit_rms_norm
+    from baseq_export.export.onnx import emit_swiglu
+    from baseq_export.models.base import rms_norm, swiglu
+
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((2, 5, 576)) * 3).astype(np.float32)
+    w = rng.standard_normal(576).astype(np.float32)
+    eps = 1e-5
+    if impl == "custom":
+        got = run_ops(lambda g: g.op("RmsNorm", ["x", g.const(eps, np.float64), g.init("w", w)], domain=OPS_DOMAIN), {"x": x})
+    else:
+        got = run_ops(lambda g: emit_rms_norm(g, "x", g.init("w", w), eps), {"x": x}, custom=False)
+    x64 = x.astype(np.float64)
+    normed = (x64 / np.sqrt((x64**2).mean(-1, keepdims=True) + eps)).astype(np.float32)
+    ref = normed.astype(np.float64) * w  # the gain is applied in float32 after rounding
+    assert_rounded_once(got, ref)
+    assert_rounded_once(rms_norm(torch.from_numpy(x), torch.from_numpy(w), eps, exact=True).numpy(), ref)
+
+    gate, up = (rng.standard_normal((2, 3, 1536)) * 4).astype(np.float32), rng.standard_normal((2, 3, 1536)).astype(np.float32)
+    if impl == "custom":
+        got = run_ops(lambda g: g.op("SwiGLU", ["g", "u"], domain=OPS_DOMAIN), {"g": gate, "u": up})
+    else:
+        got = run_ops(lambda g: emit_swiglu(g, "g", "u"), {"g": gate, "u": up}, custom=False)
+    g64 = gate.astype(np.float64)
+    ref = g64 / (1 + np.exp(-g64)) * up.astype(np.float64)
+    assert_rounded_once(got, ref)
+    assert_rounded_once(swiglu(torch.from_numpy(gate), torch.from_numpy(up), exact=True).numpy(), ref)
+
+
+def test_scale_sums_is_the_integer_linear_epilogue():
+    import torch
+
+    from baseq_export.models.base import linear
+    from baseq_export.quant import IntActivation
+
+    rng = np.random.default_rng(3)
+    levels = rng.integers(-8, 8, (2, 4, 96)).astype(np.float32)
+    w_levels = rng.integers(-8, 8, (40, 96)).astype(np.float32)
+    scale = (rng.random((2, 4, 1)) + 0.1).astype(np.float32)
+    c = (rng.random(40) + 0.01).astype(np.float16).astype(np.float32)
+    bias = rng.standard_normal(40).astype(np.float32)
+    sums = levels @ w_levels.T  # integers, exact in float32
+    got = run_ops(lambda g: g.op("ScaleSums", ["sums", "s", g.init("c", c), g.init("b", bias)], domain=OPS_DOMAIN),
+                  {"sums": sums, "s": scale})
+    ref = ((sums.astype(np.float64) * scale.astype(np.float64)) * c.astype(np.float64)).astype(np.float32) + bias
+    np.testing.assert_array_equal(got, ref)  # every float64 step is exact here: one rounding, so equal
+    w = {"p.levels": torch.from_numpy(w_levels), "p.scales": torch.from_numpy(c), "p.bias": torch.from_numpy(bias)}
+    np.testing.assert_array_equal(linear(IntActivation(torch.from_numpy(levels), torch.from_numpy(scale)), w, "p").numpy(), ref)
+    no_bias = run_ops(lambda g: g.op("ScaleSums", ["sums", "s", g.init("c", c)], domain=OPS_DOMAIN), {"sums": sums, "s": scale})
+    np.testing.assert_array_equal(no_bias + bias, ref)
+
+
+def test_masked_softmax_skips_masked_keys_exactly():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 6, 9)) * 5
+    x[..., 5:] += -1e9  # masked keys, as the exporter's additive mask makes them
+    x[1, 2, 4] = rng.standard_normal(9) - 1e9  # a row with every key masked (a padding query)
+    got = run_ops(lambda g: g.op("MaskedSoftmax", ["x"], domain=OPS_DOMAIN), {"x": x}, out=np.float64)
+    e = np.exp(x - x.max(-1, keepdims=True))
+    ref = e / e.sum(-1, keepdims=True)
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, ref, rtol=1e-14, atol=0)
+    masked = got[..., 5:].copy()
+    masked[1, 2, 4] = 0.0  # (the fully masked row is the exception)
+    assert np.all(masked == 0.0)  # exactly 0, as exp(-1e9) is
+    np.testing.assert_allclose(got[1, 2, 4].sum(), 1.0, rtol=1e-15)  # the fully masked row: the standard formula
+
+
+def test_exact_mode_ops_reject_bad_inputs():
+    y = np.ones((2, 8), np.float32)
+    c5 = np.ones(5, np.float32)
+    assert "C must have 8 values" in run_error_fn(
+        lambda: run_ops(lambda g: g.op("ScaleSums", ["sums", "s", g.init("c", c5)], domain=OPS_DOMAIN), {"sums": y, "s": np.ones((2, 1), np.float32)}))
+    assert "one scale per row" in run_error_fn(
+        lambda: run_ops(lambda g: g.op("ScaleSums", ["sums", "s", g.init("c", np.ones(8, np.float32))], domain=OPS_DOMAIN),
+                        {"sums": y, "s": np.ones((3, 1), np.float32)}))
+    assert "W must have 8 values" in run_error_fn(
+        lambda: run_ops(lambda g: g.op("RmsNorm", ["x", g.const(1e-5, np.float64), g.init("w", c5)], domain=OPS_DOMAIN), {"x": y}))
+    assert "must have one shape" in run_error_fn(
+        lambda: run_ops(lambda g: g.op("SwiGLU", ["g", "u"], domain=OPS_DOMAIN), {"g": y, "u": np.ones((2, 4), np.float32)}))

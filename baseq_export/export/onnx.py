@@ -59,9 +59,22 @@ def hadamard(c: _Ctx, x: str, n: int) -> str:
     return emit_hadamard_op(c.g, x, n) if c.custom else emit_hadamard(c.g, x, n)
 
 
+def rms_norm(c: _Ctx, x: str, weight: str | None) -> str:
+    """models.base.rms_norm in exact mode: one baseq.RmsNorm node, or the standard-op version."""
+    if not c.custom:
+        return emit_rms_norm(c.g, x, weight, c.cfg.rms_eps)
+    inputs = [x, c.g.const(c.cfg.rms_eps, np.float64)] + ([weight] if weight else [])
+    return c.g.op("RmsNorm", inputs, domain=OPS_DOMAIN)
+
+
+def swiglu(c: _Ctx, gate: str, up: str) -> str:
+    """models.base.swiglu in exact mode: one baseq.SwiGLU node, or the standard-op version."""
+    return c.g.op("SwiGLU", [gate, up], domain=OPS_DOMAIN) if c.custom else emit_swiglu(c.g, gate, up)
+
+
 def emit_site(c: _Ctx, layer: int, site: str, x: str) -> "str | tuple[str, str]":
     """qmodel.QuantHooks.act: [R4] -> * gain -> - shift -> per-token quantizer. With 4-bit activations
-    the result is (levels, scale as float64), the IntActivation the next linear multiplies as integers."""
+    the result is (levels, scale), the IntActivation the next linear multiplies as integers."""
     g = c.g
     prefix = f"layers.{layer}.{site}"
     if c.r4 and site == "down_in":
@@ -69,15 +82,13 @@ def emit_site(c: _Ctx, layer: int, site: str, x: str) -> "str | tuple[str, str]"
     if c.custom and c.a_bits:
         shift, gain = c.tensor(f"{prefix}.shift"), c.tensor(f"{prefix}.gain")
         width = int(c.t[f"{prefix}.gain"].numel()) if gain is not None else None
-        levels, scale = emit_quant_levels_op(g, x, c.a_bits, c.tensor(f"{prefix}.clip"), shift, gain, width)
-        return levels, to_double(g, scale)
+        return emit_quant_levels_op(g, x, c.a_bits, c.tensor(f"{prefix}.clip"), shift, gain, width)
     if (gain := c.tensor(f"{prefix}.gain")) is not None:
         x = g.op("Mul", [x, gain])
     if (shift := c.tensor(f"{prefix}.shift")) is not None:
         x = g.op("Sub", [x, shift])
     if c.a_bits:
-        levels, scale = emit_quant_levels(g, x, c.a_bits, c.tensor(f"{prefix}.clip"))
-        return levels, to_double(g, scale)
+        return emit_quant_levels(g, x, c.a_bits, c.tensor(f"{prefix}.clip"))
     return x
 
 
@@ -110,10 +121,14 @@ def emit_linear(c: _Ctx, layer: int, name: str, x: "str | tuple[str, str]") -> s
     levels, scale = x
     g = c.g
     if qw.scale.shape[1] != 1:  # grouped scales have no exact integer form: dequantize (as models.base.linear)
-        return emit_matmul_nbits(c, g.op("Mul", [levels, to_float(g, scale)]), prefix, qw, bias)
-    sums = to_double(g, emit_matmul_nbits(c, levels, prefix, qw, unit_scales=True))
-    w_scale = g.init(f"{prefix}.channel_scales", _np(qw.scale[:, 0].to(torch.float64)))
-    y = to_float(g, g.op("Mul", [g.op("Mul", [sums, scale]), w_scale]))
+        return emit_matmul_nbits(c, g.op("Mul", [levels, scale]), prefix, qw, bias)
+    sums = emit_matmul_nbits(c, levels, prefix, qw, unit_scales=True)
+    w_scale = _np(qw.scale[:, 0])
+    if c.custom:
+        return g.op("ScaleSums", [sums, scale, g.init(f"{prefix}.channel_scales", w_scale)] + ([bias] if bias else []),
+                    domain=OPS_DOMAIN)
+    w_scale = g.init(f"{prefix}.channel_scales", w_scale.astype(np.float64))
+    y = to_float(g, g.op("Mul", [g.op("Mul", [to_double(g, sums), to_double(g, scale)]), w_scale]))
     return y if bias is None else g.op("Add", [y, bias])
 
 
@@ -154,21 +169,10 @@ def emit_heads(g: Graph, x: str, heads: int, head_dim: int) -> str:
     return g.op("Transpose", [y], perm=[0, 2, 1, 3])
 
 
-def emit_repeat_kv(g: Graph, x: str, groups: int, heads: int, head_dim: int) -> str:
-    """[B, kvH, S, hd] -> [B, kvH*groups, S, hd], each KV head repeated `groups` times in a row."""
-    if groups == 1:
-        return x
-    y = g.op("Unsqueeze", [x, g.const([2], np.int64)])
-    shape = g.op("Shape", [y])
-    target = g.op("Mul", [shape, g.const([1, 1, groups, 1, 1], np.int64)])
-    y = g.op("Expand", [y, target])
-    return g.op("Reshape", [y, g.const([0, heads, -1, head_dim], np.int64)])
-
-
 def emit_block(c: _Ctx, i: int, h: str, cos: str, sin: str, mask: str, past: tuple[str, str]) -> tuple[str, str, str]:
     """One decoder block (models.base.block_forward); returns (h, present key, present value)."""
     g, cfg = c.g, c.cfg
-    x = emit_site(c, i, "attn_in", emit_rms_norm(g, h, c.tensor(f"layers.{i}.attn_norm"), cfg.rms_eps))
+    x = emit_site(c, i, "attn_in", rms_norm(c, h, c.tensor(f"layers.{i}.attn_norm")))
     q = emit_heads(g, emit_linear(c, i, "q", x), cfg.num_heads, cfg.head_dim)
     k = emit_heads(g, emit_linear(c, i, "k", x), cfg.num_kv_heads, cfg.head_dim)
     v = emit_heads(g, emit_linear(c, i, "v", x), cfg.num_kv_heads, cfg.head_dim)
@@ -188,27 +192,35 @@ def emit_block(c: _Ctx, i: int, h: str, cos: str, sin: str, mask: str, past: tup
         k_all = g.op("KVUnpack", [present_k], domain=OPS_DOMAIN, head_dim=cfg.head_dim)
         v_all = g.op("KVUnpack", [present_v], domain=OPS_DOMAIN, head_dim=cfg.head_dim)
     groups = cfg.num_heads // cfg.num_kv_heads
-    k_full = emit_repeat_kv(g, to_double(g, k_all), groups, cfg.num_heads, cfg.head_dim)
-    v_full = emit_repeat_kv(g, to_double(g, v_all), groups, cfg.num_heads, cfg.head_dim)
-    a = emit_attention(g, to_double(g, q), k_full, v_full, mask, cfg.head_dim)
+    a = emit_attention(g, to_double(g, q), to_double(g, k_all), to_double(g, v_all), mask, cfg, groups, c.custom)
     a = g.op("Reshape", [g.op("Transpose", [a], perm=[0, 2, 1, 3]), g.const([0, 0, cfg.num_heads * cfg.head_dim], np.int64)])
     h = g.op("Add", [h, emit_linear(c, i, "o", emit_site(c, i, "o_in", a))])
-    x = emit_site(c, i, "mlp_in", emit_rms_norm(g, h, c.tensor(f"layers.{i}.mlp_norm"), cfg.rms_eps))
-    act = emit_swiglu(g, emit_linear(c, i, "gate", x), emit_linear(c, i, "up", x))
+    x = emit_site(c, i, "mlp_in", rms_norm(c, h, c.tensor(f"layers.{i}.mlp_norm")))
+    act = swiglu(c, emit_linear(c, i, "gate", x), emit_linear(c, i, "up", x))
     h = g.op("Add", [h, emit_linear(c, i, "down", emit_site(c, i, "down_in", act))])
     return h, present_k, present_v
 
 
-def emit_attention(g: Graph, q: str, k: str, v: str, mask: str, head_dim: int) -> str:
-    """softmax(q k^T / sqrt(hd) + mask) v on float64 q, k, v [B, H, *, hd], rounded once to float32
-    (models.base.attend in exact mode)."""
-    scores = g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])])
-    scores = g.op("Add", [g.op("Mul", [scores, g.const(1.0 / np.sqrt(head_dim), np.float64)]), mask])
-    # softmax spelled out: onnxruntime's float64 Softmax kernel is ~15x slower than Exp and two reductions
-    axes = g.const([-1], np.int64)
-    e = g.op("Exp", [g.op("Sub", [scores, g.op("ReduceMax", [scores, axes], keepdims=1)])])
-    probs = g.op("Div", [e, g.op("ReduceSum", [e, axes], keepdims=1)])
-    return to_float(g, g.op("MatMul", [probs, v]))
+def emit_attention(g: Graph, q: str, k: str, v: str, mask: str, cfg: ModelConfig, groups: int, custom: bool) -> str:
+    """softmax(q k^T / sqrt(hd) + mask) v on float64 q [B, H, T, hd] and k, v [B, kvH, S, hd], rounded
+    once to float32 (models.base.attend in exact mode). Grouped heads without copying K/V: q is viewed
+    as [B, kvH, groups, T, hd] against k, v [B, kvH, 1, S, hd] (head h uses KV head h // groups).
+    The softmax is baseq.MaskedSoftmax with custom ops (it skips masked keys)."""
+    five = g.const([0, cfg.num_kv_heads, groups, -1, cfg.head_dim], np.int64)
+    axis2 = g.const([2], np.int64)
+    q5 = g.op("Reshape", [q, five])
+    k5, v5 = g.op("Unsqueeze", [k, axis2]), g.op("Unsqueeze", [v, axis2])
+    scores = g.op("MatMul", [q5, g.op("Transpose", [k5], perm=[0, 1, 2, 4, 3])])
+    mask5 = g.op("Unsqueeze", [mask, axis2])  # [B, 1, 1, T, S]
+    scores = g.op("Add", [g.op("Mul", [scores, g.const(1.0 / np.sqrt(cfg.head_dim), np.float64)]), mask5])
+    if custom:
+        probs = g.op("MaskedSoftmax", [scores], domain=OPS_DOMAIN)
+    else:  # spelled out: onnxruntime's float64 Softmax kernel is ~15x slower than Exp and two reductions
+        axes = g.const([-1], np.int64)
+        e = g.op("Exp", [g.op("Sub", [scores, g.op("ReduceMax", [scores, axes], keepdims=1)])])
+        probs = g.op("Div", [e, g.op("ReduceSum", [e, axes], keepdims=1)])
+    a = g.op("MatMul", [probs, v5])  # [B, kvH, groups, T, hd]
+    return to_float(g, g.op("Reshape", [a, g.const([0, cfg.num_heads, -1, cfg.head_dim], np.int64)]))
 
 
 def emit_swiglu(g: Graph, gate: str, up: str) -> str:
@@ -284,7 +296,7 @@ def build_model(art: Artifact, max_length: int = 2048, ops: str = "standard", kv
         h, k, v = emit_block(c, i, h, cos, sin, mask, (f"past_key_values.{i}.key", f"past_key_values.{i}.value"))
         g.nodes.append(helper.make_node("Identity", [k], [f"present.{i}.key"]))
         g.nodes.append(helper.make_node("Identity", [v], [f"present.{i}.value"]))
-    h = emit_rms_norm(g, h, c.tensor("norm"), cfg.rms_eps)
+    h = rms_norm(c, h, c.tensor("norm"))
     logits = emit_lm_head(c, h)
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
     graph = helper.make_graph(g.nodes, "baseq", inputs, outputs, g.inits)
