@@ -353,8 +353,7 @@ def assert_rounded_once(got: np.ndarray, ref64: np.ndarray) -> None:
 def test_rms_norm_and_swiglu_round_once_from_float64(impl):
     import torch
 
-    from baseq_export.export.onnx_graph import emit_rms_norm
-    from baseq_export.export.onnx import emit_swiglu
+    from baseq_export.export.onnx_graph import emit_rms_norm, emit_swiglu
     from baseq_export.models.base import rms_norm, swiglu
 
     rng = np.random.default_rng(7)

@@ -6,8 +6,9 @@ an integer matmul (MatMulNBits with unit scales on the activation's integer leve
 float64, else per-block scales with the folded bias as its bias input; norms, attention, SwiGLU
 and online Hadamards in float64 rounded once; per-token activation and KV quantizers as our
 baseq ops or from Reduce/Round/Clip; the KV cache as past/present tensors so decoding is
-incremental. onnxruntime so computes the reference's float32 values, not merely close ones. Inputs: ``input_ids`` [batch, seq] and ``past_key_values.{i}.key|value``
-[batch, kv_heads, past, head_dim]; outputs: ``logits`` and ``present.{i}.key|value``.
+incremental. onnxruntime so computes the reference's float32 values, not merely close ones.
+Inputs: ``input_ids`` [batch, seq] and ``past_key_values.{i}.key|value`` [batch, kv_heads, past,
+head_dim]; outputs: ``logits`` and ``present.{i}.key|value``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ..models.base import ModelConfig, linear_in_features, rope_tables
 from ..qmodel import Artifact, head_from_tensors, linear_from_tensors, load_artifact, staged_dir
 from .onnx_graph import (MS_DOMAIN, OPS_DOMAIN, Graph, emit_fake_quant, emit_hadamard, emit_hadamard_op,
                          emit_quant_dequant_op, emit_quant_levels, emit_quant_levels_op, emit_rms_norm,
-                         matmul_nbits_inputs, to_double, to_float)
+                         emit_swiglu, matmul_nbits_inputs, to_double, to_float)
 
 OPSET = 18
 MODEL_FILE = "model.onnx"
@@ -221,12 +222,6 @@ def emit_attention(g: Graph, q: str, k: str, v: str, mask: str, cfg: ModelConfig
         probs = g.op("Div", [e, g.op("ReduceSum", [e, axes], keepdims=1)])
     a = g.op("MatMul", [probs, v5])  # [B, kvH, groups, T, hd]
     return to_float(g, g.op("Reshape", [a, g.const([0, cfg.num_heads, -1, cfg.head_dim], np.int64)]))
-
-
-def emit_swiglu(g: Graph, gate: str, up: str) -> str:
-    """silu(gate) * up in float64 rounded once (models.base.swiglu in exact mode)."""
-    gd, ud = to_double(g, gate), to_double(g, up)
-    return to_float(g, g.op("Mul", [g.op("Mul", [gd, g.op("Sigmoid", [gd])]), ud]))
 
 
 MASKED = -1e9  # additive mask value: exp() underflows to exactly 0, and a fully masked (padding) row stays finite

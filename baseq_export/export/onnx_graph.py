@@ -63,6 +63,12 @@ def emit_rms_norm(g: Graph, x: str, weight: str | None, eps: float) -> str:
     return g.op("Mul", [y, weight]) if weight else y
 
 
+def emit_swiglu(g: Graph, gate: str, up: str) -> str:
+    """silu(gate) * up in float64 rounded once (models.base.swiglu in exact mode)."""
+    gd, ud = to_double(g, gate), to_double(g, up)
+    return to_float(g, g.op("Mul", [g.op("Mul", [gd, g.op("Sigmoid", [gd])]), ud]))
+
+
 def emit_fake_quant(g: Graph, x: str, bits: int, clip: str) -> str:
     """Per-token asymmetric quant-dequant over the last axis: quant.fake_quant_per_token's recipe."""
     levels, scale = emit_quant_levels(g, x, bits, clip)

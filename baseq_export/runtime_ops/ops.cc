@@ -208,6 +208,19 @@ inline float Code(float v, const RowQParams& p, float qmax) {
   return q < 0.0f ? 0.0f : (q > qmax ? qmax : q);
 }
 
+// Checks that a per-channel vector (optional) holds n values.
+Ort::Status CheckVector(const char* op, const char* what, std::optional<const Tensor<float>*> v, int64_t n,
+                        const float** data) {
+  *data = nullptr;
+  if (!v.has_value() || *v == nullptr) return Ort::Status{nullptr};
+  const auto& vs = (*v)->Shape();
+  if ((*v)->NumberOfElement() != n || vs.empty() || vs.back() != n)
+    return Error(std::string(op) + ": " + what + " must have " + std::to_string(n) +
+                 " values (the last dimension of X), got " + ShapeStr(vs));
+  *data = (*v)->Data();
+  return Ort::Status{nullptr};
+}
+
 // The per-row quantizer of QuantDequant and QuantLevels: checks the inputs, then calls
 // emit(row, buf, params) with each row's x' = x * gain - shift and its scale and zero point.
 class RowQuantizer {
@@ -238,16 +251,8 @@ class RowQuantizer {
     }
     const float* sh = nullptr;
     const float* gn = nullptr;
-    for (int which = 0; which < 2; ++which) {
-      auto& opt = which ? gain : shift;
-      if (opt.has_value() && *opt != nullptr) {
-        const auto& vs = (*opt)->Shape();
-        if ((*opt)->NumberOfElement() != n || vs.empty() || vs.back() != n)
-          return Error(op_ + ": " + (which ? "gain" : "shift") + " must have " + std::to_string(n) +
-                       " values (the last dimension of X), got " + ShapeStr(vs));
-        (which ? gn : sh) = (*opt)->Data();
-      }
-    }
+    if (auto st = CheckVector(op_.c_str(), "shift", shift, n, &sh); !st.IsOK()) return st;
+    if (auto st = CheckVector(op_.c_str(), "gain", gain, n, &gn); !st.IsOK()) return st;
     allocate();
     const int64_t total = x.NumberOfElement();
     if (total == 0 || n == 0) return Ort::Status{nullptr};
@@ -322,19 +327,6 @@ struct QuantLevels : RowQuantizer {
 };
 
 // ------------------------------------------------------------------- float64 steps of exact mode
-
-// Checks that a per-channel vector (optional) holds n values.
-Ort::Status CheckVector(const char* op, const char* what, std::optional<const Tensor<float>*> v, int64_t n,
-                        const float** data) {
-  *data = nullptr;
-  if (!v.has_value() || *v == nullptr) return Ort::Status{nullptr};
-  const auto& vs = (*v)->Shape();
-  if ((*v)->NumberOfElement() != n || vs.empty() || vs.back() != n)
-    return Error(std::string(op) + ": " + what + " must have " + std::to_string(n) +
-                 " values (the last dimension of X), got " + ShapeStr(vs));
-  *data = (*v)->Data();
-  return Ort::Status{nullptr};
-}
 
 struct ScaleSums {
   ScaleSums(const OrtApi*, const OrtKernelInfo*) {}
