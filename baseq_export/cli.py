@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .export import TARGETS, backend_names
 
-FORMATS = ("onnx", "gguf")
 PRESETS = ("quick", "standard")
 
 
@@ -54,13 +54,12 @@ def add_quant_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
     p.add_argument("--force", action="store_true", default=_default(False, sub), help="replace an existing artifact at --out")
 
 
-def add_onnx_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
-    p.add_argument("--ops", choices=("auto", "custom", "standard"), default=_default("auto", sub),
-                   help="ONNX online parts as our C++ custom ops (custom), as standard ONNX ops for runtimes that cannot "
-                   "load our library (standard), or custom when the library builds here, else standard (auto, default)")
-    p.add_argument("--kv-cache", choices=("float", "int4"), default=_default("float", sub),
-                   help="ONNX KV cache: float32 values on the 4-bit grid (default; onnxruntime-genai runs it), or packed "
-                   "4-bit codes + per-token scale/zero (int4: about 6x smaller, onnxruntime with our ops only)")
+def add_export_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
+    """Each export target's own options."""
+    from .export import all_targets
+
+    for t in all_targets():
+        t.add_arguments(p, sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,11 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
         "to ONNX (onnxruntime) or GGUF (llama.cpp). With no subcommand: run the whole job.",
     )
     parser.add_argument("--version", action="version", version=f"baseq-export {__version__}")
-    parser.add_argument("--format", choices=FORMATS, default="onnx", help="export format of the main job (default onnx)")
+    parser.add_argument("--format", choices=TARGETS, default="onnx", help="export format of the main job (default onnx)")
     add_model_args(parser)
     parser.add_argument("--out", default=None, help="output directory (default: <model name>-<format>)")
     parser.add_argument("--preset", choices=PRESETS, default="quick", help="calibration budget (default quick)")
-    add_onnx_args(parser)
+    add_export_args(parser)
     add_eval_args(parser)
     add_quant_args(parser)
     sub = parser.add_subparsers(dest="command", title="subcommands", metavar="{quantize,export,eval,run,report}")
@@ -87,21 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="export a .baseq artifact to ONNX or GGUF")
     e.add_argument("artifact", help="a .baseq directory")
-    e.add_argument("--format", choices=FORMATS, default=argparse.SUPPRESS)
-    e.add_argument("--out", default=argparse.SUPPRESS, help="export directory (default: the artifact name with -onnx)")
+    e.add_argument("--format", choices=TARGETS, default=argparse.SUPPRESS)
+    e.add_argument("--out", default=argparse.SUPPRESS, help="export path (default: next to the artifact, named by the format)")
     e.add_argument("--force", action="store_true", default=argparse.SUPPRESS, help="replace an existing export at --out")
-    add_onnx_args(e, sub=True)
+    add_export_args(e, sub=True)
 
-    ev = sub.add_parser("eval", help="perplexity of a model (FP), a quantized artifact or an ONNX export")
-    ev.add_argument("artifact", nargs="?", help="a .baseq artifact or an ONNX export directory; without it the FP --model is evaluated")
+    ev = sub.add_parser("eval", help="perplexity of a model (FP), a quantized artifact or an export")
+    ev.add_argument("artifact", nargs="?", help="a .baseq artifact or an export; without it the FP --model is evaluated")
     add_model_args(ev, sub=True)
     add_eval_args(ev, sub=True)
 
-    r = sub.add_parser("run", help="generate text (greedy) with an artifact or an ONNX export")
-    r.add_argument("path", help="a .baseq artifact or an ONNX export directory")
+    r = sub.add_parser("run", help="generate text (greedy) with an artifact or an export")
+    r.add_argument("path", help="a .baseq artifact or an export")
     r.add_argument("--prompt", required=True)
-    r.add_argument("--backend", choices=("torch", "onnxruntime", "onnxruntime-genai"), default=None,
-                   help="default: torch for an artifact, onnxruntime for an export")
+    r.add_argument("--backend", choices=backend_names(), default=None,
+                   help="default: torch for an artifact, the format's first runtime for an export")
     r.add_argument("--max-new-tokens", type=int, default=64)
 
     rp = sub.add_parser("report", help="PNG plots of a calibrated artifact")
@@ -151,30 +150,19 @@ def evaluate_fp(args: argparse.Namespace):
     return m, result
 
 
-def is_onnx_export(path) -> bool:
-
-    return (Path(path) / "manifest.json").is_file() and (Path(path) / "model.onnx").is_file()
-
-
 def eval_artifact(path, args: argparse.Namespace):
-    """Perplexity of a .baseq artifact (PyTorch reference) or an ONNX export (onnxruntime)."""
+    """Perplexity of a .baseq artifact (PyTorch reference) or an export (its runtime)."""
     import torch
 
     from .evaluate import perplexity
+    from .export import open_backend
 
-    if is_onnx_export(path):
-        from .export.onnx import OnnxModel
-
-        logits, label = OnnxModel(path).logits, "onnxruntime"
-    else:
-        from .qmodel import load_artifact, reference_model
-
-        art = load_artifact(path)
-        logits, label = reference_model(art).logits, f"{art.quant['method']} {art.quant['bits']} (torch reference)"
+    backend = open_backend(path)
+    label = backend.label
     windows = eval_windows(load_tokenizer(path), args)
     t0 = time.time()
     with torch.inference_mode():
-        result = perplexity(logits, windows, args.batch_size, desc=f"{label} perplexity")
+        result = perplexity(backend.logits, windows, args.batch_size, desc=f"{label} perplexity")
     print(f"{label} perplexity {result.ppl:.4f} on {result.tokens} scored tokens "
           f"({result.windows} windows x {args.ctx}) in {time.time() - t0:.1f} s")
     return result
@@ -189,9 +177,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def load_tokenizer(path):
-    """The tokenizer saved inside an artifact directory."""
+    """The tokenizer of an artifact or export: the files saved in its directory, or a GGUF file's own."""
     from transformers import AutoTokenizer
 
+    path = Path(path)
+    if path.is_file():  # a single-file export (GGUF) carries its tokenizer inside
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
@@ -202,10 +193,13 @@ def calibration_windows(tokenizer, args: argparse.Namespace, nsamples: int, ctx:
     return data.calibration_windows(tokens, nsamples, ctx, args.seed)
 
 
-def default_out(model: str, suffix: str) -> str:
+def model_stem(model: str) -> str:
+    """A short name for --model, for default output paths."""
+    return "smollm2-135m" if model == "default" else Path(model).name.removesuffix(".gguf")
 
-    name = "smollm2-135m" if model == "default" else Path(model).name.removesuffix(".gguf")
-    return f"{name}-{suffix}"
+
+def default_out(model: str, suffix: str) -> str:
+    return f"{model_stem(model)}-{suffix}"
 
 
 def quantize(args: argparse.Namespace, out: str, model=None):
@@ -250,17 +244,26 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_main_job(args: argparse.Namespace) -> int:
-    """Load, measure FP, calibrate BASE-Q (or reuse a finished artifact), measure the artifact, export."""
+def apply_main_job_settings(args: argparse.Namespace, settings: dict) -> None:
+    """Use the format's quantization settings wherever the command line left an option at its default."""
+    defaults = build_parser()
+    for key, value in settings.items():
+        if getattr(args, key) == defaults.get_default(key):
+            setattr(args, key, value)
 
+
+def cmd_main_job(args: argparse.Namespace) -> int:
+    """Load, measure FP, quantize for --format (or reuse a finished artifact), measure the artifact, export, measure."""
+    from .export import find_target, target
     from .qmodel import is_artifact, read_config
 
+    fmt = target(args.format)
+    apply_main_job_settings(args, fmt.main_job_settings(args))
     print(f"baseq-export: main job: --model {args.model} --method {args.method} --bits {args.bits} "
           f"--preset {args.preset} --format {args.format}", file=sys.stderr)
-    if args.format != "onnx":
-        raise NotImplementedError(f"the {args.format} exporter is not built yet in this version; "
-                                  "`baseq-export quantize` writes the quantized artifact meanwhile")
-    out = args.out or default_out(args.model, args.format)
+    out = args.out or fmt.default_out(model_stem(args.model))
+    if Path(out).exists() and find_target(out) is not fmt:
+        raise FileExistsError(f"{out} exists and is not a {fmt.NAME} export of ours; pass another --out")
     artifact = Path(f"{out}.baseq") if args.out else Path(default_out(args.model, f"{args.method}-{args.bits}-{args.preset}.baseq"))
     model, fp = evaluate_fp(args)
     if is_artifact(artifact) and not args.force:
@@ -274,71 +277,58 @@ def cmd_main_job(args: argparse.Namespace) -> int:
     else:
         quantize(args, str(artifact), model)
     q = eval_artifact(artifact, args)
-    from .export.onnx import MODEL_FILE
-
-    if Path(out).exists() and not is_onnx_export(out):
-        raise FileExistsError(f"{out} exists and is not an ONNX export of ours; pass another --out")
-    path = export(artifact, "onnx", out, force=True, ops=args.ops, kv_cache=args.kv_cache)  # an export is derived from the artifact: refresh it
-    o = eval_artifact(path, args)
-    ops = json.loads((Path(path) / "manifest.json").read_text())["ops"]
-    print(f"\nONNX export: {path}/{MODEL_FILE} ({ops} ops)")
+    path = export(artifact, args.format, out, force=True, options=fmt.options(args))  # derived from the artifact: refresh it
+    e = eval_artifact(path, args)
+    print(f"\n{fmt.describe(path)}")
     text = args.eval_text or "embedded evaluation split"
-    print(f"perplexity ({text}, ctx {args.ctx}): FP {fp.ppl:.4f}, torch reference {q.ppl:.4f}, onnxruntime {o.ppl:.4f}")
+    print(f"perplexity ({text}, ctx {args.ctx}): FP {fp.ppl:.4f}, torch reference {q.ppl:.4f}, "
+          f"{fmt.BACKENDS[0]} {e.ppl:.4f}")
     print_run_commands(path)
     return 0
 
 
 def print_run_commands(path) -> None:
+    from .export import find_target
+
+    t = find_target(path)
     print(f"run it:      baseq-export run {path} --prompt \"def fibonacci(n):\"")
-    if (Path(path) / "genai_config.json").is_file():
-        print(f"   or with onnxruntime-genai: baseq-export run {path} --backend onnxruntime-genai --prompt \"def fibonacci(n):\"")
+    for backend in t.BACKENDS[1:]:
+        print(f"   or with {backend}: baseq-export run {path} --backend {backend} --prompt \"def fibonacci(n):\"")
     print(f"measure it:  baseq-export eval {path}")
 
 
-def export(artifact, fmt: str, out: str, force: bool, ops: str = "auto", kv_cache: str = "float"):
-    """Export an artifact; returns the export directory."""
-    if fmt != "onnx":
-        raise NotImplementedError(f"the {fmt} exporter is not built yet in this version")
-    from .export.onnx import export_onnx
+def export(artifact, fmt: str, out: str, force: bool, options: dict | None = None):
+    """Export an artifact to a format; returns the export's path."""
+    from .export import target
+    from .qmodel import load_artifact
 
+    t = target(fmt)
+    t.check_artifact(load_artifact(artifact))
     t0 = time.time()
-    path = export_onnx(artifact, out, force=force, ops=ops, kv_cache=kv_cache)
+    path = t.write(artifact, out, force=force, **(options or {}))
     print(f"exported {artifact} to {path} in {time.time() - t0:.1f} s", file=sys.stderr)
     return path
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from .export import target
 
     fmt = getattr(args, "format", "onnx")
-    out = getattr(args, "out", None) or str(Path(args.artifact).with_suffix("")) + f"-{fmt}"
-    path = export(args.artifact, fmt, out, getattr(args, "force", False), getattr(args, "ops", "auto"),
-                  getattr(args, "kv_cache", "float"))
+    out = getattr(args, "out", None) or target(fmt).default_out(str(Path(args.artifact).with_suffix("")))
+    path = export(args.artifact, fmt, out, getattr(args, "force", False), target(fmt).options(args))
     print(f"wrote {path}")
     print_run_commands(path)
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .generate import genai_stream, greedy_stream, onnx_stepper, prompt_ids, stream_text, torch_stepper
+    from .export import open_backend
+    from .generate import prompt_ids, stream_text
 
-    export_dir = is_onnx_export(args.path)
-    backend = args.backend or ("onnxruntime" if export_dir else "torch")
-    if backend != "torch" and not export_dir:
-        raise ValueError(f"{args.path} is not an ONNX export; make one with `baseq-export export ARTIFACT`")
-    if backend == "torch" and export_dir:
-        raise ValueError(f"{args.path} is an ONNX export: use --backend onnxruntime, or pass the .baseq artifact")
+    backend = open_backend(args.path, args.backend)
     tokenizer = load_tokenizer(args.path)
     ids = prompt_ids(tokenizer, args.prompt)
-    if backend == "onnxruntime-genai":
-        tokens = genai_stream(args.path, ids, args.max_new_tokens)
-    elif backend == "onnxruntime":
-        from .export.onnx import OnnxModel
-
-        tokens = greedy_stream(onnx_stepper(OnnxModel(args.path)), ids)
-    else:
-        from .qmodel import load_artifact, reference_model
-
-        tokens = greedy_stream(torch_stepper(reference_model(load_artifact(args.path))), ids)
+    tokens = backend.greedy(ids, args.max_new_tokens)
     print(args.prompt, end="", flush=True)
     stream_text(tokens, tokenizer, args.max_new_tokens, lambda text: print(text, end="", flush=True))
     print()

@@ -44,27 +44,6 @@ def greedy_stream(step: Step, prompt_ids: list[int]) -> Iterator[int]:
         logits = step([token])
 
 
-def genai_stream(path, prompt_ids: list[int], max_new_tokens: int) -> Iterator[int]:
-    """Greedy tokens from onnxruntime-genai running an export directory."""
-    from pathlib import Path
-
-    if not (Path(path) / "genai_config.json").is_file():
-        raise ValueError(f"{path} has no genai_config.json: onnxruntime-genai cannot run it (an export with "
-                         "--kv-cache int4 is for onnxruntime only; export with --kv-cache float for genai)")
-    try:
-        import onnxruntime_genai as og
-    except ImportError as e:
-        raise ValueError("the onnxruntime-genai backend needs `pip install onnxruntime-genai`") from e
-    model = og.Model(str(path))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt_ids) + max_new_tokens, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.array([prompt_ids], dtype=np.int32))
-    while not gen.is_done():
-        gen.generate_next_token()
-        yield int(gen.get_next_tokens()[0])
-
-
 def greedy_tokens(step: Step, prompt_ids: list[int], max_new_tokens: int, eos: int | None = None) -> list[int]:
     """The argmax continuation of prompt_ids (stops after eos)."""
     out: list[int] = []

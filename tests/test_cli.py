@@ -191,6 +191,8 @@ def test_export_eval_and_run_onnx(tmp_path, capsys):
         assert main(["run", str(path), "--backend", backend, "--prompt", "the a of", "--max-new-tokens", "5"]) == 0
         assert capsys.readouterr().out == text  # same greedy text from every backend
     assert main(["run", str(art), "--backend", "onnxruntime", "--prompt", "x"]) == 1
-    assert "not an ONNX export" in capsys.readouterr().err
-    assert main(["export", str(art), "--format", "gguf", "--out", str(tmp_path / "g")]) == 2
-    assert "not built yet" in capsys.readouterr().err
+    assert "is a .baseq artifact, which runs in the torch reference" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "onnx"), "--backend", "torch", "--prompt", "x"]) == 1
+    assert "is a onnx export: use --backend onnxruntime or onnxruntime-genai" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "nothing-here")]) == 1
+    assert "does not exist: pass a .baseq artifact or an export of ours" in capsys.readouterr().err

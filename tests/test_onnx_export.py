@@ -9,7 +9,7 @@ import torch
 from onnx import TensorProto, helper
 
 from baseq_export.calibrate import BaseqSettings, calibrate_baseq
-from baseq_export.export.onnx import OnnxModel, export_onnx
+from baseq_export.export.onnx import OnnxModel, write as export_onnx
 from baseq_export.export.onnx_graph import MS_DOMAIN, Graph, emit_fake_quant, emit_hadamard, matmul_nbits_inputs
 from baseq_export.hadamard import apply_hadamard
 from baseq_export.models import from_hf_model
@@ -180,7 +180,8 @@ def test_default_model_onnx_parity(default_model, tmp_path, kind):
     """
     from baseq_export import data
     from baseq_export.evaluate import perplexity
-    from baseq_export.generate import genai_stream, greedy_tokens, onnx_stepper, torch_stepper
+    from baseq_export.export.onnx_genai import genai_stream
+    from baseq_export.generate import greedy_tokens, onnx_stepper, torch_stepper
 
     tok = default_model.tokenizer
     if kind == "w4a16-rtn":

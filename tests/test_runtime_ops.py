@@ -300,7 +300,7 @@ def test_export_falls_back_to_standard_ops_when_the_library_cannot_build(tmp_pat
 
     import torch
 
-    from baseq_export.export.onnx import OnnxModel, export_onnx
+    from baseq_export.export.onnx import OnnxModel, write as export_onnx
     from baseq_export.models import from_hf_model
     from baseq_export.pipeline import QuantSettings, quantize_model
     from baseq_export.qmodel import reference_model, save_artifact

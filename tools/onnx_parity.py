@@ -29,8 +29,9 @@ def parity(artifact: Path, windows: int | None, tokens: int, work: Path) -> dict
 
     from baseq_export import data
     from baseq_export.evaluate import perplexity
-    from baseq_export.export.onnx import OnnxModel, export_onnx
-    from baseq_export.generate import genai_stream, greedy_tokens, onnx_stepper, torch_stepper
+    from baseq_export.export.onnx import OnnxModel, write as export_onnx
+    from baseq_export.export.onnx_genai import genai_stream
+    from baseq_export.generate import greedy_tokens, onnx_stepper, torch_stepper
     from baseq_export.qmodel import load_artifact, reference_model
 
     art = load_artifact(artifact)

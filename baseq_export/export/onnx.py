@@ -1,306 +1,70 @@
-"""ONNX export of a .baseq artifact (standard ONNX ops + com.microsoft MatMulNBits).
+"""The ONNX export target (see export/__init__.py for the interface every target implements).
 
-The graph is the artifact's reference forward (qmodel.reference_model, exact mode) written out:
-4-bit linears as MatMulNBits with packed zero points; on 4-bit activations (per-channel weights)
-an integer matmul (MatMulNBits with unit scales on the activation's integer levels) rescaled in
-float64, else per-block scales with the folded bias as its bias input; norms, attention, SwiGLU
-and online Hadamards in float64 rounded once; per-token activation and KV quantizers as our
-baseq ops or from Reduce/Round/Clip; the KV cache as past/present tensors so decoding is
-incremental. onnxruntime so computes the reference's float32 values, not merely close ones.
-Inputs: ``input_ids`` [batch, seq] and ``past_key_values.{i}.key|value`` [batch, kv_heads, past,
-head_dim]; outputs: ``logits`` and ``present.{i}.key|value``.
+An export directory holds model.onnx + model.onnx.data (external weights), the tokenizer files,
+genai_config.json (onnxruntime-genai), manifest.json and, with custom ops, a copy of our op
+library. The graph is built by onnx_model.py; onnx_runtime.py and onnx_genai.py run it.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
+import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
-import torch
-from onnx import TensorProto, helper
 
-from ..models.base import ModelConfig, linear_in_features, rope_tables
-from ..qmodel import Artifact, head_from_tensors, linear_from_tensors, load_artifact, staged_dir
-from .onnx_graph import (MS_DOMAIN, OPS_DOMAIN, Graph, emit_fake_quant, emit_hadamard, emit_hadamard_op,
-                         emit_quant_dequant_op, emit_quant_levels, emit_quant_levels_op, emit_rms_norm,
-                         emit_swiglu, matmul_nbits_inputs, to_double, to_float)
+from ..models.base import ModelConfig
+from ..qmodel import Artifact, load_artifact, staged_dir
+from .onnx_genai import GenaiBackend, write_genai_config
+from .onnx_model import KV_CACHE_CHOICES, build_model
+from .onnx_runtime import DATA_FILE, MANIFEST, MODEL_FILE, OnnxModel
 
-OPSET = 18
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
-OPS_CHOICES = ("custom", "standard")
-KV_CACHE_CHOICES = ("float", "int4")
+NAME = "onnx"
+BACKENDS = ("onnxruntime", "onnxruntime-genai")
+MANIFEST_FORMAT = "baseq-onnx"
+OPS_OPTIONS = ("auto", "custom", "standard")
+DEFAULT_MAX_LENGTH = 2048
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()
+def add_arguments(p: argparse.ArgumentParser, sub: bool = False) -> None:
+    """--ops and --kv-cache (sub: defaults SUPPRESSed so a subcommand does not mask the main options)."""
+    default = (lambda v: argparse.SUPPRESS) if sub else (lambda v: v)
+    p.add_argument("--ops", choices=OPS_OPTIONS, default=default("auto"),
+                   help="ONNX online parts as our C++ custom ops (custom), as standard ONNX ops for runtimes that cannot "
+                   "load our library (standard), or custom when the library builds here, else standard (auto, default)")
+    p.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, default=default("float"),
+                   help="ONNX KV cache: float32 values on the 4-bit grid (default; onnxruntime-genai runs it), or packed "
+                   "4-bit codes + per-token scale/zero (int4: about 6x smaller, onnxruntime with our ops only)")
 
 
-class _Ctx:
-    """What the per-layer emitters need: the graph, config, artifact tensors and quant settings."""
-
-    def __init__(self, g: Graph, cfg: ModelConfig, art: Artifact, ops: str, kv_cache: str):
-        self.g, self.cfg, self.art, self.t, self.custom = g, cfg, art, art.tensors, ops == "custom"
-        self.kv_packed = kv_cache == "int4"
-        rot = art.quant.get("rotation") or {}
-        self.r3, self.r4 = bool(rot.get("r3")), bool(rot.get("r4"))
-        self.a_bits, self.kv_bits = art.quant.get("a_bits"), art.quant.get("kv_bits")
-
-    def tensor(self, name: str) -> str | None:
-        """Initializer for an artifact tensor (float32), or None if the artifact has no such tensor."""
-        if name not in self.t:
-            return None
-        return self.g.init(name, _np(self.t[name].to(torch.float32)))
+def options(args: argparse.Namespace) -> dict:
+    return {"ops": getattr(args, "ops", "auto"), "kv_cache": getattr(args, "kv_cache", "float")}
 
 
-def hadamard(c: _Ctx, x: str, n: int) -> str:
-    return emit_hadamard_op(c.g, x, n) if c.custom else emit_hadamard(c.g, x, n)
+def main_job_settings(args: argparse.Namespace) -> dict:
+    """The main job quantizes for ONNX as the command line says (BASE-Q W4A4KV4 by default)."""
+    return {}
 
 
-def rms_norm(c: _Ctx, x: str, weight: str | None) -> str:
-    """models.base.rms_norm in exact mode: one baseq.RmsNorm node, or the standard-op version."""
-    if not c.custom:
-        return emit_rms_norm(c.g, x, weight, c.cfg.rms_eps)
-    inputs = [x, c.g.const(c.cfg.rms_eps, np.float64)] + ([weight] if weight else [])
-    return c.g.op("RmsNorm", inputs, domain=OPS_DOMAIN)
+def default_out(stem: str) -> str:
+    """Where an export of the artifact or model named stem goes by default: a directory."""
+    return f"{stem}-onnx"
 
 
-def swiglu(c: _Ctx, gate: str, up: str) -> str:
-    """models.base.swiglu in exact mode: one baseq.SwiGLU node, or the standard-op version."""
-    return c.g.op("SwiGLU", [gate, up], domain=OPS_DOMAIN) if c.custom else emit_swiglu(c.g, gate, up)
+def check_artifact(art: Artifact) -> None:
+    """Every artifact kind has an ONNX form; nothing to refuse."""
 
 
-def emit_site(c: _Ctx, layer: int, site: str, x: str) -> "str | tuple[str, str]":
-    """qmodel.QuantHooks.act: [R4] -> * gain -> - shift -> per-token quantizer. With 4-bit activations
-    the result is (levels, scale), the IntActivation the next linear multiplies as integers."""
-    g = c.g
-    prefix = f"layers.{layer}.{site}"
-    if c.r4 and site == "down_in":
-        x = hadamard(c, x, c.cfg.intermediate_size)
-    if c.custom and c.a_bits:
-        shift, gain = c.tensor(f"{prefix}.shift"), c.tensor(f"{prefix}.gain")
-        width = int(c.t[f"{prefix}.gain"].numel()) if gain is not None else None
-        return emit_quant_levels_op(g, x, c.a_bits, c.tensor(f"{prefix}.clip"), shift, gain, width)
-    if (gain := c.tensor(f"{prefix}.gain")) is not None:
-        x = g.op("Mul", [x, gain])
-    if (shift := c.tensor(f"{prefix}.shift")) is not None:
-        x = g.op("Sub", [x, shift])
-    if c.a_bits:
-        return emit_quant_levels(g, x, c.a_bits, c.tensor(f"{prefix}.clip"))
-    return x
-
-
-def emit_matmul_nbits(c: _Ctx, x: str, prefix: str, qw, bias: str | None = None, unit_scales: bool = False) -> str:
-    """x @ dequant(qw).T [+ bias] as com.microsoft.MatMulNBits (4-bit, exact per-block mapping of our format);
-    unit_scales: x @ (codes - zero).T, the integer sums (all-ones scales, shared between same-shape linears)."""
-    scale = np.ones_like(_np(qw.scale)) if unit_scales else _np(qw.scale)
-    arrays, block = matmul_nbits_inputs(_np(qw.codes), scale, _np(qw.zero), qw.group_size)
-    inputs = [x] + [c.g.const(arr) if key == "scales" and unit_scales else c.g.init(f"{prefix}.{key}", arr)
-                    for key, arr in arrays.items()]
-    if bias is not None:
-        inputs += ["", bias]  # g_idx unused
-    n, k = qw.codes.shape
-    return c.g.op("MatMulNBits", inputs, hint=f"{prefix}.out", domain=MS_DOMAIN, K=k, N=n, bits=4, block_size=block,
-                  accuracy_level=0)
-
-
-def emit_linear(c: _Ctx, layer: int, name: str, x: "str | tuple[str, str]") -> str:
-    """A 4-bit projection of a block (bias folded in), as models.base.linear.
-
-    On (levels, scale) with per-channel weights: MatMulNBits with unit scales gives the integer
-    sums levels @ (codes - zero)^T exactly; they are scaled by the activation's and the weight's
-    scales in float64 and rounded once, then the bias is added in float32.
-    """
-    prefix = f"layers.{layer}.{name}"
-    qw = linear_from_tensors(prefix, c.t, linear_in_features(c.cfg, name), c.art.quant.get("group_size"))
-    bias = c.tensor(f"{prefix}.bias")
-    if isinstance(x, str):
-        return emit_matmul_nbits(c, x, prefix, qw, bias)
-    levels, scale = x
-    g = c.g
-    if qw.scale.shape[1] != 1:  # grouped scales have no exact integer form: dequantize (as models.base.linear)
-        return emit_matmul_nbits(c, g.op("Mul", [levels, scale]), prefix, qw, bias)
-    sums = emit_matmul_nbits(c, levels, prefix, qw, unit_scales=True)
-    w_scale = _np(qw.scale[:, 0])
-    if c.custom:
-        return g.op("ScaleSums", [sums, scale, g.init(f"{prefix}.channel_scales", w_scale)] + ([bias] if bias else []),
-                    domain=OPS_DOMAIN)
-    w_scale = g.init(f"{prefix}.channel_scales", w_scale.astype(np.float64))
-    y = to_float(g, g.op("Mul", [g.op("Mul", [to_double(g, sums), to_double(g, scale)]), w_scale]))
-    return y if bias is None else g.op("Add", [y, bias])
-
-
-def emit_embedding(c: _Ctx, ids: str) -> str:
-    """Token embeddings: Gather on the float table, or com.microsoft.GatherBlockQuantized on the artifact's
-    packed 4-bit codes (its byte layout is GatherBlockQuantized's)."""
-    qw = head_from_tensors("embed", c.t, c.cfg, c.art.quant)
-    if qw is None:
-        return c.g.op("Gather", [c.tensor("embed"), ids], axis=0)
-    from ..quant import pack_int4
-
-    inputs = [c.g.init("embed.qweight", _np(c.t["embed.qweight"])), ids, c.g.init("embed.scales", _np(qw.scale)),
-              c.g.init("embed.zeros", _np(pack_int4(qw.zero)))]
-    return c.g.op("GatherBlockQuantized", inputs, domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
-                  block_size=qw.group_size, bits=4)
-
-
-def emit_lm_head(c: _Ctx, h: str) -> str:
-    """Logits: MatMul by the float head, or MatMulNBits on the 4-bit codes (the tied embedding's own codes)."""
-    name = "embed" if c.cfg.tied_embeddings else "lm_head"
-    qw = head_from_tensors(name, c.t, c.cfg, c.art.quant)
-    if qw is None:
-        return c.g.op("MatMul", [h, c.g.init("lm_head.T", _np(c.t[name].to(torch.float32).T.contiguous()))])
-    return emit_matmul_nbits(c, h, "lm_head", qw)
-
-
-def emit_rope(g: Graph, x: str, cos: str, sin: str, head_dim: int) -> str:
-    half = head_dim // 2
-    x1 = g.op("Slice", [x, g.const([0], np.int64), g.const([half], np.int64), g.const([-1], np.int64)])
-    x2 = g.op("Slice", [x, g.const([half], np.int64), g.const([head_dim], np.int64), g.const([-1], np.int64)])
-    rotated = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
-    return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])])
-
-
-def emit_heads(g: Graph, x: str, heads: int, head_dim: int) -> str:
-    """[B, T, heads*hd] -> [B, heads, T, hd]."""
-    y = g.op("Reshape", [x, g.const([0, 0, heads, head_dim], np.int64)])
-    return g.op("Transpose", [y], perm=[0, 2, 1, 3])
-
-
-def emit_block(c: _Ctx, i: int, h: str, cos: str, sin: str, mask: str, past: tuple[str, str]) -> tuple[str, str, str]:
-    """One decoder block (models.base.block_forward); returns (h, present key, present value)."""
-    g, cfg = c.g, c.cfg
-    x = emit_site(c, i, "attn_in", rms_norm(c, h, c.tensor(f"layers.{i}.attn_norm")))
-    q = emit_heads(g, emit_linear(c, i, "q", x), cfg.num_heads, cfg.head_dim)
-    k = emit_heads(g, emit_linear(c, i, "k", x), cfg.num_kv_heads, cfg.head_dim)
-    v = emit_heads(g, emit_linear(c, i, "v", x), cfg.num_kv_heads, cfg.head_dim)
-    q, k = emit_rope(g, q, cos, sin, cfg.head_dim), emit_rope(g, k, cos, sin, cfg.head_dim)
-    if c.r3:
-        q, k = hadamard(c, q, cfg.head_dim), hadamard(c, k, cfg.head_dim)
-    k_clip, v_clip = c.tensor(f"layers.{i}.k_cache.clip"), c.tensor(f"layers.{i}.v_cache.clip")
-    if c.kv_packed:  # the cache holds 4-bit codes + per-row scale/zero; attention reads it unpacked
-        k = g.op("KVQuantPack", [k, k_clip], domain=OPS_DOMAIN, bits=4)
-        v = g.op("KVQuantPack", [v, v_clip], domain=OPS_DOMAIN, bits=4)
-    elif c.kv_bits:
-        fq = emit_quant_dequant_op if c.custom else emit_fake_quant
-        k, v = fq(g, k, c.kv_bits, k_clip), fq(g, v, c.kv_bits, v_clip)
-    present_k = k_all = g.op("Concat", [past[0], k], axis=2, hint=f"present.{i}.key")
-    present_v = v_all = g.op("Concat", [past[1], v], axis=2, hint=f"present.{i}.value")
-    if c.kv_packed:
-        k_all = g.op("KVUnpack", [present_k], domain=OPS_DOMAIN, head_dim=cfg.head_dim)
-        v_all = g.op("KVUnpack", [present_v], domain=OPS_DOMAIN, head_dim=cfg.head_dim)
-    groups = cfg.num_heads // cfg.num_kv_heads
-    a = emit_attention(g, to_double(g, q), to_double(g, k_all), to_double(g, v_all), mask, cfg, groups, c.custom)
-    a = g.op("Reshape", [g.op("Transpose", [a], perm=[0, 2, 1, 3]), g.const([0, 0, cfg.num_heads * cfg.head_dim], np.int64)])
-    h = g.op("Add", [h, emit_linear(c, i, "o", emit_site(c, i, "o_in", a))])
-    x = emit_site(c, i, "mlp_in", rms_norm(c, h, c.tensor(f"layers.{i}.mlp_norm")))
-    act = swiglu(c, emit_linear(c, i, "gate", x), emit_linear(c, i, "up", x))
-    h = g.op("Add", [h, emit_linear(c, i, "down", emit_site(c, i, "down_in", act))])
-    return h, present_k, present_v
-
-
-def emit_attention(g: Graph, q: str, k: str, v: str, mask: str, cfg: ModelConfig, groups: int, custom: bool) -> str:
-    """softmax(q k^T / sqrt(hd) + mask) v on float64 q [B, H, T, hd] and k, v [B, kvH, S, hd], rounded
-    once to float32 (models.base.attend in exact mode). Grouped heads without copying K/V: q is viewed
-    as [B, kvH, groups, T, hd] against k, v [B, kvH, 1, S, hd] (head h uses KV head h // groups).
-    The softmax is baseq.MaskedSoftmax with custom ops (it skips masked keys)."""
-    five = g.const([0, cfg.num_kv_heads, groups, -1, cfg.head_dim], np.int64)
-    axis2 = g.const([2], np.int64)
-    q5 = g.op("Reshape", [q, five])
-    k5, v5 = g.op("Unsqueeze", [k, axis2]), g.op("Unsqueeze", [v, axis2])
-    scores = g.op("MatMul", [q5, g.op("Transpose", [k5], perm=[0, 1, 2, 4, 3])])
-    mask5 = g.op("Unsqueeze", [mask, axis2])  # [B, 1, 1, T, S]
-    scores = g.op("Add", [g.op("Mul", [scores, g.const(1.0 / np.sqrt(cfg.head_dim), np.float64)]), mask5])
-    if custom:
-        probs = g.op("MaskedSoftmax", [scores], domain=OPS_DOMAIN)
-    else:  # spelled out: onnxruntime's float64 Softmax kernel is ~15x slower than Exp and two reductions
-        axes = g.const([-1], np.int64)
-        e = g.op("Exp", [g.op("Sub", [scores, g.op("ReduceMax", [scores, axes], keepdims=1)])])
-        probs = g.op("Div", [e, g.op("ReduceSum", [e, axes], keepdims=1)])
-    a = g.op("MatMul", [probs, v5])  # [B, kvH, groups, T, hd]
-    return to_float(g, g.op("Reshape", [a, g.const([0, cfg.num_heads, -1, cfg.head_dim], np.int64)]))
-
-
-MASKED = -1e9  # additive mask value: exp() underflows to exactly 0, and a fully masked (padding) row stays finite
-
-
-def emit_positions_and_mask(g: Graph, cfg: ModelConfig, ids: str, past_key: str, attention_mask: str) -> tuple[str, str]:
-    """Absolute positions [T] (past_len + arange(T)) and the additive float64 mask [B, 1, T, past+T]:
-    causal (and sliding window), and keys whose attention_mask [B, past+T] is 0 are hidden."""
-    past_len = g.op("Gather", [g.op("Shape", [past_key]), g.const(2, np.int64)], axis=0)
-    seq = g.op("Gather", [g.op("Shape", [ids]), g.const(1, np.int64)], axis=0)
-    total = g.op("Add", [past_len, seq])
-    positions = g.op("Range", [past_len, total, g.const(1, np.int64)])
-    k_pos = g.op("Range", [g.const(0, np.int64), total, g.const(1, np.int64)])
-    q_col = g.op("Unsqueeze", [positions, g.const([1], np.int64)])
-    allowed = g.op("LessOrEqual", [k_pos, q_col])
-    if cfg.sliding_window is not None:
-        lower = g.op("Sub", [q_col, g.const(cfg.sliding_window, np.int64)])
-        allowed = g.op("And", [allowed, g.op("Greater", [k_pos, lower])])
-    keep = g.op("Cast", [attention_mask], to=TensorProto.BOOL)
-    keep = g.op("Unsqueeze", [keep, g.const([1, 2], np.int64)])  # [B, 1, 1, S]
-    allowed = g.op("And", [allowed, keep])
-    mask = g.op("Where", [allowed, g.const(0.0, np.float64), g.const(MASKED, np.float64)])
-    return positions, mask
-
-
-def check_kv_cache(art: Artifact, ops: str, kv_cache: str) -> None:
-    """A packed int4 cache needs our custom ops and a 4-bit KV quantizer in the artifact."""
-    if kv_cache not in KV_CACHE_CHOICES:
-        raise ValueError(f"--kv-cache must be one of {KV_CACHE_CHOICES}, got {kv_cache!r}")
-    if kv_cache == "int4" and (ops != "custom" or art.quant.get("kv_bits") != 4):
-        raise ValueError("--kv-cache int4 stores the artifact's 4-bit KV codes packed: it needs --ops custom and an "
-                         f"artifact with a 4-bit KV cache (this one: kv_bits={art.quant.get('kv_bits')}, ops={ops})")
-
-
-def kv_row_width(cfg: ModelConfig, kv_cache: str) -> int:
-    """Last dimension of a past/present tensor: head_dim floats, or head_dim/2 code bytes + scale + zero."""
-    return cfg.head_dim if kv_cache == "float" else cfg.head_dim // 2 + 8
-
-
-def build_model(art: Artifact, max_length: int = 2048, ops: str = "standard", kv_cache: str = "float") -> onnx.ModelProto:
-    """The ONNX model of an artifact: MatMulNBits linears; online parts as our baseq ops (`ops="custom"`)
-    or as standard ONNX ops (`ops="standard"`); the KV cache as float32 or packed 4-bit (`kv_cache="int4"`)."""
-    if ops not in OPS_CHOICES:
-        raise ValueError(f"ops must be one of {OPS_CHOICES}, got {ops!r}")
-    check_kv_cache(art, ops, kv_cache)
-    cfg = ModelConfig.from_dict(art.model)
-    g = Graph()
-    c = _Ctx(g, cfg, art, ops, kv_cache)
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_seq"])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", cfg.vocab_size])]
-    width = kv_row_width(cfg, kv_cache)
-    kv_type = TensorProto.FLOAT if kv_cache == "float" else TensorProto.UINT8
-    kv_shape = ["batch", cfg.num_kv_heads, "past_seq", width]
-    total_shape = ["batch", cfg.num_kv_heads, "total_seq", width]
-    for i in range(cfg.num_layers):
-        for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", kv_type, kv_shape))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", kv_type, total_shape))
-
-    cos_t, sin_t = rope_tables(art.tensors["rope.inv_freq"], torch.arange(max_length), cfg.rope_attention_scaling, torch.float32)
-    positions, mask = emit_positions_and_mask(g, cfg, "input_ids", "past_key_values.0.key", "attention_mask")
-    cos = g.op("Gather", [g.init("rope.cos", _np(cos_t)), positions], axis=0)
-    sin = g.op("Gather", [g.init("rope.sin", _np(sin_t)), positions], axis=0)
-    h = emit_embedding(c, "input_ids")
-    for i in range(cfg.num_layers):
-        h, k, v = emit_block(c, i, h, cos, sin, mask, (f"past_key_values.{i}.key", f"past_key_values.{i}.value"))
-        g.nodes.append(helper.make_node("Identity", [k], [f"present.{i}.key"]))
-        g.nodes.append(helper.make_node("Identity", [v], [f"present.{i}.value"]))
-    h = rms_norm(c, h, c.tensor("norm"))
-    logits = emit_lm_head(c, h)
-    g.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
-    graph = helper.make_graph(g.nodes, "baseq", inputs, outputs, g.inits)
-    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
-    if any(n.domain == OPS_DOMAIN for n in g.nodes):
-        opsets.append(helper.make_opsetid(OPS_DOMAIN, 1))
-    model = helper.make_model(graph, opset_imports=opsets, producer_name="baseq-export")
-    model.ir_version = 9
-    return model
+def is_export(path: str | Path) -> bool:
+    path = Path(path)
+    if not ((path / MANIFEST).is_file() and (path / MODEL_FILE).is_file()):
+        return False
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("format", MANIFEST_FORMAT) == MANIFEST_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def resolve_ops(ops: str) -> tuple[str, Path | None]:
@@ -313,20 +77,23 @@ def resolve_ops(ops: str) -> tuple[str, Path | None]:
     if ops == "standard":
         return "standard", None
     if ops not in ("custom", "auto"):
-        raise ValueError(f"--ops must be custom, standard or auto, got {ops!r}")
+        raise ValueError(f"--ops must be one of {', '.join(OPS_OPTIONS)}, got {ops!r}")
     try:
         return "custom", library_path()
     except BuildError as e:
         if ops == "custom":
             raise
-        import warnings
-
         warnings.warn(f"custom ops unavailable, exporting with standard ONNX ops instead: {e}")
         return "standard", None
 
 
-def export_onnx(artifact: str | Path, out: str | Path, force: bool = False, max_length: int = 2048,
-                ops: str = "auto", kv_cache: str = "float") -> Path:
+def is_tokenizer_file(name: str) -> bool:
+    """Files of a saved Hugging Face tokenizer, which an export carries so it runs on its own."""
+    return name.startswith("tokenizer") or name in ("special_tokens_map.json", "chat_template.jinja")
+
+
+def write(artifact: str | Path, out: str | Path, force: bool = False, max_length: int = DEFAULT_MAX_LENGTH,
+          ops: str = "auto", kv_cache: str = "float") -> Path:
     """Write model.onnx (+ model.onnx.data), the tokenizer, genai_config.json, a manifest and, with
     custom ops, a copy of our op library to `out`, atomically."""
     artifact, out = Path(artifact), Path(out).expanduser()
@@ -334,7 +101,7 @@ def export_onnx(artifact: str | Path, out: str | Path, force: bool = False, max_
     if out.exists():
         if not force:
             raise FileExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
-        if not (out / "manifest.json").is_file():
+        if not is_export(out):
             raise FileExistsError(f"{out} exists and is not a baseq ONNX export; refusing to replace it")
     if kv_cache == "int4" and ops == "auto":
         ops = "custom"  # a packed cache exists only as our ops: fail clearly rather than fall back
@@ -349,106 +116,25 @@ def export_onnx(artifact: str | Path, out: str | Path, force: bool = False, max_
             shutil.copy2(library, tmp / library.name)
             files.append(library.name)
         for f in artifact.iterdir():
-            if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "chat_template.jinja"):
+            if is_tokenizer_file(f.name):
                 shutil.copy2(f, tmp / f.name)
         if kv_cache == "float":  # genai allocates float past/present itself; it cannot hold our packed rows
-            write_genai_config(tmp, cfg_of(art), art, max_length, library.name if library is not None else None)
-        manifest = {"format": "baseq-onnx", "artifact": str(artifact.resolve()), "quant": art.quant, "model": art.model,
-                    "max_length": max_length, "ops": ops, "kv_cache": kv_cache, "files": files}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            write_genai_config(tmp, ModelConfig.from_dict(art.model), art, max_length,
+                               library.name if library is not None else None)
+        manifest = {"format": MANIFEST_FORMAT, "artifact": str(artifact.resolve()), "quant": art.quant,
+                    "model": art.model, "max_length": max_length, "ops": ops, "kv_cache": kv_cache, "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 
 
-def cfg_of(art: Artifact) -> ModelConfig:
-    return ModelConfig.from_dict(art.model)
+def open(path: str | Path, backend: str | None = None, threads: int | None = None, **_options):
+    """The export in onnxruntime (default) or onnxruntime-genai."""
+    if (backend or BACKENDS[0]) == "onnxruntime-genai":
+        return GenaiBackend(path)
+    return OnnxModel(path, threads=threads)
 
 
-GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
-
-
-def write_genai_config(out: Path, cfg: ModelConfig, art: Artifact, max_length: int, ops_library: str | None = None) -> None:
-    """genai_config.json for onnxruntime-genai: our input/output names, a growing (not shared) KV buffer,
-    and our op library (a file inside the export: genai refuses paths outside the model folder)."""
-    eos = art.source.get("eos_token_id")
-    if eos is None:  # artifacts that do not record it: the tokenizer copied into the export may know it
-        try:
-            from transformers import AutoTokenizer
-
-            eos = AutoTokenizer.from_pretrained(str(out)).eos_token_id
-        except (OSError, ValueError):
-            eos = None
-    if eos is None:
-        import warnings
-
-        warnings.warn("the model has no eos_token_id: genai_config.json not written (onnxruntime-genai needs it)")
-        return
-    config = {
-        "model": {
-            "bos_token_id": art.source.get("bos_token_id") if art.source.get("bos_token_id") is not None else eos,
-            "eos_token_id": eos,
-            "pad_token_id": art.source.get("pad_token_id", eos),
-            "context_length": max_length,
-            "type": GENAI_TYPES[cfg.arch],
-            "vocab_size": cfg.vocab_size,
-            "decoder": {
-                "session_options": {"log_id": "baseq-export", "provider_options": [],
-                                    **({"custom_ops_library": ops_library} if ops_library else {})},
-                "filename": MODEL_FILE,
-                "head_size": cfg.head_dim,
-                "hidden_size": cfg.hidden_size,
-                "num_attention_heads": cfg.num_heads,
-                "num_hidden_layers": cfg.num_layers,
-                "num_key_value_heads": cfg.num_kv_heads,
-                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
-            },
-        },
-        "search": {"do_sample": False, "num_beams": 1, "max_length": max_length, "min_length": 0,
-                   "past_present_share_buffer": False, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
-                   "repetition_penalty": 1.0, "num_return_sequences": 1, "early_stopping": True,
-                   "length_penalty": 1.0, "no_repeat_ngram_size": 0, "diversity_penalty": 0.0},
-    }
-    (out / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-class OnnxModel:
-    """An exported model in an onnxruntime session, with the reference model's logits() interface."""
-
-    def __init__(self, path: str | Path, threads: int | None = None):
-        import onnxruntime as ort
-
-        path = Path(path)
-        manifest = json.loads((path / "manifest.json").read_text())
-        self.config = ModelConfig.from_dict(manifest["model"])
-        self.kv_cache = manifest.get("kv_cache", "float")
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        if manifest.get("ops") == "custom":
-            libs = [f for f in manifest["files"] if f.endswith(".so")]
-            if not libs or not (path / libs[0]).is_file():
-                raise FileNotFoundError(f"{path} was exported with custom ops but its op library is missing; "
-                                        "re-export it (or export with --ops standard)")
-            opts.register_custom_ops_library(str((path / libs[0]).resolve()))
-        self.session = ort.InferenceSession(str(path / MODEL_FILE), opts, providers=["CPUExecutionProvider"])
-
-    def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
-        cfg = self.config
-        dtype = np.float32 if self.kv_cache == "float" else np.uint8
-        empty = np.zeros((batch, cfg.num_kv_heads, 0, kv_row_width(cfg, self.kv_cache)), dtype)
-        return {f"past_key_values.{i}.{kind}": empty for i in range(cfg.num_layers) for kind in ("key", "value")}
-
-    def step(self, ids: np.ndarray, past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Logits for ids [B, T] after `past`, and the cache that includes them."""
-        total = ids.shape[1] + next(iter(past.values())).shape[2]
-        mask = np.ones((ids.shape[0], total), np.int64)
-        outs = self.session.run(None, {"input_ids": ids.astype(np.int64), "attention_mask": mask, **past})
-        names = [o.name for o in self.session.get_outputs()]
-        result = dict(zip(names, outs))
-        present = {n.replace("present.", "past_key_values."): v for n, v in result.items() if n.startswith("present.")}
-        return result["logits"], present
-
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        out, _ = self.step(ids.numpy(), self.empty_cache(ids.shape[0]))
-        return torch.from_numpy(out)
+def describe(path: str | Path) -> str:
+    """One line for the main job's summary: what was written and with which ops."""
+    manifest = json.loads((Path(path) / MANIFEST).read_text())
+    return f"ONNX export: {Path(path) / MODEL_FILE} ({manifest['ops']} ops, {manifest.get('kv_cache', 'float')} KV cache)"

@@ -1,0 +1,100 @@
+"""onnxruntime-genai for our ONNX exports: the genai_config.json that describes them, and a runner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..models.base import ModelConfig
+from ..qmodel import Artifact
+from .onnx_runtime import MODEL_FILE
+
+GENAI_CONFIG = "genai_config.json"
+GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+
+
+def write_genai_config(out: Path, cfg: ModelConfig, art: Artifact, max_length: int, ops_library: str | None = None) -> None:
+    """genai_config.json for onnxruntime-genai: our input/output names, a growing (not shared) KV buffer,
+    and our op library (a file inside the export: genai refuses paths outside the model folder)."""
+    eos = art.source.get("eos_token_id")
+    if eos is None:  # artifacts that do not record it: the tokenizer copied into the export may know it
+        try:
+            from transformers import AutoTokenizer
+
+            eos = AutoTokenizer.from_pretrained(str(out)).eos_token_id
+        except (OSError, ValueError):
+            eos = None
+    if eos is None:
+        import warnings
+
+        warnings.warn("the model has no eos_token_id: genai_config.json not written (onnxruntime-genai needs it)")
+        return
+    config = {
+        "model": {
+            "bos_token_id": art.source.get("bos_token_id") if art.source.get("bos_token_id") is not None else eos,
+            "eos_token_id": eos,
+            "pad_token_id": art.source.get("pad_token_id", eos),
+            "context_length": max_length,
+            "type": GENAI_TYPES[cfg.arch],
+            "vocab_size": cfg.vocab_size,
+            "decoder": {
+                "session_options": {"log_id": "baseq-export", "provider_options": [],
+                                    **({"custom_ops_library": ops_library} if ops_library else {})},
+                "filename": MODEL_FILE,
+                "head_size": cfg.head_dim,
+                "hidden_size": cfg.hidden_size,
+                "num_attention_heads": cfg.num_heads,
+                "num_hidden_layers": cfg.num_layers,
+                "num_key_value_heads": cfg.num_kv_heads,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
+            },
+        },
+        "search": {"do_sample": False, "num_beams": 1, "max_length": max_length, "min_length": 0,
+                   "past_present_share_buffer": False, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+                   "repetition_penalty": 1.0, "num_return_sequences": 1, "early_stopping": True,
+                   "length_penalty": 1.0, "no_repeat_ngram_size": 0, "diversity_penalty": 0.0},
+    }
+    (out / GENAI_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def genai_stream(path, prompt_ids: list[int], max_new_tokens: int) -> Iterator[int]:
+    """Greedy tokens from onnxruntime-genai running an export directory (one with a genai_config.json)."""
+    try:
+        import onnxruntime_genai as og
+    except ImportError as e:
+        raise ValueError("the onnxruntime-genai backend needs `pip install onnxruntime-genai`") from e
+    model = og.Model(str(path))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt_ids) + max_new_tokens, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([prompt_ids], dtype=np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+        yield int(gen.get_next_tokens()[0])
+
+
+class GenaiBackend:
+    """An export in onnxruntime-genai (an export.Backend); genai runs generation only, not scoring."""
+
+    label = "onnxruntime-genai"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not (self.path / GENAI_CONFIG).is_file():
+            raise ValueError(f"{path} has no {GENAI_CONFIG}: onnxruntime-genai cannot run it (an export with "
+                             "--kv-cache int4 is for onnxruntime only; export with --kv-cache float for genai)")
+        self.context_length = json.loads((self.path / GENAI_CONFIG).read_text())["model"]["context_length"]
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        raise ValueError("perplexity is measured in onnxruntime (our runner); onnxruntime-genai runs generation: "
+                         "use `baseq-export run --backend onnxruntime-genai`")
+
+    def greedy(self, prompt_ids: list[int], max_new_tokens: int | None = None) -> Iterator[int]:
+        room = self.context_length - len(prompt_ids)
+        return genai_stream(self.path, prompt_ids, room if max_new_tokens is None else min(room, max_new_tokens))

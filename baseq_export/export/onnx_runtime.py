@@ -1,0 +1,78 @@
+"""An ONNX export in an onnxruntime session: logits, incremental decode steps, greedy generation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..models.base import ModelConfig
+from .onnx_model import kv_row_width
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+MANIFEST = "manifest.json"
+
+
+def read_manifest(path: str | Path) -> dict:
+    """manifest.json of an export directory, with a clear error when it is missing or damaged."""
+    f = Path(path) / MANIFEST
+    try:
+        return json.loads(f.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} has no {MANIFEST}: it is not a baseq ONNX export (make one with "
+                                "`baseq-export export ARTIFACT`)") from None
+    except ValueError as e:
+        raise ValueError(f"{f} is not valid JSON ({e}); export again") from e
+
+
+class OnnxModel:
+    """An exported model in an onnxruntime session (an export.Backend): logits, decode steps, greedy."""
+
+    label = "onnxruntime"
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        path = Path(path)
+        manifest = read_manifest(path)
+        self.config = ModelConfig.from_dict(manifest["model"])
+        self.kv_cache = manifest.get("kv_cache", "float")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        if manifest.get("ops") == "custom":
+            libs = [f for f in manifest["files"] if f.endswith(".so")]
+            if not libs or not (path / libs[0]).is_file():
+                raise FileNotFoundError(f"{path} was exported with custom ops but its op library is missing; "
+                                        "re-export it (or export with --ops standard)")
+            opts.register_custom_ops_library(str((path / libs[0]).resolve()))
+        self.session = ort.InferenceSession(str(path / MODEL_FILE), opts, providers=["CPUExecutionProvider"])
+
+    def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
+        cfg = self.config
+        dtype = np.float32 if self.kv_cache == "float" else np.uint8
+        empty = np.zeros((batch, cfg.num_kv_heads, 0, kv_row_width(cfg, self.kv_cache)), dtype)
+        return {f"past_key_values.{i}.{kind}": empty for i in range(cfg.num_layers) for kind in ("key", "value")}
+
+    def step(self, ids: np.ndarray, past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Logits for ids [B, T] after `past`, and the cache that includes them."""
+        total = ids.shape[1] + next(iter(past.values())).shape[2]
+        mask = np.ones((ids.shape[0], total), np.int64)
+        outs = self.session.run(None, {"input_ids": ids.astype(np.int64), "attention_mask": mask, **past})
+        names = [o.name for o in self.session.get_outputs()]
+        result = dict(zip(names, outs))
+        present = {n.replace("present.", "past_key_values."): v for n, v in result.items() if n.startswith("present.")}
+        return result["logits"], present
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        out, _ = self.step(ids.numpy(), self.empty_cache(ids.shape[0]))
+        return torch.from_numpy(out)
+
+    def greedy(self, prompt_ids: list[int], max_new_tokens: int | None = None) -> Iterator[int]:
+        from ..generate import greedy_stream, onnx_stepper
+
+        return greedy_stream(onnx_stepper(self), prompt_ids)
