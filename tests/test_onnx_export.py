@@ -113,6 +113,13 @@ def test_exported_model_matches_reference_forward(tmp_path, arch, dims, kind, op
     assert (out / "libbaseq_ops.so").is_file() == (ops == "custom")
     ops_used = {n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
     assert ("GatherBlockQuantized" in ops_used) == kind.endswith("head4")
+    # each head table of the artifact is stored once (float [V, H] or 4-bit V*H/2 bytes): a tied embedding
+    # (unrotated models; rotation folds the final norm into the head) serves the lm_head too
+    cfg = m.config
+    inits = onnx.load(str(out / "model.onnx"), load_external_data=False).graph.initializer
+    tables = [i.name for i in inits if not i.name.startswith("layers.") and int(np.prod(i.dims)) in (cfg.vocab_size * cfg.hidden_size, cfg.vocab_size * cfg.hidden_size // 2)]
+    heads = {n.split(".")[0] for n in art.tensors if n.split(".")[0] in ("embed", "lm_head")}
+    assert len(tables) == len(heads) == (1 if cfg.tied_embeddings and not art.quant["rotation"] else 2), tables
     assert (out / "model.onnx.data").is_file()
     om = OnnxModel(out, threads=1)
     ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))

@@ -43,12 +43,16 @@ class _Ctx:
         rot = art.quant.get("rotation") or {}
         self.r3, self.r4 = bool(rot.get("r3")), bool(rot.get("r4"))
         self.a_bits, self.kv_bits = art.quant.get("a_bits"), art.quant.get("kv_bits")
+        self.made: set[str] = set()  # artifact tensors already in the graph
+        self.nbits: dict[tuple[str, bool], tuple[list[str], int]] = {}  # matmul_nbits_weights, made once per weight
 
     def tensor(self, name: str) -> str | None:
-        """Initializer for an artifact tensor (float32), or None if the artifact has no such tensor."""
+        """Initializer for an artifact tensor (float32, made once), or None if the artifact has no such tensor."""
         if name not in self.t:
             return None
-        return self.g.init(name, _np(self.t[name].to(torch.float32)))
+        if name not in self.made:
+            self.made.add(self.g.init(name, _np(self.t[name].to(torch.float32))))
+        return name
 
 
 def hadamard(c: _Ctx, x: str, n: int) -> str:
@@ -88,15 +92,24 @@ def emit_site(c: _Ctx, layer: int, site: str, x: str) -> "str | tuple[str, str]"
     return x
 
 
+def matmul_nbits_weights(c: _Ctx, prefix: str, qw, unit_scales: bool = False) -> tuple[list[str], int]:
+    """Initializer names (B, scales, zero_points) and block size of MatMulNBits for a 4-bit weight; made once per
+    prefix, so a tied embedding and lm_head share them. unit_scales: all-ones scales (shared between same-shape
+    linears), for the integer sums x @ (codes - zero).T."""
+    key = (prefix, unit_scales)
+    if key not in c.nbits:
+        scale = np.ones_like(_np(qw.scale)) if unit_scales else _np(qw.scale)
+        arrays, block = matmul_nbits_inputs(_np(qw.codes), scale, _np(qw.zero), qw.group_size)
+        names = [c.g.const(arr) if k == "scales" and unit_scales else c.g.init(f"{prefix}.{k}", arr) for k, arr in arrays.items()]
+        c.nbits[key] = names, block
+    return c.nbits[key]
+
+
 def emit_matmul_nbits(c: _Ctx, x: str, prefix: str, qw, bias: str | None = None, unit_scales: bool = False) -> str:
     """x @ dequant(qw).T [+ bias] as com.microsoft.MatMulNBits (4-bit, exact per-block mapping of our format);
-    unit_scales: x @ (codes - zero).T, the integer sums (all-ones scales, shared between same-shape linears)."""
-    scale = np.ones_like(_np(qw.scale)) if unit_scales else _np(qw.scale)
-    arrays, block = matmul_nbits_inputs(_np(qw.codes), scale, _np(qw.zero), qw.group_size)
-    inputs = [x] + [c.g.const(arr) if key == "scales" and unit_scales else c.g.init(f"{prefix}.{key}", arr)
-                    for key, arr in arrays.items()]
-    if bias is not None:
-        inputs += ["", bias]  # g_idx unused
+    unit_scales: x @ (codes - zero).T, the integer sums."""
+    inputs, block = matmul_nbits_weights(c, prefix, qw, unit_scales)
+    inputs = [x] + inputs + (["", bias] if bias is not None else [])  # g_idx unused
     n, k = qw.codes.shape
     return c.g.op("MatMulNBits", inputs, hint=f"{prefix}.out", domain=MS_DOMAIN, K=k, N=n, bits=4, block_size=block,
                   accuracy_level=0)
@@ -129,26 +142,32 @@ def emit_linear(c: _Ctx, layer: int, name: str, x: "str | tuple[str, str]") -> s
 
 
 def emit_embedding(c: _Ctx, ids: str) -> str:
-    """Token embeddings: Gather on the float table, or com.microsoft.GatherBlockQuantized on the artifact's
-    packed 4-bit codes (its byte layout is GatherBlockQuantized's)."""
+    """Token embeddings: Gather on the float table, or com.microsoft.GatherBlockQuantized on the 4-bit codes.
+    GatherBlockQuantized reads MatMulNBits' own B (reshaped to [vocab, hidden/2]: the same bytes), scales and
+    packed zero points, so a tied table is stored once for the embedding and the lm_head."""
     qw = head_from_tensors("embed", c.t, c.cfg, c.art.quant)
     if qw is None:
         return c.g.op("Gather", [c.tensor("embed"), ids], axis=0)
-    from ..quant import pack_int4
-
-    inputs = [c.g.init("embed.qweight", _np(c.t["embed.qweight"])), ids, c.g.init("embed.scales", _np(qw.scale)),
-              c.g.init("embed.zeros", _np(pack_int4(qw.zero)))]
-    return c.g.op("GatherBlockQuantized", inputs, domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
-                  block_size=qw.group_size, bits=4)
+    (b, scales, zeros), _ = matmul_nbits_weights(c, "embed", qw)
+    vocab, hidden = qw.shape
+    table = c.g.op("Reshape", [b, c.g.const([vocab, (hidden + 1) // 2], np.int64)])
+    return c.g.op("GatherBlockQuantized", [table, ids, scales, zeros], domain=MS_DOMAIN, gather_axis=0,
+                  quantize_axis=1, block_size=qw.group_size, bits=4)
 
 
 def emit_lm_head(c: _Ctx, h: str) -> str:
-    """Logits: MatMul by the float head, or MatMulNBits on the 4-bit codes (the tied embedding's own codes)."""
+    """Logits: Gemm by the float head (transB: a tied table is not stored transposed a second time), or
+    MatMulNBits on the 4-bit codes (a tied embedding's own initializers)."""
     name = "embed" if c.cfg.tied_embeddings else "lm_head"
     qw = head_from_tensors(name, c.t, c.cfg, c.art.quant)
-    if qw is None:
-        return c.g.op("MatMul", [h, c.g.init("lm_head.T", _np(c.t[name].to(torch.float32).T.contiguous()))])
-    return emit_matmul_nbits(c, h, "lm_head", qw)
+    if qw is not None:
+        return emit_matmul_nbits(c, h, name, qw)
+    g = c.g
+    table = c.tensor(name)  # when tied: the embedding's initializer, made once
+    rows = g.op("Reshape", [h, g.const([-1, c.cfg.hidden_size], np.int64)])
+    logits = g.op("Gemm", [rows, table], transB=1)
+    lead = g.op("Slice", [g.op("Shape", [h]), g.const([0], np.int64), g.const([-1], np.int64)])
+    return g.op("Reshape", [logits, g.op("Concat", [lead, g.const([c.cfg.vocab_size], np.int64)], axis=0)])
 
 
 def emit_rope(g: Graph, x: str, cos: str, sin: str, head_dim: int) -> str:
