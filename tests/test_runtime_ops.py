@@ -2,8 +2,10 @@
 standard-op subgraphs, against independent numpy references; bad inputs give onnxruntime errors."""
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -237,6 +239,67 @@ def test_library_is_cached_and_honours_ort_include_dir(tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip() == str(lib)
 
 
+def test_library_path_honours_baseq_ops_library(tmp_path, monkeypatch):
+    lib = runtime_ops.library_path()
+    monkeypatch.setenv("BASEQ_OPS_LIBRARY", str(lib))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))  # nothing is built: the named file is used
+    assert runtime_ops.library_path() == lib.resolve()
+    monkeypatch.setenv("BASEQ_OPS_LIBRARY", str(tmp_path / "missing.so"))
+    with pytest.raises(runtime_ops.BuildError, match="BASEQ_OPS_LIBRARY=.*missing.so is not a file"):
+        runtime_ops.library_path()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_lists_every_package():
+    """pyproject.toml lists the packages by hand (runtime_ops/ is mapped into the package): none may be missing."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "baseq_export").rglob("__init__.py")}
+    assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages in pyproject.toml"
+    assert "baseq_export.runtime_ops.src" in listed
+
+
+def test_sources_are_one_copy_at_the_top_level():
+    names = runtime_ops.sources()
+    assert runtime_ops.source_dir() == REPO / "runtime_ops"
+    assert names and all((REPO / "runtime_ops" / n).is_file() for n in names)
+    assert not list((REPO / "baseq_export").rglob("*.cc")) and not list((REPO / "baseq_export").rglob("*.h"))
+    for machine in ("x86_64", "aarch64"):  # every per-CPU source of either build exists too
+        assert all((REPO / "runtime_ops" / n).is_file() for n in runtime_ops.sources(machine))
+
+
+def test_installed_package_finds_the_sources_and_builds(tmp_path):
+    """A non-editable install (pip install --target, from a copy of the source tree) carries the C++
+    sources inside the package, and library_path() there builds a library onnxruntime loads."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for name in ("baseq_export", "runtime_ops"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "build*"))
+    site = tmp_path / "site"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                           "--target", str(site), str(src)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    code = ("import importlib.resources as r, onnxruntime as ort\n"
+            "from baseq_export import runtime_ops as o\n"
+            "d = r.files('baseq_export.runtime_ops') / 'src'\n"
+            "assert all((d / n).is_file() for n in o.sources()), 'missing sources'\n"
+            "print(o.source_dir()); lib = o.library_path(); print(lib)\n"
+            "ort.SessionOptions().register_custom_ops_library(str(lib))\n")
+    env = {**os.environ, "PYTHONPATH": str(site), "BASEQ_CACHE_DIR": str(tmp_path / "cache"),
+           "ORT_INCLUDE_DIR": str(runtime_ops.include_dir())}
+    env.pop("BASEQ_OPS_LIBRARY", None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    where, lib = proc.stdout.split()
+    assert Path(where) == site / "baseq_export" / "runtime_ops" / "src"
+    assert Path(lib).is_file() and Path(lib).is_relative_to(tmp_path / "cache")
+
+
 def kv_pack_session(head_dim: int):
     def build(g):
         packed = g.op("KVQuantPack", ["x", "clip"], domain=OPS_DOMAIN, bits=4)
@@ -310,6 +373,7 @@ def test_export_falls_back_to_standard_ops_when_the_library_cannot_build(tmp_pat
     art = quantize_model(m, QuantSettings(method="quarot-rtn", bits="w4a8kv8"))
     path = save_artifact(tmp_path / "m.baseq", art)
     monkeypatch.setenv("BASEQ_CACHE_DIR", str(tmp_path / "cache"))  # nothing built here yet
+    monkeypatch.delenv("BASEQ_OPS_LIBRARY", raising=False)  # nor a library from elsewhere
     monkeypatch.setenv("ORT_INCLUDE_DIR", str(runtime_ops.include_dir()))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with pytest.raises(runtime_ops.BuildError, match="not an executable C\\+\\+ compiler.*--ops standard"):

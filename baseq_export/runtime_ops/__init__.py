@@ -1,6 +1,11 @@
 """Our onnxruntime custom ops (domain ``baseq``): locate, and on first use build, the shared library.
 
-The C++ sources sit next to this file. onnxruntime's PyPI wheels ship no C/C++ headers, so the
+The C++ sources live in the repository's top-level ``runtime_ops/`` (with its CMake build); an
+installed package carries them as ``baseq_export/runtime_ops/src/`` (pyproject.toml maps the
+folder there). ``runtime_ops/sources.txt`` lists the files, the CPUs each is built for and its
+per-file flags (instruction-set kernels), so this build and CMake's compile the same library.
+``$BASEQ_OPS_LIBRARY`` names a library built elsewhere (e.g. by CMake) to use instead.
+onnxruntime's PyPI wheels ship no C/C++ headers, so the
 build takes them from ``ORT_INCLUDE_DIR`` if set, else downloads Debian's libonnxruntime-dev
 package into a private cache with apt (touching no system apt state) and unpacks it there.
 A library built with those headers loads in newer onnxruntime releases (the C API is versioned).
@@ -19,15 +24,19 @@ import re
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 DOMAIN = "baseq"
-SOURCES = ["ops.cc"]
 LIB_NAME = "libbaseq_ops.so"
 HEADERS_PACKAGE = "libonnxruntime-dev"
 HEADERS_SUITE = "trixie"
 REQUIRED_HEADERS = ["onnxruntime_c_api.h", "onnxruntime_cxx_api.h", "onnxruntime_lite_custom_op.h"]
-CXXFLAGS = ["-std=c++17", "-O3", "-fPIC", "-shared", "-fvisibility=hidden", "-ffp-contract=off", "-fno-math-errno"]
+# Exact float semantics (no FMA contraction, no fast-math) are part of the ops' contract; CMakeLists.txt
+# uses the same flags.
+CXXFLAGS = ["-std=c++17", "-O3", "-fPIC", "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-ffp-contract=off",
+            "-fno-math-errno"]
+MANIFEST = "sources.txt"
 
 
 class BuildError(RuntimeError):
@@ -41,7 +50,40 @@ def cache_dir() -> Path:
 
 
 def source_dir() -> Path:
-    return Path(__file__).resolve().parent
+    """The folder of the C++ sources: the installed package's copy (src/), else the checkout's runtime_ops/."""
+    here = Path(__file__).resolve().parent
+    for d in (here / "src", here.parents[1] / "runtime_ops"):
+        if (d / MANIFEST).is_file():
+            return d
+    raise BuildError(f"the custom-op sources are missing: neither {here / 'src'} nor {here.parents[1] / 'runtime_ops'} "
+                     f"holds {MANIFEST}; reinstall baseq-export, or export with --ops standard")
+
+
+def _machine() -> str:
+    """This CPU family in sources.txt's words (x86_64, aarch64 or other)."""
+    m = platform.machine().lower()
+    return {"amd64": "x86_64", "x86_64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}.get(m, "other")
+
+
+def manifest(machine: str | None = None) -> list[tuple[str, str, list[str]]]:
+    """(file, role, per-file flags) of every source sources.txt builds for `machine` (default: this one)."""
+    machine = machine or _machine()
+    out = []
+    for line in (source_dir() / MANIFEST).read_text().splitlines():
+        parts = line.split("#", 1)[0].split()
+        if not parts:
+            continue
+        if len(parts) < 3:
+            raise BuildError(f"{source_dir() / MANIFEST}: malformed line {line!r} (file arch role [flags...])")
+        name, arch, role, flags = parts[0], parts[1], parts[2], parts[3:]
+        if arch in ("all", machine):
+            out.append((name, role, flags))
+    return out
+
+
+def sources(machine: str | None = None) -> list[str]:
+    """The source files of the library for `machine`; every header next to them is part of the build key too."""
+    return [name for name, _, _ in manifest(machine)]
 
 
 @contextlib.contextmanager
@@ -147,15 +189,48 @@ def _arch_flags() -> list[str]:
 
 def _build_key(cxx: str, include: Path, flags: list[str]) -> str:
     h = hashlib.sha256()
-    for name in SOURCES:
-        h.update((source_dir() / name).read_bytes())
+    src = source_dir()
+    for path in sorted([src / MANIFEST, *src.glob("*.cc"), *src.glob("*.h")]):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
     h.update((include / "onnxruntime_c_api.h").read_bytes())
     h.update(" ".join([cxx, *flags]).encode())
     return h.hexdigest()[:16]
 
 
+def _compile_and_link(cxx: str, flags: list[str], include: Path, out: Path) -> None:
+    """Compile each source with its per-file flags (in parallel), then link the shared library `out`."""
+    src = source_dir()
+    objs = out.parent / f".obj.{os.getpid()}"
+    objs.mkdir(parents=True, exist_ok=True)
+    try:
+        def compile_one(entry):
+            name, _, extra = entry
+            cmd = [cxx, *flags, *extra, f"-I{include}", f"-I{src}", "-c", str(src / name), "-o", str(objs / (name + ".o"))]
+            return cmd, subprocess.run(cmd, capture_output=True, text=True)
+
+        with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+            results = list(pool.map(compile_one, manifest()))
+        for cmd, proc in results:
+            if proc.returncode != 0:
+                raise BuildError(f"building the custom ops failed:\n$ {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+        cmd = [cxx, "-shared", *flags, *[str(objs / (name + ".o")) for name in sources()], "-o", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise BuildError(f"linking the custom ops failed:\n$ {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    finally:
+        shutil.rmtree(objs, ignore_errors=True)
+
+
 def library_path() -> Path:
-    """Path of the built custom-op library, building it first if needed (cached per sources, headers, flags)."""
+    """Path of the custom-op library: $BASEQ_OPS_LIBRARY if set, else our build (made first if needed,
+    cached per sources, headers and flags)."""
+    env = os.environ.get("BASEQ_OPS_LIBRARY")
+    if env:
+        lib = Path(env).expanduser().resolve()
+        if not lib.is_file():
+            raise BuildError(f"BASEQ_OPS_LIBRARY={env} is not a file; point it at a built libbaseq_ops.so "
+                             "(cmake -S runtime_ops -B build ...) or unset it")
+        return lib
     include = include_dir()
     cxx = _compiler()
     flags = CXXFLAGS + _arch_flags()
@@ -168,11 +243,11 @@ def library_path() -> Path:
             return lib
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = out_dir / f".{LIB_NAME}.{os.getpid()}.tmp"
-        cmd = [cxx, *flags, f"-I{include}", *[str(source_dir() / s) for s in SOURCES], "-o", str(tmp)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
+        try:
+            _compile_and_link(cxx, flags, include, tmp)
+        except BaseException:
             tmp.unlink(missing_ok=True)
-            raise BuildError(f"building the custom ops failed:\n$ {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+            raise
         os.replace(tmp, lib)
     return lib
 

@@ -1,0 +1,156 @@
+// The float64 steps of the exact mode, each rounded once to float32 where the reference's exact mode
+// (baseq_export.models.base.forward(exact=True)) rounds: ScaleSums, RmsNorm, SwiGLU, MaskedSoftmax.
+#include "common.h"
+#include "ops.h"
+
+#include <cmath>
+
+namespace baseq {
+namespace {
+
+struct ScaleSums {
+  ScaleSums(const OrtApi*, const OrtKernelInfo*) {}
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& y, const Tensor<float>& s, const Tensor<float>& c,
+                      std::optional<const Tensor<float>*> bias, Tensor<float>& out) {
+    const auto& shape = y.Shape();
+    if (shape.empty()) return Error("baseq.ScaleSums: input Y must have rank >= 1, got a scalar");
+    const int64_t n = shape.back();
+    const int64_t rows = n ? y.NumberOfElement() / n : 0;
+    if (c.NumberOfElement() != n)
+      return Error("baseq.ScaleSums: C must have " + std::to_string(n) + " values (the last dimension of Y), got " +
+                   ShapeStr(c.Shape()));
+    if (n && s.NumberOfElement() != rows)
+      return Error("baseq.ScaleSums: S must hold one scale per row of Y " + ShapeStr(shape) + ", got " +
+                   ShapeStr(s.Shape()));
+    const float* b = nullptr;
+    if (auto st = CheckVector("baseq.ScaleSums", "B", bias, n, &b); !st.IsOK()) return st;
+    float* o = out.Allocate(shape);
+    if (rows == 0) return Ort::Status{nullptr};
+    const float* yv = y.Data();
+    const float* sv = s.Data();
+    const float* cv = c.Data();
+    ForRows(ctx, rows, n, [&](int64_t first, int64_t end) {
+      for (int64_t r = first; r < end; ++r) {
+        const double a = static_cast<double>(sv[r]);
+        for (int64_t i = 0; i < n; ++i) {
+          float v = static_cast<float>((static_cast<double>(yv[r * n + i]) * a) * static_cast<double>(cv[i]));
+          o[r * n + i] = b ? v + b[i] : v;
+        }
+      }
+    });
+    return Ort::Status{nullptr};
+  }
+};
+
+struct RmsNorm {
+  RmsNorm(const OrtApi*, const OrtKernelInfo*) {}
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<double>& eps,
+                      std::optional<const Tensor<float>*> weight, Tensor<float>& out) {
+    const auto& shape = x.Shape();
+    if (shape.empty()) return Error("baseq.RmsNorm: input X must have rank >= 1, got a scalar");
+    if (eps.NumberOfElement() != 1) return Error("baseq.RmsNorm: eps must be one float64 value");
+    const int64_t n = shape.back();
+    const float* w = nullptr;
+    if (auto st = CheckVector("baseq.RmsNorm", "W", weight, n, &w); !st.IsOK()) return st;
+    float* o = out.Allocate(shape);
+    if (n == 0 || x.NumberOfElement() == 0) return Ort::Status{nullptr};
+    const float* in = x.Data();
+    const double e = eps.Data()[0];
+    ForRows(ctx, x.NumberOfElement() / n, n, [&](int64_t first, int64_t end) {
+      for (int64_t r = first; r < end; ++r) {
+        const float* src = in + r * n;
+        double sum = 0.0;
+        for (int64_t i = 0; i < n; ++i) sum += static_cast<double>(src[i]) * static_cast<double>(src[i]);
+        const double inv = 1.0 / std::sqrt(sum / static_cast<double>(n) + e);
+        for (int64_t i = 0; i < n; ++i) {
+          float v = static_cast<float>(static_cast<double>(src[i]) * inv);
+          o[r * n + i] = w ? v * w[i] : v;
+        }
+      }
+    });
+    return Ort::Status{nullptr};
+  }
+};
+
+struct SwiGLU {
+  SwiGLU(const OrtApi*, const OrtKernelInfo*) {}
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& gate, const Tensor<float>& up, Tensor<float>& out) {
+    const auto& shape = gate.Shape();
+    if (shape != up.Shape())
+      return Error("baseq.SwiGLU: G " + ShapeStr(shape) + " and U " + ShapeStr(up.Shape()) + " must have one shape");
+    float* o = out.Allocate(shape);
+    const int64_t total = gate.NumberOfElement();
+    if (total == 0) return Ort::Status{nullptr};
+    const float* g = gate.Data();
+    const float* u = up.Data();
+    const int64_t width = shape.empty() ? 1 : std::max<int64_t>(1, shape.back());
+    ForRows(ctx, total / width, width, [&](int64_t first, int64_t end) {
+      for (int64_t i = first * width; i < end * width; ++i) {
+        const double gv = static_cast<double>(g[i]);
+        o[i] = static_cast<float>(gv / (1.0 + std::exp(-gv)) * static_cast<double>(u[i]));
+      }
+    });
+    return Ort::Status{nullptr};
+  }
+};
+
+constexpr double kMaskedBelow = -1e8;
+
+struct MaskedSoftmax {
+  MaskedSoftmax(const OrtApi*, const OrtKernelInfo*) {}
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<double>& x, Tensor<double>& out) {
+    const auto& shape = x.Shape();
+    if (shape.empty()) return Error("baseq.MaskedSoftmax: input X must have rank >= 1, got a scalar");
+    const int64_t n = shape.back();
+    double* o = out.Allocate(shape);
+    if (n == 0 || x.NumberOfElement() == 0) return Ort::Status{nullptr};
+    const double* in = x.Data();
+    ForRows(ctx, x.NumberOfElement() / n, n, [&](int64_t first, int64_t end) {
+      for (int64_t r = first; r < end; ++r) {
+        const double* src = in + r * n;
+        double* dst = o + r * n;
+        double mx = -INFINITY;
+        bool any = false;
+        for (int64_t i = 0; i < n; ++i) {
+          any |= src[i] >= kMaskedBelow;
+          mx = src[i] > mx || std::isnan(src[i]) ? src[i] : mx;
+        }
+        double sum = 0.0;
+        for (int64_t i = 0; i < n; ++i) {
+          dst[i] = (any && src[i] < kMaskedBelow) ? 0.0 : std::exp(src[i] - mx);
+          sum += dst[i];
+        }
+        for (int64_t i = 0; i < n; ++i) dst[i] /= sum;
+      }
+    });
+    return Ort::Status{nullptr};
+  }
+};
+
+}  // namespace
+
+const OrtCustomOp* ScaleSumsOp() {
+  static const OrtCustomOp* op = Ort::Custom::CreateLiteCustomOp<ScaleSums>("ScaleSums", "CPUExecutionProvider");
+  return op;
+}
+
+const OrtCustomOp* RmsNormOp() {
+  static const OrtCustomOp* op = Ort::Custom::CreateLiteCustomOp<RmsNorm>("RmsNorm", "CPUExecutionProvider");
+  return op;
+}
+
+const OrtCustomOp* SwiGLUOp() {
+  static const OrtCustomOp* op = Ort::Custom::CreateLiteCustomOp<SwiGLU>("SwiGLU", "CPUExecutionProvider");
+  return op;
+}
+
+const OrtCustomOp* MaskedSoftmaxOp() {
+  static const OrtCustomOp* op = Ort::Custom::CreateLiteCustomOp<MaskedSoftmax>("MaskedSoftmax", "CPUExecutionProvider");
+  return op;
+}
+
+}  // namespace baseq

@@ -1,0 +1,102 @@
+// baseq.Hadamard: the online Hadamard transform in float64, rounded once to float32.
+#include "common.h"
+#include "ops.h"
+
+#include <cmath>
+
+namespace baseq {
+namespace {
+
+// In-place unnormalised Sylvester transform of p = 2^k values: log2(p) add/sub passes, pairing
+// index j with j + h inside chunks of 2h (the pairing of hadamard._butterfly).
+void Butterfly(double* y, int64_t p) {
+  for (int64_t h = 1; h < p; h *= 2) {
+    for (int64_t base = 0; base < p; base += 2 * h) {
+      double* a = y + base;
+      double* b = a + h;
+      for (int64_t t = 0; t < h; ++t) {
+        double u = a[t], v = b[t];
+        a[t] = u + v;
+        b[t] = u - v;
+      }
+    }
+  }
+}
+
+struct Hadamard {
+  int64_t blocks = 1;
+  int64_t size = 0;  // expected last dimension; 0 = any
+
+  Hadamard(const OrtApi* api, const OrtKernelInfo* info)
+      : blocks(IntAttribute(api, info, "blocks", 1)), size(IntAttribute(api, info, "size", 0)) {
+    if (blocks < 1) ORT_CXX_API_THROW("baseq.Hadamard: attribute blocks must be >= 1", ORT_INVALID_ARGUMENT);
+    if (size < 0) ORT_CXX_API_THROW("baseq.Hadamard: attribute size must be >= 0", ORT_INVALID_ARGUMENT);
+  }
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& x, std::optional<const Tensor<double>*> small,
+                      Tensor<float>& y) {
+    const auto& shape = x.Shape();
+    if (shape.empty()) return Error("baseq.Hadamard: input X must have rank >= 1, got a scalar");
+    int64_t n = shape.back();
+    if (size && n != size)
+      return Error("baseq.Hadamard: X " + ShapeStr(shape) + " has last dimension " + std::to_string(n) +
+                   ", the node transforms size " + std::to_string(size));
+    int64_t m = 1;
+    const double* s = nullptr;
+    if (small.has_value() && *small != nullptr) {
+      const auto& ss = (*small)->Shape();
+      if (ss.size() != 2 || ss[0] != ss[1] || ss[0] < 1)
+        return Error("baseq.Hadamard: input S must be a square [m, m] matrix, got " + ShapeStr(ss));
+      m = ss[0];
+      s = (*small)->Data();
+    }
+    if (n % (blocks * m) != 0)
+      return Error("baseq.Hadamard: last dimension " + std::to_string(n) + " of X " + ShapeStr(shape) +
+                   " is not blocks (" + std::to_string(blocks) + ") x m (" + std::to_string(m) + ") x a power of two");
+    int64_t p = n / (blocks * m);
+    if ((p & (p - 1)) != 0)
+      return Error("baseq.Hadamard: last dimension " + std::to_string(n) + " / (blocks x m) = " + std::to_string(p) +
+                   " is not a power of two");
+    float* out = y.Allocate(shape);
+    int64_t total = x.NumberOfElement();
+    if (total == 0) return Ort::Status{nullptr};
+    const float* in = x.Data();
+    const double norm = 1.0 / std::sqrt(static_cast<double>(p));
+    int64_t rows = total / n;
+    ForRows(ctx, rows, n, [&](int64_t first, int64_t end) {
+      std::vector<double> work(m * p), mixed(s ? m * p : 0);
+      for (int64_t r = first; r < end; ++r) {
+        for (int64_t b = 0; b < blocks; ++b) {
+          const float* src = in + r * n + b * m * p;
+          float* dst = out + r * n + b * m * p;
+          for (int64_t i = 0; i < m * p; ++i) work[i] = static_cast<double>(src[i]) * norm;
+          for (int64_t i = 0; i < m; ++i) Butterfly(work.data() + i * p, p);
+          const double* res = work.data();
+          if (s) {  // mixed[i, :] = sum_k S[k, i] * work[k, :]
+            for (int64_t i = 0; i < m; ++i) {
+              double* d = mixed.data() + i * p;
+              for (int64_t j = 0; j < p; ++j) d[j] = 0.0;
+              for (int64_t k = 0; k < m; ++k) {
+                const double c = s[k * m + i];
+                const double* w = work.data() + k * p;
+                for (int64_t j = 0; j < p; ++j) d[j] += c * w[j];
+              }
+            }
+            res = mixed.data();
+          }
+          for (int64_t i = 0; i < m * p; ++i) dst[i] = static_cast<float>(res[i]);
+        }
+      }
+    });
+    return Ort::Status{nullptr};
+  }
+};
+
+}  // namespace
+
+const OrtCustomOp* HadamardOp() {
+  static const OrtCustomOp* op = Ort::Custom::CreateLiteCustomOp<Hadamard>("Hadamard", "CPUExecutionProvider");
+  return op;
+}
+
+}  // namespace baseq
