@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .models import LoadedModel, source_info
 from .models.base import ACT_SITES, IDENTITY, SITE_LINEARS, ModelConfig, block_forward, layer_weights, rope_tables, site_width
 from .qmodel import BITS_PRESETS, Artifact, linear_tensors
-from .quant import HessianAccumulator, QuantizedWeight, gptq_quantize, rtn_quantize
+from .quant import GGML_BLOCK, WEIGHT_GRIDS, HessianAccumulator, QuantizedWeight, gptq_quantize, rtn_quantize
 from .rotate import RotationHooks, rotate_model
 
 METHODS = ("rtn", "quarot-rtn", "quarot-gptq")
@@ -40,6 +40,9 @@ class QuantSettings:
     damp: float = 0.01
     act_order: bool = True
     head_bits: int = 16  # embedding and lm_head: 16 = float, 4 = 4-bit groups of HEAD_GROUP_SIZE (RTN, MSE clip)
+    weight_grid: str = "int"  # quant.WEIGHT_GRIDS: "int" (integer zero points), "q4_0" / "q4_1" (llama.cpp's blocks)
+    weight_clip: str = "minmax"  # group params: "minmax" (full range) or "mse" (quant.search_weight_qparams)
+    r4: bool = True  # online Hadamard before down_proj (False: every rotation offline, as llama.cpp needs)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -50,6 +53,14 @@ class QuantSettings:
             raise ValueError(f"group size must be per-channel (none) or 32, 64, 128; got {self.group_size}")
         if self.head_bits not in (4, 16):
             raise ValueError(f"head bits must be 4 or 16 (float), got {self.head_bits}")
+        if self.weight_grid not in WEIGHT_GRIDS:
+            raise ValueError(f"unknown weight grid {self.weight_grid!r}; choose one of {', '.join(WEIGHT_GRIDS)}")
+        if self.weight_grid != "int" and self.group_size != GGML_BLOCK:
+            raise ValueError(f"the {self.weight_grid} grid is llama.cpp's blocks of {GGML_BLOCK}: use group size {GGML_BLOCK}")
+        if self.weight_grid != "int" and self.symmetric:
+            raise ValueError("symmetric applies to the int grid only (q4_0 is llama.cpp's symmetric grid)")
+        if self.weight_clip not in ("minmax", "mse"):
+            raise ValueError(f"weight clip must be 'minmax' or 'mse', got {self.weight_clip!r}")
 
     @property
     def rotated(self) -> bool:
@@ -57,13 +68,35 @@ class QuantSettings:
 
     def quant_config(self) -> dict:
         w_bits, a_bits, kv_bits = BITS_PRESETS[self.bits]
-        rotation = {"r1_seed": self.seed, "r1": True, "r2": True, "r3": bool(kv_bits), "r4": True} if self.rotated else None
+        rotation = {"r1_seed": self.seed, "r1": True, "r2": True, "r3": bool(kv_bits), "r4": self.r4} if self.rotated else None
         return {
             "method": self.method, "bits": self.bits, "w_bits": w_bits, "a_bits": a_bits, "kv_bits": kv_bits,
             "group_size": self.group_size, "symmetric": self.symmetric, "rotation": rotation,
+            "weight_grid": self.weight_grid, "weight_clip": self.weight_clip,
             "lm_head": "float" if self.head_bits == 16 else "int4", "embed": "float" if self.head_bits == 16 else "int4",
             **({"head_group_size": HEAD_GROUP_SIZE} if self.head_bits == 4 else {}),
         }
+
+
+PROFILES = {
+    # llama.cpp (GGUF): weight-only W4A16, R1/R2 folded offline and no online rotation (llama.cpp has no
+    # Hadamard before ffn_down), GPTQ on llama.cpp's Q4_1 blocks of 32 with searched fp16 d and m.
+    "gguf": dict(method="quarot-gptq", bits="w4a16", group_size=GGML_BLOCK, weight_grid="q4_1", weight_clip="mse", r4=False),
+}
+
+
+def profile_settings(profile: str, **overrides) -> "QuantSettings":
+    """QuantSettings of a named profile (PROFILES), with fields overridden (e.g. weight_grid="q4_0", method="rtn")."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    return QuantSettings(**{**PROFILES[profile], **overrides})
+
+
+def is_weight_only_offline(quant: dict) -> bool:
+    """True when an artifact's quant config needs no online op: float activations and KV cache, no R3/R4
+    (what a GGUF file for llama.cpp can hold)."""
+    rot = quant.get("rotation") or {}
+    return not quant.get("a_bits") and not quant.get("kv_bits") and not rot.get("r3") and not rot.get("r4")
 
 
 class TapHooks:
@@ -85,15 +118,17 @@ class TapHooks:
 
 
 def round_layer(w: dict[str, torch.Tensor], s: QuantSettings, hessians: dict | None) -> dict[str, QuantizedWeight]:
-    """Quantize the seven linears of one layer (GPTQ when Hessians are given, else RTN)."""
+    """Quantize the seven linears of one layer on s.weight_grid (GPTQ when Hessians are given, else RTN)."""
     out = {}
+    mse = s.weight_clip == "mse"
     for site, names in SITE_LINEARS.items():
         for name in names:
             weight = w[f"{name}.weight"].to(torch.float32)
             if hessians is None:
-                out[name] = rtn_quantize(weight, 4, s.group_size, s.symmetric)
+                out[name] = rtn_quantize(weight, 4, s.group_size, s.symmetric, mse_clip_search=mse, grid=s.weight_grid)
             else:
-                out[name] = gptq_quantize(weight, hessians[site].hessian, 4, s.group_size, s.symmetric, s.damp, s.act_order)
+                out[name] = gptq_quantize(weight, hessians[site].hessian, 4, s.group_size, s.symmetric, s.damp, s.act_order,
+                                          mse_clip_search=mse, grid=s.weight_grid)
     return out
 
 
@@ -122,12 +157,12 @@ def quantize_model(
     t0 = time.time()
     cfg, w = model.config, {k: v.to(torch.float64) for k, v in model.weights.items()}
     if settings.rotated:
-        cfg, w = rotate_model(cfg, w, settings.seed)
+        cfg, w = rotate_model(cfg, w, settings.seed, r4=settings.r4)
     w = {k: v.to(torch.float32) for k, v in w.items()}
     gptq = settings.method.endswith("gptq")
     if gptq and calib is None:
         raise ValueError("GPTQ needs calibration windows")
-    hooks = RotationHooks(r3=False, r4=True) if settings.rotated else IDENTITY
+    hooks = RotationHooks(r3=False, r4=settings.r4) if settings.rotated else IDENTITY
     h = torch.nn.functional.embedding(calib, w["embed"]) if gptq else None
     rope = calib_rope(cfg, w, h) if gptq else None
     tensors: dict[str, torch.Tensor] = {}

@@ -233,18 +233,28 @@ def linear_tensors(prefix: str, qw: "QuantizedWeight", bias: torch.Tensor | None
 
     if qw.bits != 4:
         raise ValueError(f"{prefix}: the artifact stores 4-bit weights, got {qw.bits}")
-    out = {f"{prefix}.qweight": pack_int4(qw.codes), f"{prefix}.scales": qw.scale, f"{prefix}.zeros": qw.zero}
+    out = {f"{prefix}.qweight": pack_int4(qw.codes), f"{prefix}.scales": qw.scale}
+    if qw.grid == "q4_1":  # w = codes * scales + mins (quant.py conventions), no zero points
+        out[f"{prefix}.mins"] = qw.minimum
+    else:
+        out[f"{prefix}.zeros"] = qw.zero
     if bias is not None:
         out[f"{prefix}.bias"] = bias.to(torch.float32)
     return out
 
 
-def linear_from_tensors(prefix: str, tensors: dict[str, torch.Tensor], in_features: int, group_size: int | None):
-    """QuantizedWeight of one linear read back from artifact tensors."""
+def linear_from_tensors(
+    prefix: str, tensors: dict[str, torch.Tensor], in_features: int, group_size: int | None, grid: str | None = None
+):
+    """QuantizedWeight of one linear read back from artifact tensors. grid: the quant config's "weight_grid"
+    (None: "q4_1" when `{prefix}.mins` is stored, else "int")."""
     from .quant import QuantizedWeight, unpack_int4
 
     codes = unpack_int4(tensors[f"{prefix}.qweight"], in_features)
-    return QuantizedWeight(codes, tensors[f"{prefix}.scales"], tensors[f"{prefix}.zeros"], group_size or in_features, 4)
+    mins = tensors.get(f"{prefix}.mins")
+    grid = grid or ("q4_1" if mins is not None else "int")
+    return QuantizedWeight(codes, tensors[f"{prefix}.scales"], tensors.get(f"{prefix}.zeros"), group_size or in_features, 4,
+                           minimum=mins, grid=grid)
 
 
 def head_from_tensors(name: str, tensors: dict[str, torch.Tensor], cfg: "ModelConfig", quant: dict) -> "QuantizedWeight | None":
@@ -353,7 +363,7 @@ def reference_model(artifact: Artifact, dtype: torch.dtype = torch.float32, exac
     quantized = {name.removesuffix(".qweight") for name in t if name.endswith(".qweight")}
     for name, tensor in t.items():
         base = name.rsplit(".", 1)[0]
-        if base in quantized and name.endswith((".qweight", ".scales", ".zeros")):
+        if base in quantized and name.endswith((".qweight", ".scales", ".zeros", ".mins")):
             continue
         if is_online_param(name):
             online[name] = tensor
@@ -364,7 +374,7 @@ def reference_model(artifact: Artifact, dtype: torch.dtype = torch.float32, exac
             weights[prefix] = head_from_tensors(prefix, t, cfg, artifact.quant).dequantize().to(dtype)
             continue
         in_features = linear_in_features(cfg, prefix.rsplit(".", 1)[-1])
-        qw = linear_from_tensors(prefix, t, in_features, group_size)
+        qw = linear_from_tensors(prefix, t, in_features, group_size, artifact.quant.get("weight_grid", "int"))
         if integer_linears:
             weights[f"{prefix}.levels"] = qw.codes.to(torch.float32) - qw.zero.to(torch.float32)
             weights[f"{prefix}.scales"] = qw.scale[:, 0]

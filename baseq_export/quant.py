@@ -6,6 +6,7 @@ exporters write and what the reference forward reads.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, replace
 
 import torch
@@ -66,8 +67,30 @@ def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
 # 2**-24 (smallest fp16 subnormal) keeps all-zero groups at a positive, finite scale.
 #
 # ONNX MatMulNBits stores codes (packed with pack_int4), scale [N, G] and zero [N, G] as is.
-# GGUF Q4_1 stores d = scale and m = -zero * scale; m is not always fp16-exact (4-bit integer
-# times an 11-bit mantissa), so the writer rounds it (relative error <= 2**-11).
+# GGUF Q4_1 can hold this grid as d = scale and m = -zero * scale, but m is not always fp16-exact
+# (4-bit integer times an 11-bit mantissa); the "q4_1" grid below avoids that rounding.
+#
+# Weight grids (QuantizedWeight.grid, the artifact's quant config key "weight_grid"):
+#
+#   "int"   the format above.
+#   "q4_0"  llama.cpp's Q4_0: bits 4, blocks of GGML_BLOCK = 32 columns, w_hat = (q - 8) * d with
+#           fp16 d. Held in the int format as zero = 8 and scale = d, except that d may be
+#           NEGATIVE (as in llama.cpp's own quantizer): the block's largest-magnitude weight can
+#           then take the level -8 d whichever its sign. RTN: d = -e / 8 for the block's
+#           largest-magnitude weight e (|d| rounded up to fp16), so e gets code 0 and the other
+#           side is clipped at 7 |d|.
+#   "q4_1"  llama.cpp's Q4_1: bits 4, blocks of 32, w_hat = q * d + m, fp16 d > 0 and fp16 m
+#           (scale = d, minimum = m, no zero point; 0 need not lie in the range):
+#               q     = clamp(round((w - m) / d), 0, 15)
+#               w_hat = fl32(q * d + m)
+#           q * d is exact in float32 (an 11-bit d times a 4-bit q), so w_hat has exactly one
+#           rounding: the same float32 with or without a fused multiply-add, and the value of
+#           gguf-py's numpy dequantize. RTN: m = fp16_floor(min w), d = fp16_ceil((max w - m) / 15),
+#           so [m, m + 15 d] covers the block.
+#
+# GGUF block bytes (ggml_q4_blocks, the one definition of llama.cpp's layout): per block of 32,
+# fp16 d, [fp16 m for q4_1,] then 16 bytes; byte j holds element j in its low nibble and element
+# j + 16 in its high nibble (not the even/odd pairs of pack_int4, which the artifact keeps).
 
 FP16_TINY = 2.0**-24
 """Smallest positive fp16 value (subnormal); the floor for every weight scale."""
@@ -77,6 +100,15 @@ FP16_MAX = 65504.0
 
 ACT_SCALE_EPS = 1e-8
 """Floor of the per-token activation scale, so constant tokens quantize to themselves."""
+
+WEIGHT_GRIDS = ("int", "q4_0", "q4_1")
+"""Weight grids (see the conventions above); "int" is the default and the only one of other bit widths."""
+
+GGML_BLOCK = 32
+"""Weights per block of llama.cpp's Q4_0 / Q4_1: the group size of the q4_0 and q4_1 grids."""
+
+Q4_0_ZERO = 8
+"""The fixed zero point of the q4_0 grid: w_hat = (q - 8) * d."""
 
 
 def _check_bits(bits: int) -> int:
@@ -118,6 +150,27 @@ def fp16_ceil(s: torch.Tensor) -> torch.Tensor:
     return torch.where(h.to(torch.float32) < s, up, h).to(torch.float32)
 
 
+def fp16_floor(x: torch.Tensor) -> torch.Tensor:
+    """Round float32 values DOWN to fp16 values in [-65504, 65504] (a q4_1 minimum that stays below the block)."""
+    x = x.to(torch.float32).clamp(min=-FP16_MAX, max=FP16_MAX)
+    h = x.to(torch.float16)
+    down = torch.nextafter(h, torch.full_like(h, -float("inf")))
+    return torch.where(h.to(torch.float32) > x, down, h).to(torch.float32)
+
+
+def fp16_round(x: torch.Tensor) -> torch.Tensor:
+    """Round float32 values to the nearest fp16 value, clamped to [-65504, 65504] (searched / learned d and m)."""
+    return x.to(torch.float32).clamp(min=-FP16_MAX, max=FP16_MAX).to(torch.float16).to(torch.float32)
+
+
+def _check_grid(grid: str, bits: int, group_size: int | None) -> None:
+    """The q4 grids are 4-bit blocks of GGML_BLOCK; the int grid takes any bits / group size."""
+    if grid not in WEIGHT_GRIDS:
+        raise ValueError(f"unknown weight grid {grid!r}; choose one of {', '.join(WEIGHT_GRIDS)}")
+    if grid != "int" and (bits != 4 or group_size != GGML_BLOCK):
+        raise ValueError(f"the {grid} grid is 4-bit in blocks of {GGML_BLOCK}, got bits {bits}, group size {group_size}")
+
+
 # --------------------------------------------------------------------------------------
 # Weight format
 # --------------------------------------------------------------------------------------
@@ -125,29 +178,42 @@ def fp16_ceil(s: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class QuantizedWeight:
-    """Quantized [N, K] weight: uint8 codes, fp16-exact scales and uint8 zero points per contiguous group."""
+    """Quantized [N, K] weight: uint8 codes and fp16-exact parameters per contiguous group, on one grid.
+
+    grid "int" / "q4_0": w_hat = (codes - zero) * scale; grid "q4_1": w_hat = codes * scale + minimum
+    (zero is None). See the conventions above.
+    """
 
     codes: torch.Tensor  # uint8 [N, K], values in [0, 2**bits - 1]
-    scale: torch.Tensor  # float32 [N, G], fp16-representable
-    zero: torch.Tensor  # uint8 [N, G], values in [0, 2**bits - 1]
+    scale: torch.Tensor  # float32 [N, G], fp16-representable (q4_0: may be negative)
+    zero: torch.Tensor | None  # uint8 [N, G], values in [0, 2**bits - 1]; None on the q4_1 grid
     group_size: int  # K for per-output-channel, else a divisor of K (32 / 64 / 128)
     bits: int
+    minimum: torch.Tensor | None = None  # float32 [N, G], fp16-representable: the q4_1 grid's m
+    grid: str = "int"
 
     def __post_init__(self) -> None:
         """Check dtypes and shapes (cheap; value ranges are checked by validate())."""
         _check_bits(self.bits)
-        if self.codes.dtype != torch.uint8 or self.zero.dtype != torch.uint8:
-            raise TypeError("QuantizedWeight: codes and zero must be uint8")
+        _check_grid(self.grid, self.bits, self.group_size)
+        if self.codes.dtype != torch.uint8:
+            raise TypeError("QuantizedWeight: codes must be uint8")
         if self.scale.dtype != torch.float32:
             raise TypeError("QuantizedWeight: scale must be float32")
+        if self.grid == "q4_1":
+            if self.zero is not None or self.minimum is None or self.minimum.dtype != torch.float32:
+                raise TypeError("QuantizedWeight: the q4_1 grid has a float32 minimum and no zero point")
+        elif self.minimum is not None or self.zero is None or self.zero.dtype != torch.uint8:
+            raise TypeError(f"QuantizedWeight: the {self.grid} grid has uint8 zero points and no minimum")
         if self.codes.dim() != 2:
             raise ValueError("QuantizedWeight: codes must be [N, K]")
         n, k = self.codes.shape
         g = k // _resolve_group_size(k, self.group_size)
-        if tuple(self.scale.shape) != (n, g) or tuple(self.zero.shape) != (n, g):
+        offset = self.minimum if self.grid == "q4_1" else self.zero
+        if tuple(self.scale.shape) != (n, g) or tuple(offset.shape) != (n, g):
             raise ValueError(
-                f"QuantizedWeight: scale {tuple(self.scale.shape)} / zero {tuple(self.zero.shape)}"
-                f" must be [{n}, {g}] for codes [{n}, {k}] with group_size {self.group_size}"
+                f"QuantizedWeight: scale {tuple(self.scale.shape)} / {'minimum' if self.grid == 'q4_1' else 'zero'} "
+                f"{tuple(offset.shape)} must be [{n}, {g}] for codes [{n}, {k}] with group_size {self.group_size}"
             )
 
     @property
@@ -156,30 +222,37 @@ class QuantizedWeight:
         return (int(self.codes.shape[0]), int(self.codes.shape[1]))
 
     def validate(self) -> None:
-        """Raise if any code / zero is out of range or any scale is not a positive fp16 value."""
+        """Raise if any code / zero is out of range or any scale / minimum is not an allowed fp16 value."""
         qmax = 2**self.bits - 1
         if self.codes.numel() and int(self.codes.max()) > qmax:
             raise ValueError("QuantizedWeight: code out of range")
-        if self.zero.numel() and int(self.zero.max()) > qmax:
+        if self.zero is not None and self.zero.numel() and int(self.zero.max()) > qmax:
             raise ValueError("QuantizedWeight: zero point out of range")
-        if not bool((self.scale > 0).all()) or not bool(
-            (self.scale.to(torch.float16).to(torch.float32) == self.scale).all()
-        ):
-            raise ValueError("QuantizedWeight: scales must be positive and fp16-representable")
+        if self.grid == "q4_0" and not bool((self.zero == Q4_0_ZERO).all()):
+            raise ValueError(f"QuantizedWeight: q4_0 zero points must all be {Q4_0_ZERO}")
+
+        def fp16_exact(t: torch.Tensor) -> bool:
+            return bool(torch.isfinite(t).all()) and bool((t.to(torch.float16).to(torch.float32) == t).all())
+
+        sign_ok = (self.scale != 0).all() if self.grid == "q4_0" else (self.scale > 0).all()
+        if not bool(sign_ok) or not fp16_exact(self.scale):
+            raise ValueError("QuantizedWeight: scales must be fp16-representable and positive (q4_0: nonzero)")
+        if self.minimum is not None and not fp16_exact(self.minimum):
+            raise ValueError("QuantizedWeight: q4_1 minimums must be fp16-representable")
 
     def dequantize(self) -> torch.Tensor:
         """Float32 [N, K] weight the codes stand for."""
-        return dequantize(self.codes, self.scale, self.zero, self.group_size)
+        return dequantize(self.codes, self.scale, self.zero, self.group_size, minimum=self.minimum)
 
     def to(self, device: torch.device | str) -> "QuantizedWeight":
         """Copy to another device."""
-        return replace(
-            self, codes=self.codes.to(device), scale=self.scale.to(device), zero=self.zero.to(device)
-        )
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(self, codes=self.codes.to(device), scale=self.scale.to(device), zero=move(self.zero),
+                       minimum=move(self.minimum))
 
 
 def dequantize_weight(qw: QuantizedWeight) -> torch.Tensor:
-    """(codes - zero) * scale with groups along K, float32 [N, K]; exact in float32."""
+    """The float32 [N, K] weight of qw on its grid (groups along K)."""
     return qw.dequantize()
 
 
@@ -226,34 +299,229 @@ def choose_qparams(
     return scale, zero
 
 
+def quant_values(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, qmax: int, minimum: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Float codes of x for broadcastable params: the one rounding recipe of every grid (round half to even).
+
+    int / q4_0: clamp(round(x / scale) + zero, 0, qmax);  q4_1: clamp(round((x - minimum) / scale), 0, qmax).
+    """
+    if minimum is not None:
+        return torch.round((x - minimum) / scale).clamp(0, qmax)
+    return (torch.round(x / scale) + zero).clamp(0, qmax)
+
+
+def dequant_values(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, minimum: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Float32 weights of float codes q: (q - zero) * scale, or q * scale + minimum on the q4_1 grid."""
+    if minimum is not None:
+        return q * scale + minimum
+    return (q - zero) * scale
+
+
+def _expand(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A per-group param [..., G] as float32 [..., G, 1], to broadcast over a grouped weight."""
+    return None if t is None else t.to(torch.float32).unsqueeze(-1)
+
+
 def quantize(
     w: torch.Tensor,
     scale: torch.Tensor,
-    zero: torch.Tensor,
+    zero: torch.Tensor | None,
     bits: int,
     group_size: int | None = None,
+    minimum: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """uint8 codes clamp(round(w / scale) + zero, 0, qmax), round half to even; scale / zero are [..., G]."""
+    """uint8 codes of w [..., K] with params [..., G] (quant_values); pass minimum (and zero None) for q4_1."""
     _check_bits(bits)
+    if (zero is None) == (minimum is None):
+        raise ValueError("quantize: pass a zero point (int / q4_0 grids) or a minimum (q4_1 grid), not both")
     k = w.shape[-1]
     gs = _infer_group_size(k, scale.shape[-1], group_size)
     wg = _grouped(w.detach().to(torch.float32), gs)
-    q = torch.round(wg / scale.to(torch.float32).unsqueeze(-1)) + zero.to(torch.float32).unsqueeze(-1)
-    return q.clamp(0, 2**bits - 1).to(torch.uint8).reshape(w.shape)
+    q = quant_values(wg, _expand(scale), _expand(zero), 2**bits - 1, _expand(minimum))
+    return q.to(torch.uint8).reshape(w.shape)
 
 
 def dequantize(
     codes: torch.Tensor,
     scale: torch.Tensor,
-    zero: torch.Tensor,
+    zero: torch.Tensor | None,
     group_size: int | None = None,
+    minimum: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Float32 (codes - zero) * scale for codes [..., K] with scale / zero [..., G]."""
+    """Float32 weights of codes [..., K] with params [..., G] (dequant_values)."""
+    if (zero is None) == (minimum is None):
+        raise ValueError("dequantize: pass a zero point (int / q4_0 grids) or a minimum (q4_1 grid), not both")
     k = codes.shape[-1]
     gs = _infer_group_size(k, scale.shape[-1], group_size)
     cg = _grouped(codes, gs).to(torch.float32)
-    out = (cg - zero.to(torch.float32).unsqueeze(-1)) * scale.to(torch.float32).unsqueeze(-1)
-    return out.reshape(codes.shape)
+    return dequant_values(cg, _expand(scale), _expand(zero), _expand(minimum)).reshape(codes.shape)
+
+
+def _grouped_finite(w: torch.Tensor, gs: int, who: str) -> torch.Tensor:
+    wg = _grouped(w.detach().to(torch.float32), gs)
+    if wg.numel() and not bool(torch.isfinite(wg).all()):
+        raise ValueError(f"{who}: weight has non-finite values")
+    return wg
+
+
+def choose_qparams_q4_1(w: torch.Tensor, clip_ratio: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d, m) float32 [..., K/32] of the q4_1 grid for w [..., K]: the block's [min, max] shrunk by
+    clip_ratio about its midpoint, m = fp16_floor(lo), d = fp16_ceil((hi - m) / 15)."""
+    wg = _grouped_finite(w, GGML_BLOCK, "choose_qparams_q4_1")
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+    if not (isinstance(clip_ratio, float) and clip_ratio == 1.0):
+        if isinstance(clip_ratio, torch.Tensor):
+            clip_ratio = clip_ratio.to(device=wg.device, dtype=torch.float32)
+        mid, half = (lo + hi) * 0.5, (hi - lo) * 0.5 * clip_ratio
+        lo, hi = mid - half, mid + half
+    m = fp16_floor(lo)
+    return fp16_ceil(_true_div(hi - m, 15.0)), m
+
+
+def choose_qparams_q4_0(
+    w: torch.Tensor, clip_ratio: float | torch.Tensor = 1.0, extreme_level: int = -8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d, zero = 8) [..., K/32] of the q4_0 grid: the block's largest-magnitude weight e (times clip_ratio)
+    lands on level extreme_level (-8, llama.cpp's choice, or +7); |d| is rounded up to fp16, d may be negative."""
+    if extreme_level not in (-8, 7):
+        raise ValueError("choose_qparams_q4_0: extreme_level must be -8 or 7")
+    wg = _grouped_finite(w, GGML_BLOCK, "choose_qparams_q4_0")
+    e = wg.gather(-1, wg.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+    if isinstance(clip_ratio, torch.Tensor):
+        clip_ratio = clip_ratio.to(device=wg.device, dtype=torch.float32)
+    mag = fp16_ceil(_true_div(e.abs() * clip_ratio, float(abs(extreme_level))))
+    positive = (e > 0) == (extreme_level > 0)  # sign of d that puts e on that level
+    d = torch.where(positive, mag, -mag)
+    return d, torch.full_like(d, Q4_0_ZERO, dtype=torch.uint8)
+
+
+def _block_sums(w: torch.Tensor, levels: torch.Tensor, importance: torch.Tensor | None):
+    """Per-block weighted sums (sum v, sum v l, sum v w, sum v l^2, sum v l w) for least-squares fits, float32
+    (levels are small integers, so the level sums are exact)."""
+    wg = _grouped(w.detach().to(torch.float32), GGML_BLOCK)
+    lg = _grouped(levels, GGML_BLOCK).to(torch.float32)
+    if importance is None:
+        sv = torch.full(wg.shape[:-1], float(GGML_BLOCK), device=wg.device)
+        return sv, lg.sum(-1), wg.sum(-1), (lg * lg).sum(-1), (lg * wg).sum(-1)
+    v = _grouped(importance.to(wg), GGML_BLOCK)
+    vl = v * lg
+    return v.sum(-1).expand(wg.shape[:-1]), vl.sum(-1), (v * wg).sum(-1), (vl * lg).sum(-1), (vl * wg).sum(-1)
+
+
+def fit_q4_1(
+    w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, importance: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares (d, m) per block for fixed codes, sum_j v_j (w_j - q_j d - m)^2 with v = importance [K]
+    (ones if None), rounded to fp16 (d >= 2**-24); blocks whose codes are all equal keep (scale, minimum)."""
+    sv, sq, sw, sqq, sqw = _block_sums(w, codes, importance)
+    det = sv * sqq - sq * sq
+    ok = det > 1e-6 * sv * sqq
+    d = (sv * sqw - sq * sw) / torch.where(ok, det, torch.ones_like(det))
+    m = (sw - d * sq) / sv
+    ok &= d > 0
+    d = fp16_round(d).clamp(min=FP16_TINY)
+    return torch.where(ok, d, scale), torch.where(ok, fp16_round(m), minimum)
+
+
+def fit_q4_0(
+    w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, importance: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Least-squares d per block for fixed q4_0 codes, sum_j v_j (w_j - (q_j - 8) d)^2, rounded to fp16
+    (|d| >= 2**-24); blocks whose codes are all 8 keep their scale."""
+    _, _, _, sll, slw = _block_sums(w, codes.to(torch.float32) - Q4_0_ZERO, importance)
+    ok = sll > 0
+    d = fp16_round(slw / torch.where(ok, sll, torch.ones_like(sll)))
+    d = torch.where(d < 0, d.clamp(max=-FP16_TINY), d.clamp(min=FP16_TINY))
+    return torch.where(ok, d, scale)
+
+
+def choose_weight_qparams(
+    w: torch.Tensor,
+    grid: str = "int",
+    bits: int = 4,
+    group_size: int | None = None,
+    symmetric: bool = False,
+    clip_ratio: float | torch.Tensor = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(scale, zero, minimum) of any grid by round to nearest with a clip ratio (unused ones are None)."""
+    k = w.shape[-1]
+    _check_grid(grid, bits, group_size if group_size is not None else k)
+    if grid == "q4_1":
+        scale, minimum = choose_qparams_q4_1(w, clip_ratio)
+        return scale, None, minimum
+    if grid == "q4_0":
+        return (*choose_qparams_q4_0(w, clip_ratio), None)
+    return (*choose_qparams(w, bits, group_size, symmetric, clip_ratio), None)
+
+
+def _candidates(w, grid, bits, gs, symmetric, ratios, refine, importance):
+    """Candidate (scale, zero, minimum) of the clip search; the first is plain RTN."""
+    for p in ratios:
+        if grid == "q4_0":
+            for level in (-8, 7):
+                scale, zero = choose_qparams_q4_0(w, p, level)
+                yield scale, zero, None
+                for _ in range(refine):
+                    scale = fit_q4_0(w, quantize(w, scale, zero, 4, gs), scale, importance)
+                    yield scale, zero, None
+        elif grid == "q4_1":
+            scale, minimum = choose_qparams_q4_1(w, p)
+            yield scale, None, minimum
+            for _ in range(refine):
+                codes = quantize(w, scale, None, 4, gs, minimum=minimum)
+                scale, minimum = fit_q4_1(w, codes, scale, minimum, importance)
+                yield scale, None, minimum
+        else:
+            yield (*choose_qparams(w, bits, gs, symmetric, p), None)
+
+
+def search_weight_qparams(
+    w: torch.Tensor,
+    grid: str = "int",
+    bits: int = 4,
+    group_size: int | None = None,
+    symmetric: bool = False,
+    steps: int | None = None,
+    max_shrink: float | None = None,
+    norm: float = 2.0,
+    importance: torch.Tensor | None = None,
+    refine: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(scale, zero, minimum) per group minimising sum_j v_j |w_j - w_hat_j|^norm (v = importance [K] or 1).
+
+    Candidates: clip ratios 1, 1 - 1/steps, ... down to (excluding) 1 - max_shrink, each through
+    choose_weight_qparams; q4_0 tries both signs of d (the extreme weight on level -8 or +7); the q4
+    grids also try `refine` successive least-squares refits of d (and m) to each candidate's codes
+    (fit_q4_0 / fit_q4_1). Plain RTN (ratio 1) is a candidate, so no group gets worse than RTN.
+    Defaults: int 100 steps down to 0.2 (the GPTQ codebases' grid); q4 grids 20 steps down to 0.5
+    with 2 refits (on Gaussian weights with outliers as good as 100 steps, at a tenth of the cost).
+    """
+    q4 = grid != "int"
+    steps = steps if steps is not None else (20 if q4 else 100)
+    max_shrink = max_shrink if max_shrink is not None else (0.5 if q4 else 0.8)
+    _check_bits(bits)
+    k = w.shape[-1]
+    gs = _resolve_group_size(k, group_size)
+    _check_grid(grid, bits, gs)
+    wf = w.detach().to(torch.float32)
+    if importance is not None:
+        importance = importance.detach().to(device=wf.device, dtype=torch.float32)
+        if importance.shape != (k,):
+            raise ValueError(f"search_weight_qparams: importance must be [{k}], got {tuple(importance.shape)}")
+    ratios = [1.0] + [1.0 - i / steps for i in range(1, int(max_shrink * steps))]
+    best = best_err = None
+    for cand in _candidates(wf, grid, bits, gs, symmetric, ratios, refine, importance):
+        err = _group_err(wf, *cand, bits, gs, norm, importance)
+        if best is None:
+            best, best_err = list(cand), err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = [None if b is None else torch.where(better, c, b) for b, c in zip(best, cand)]
+    return tuple(best)
 
 
 def mse_clip_search(
@@ -265,33 +533,24 @@ def mse_clip_search(
     max_shrink: float = 0.8,
     norm: float = 2.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero) per row / group minimising sum |w - deq|^norm over clip ratios 1, 1 - 1/grid, ...
+    """(scale, zero) of the int grid per row / group minimising sum |w - deq|^norm over clip ratios 1, 1 - 1/grid, ...
 
     Ratios go down to (but exclude) 1 - max_shrink, the grid GPTQ codebases use; ratio 1 is included.
     """
-    _check_bits(bits)
-    k = w.shape[-1]
-    gs = _resolve_group_size(k, group_size)
-    wf = w.detach().to(torch.float32)
-    best_scale, best_zero = choose_qparams(wf, bits, gs, symmetric, 1.0)
-    best_err = _group_err(wf, best_scale, best_zero, bits, gs, norm)
-    for i in range(1, int(max_shrink * grid)):
-        p = 1.0 - i / grid
-        scale, zero = choose_qparams(wf, bits, gs, symmetric, p)
-        err = _group_err(wf, scale, zero, bits, gs, norm)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
-    return best_scale, best_zero
+    scale, zero, _ = search_weight_qparams(w, "int", bits, group_size, symmetric, grid, max_shrink, norm)
+    return scale, zero
 
 
 def _group_err(
-    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, gs: int, norm: float
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, minimum: torch.Tensor | None, bits: int, gs: int,
+    norm: float, importance: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """sum |w - deq(quant(w))|^norm per group, shape [..., G]."""
-    deq = dequantize(quantize(w, scale, zero, bits, gs), scale, zero, gs)
-    return _grouped((deq - w).abs().pow(norm), gs).sum(dim=-1)
+    """sum_j v_j |w_j - deq(quant(w))_j|^norm per group, shape [..., G]."""
+    deq = dequantize(quantize(w, scale, zero, bits, gs, minimum), scale, zero, gs, minimum)
+    e = (deq - w).abs().pow(norm)
+    if importance is not None:
+        e = e * importance
+    return _grouped(e, gs).sum(dim=-1)
 
 
 def _weight_qparams(
@@ -301,11 +560,20 @@ def _weight_qparams(
     symmetric: bool,
     clip_ratio: float | torch.Tensor,
     mse_clip_search_: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fixed clip ratio or MSE-searched clip, shared by RTN and GPTQ."""
+    grid: str = "int",
+    importance: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Fixed clip ratio or searched clip, shared by RTN and GPTQ: (scale, zero, minimum)."""
     if mse_clip_search_:
-        return mse_clip_search(w, bits, group_size, symmetric)
-    return choose_qparams(w, bits, group_size, symmetric, clip_ratio)
+        return search_weight_qparams(w, grid, bits, group_size, symmetric, importance=importance)
+    return choose_weight_qparams(w, grid, bits, group_size, symmetric, clip_ratio)
+
+
+def _grid_group_size(k: int, group_size: int | None, grid: str) -> int:
+    """group_size None means per output channel on the int grid and GGML_BLOCK on the q4 grids."""
+    if group_size is None and grid != "int":
+        group_size = GGML_BLOCK
+    return _resolve_group_size(k, group_size)
 
 
 def rtn_quantize(
@@ -315,14 +583,33 @@ def rtn_quantize(
     symmetric: bool = False,
     clip_ratio: float = 1.0,
     mse_clip_search: bool = False,
+    grid: str = "int",
+    importance: torch.Tensor | None = None,
 ) -> QuantizedWeight:
-    """Round-to-nearest quantization of a [N, K] weight (baseline and fallback for GPTQ)."""
+    """Round-to-nearest quantization of a [N, K] weight on a grid (baseline and fallback for GPTQ)."""
     if w.dim() != 2:
         raise ValueError(f"rtn_quantize expects a [N, K] weight, got {tuple(w.shape)}")
-    gs = _resolve_group_size(w.shape[1], group_size)
-    scale, zero = _weight_qparams(w, bits, gs, symmetric, clip_ratio, mse_clip_search)
-    codes = quantize(w, scale, zero, bits, gs)
-    return QuantizedWeight(codes=codes, scale=scale, zero=zero, group_size=gs, bits=bits)
+    gs = _grid_group_size(w.shape[1], group_size, grid)
+    scale, zero, minimum = _weight_qparams(w, bits, gs, symmetric, clip_ratio, mse_clip_search, grid, importance)
+    codes = quantize(w, scale, zero, bits, gs, minimum)
+    return QuantizedWeight(codes=codes, scale=scale, zero=zero, group_size=gs, bits=bits, minimum=minimum, grid=grid)
+
+
+def ggml_q4_blocks(qw: QuantizedWeight) -> torch.Tensor:
+    """llama.cpp's block bytes of a q4_0 / q4_1 weight: uint8 [N, K/32, 18 or 20] (see the conventions).
+
+    Each block: fp16 d (little endian), fp16 m (q4_1 only), then 16 bytes, byte j = code j | code (j+16) << 4.
+    """
+    if qw.grid not in ("q4_0", "q4_1"):
+        raise ValueError(f"ggml_q4_blocks: a {qw.grid} grid weight has no llama.cpp Q4 block form")
+    n, k = qw.shape
+    codes = qw.codes.reshape(n, k // GGML_BLOCK, GGML_BLOCK)
+    qs = codes[..., :16] | (codes[..., 16:] << 4)
+    parts = [qw.scale] + ([qw.minimum] if qw.grid == "q4_1" else [])
+    if sys.byteorder != "little":
+        raise RuntimeError("ggml_q4_blocks: GGUF is little endian; big-endian hosts are not supported")
+    halves = [p.to(torch.float16).contiguous().view(torch.uint8).reshape(n, k // GGML_BLOCK, 2) for p in parts]
+    return torch.cat(halves + [qs], dim=-1).contiguous()
 
 
 # --------------------------------------------------------------------------------------
@@ -379,6 +666,8 @@ def _gptq_run(
     block_size: int,
     mse_clip_search_: bool,
     clip_ratio: float,
+    grid: str = "int",
+    weighted_clip: bool = False,
 ) -> tuple[QuantizedWeight, torch.Tensor]:
     """GPTQ core; also returns the float32 [N, K] weights used in the error feedback (natural order)."""
     _check_bits(bits)
@@ -387,7 +676,7 @@ def _gptq_run(
     n, k = w.shape
     if tuple(hessian.shape) != (k, k):
         raise ValueError(f"gptq_quantize: Hessian {tuple(hessian.shape)} does not match K={k}")
-    gs = _resolve_group_size(k, group_size)
+    gs = _grid_group_size(k, group_size, grid)
     device = w.device
     wf = w.detach().to(torch.float32).clone()
     h = hessian.detach().to(device=device, dtype=torch.float64).clone()
@@ -396,8 +685,10 @@ def _gptq_run(
     h[dead, dead] = 1.0
     wf[:, dead] = 0.0
 
-    # Static groups: every contiguous group's params come from the original weights.
-    scale, zero = _weight_qparams(wf, bits, gs, symmetric, clip_ratio, mse_clip_search_)
+    # Static groups: every contiguous group's params come from the original weights (the clip search
+    # weighted by diag H when weighted_clip); each column is then rounded with its block's fixed params.
+    importance = torch.diagonal(h).to(torch.float32) if weighted_clip else None
+    scale, zero, minimum = _weight_qparams(wf, bits, gs, symmetric, clip_ratio, mse_clip_search_, grid, importance)
 
     if act_order:
         perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
@@ -412,7 +703,8 @@ def _gptq_run(
     codes_p = torch.empty(n, k, dtype=torch.uint8, device=device)
     deq_p = torch.empty(n, k, dtype=torch.float32, device=device)
     scale_cols = scale[:, col_group]  # [N, K] in permuted order
-    zero_cols = zero[:, col_group].to(torch.float32)
+    zero_cols = None if zero is None else zero[:, col_group].to(torch.float32)
+    min_cols = None if minimum is None else minimum[:, col_group]
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         w1 = wp[:, i1:i2].clone()
@@ -421,9 +713,10 @@ def _gptq_run(
         for i in range(i2 - i1):
             col = w1[:, i]
             s = scale_cols[:, i1 + i]
-            z = zero_cols[:, i1 + i]
-            q = (torch.round(col / s) + z).clamp(0, qmax)
-            dq = (q - z) * s  # identical arithmetic to dequantize()
+            z = None if zero_cols is None else zero_cols[:, i1 + i]
+            m = None if min_cols is None else min_cols[:, i1 + i]
+            q = quant_values(col, s, z, qmax, m)
+            dq = dequant_values(q, s, z, m)  # identical arithmetic to dequantize()
             codes_p[:, i1 + i] = q.to(torch.uint8)
             deq_p[:, i1 + i] = dq
             e = (col - dq) / hinv1[i, i]
@@ -435,7 +728,7 @@ def _gptq_run(
     codes[:, perm] = codes_p
     deq = torch.empty_like(deq_p)
     deq[:, perm] = deq_p
-    qw = QuantizedWeight(codes=codes, scale=scale, zero=zero, group_size=gs, bits=bits)
+    qw = QuantizedWeight(codes=codes, scale=scale, zero=zero, group_size=gs, bits=bits, minimum=minimum, grid=grid)
     return qw, deq
 
 
@@ -450,16 +743,19 @@ def gptq_quantize(
     block_size: int = 128,
     mse_clip_search: bool = False,
     clip_ratio: float = 1.0,
+    grid: str = "int",
+    weighted_clip: bool = False,
 ) -> QuantizedWeight:
-    """GPTQ of a [N, K] weight with Hessian [K, K]; static contiguous groups so act_order stays exportable.
+    """GPTQ of a [N, K] weight with Hessian [K, K] on a grid; static contiguous groups so act_order stays exportable.
 
-    Group params come up front from the original weights (dead columns zeroed); columns are
-    then quantized in act order (descending diag H) with their own group's params.
+    Group params come up front from the original weights (dead columns zeroed; with
+    mse_clip_search, searched, weighted by diag H if weighted_clip); columns are then quantized in
+    act order (descending diag H) with their own group's fixed params (q4_1: the block's d and m).
     Dead inputs (diag H == 0) get weight 0 and diag 1; dampening adds damp * mean(diag H).
     """
     qw, _ = _gptq_run(
         w, hessian, bits, group_size, symmetric, damp, act_order, block_size,
-        mse_clip_search, clip_ratio,
+        mse_clip_search, clip_ratio, grid, weighted_clip,
     )
     return qw
 

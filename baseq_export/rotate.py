@@ -106,12 +106,14 @@ def fold_r4(cfg: ModelConfig, w: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def rotate_model(
-    cfg: ModelConfig, w: dict[str, torch.Tensor], seed: int = 0
+    cfg: ModelConfig, w: dict[str, torch.Tensor], seed: int = 0, r4: bool = True
 ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """All offline steps: fold norms, R1, R2, fold R4. Run the result with RotationHooks (online R3/R4)."""
+    """All offline steps: fold norms, R1, R2 and (if r4) fold R4. Run the result with RotationHooks
+    (online R3 / R4; r4=False for runtimes without an online Hadamard before down_proj, e.g. llama.cpp:
+    then every rotation is offline and the result runs with RotationHooks(r3=False, r4=False))."""
     cfg, w = fold_norms(cfg, w)
     w = rotate_r2(cfg, rotate_r1(cfg, w, seed))
-    return cfg, fold_r4(cfg, w)
+    return cfg, (fold_r4(cfg, w) if r4 else w)
 
 
 class RotationHooks:

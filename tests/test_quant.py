@@ -433,3 +433,195 @@ def test_gptq_singular_hessian_and_dtype():
     gq.validate()
     assert gq.codes.device == w.device and gq.scale.dtype == torch.float32
     assert bool(torch.isfinite(dequantize_weight(gq)).all())
+
+
+# --------------------------------------------------------------------------------------
+# llama.cpp grids: q4_0 and q4_1 (blocks of 32)
+# --------------------------------------------------------------------------------------
+
+
+def np_fp16_floor(x: np.ndarray) -> np.ndarray:
+    """Largest fp16 value <= x, within [-65504, 65504]."""
+    x = np.clip(x.astype(F32), F32(-65504.0), F32(65504.0))
+    h = x.astype(np.float16)
+    down = np.nextafter(h, np.float16(-np.inf))
+    return np.where(h.astype(F32) > x, down, h).astype(F32)
+
+
+def np_q4_1(w: np.ndarray):
+    """Independent RTN of the q4_1 grid: (codes, d, m, w_hat) from the conventions."""
+    n, k = w.shape
+    wg = w.astype(F32).reshape(n, k // 32, 32)
+    m = np_fp16_floor(wg.min(-1))
+    d = np_fp16_ceil((wg.max(-1) - m) / F32(15))
+    q = np.clip(np.round((wg - m[..., None]) / d[..., None]), 0, 15)
+    # one rounding of the exact value q*d + m (computed in float64, where it is exact)
+    what = (q.astype(np.float64) * d[..., None].astype(np.float64) + m[..., None].astype(np.float64)).astype(F32)
+    return q.astype(np.uint8).reshape(n, k), d, m, what.reshape(n, k)
+
+
+def np_q4_0(w: np.ndarray):
+    """Independent RTN of the q4_0 grid as llama.cpp's reference quantizer: d = -e / 8, e the largest-magnitude weight."""
+    n, k = w.shape
+    wg = w.astype(F32).reshape(n, k // 32, 32)
+    idx = np.abs(wg).argmax(-1)
+    e = np.take_along_axis(wg, idx[..., None], -1)[..., 0]
+    mag = np_fp16_ceil(np.abs(e) / F32(8))
+    d = np.where(e > 0, -mag, mag).astype(F32)
+    q = np.clip(np.round(wg / d[..., None]) + 8, 0, 15)
+    return q.astype(np.uint8).reshape(n, k), d, ((q - 8) * d[..., None]).astype(F32).reshape(n, k)
+
+
+def grid_weight(n=24, k=128, seed=0) -> torch.Tensor:
+    """heavy_weight plus blocks that stress the fp16 limits: constant, tiny, offset and all-zero blocks."""
+    w = heavy_weight(n, k, seed)
+    w[3, :32] = 0.123456  # constant block, not fp16-exact
+    w[4, 32:64] = torch.linspace(1e-7, 3e-7, 32)  # fp16-subnormal range
+    w[5, 64:96] = 0.5 + torch.linspace(-1e-4, 1e-4, 32)  # narrow block far from 0: m is not -zero*d
+    w[6, 96:] = 0.0
+    w[7, :32] = -w[7, :32].abs() - 0.3  # all-negative block, extreme negative
+    return w
+
+
+def test_q4_1_rtn_matches_numpy_and_covers_the_block():
+    w = grid_weight()
+    qw = quant.rtn_quantize(w, grid="q4_1")
+    qw.validate()
+    assert qw.grid == "q4_1" and qw.zero is None and qw.group_size == 32 and qw.minimum.dtype == torch.float32
+    codes, d, m, what = np_q4_1(w.numpy())
+    np.testing.assert_array_equal(qw.scale.numpy(), d)
+    np.testing.assert_array_equal(qw.minimum.numpy(), m)
+    np.testing.assert_array_equal(qw.codes.numpy(), codes)
+    np.testing.assert_array_equal(qw.dequantize().numpy(), what)
+    # m <= min and m + 15 d >= max: every weight within half a step
+    err = (qw.dequantize() - w).abs().reshape(24, 4, 32)
+    assert bool((err <= qw.scale.unsqueeze(-1) * 0.5 * (1 + 1e-6) + 1e-12).all())
+    # the narrow offset block is far better than an integer zero point could do (the range must include 0 there)
+    int_err = (quant.rtn_quantize(w, grid="int", group_size=32).dequantize() - w)[5, 64:96].abs().max()
+    assert float(err[5, 2].max()) < 0.1 * float(int_err)
+
+
+def test_q4_0_rtn_matches_llama_cpp_reference_rule():
+    w = grid_weight(seed=3)
+    qw = quant.rtn_quantize(w, grid="q4_0")
+    qw.validate()
+    codes, d, what = np_q4_0(w.numpy())
+    np.testing.assert_array_equal(qw.scale.numpy(), d)
+    assert bool((qw.zero == 8).all()) and bool((qw.scale < 0).any()) and bool((qw.scale > 0).any())
+    np.testing.assert_array_equal(qw.codes.numpy(), codes)
+    np.testing.assert_array_equal(qw.dequantize().numpy(), what)
+    # the largest-magnitude weight of every block is on level -8 (code 0), where |d| is a normal fp16
+    # (in the subnormal range fp16_ceil(|e| / 8) can be far above |e| / 8)
+    wg = w.reshape(24, 4, 32)
+    first_max = wg.abs().argmax(-1, keepdim=True)
+    nonzero = wg.abs().amax(-1) > 8 * 2.0**-14
+    assert bool((qw.codes.reshape(24, 4, 32).gather(-1, first_max).squeeze(-1)[nonzero] == 0).all())
+
+
+@pytest.mark.parametrize("grid", ["q4_0", "q4_1"])
+def test_ggml_blocks_dequantize_in_gguf_py_bit_for_bit(grid):
+    """llama.cpp's block bytes of our weights, read by gguf-py's (independent) numpy dequantizer."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    w = grid_weight(seed=5)
+    h = HessianAccumulator(128)
+    h.add(torch.randn(256, 128, generator=torch.Generator().manual_seed(1)))
+    for qw in (quant.rtn_quantize(w, grid=grid), quant.rtn_quantize(w, grid=grid, mse_clip_search=True),
+               gptq_quantize(w, h.hessian, 4, 32, grid=grid, mse_clip_search=True)):
+        blocks = quant.ggml_q4_blocks(qw)
+        assert blocks.dtype == torch.uint8 and blocks.shape == (24, 4, 18 if grid == "q4_0" else 20)
+        t = GGMLQuantizationType.Q4_0 if grid == "q4_0" else GGMLQuantizationType.Q4_1
+        deq = gguf_dequantize(blocks.reshape(24, -1).numpy(), t)
+        np.testing.assert_array_equal(deq, qw.dequantize().numpy())
+        # nibble order: byte j of a block = code j (low) | code j+16 (high)
+        c = qw.codes.numpy().reshape(24, 4, 32).astype(np.uint8)
+        np.testing.assert_array_equal(blocks.numpy()[..., -16:], c[..., :16] | (c[..., 16:] << 4))
+    with pytest.raises(ValueError, match="no llama.cpp"):
+        quant.ggml_q4_blocks(quant.rtn_quantize(w, group_size=32))
+
+
+@pytest.mark.parametrize("grid", ["q4_0", "q4_1"])
+def test_grid_search_never_worse_than_rtn_and_fp16_exact(grid):
+    w = heavy_weight(32, 256, seed=8)
+    rtn = quant.rtn_quantize(w, grid=grid)
+    searched = quant.rtn_quantize(w, grid=grid, mse_clip_search=True)
+    searched.validate()
+
+    def block_err(qw, v=None):
+        e = (qw.dequantize() - w) ** 2
+        return (e if v is None else e * v).reshape(32, -1, 32).sum(-1)
+
+    assert bool((block_err(searched) <= block_err(rtn)).all())
+    assert float(block_err(searched).sum()) < 0.9 * float(block_err(rtn).sum())
+    # importance-weighted search minimises the weighted error, and beats the unweighted one on it
+    v = torch.rand(256, generator=torch.Generator().manual_seed(2)) ** 4 * 10 + 0.01
+    weighted = quant.rtn_quantize(w, grid=grid, mse_clip_search=True, importance=v)
+    weighted.validate()
+    assert bool((block_err(weighted, v) <= block_err(rtn, v)).all())
+    assert float(block_err(weighted, v).sum()) < float(block_err(searched, v).sum())
+
+
+def test_fit_q4_1_is_least_squares():
+    w = heavy_weight(8, 64, seed=4)
+    scale, minimum = quant.choose_qparams_q4_1(w, 0.8)
+    codes = quantize(w, scale, None, 4, 32, minimum=minimum)
+    d, m = quant.fit_q4_1(w, codes, scale, minimum)
+    for r in range(8):
+        for g in range(2):
+            q = codes[r, g * 32:(g + 1) * 32].double().numpy()
+            a = np.stack([q, np.ones(32)], 1)
+            (d_ls, m_ls), *_ = np.linalg.lstsq(a, w[r, g * 32:(g + 1) * 32].double().numpy(), rcond=None)
+            # fp16 rounding of the float32 solution: within one fp16 step of the float64 one
+            for got, ref in ((float(d[r, g]), d_ls), (float(m[r, g]), m_ls)):
+                ulp = float(np.spacing(np.float16(ref)))
+                assert abs(got - ref) <= ulp, (got, ref)
+
+
+@pytest.mark.parametrize("grid", ["q4_0", "q4_1"])
+def test_gptq_on_llama_cpp_grids(layer, grid):
+    x, w, h = layer
+    rtn = quant.rtn_quantize(w, grid=grid, mse_clip_search=True)
+    qw, used = quant._gptq_run(w, h, 4, 32, False, 0.01, True, 128, True, 1.0, grid)
+    qw.validate()
+    assert qw.grid == grid
+    # static blocks: GPTQ keeps the block params chosen from the original weights, and every column was
+    # rounded with its block's fixed d (and m)
+    assert torch.equal(qw.scale, rtn.scale)
+    if grid == "q4_1":
+        assert torch.equal(qw.minimum, rtn.minimum) and qw.zero is None
+        expect = (qw.codes.double() * qw.scale.repeat_interleave(32, 1).double()
+                  + qw.minimum.repeat_interleave(32, 1).double()).float()
+    else:
+        assert bool((qw.zero == 8).all())
+        expect = (qw.codes.float() - 8) * qw.scale.repeat_interleave(32, 1)
+    assert torch.equal(used, qw.dequantize()) and torch.equal(used, expect)
+    ref = x @ w.T
+    err_rtn = float((ref - x @ rtn.dequantize().T).norm())
+    err_gptq = float((ref - x @ qw.dequantize().T).norm())
+    assert err_gptq < 0.8 * err_rtn, (err_gptq, err_rtn)
+
+
+def test_grid_format_checks():
+    w = heavy_weight(4, 64, seed=1)
+    with pytest.raises(ValueError, match="blocks of 32"):
+        quant.rtn_quantize(w, group_size=64, grid="q4_1")
+    with pytest.raises(ValueError, match="blocks of 32"):
+        quant.rtn_quantize(w, bits=8, group_size=32, grid="q4_0")
+    with pytest.raises(ValueError, match="unknown weight grid"):
+        quant.rtn_quantize(w, group_size=32, grid="q5_1")
+    qw = quant.rtn_quantize(w, grid="q4_1")
+    with pytest.raises(TypeError, match="minimum"):
+        QuantizedWeight(qw.codes, qw.scale, torch.zeros_like(qw.scale, dtype=torch.uint8), 32, 4, grid="q4_1")
+    with pytest.raises(TypeError, match="zero points"):
+        QuantizedWeight(qw.codes, qw.scale, None, 32, 4, minimum=qw.minimum, grid="int")
+    bad = QuantizedWeight(qw.codes, qw.scale, None, 32, 4, minimum=qw.minimum + 1e-5, grid="q4_1")
+    with pytest.raises(ValueError, match="minimums"):
+        bad.validate()
+    q0 = quant.rtn_quantize(w, grid="q4_0")
+    with pytest.raises(ValueError, match="must all be 8"):
+        QuantizedWeight(q0.codes, q0.scale, q0.zero + 1, 32, 4, grid="q4_0").validate()
+    with pytest.raises(ValueError, match="positive"):  # negative scales only on the q4_0 grid
+        QuantizedWeight(q0.codes, q0.scale, q0.zero, 32, 4).validate()
+    with pytest.raises(ValueError, match="not both"):
+        quantize(w, qw.scale, torch.zeros_like(qw.scale, dtype=torch.uint8), 4, 32, minimum=qw.minimum)
