@@ -21,6 +21,7 @@ from onnx import TensorProto, helper
 
 from ..models.base import ModelConfig, linear_in_features, rope_tables
 from ..qmodel import Artifact, head_from_tensors, linear_from_tensors
+from ..quant import QuantizedWeight
 from .onnx_graph import (MS_DOMAIN, OPS_DOMAIN, Graph, emit_fake_quant, emit_hadamard, emit_hadamard_op,
                          emit_quant_dequant_op, emit_quant_levels, emit_quant_levels_op, emit_rms_norm,
                          emit_swiglu, matmul_nbits_inputs, to_double, to_float)
@@ -115,16 +116,43 @@ def emit_matmul_nbits(c: _Ctx, x: str, prefix: str, qw, bias: str | None = None,
                   accuracy_level=0)
 
 
-def emit_linear(c: _Ctx, layer: int, name: str, x: "str | tuple[str, str]") -> str:
-    """A 4-bit projection of a block (bias folded in), as models.base.linear.
+def stacked_linear(c: _Ctx, layer: int, names: tuple[str, ...]) -> tuple[str, "QuantizedWeight", str | None]:
+    """(prefix, weight, bias initializer) of a layer's projections that share one input, stacked along the
+    output rows (q/k/v, gate/up): one matmul instead of several, each output row computed as on its own."""
+    prefixes = [f"layers.{layer}.{n}" for n in names]
+    qws = [linear_from_tensors(p, c.t, linear_in_features(c.cfg, n), c.art.quant.get("group_size"))
+           for p, n in zip(prefixes, names)]
+    if len(names) == 1:
+        return prefixes[0], qws[0], c.tensor(f"{prefixes[0]}.bias")
+    prefix = f"layers.{layer}.{'_'.join(names)}"
+    qw = QuantizedWeight(torch.cat([q.codes for q in qws]), torch.cat([q.scale for q in qws]),
+                         torch.cat([q.zero for q in qws]), qws[0].group_size, 4)
+    biases = [c.t.get(f"{p}.bias") for p in prefixes]
+    bias = None
+    if any(b is not None for b in biases):
+        rows = [b.to(torch.float32) if b is not None else torch.zeros(q.shape[0]) for b, q in zip(biases, qws)]
+        bias = c.g.init(f"{prefix}.bias", _np(torch.cat(rows)))
+    return prefix, qw, bias
+
+
+def emit_linears(c: _Ctx, layer: int, names: tuple[str, ...], x: "str | tuple[str, str]") -> list[str]:
+    """The named projections of a layer on one input (bias folded in), as models.base.linear each: one
+    stacked 4-bit matmul, split into the projections' outputs."""
+    prefix, qw, bias = stacked_linear(c, layer, names)
+    y = emit_linear(c, prefix, qw, bias, x)
+    if len(names) == 1:
+        return [y]
+    sizes = [c.t[f"layers.{layer}.{n}.qweight"].shape[0] for n in names]  # output rows of each projection
+    return c.g.op("Split", [y, c.g.const(sizes, np.int64)], axis=-1, n_out=len(names))
+
+
+def emit_linear(c: _Ctx, prefix: str, qw: "QuantizedWeight", bias: str | None, x: "str | tuple[str, str]") -> str:
+    """x @ dequant(qw).T + bias, as models.base.linear.
 
     On (levels, scale) with per-channel weights: MatMulNBits with unit scales gives the integer
     sums levels @ (codes - zero)^T exactly; they are scaled by the activation's and the weight's
     scales in float64 and rounded once, then the bias is added in float32.
     """
-    prefix = f"layers.{layer}.{name}"
-    qw = linear_from_tensors(prefix, c.t, linear_in_features(c.cfg, name), c.art.quant.get("group_size"))
-    bias = c.tensor(f"{prefix}.bias")
     if isinstance(x, str):
         return emit_matmul_nbits(c, x, prefix, qw, bias)
     levels, scale = x
@@ -188,9 +216,9 @@ def emit_block(c: _Ctx, i: int, h: str, cos: str, sin: str, mask: str, past: tup
     """One decoder block (models.base.block_forward); returns (h, present key, present value)."""
     g, cfg = c.g, c.cfg
     x = emit_site(c, i, "attn_in", rms_norm(c, h, c.tensor(f"layers.{i}.attn_norm")))
-    q = emit_heads(g, emit_linear(c, i, "q", x), cfg.num_heads, cfg.head_dim)
-    k = emit_heads(g, emit_linear(c, i, "k", x), cfg.num_kv_heads, cfg.head_dim)
-    v = emit_heads(g, emit_linear(c, i, "v", x), cfg.num_kv_heads, cfg.head_dim)
+    q, k, v = emit_linears(c, i, ("q", "k", "v"), x)
+    q = emit_heads(g, q, cfg.num_heads, cfg.head_dim)
+    k, v = emit_heads(g, k, cfg.num_kv_heads, cfg.head_dim), emit_heads(g, v, cfg.num_kv_heads, cfg.head_dim)
     q, k = emit_rope(g, q, cos, sin, cfg.head_dim), emit_rope(g, k, cos, sin, cfg.head_dim)
     if c.r3:
         q, k = hadamard(c, q, cfg.head_dim), hadamard(c, k, cfg.head_dim)
@@ -209,10 +237,10 @@ def emit_block(c: _Ctx, i: int, h: str, cos: str, sin: str, mask: str, past: tup
     groups = cfg.num_heads // cfg.num_kv_heads
     a = emit_attention(g, to_double(g, q), to_double(g, k_all), to_double(g, v_all), mask, cfg, groups, c.custom)
     a = g.op("Reshape", [g.op("Transpose", [a], perm=[0, 2, 1, 3]), g.const([0, 0, cfg.num_heads * cfg.head_dim], np.int64)])
-    h = g.op("Add", [h, emit_linear(c, i, "o", emit_site(c, i, "o_in", a))])
+    h = g.op("Add", [h, *emit_linears(c, i, ("o",), emit_site(c, i, "o_in", a))])
     x = emit_site(c, i, "mlp_in", rms_norm(c, h, c.tensor(f"layers.{i}.mlp_norm")))
-    act = swiglu(c, emit_linear(c, i, "gate", x), emit_linear(c, i, "up", x))
-    h = g.op("Add", [h, emit_linear(c, i, "down", emit_site(c, i, "down_in", act))])
+    act = swiglu(c, *emit_linears(c, i, ("gate", "up"), x))
+    h = g.op("Add", [h, *emit_linears(c, i, ("down",), emit_site(c, i, "down_in", act))])
     return h, present_k, present_v
 
 
