@@ -77,6 +77,33 @@ def rotate_r1(cfg: ModelConfig, w: dict[str, torch.Tensor], seed: int = 0) -> di
     return w
 
 
+def random_orthogonal(n: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A seeded Haar-random orthogonal [n, n] matrix (QR of a Gaussian matrix, signs fixed by R's diagonal);
+    dense, unlike R1, so its products carry no Hadamard structure."""
+    gen = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).to(dtype)
+
+
+def rotate_residual(cfg: ModelConfig, w: dict[str, torch.Tensor], rot: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Rotate the residual stream by any orthogonal [d, d] matrix (rotate_r1 with a dense rot instead of
+    diag(signs) H): readers W -> W rot, writers W -> rot^T W and their biases b -> b rot. Norms must be folded."""
+    if any(k.endswith("_norm") or k == "norm" for k in w):
+        raise ValueError("rotate_residual needs fold_norms first: RMSNorm gains do not commute with a rotation")
+    rot = rot.to(torch.float64)
+    w = dict(w)
+    readers = ["embed", "lm_head"] + [f"layers.{i}.{n}.weight" for i in range(cfg.num_layers) for n in IN_ATTN + IN_MLP]
+    for key in readers:
+        w[key] = (w[key].to(torch.float64) @ rot).to(w[key].dtype)
+    for i in range(cfg.num_layers):
+        for name in ("o", "down"):
+            for suffix, f in (("weight", lambda t: rot.T @ t), ("bias", lambda t: t @ rot)):
+                key = f"layers.{i}.{name}.{suffix}"
+                if key in w:
+                    w[key] = f(w[key].to(torch.float64)).to(w[key].dtype)
+    return w
+
+
 def per_head_hadamard(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Apply H (head_dim) to each consecutive head_dim slice of the last dim."""
     shape = x.shape
