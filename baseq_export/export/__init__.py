@@ -30,7 +30,7 @@ from typing import Iterator, Protocol
 
 import torch
 
-TARGETS = ("onnx",)
+TARGETS = ("onnx", "gguf")
 
 
 class Backend(Protocol):
