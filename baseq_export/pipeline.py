@@ -1,8 +1,8 @@
 """From a loaded FP model to a quantized artifact: rotate, collect statistics block by block, round.
 
-Methods: ``rtn`` (no rotation, round to nearest), ``quarot-rtn`` (rotations + RTN) and
-``quarot-gptq`` (rotations + GPTQ with Hessians from the calibration windows, one block at a
-time, each block fed by the already-quantized blocks before it).
+Methods: ``rtn`` (no rotation, round to nearest), ``gptq`` (no rotation, GPTQ), ``quarot-rtn``
+(rotations + RTN) and ``quarot-gptq`` (rotations + GPTQ with Hessians from the calibration
+windows, one block at a time, each block fed by the already-quantized blocks before it).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from .qmodel import BITS_PRESETS, Artifact, linear_tensors
 from .quant import GGML_BLOCK, WEIGHT_GRIDS, HessianAccumulator, QuantizedWeight, gptq_quantize, rtn_quantize
 from .rotate import RotationHooks, rotate_model
 
-METHODS = ("rtn", "quarot-rtn", "quarot-gptq")
+METHODS = ("rtn", "gptq", "quarot-rtn", "quarot-gptq")
 
 
 HEAD_GROUP_SIZE = 32
