@@ -17,7 +17,7 @@ from baseq_export.export import gguf as G
 from baseq_export.export.gguf_runtime import GGUFFileError
 from baseq_export.models import from_hf_model
 from baseq_export.models.base import forward
-from baseq_export.pipeline import QuantSettings, quantize_model
+from baseq_export.pipeline import QuantSettings, profile_settings, quantize_model
 from baseq_export.qmodel import linear_from_tensors, load_artifact, reference_model, save_artifact
 from baseq_export.quant import fp16_ceil, quantize
 from conftest import tiny_hf_model
@@ -125,12 +125,15 @@ def grid_weights(art, cfg) -> dict[str, np.ndarray]:
         for lin in GGUF_NAMES:
             prefix = f"layers.{i}.{lin}"
             k = linear_in_features(cfg, lin)
-            if f"{prefix}.mins" in art.tensors:
-                q = unpack_int4(art.tensors[f"{prefix}.qweight"], k).to(torch.float32).reshape(-1, k // 32, 32)
-                w = q * art.tensors[f"{prefix}.scales"][..., None] + art.tensors[f"{prefix}.mins"][..., None]
-                out[prefix] = w.reshape(-1, k).numpy()
+            t = art.tensors
+            q = unpack_int4(t[f"{prefix}.qweight"], k).to(torch.float64).reshape(-1, k // 32, 32)
+            d = t[f"{prefix}.scales"].to(torch.float64).repeat_interleave(k // 32 // t[f"{prefix}.scales"].shape[1], 1)
+            if f"{prefix}.mins" in t:
+                w = q * d[..., None] + t[f"{prefix}.mins"].to(torch.float64)[..., None]
             else:
-                out[prefix] = linear_from_tensors(prefix, art.tensors, k, 32).dequantize().numpy()
+                z = t[f"{prefix}.zeros"].to(torch.float64).repeat_interleave(k // 32 // t[f"{prefix}.zeros"].shape[1], 1)
+                w = (q - z[..., None]) * d[..., None]
+            out[prefix] = w.reshape(-1, k).to(torch.float32).numpy()
     return out
 
 
@@ -139,12 +142,14 @@ def grid_weights(art, cfg) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("grid", ["q4_0", "q4_1-grid", "q4_1-legacy"])
+@pytest.mark.parametrize("grid", ["q4_0", "q4_0-profile", "q4_1-grid", "q4_1-profile", "q4_1-legacy"])
 def test_q4_tensors_dequantize_to_the_artifacts_weights(tmp_path, tokenizer, arch, grid):
     _, model = tiny(arch, tokenizer)
     cfg = model.config
     if grid == "q4_1-grid":
         art = q4_1_grid_artifact(model)
+    elif grid.endswith("-profile"):  # the pipeline's own q4_0 (signed d) / q4_1 grids
+        art = quantize_model(model, profile_settings("gguf", method="rtn", weight_grid=grid.removesuffix("-profile")))
     else:  # symmetric RTN has zero point 8 everywhere: Q4_0 holds it as is
         art = quantize_model(model, QuantSettings(method="rtn", bits="w4a16", group_size=32,
                                                   symmetric=grid == "q4_0"))
@@ -155,7 +160,7 @@ def test_q4_tensors_dequantize_to_the_artifacts_weights(tmp_path, tokenizer, arc
     rounding = [w for w in caught if "not an fp16 value" in str(w.message)]
     assert bool(rounding) == (grid == "q4_1-legacy")
     r = gguf.GGUFReader(str(out))
-    kind = gguf.GGMLQuantizationType.Q4_0 if grid == "q4_0" else gguf.GGMLQuantizationType.Q4_1
+    kind = gguf.GGMLQuantizationType.Q4_0 if grid.startswith("q4_0") else gguf.GGMLQuantizationType.Q4_1
     types = {t.name: t.tensor_type for t in r.tensors}
     assert r.get_field("general.architecture").contents() == arch
     got, want = read_tensors(out), grid_weights(art, cfg)
@@ -264,8 +269,9 @@ def llama_cpp_linear(x: torch.Tensor, w: dict, name: str) -> torch.Tensor:
     return y if bias is None else y + bias
 
 
-def with_q4_grids(weights: dict, art, cfg, kind: str) -> dict:
-    """The reference weights plus each linear's (codes [N, K/32, 32], d, m or None) in float64, for llama_cpp_linear."""
+def with_q4_grids(weights: dict, art, cfg) -> dict:
+    """The reference weights plus each linear's (codes [N, K/32, 32], d, m or None for Q4_0) in float64 as the
+    GGUF holds them (an integer-zero artifact's m = -zero * d rounded to fp16), for llama_cpp_linear."""
     from baseq_export.models.base import linear_in_features
 
     out = dict(weights)
@@ -273,16 +279,21 @@ def with_q4_grids(weights: dict, art, cfg, kind: str) -> dict:
         for lin in GGUF_NAMES:
             prefix = f"layers.{i}.{lin}"
             k = linear_in_features(cfg, lin)
-            qw = linear_from_tensors(prefix, art.tensors, k, 32)
+            qw = linear_from_tensors(prefix, art.tensors, k, 32, art.quant.get("weight_grid"))
             q = qw.codes.to(torch.float64).reshape(-1, k // 32, 32)
             d = qw.scale.to(torch.float64)
-            m = None if kind == "q4_0" else (-qw.zero.to(torch.float64) * d).to(torch.float16).to(torch.float64)
+            if qw.grid == "q4_1":
+                m = qw.minimum.to(torch.float64)
+            elif bool((qw.zero == 8).all()):
+                m = None
+            else:
+                m = (-qw.zero.to(torch.float64) * d).to(torch.float16).to(torch.float64)
             out[f"{prefix}.q4"] = (q, d, m)
     return out
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("weights", ["q4_0", "q4_1"])
+@pytest.mark.parametrize("arch, weights", [(a, w) for w in ("q4_0", "q4_1", "profile-q4_1") for a in ("llama", "qwen2")]
+                         + [("llama", "profile-q4_0")])
 def test_q4_gguf_matches_the_reference_forward(tmp_path, tokenizer, arch, weights, monkeypatch):
     """A 4-bit GGUF (float32 head and KV cache, so only the linears differ) against the artifact's reference
     forward. llama.cpp multiplies Q4 weights by activations rounded to 8 bits per 32-block (Q8_0 / Q8_1, step
@@ -295,9 +306,14 @@ def test_q4_gguf_matches_the_reference_forward(tmp_path, tokenizer, arch, weight
     import baseq_export.models.base as base
 
     _, model = tiny(arch, tokenizer)
-    art = quantize_model(model, QuantSettings(method="rtn", bits="w4a16", group_size=32, symmetric=weights == "q4_0"))
+    if weights.startswith("profile"):  # rotated (R1/R2 folded, norms folded into the linears) GPTQ on llama.cpp's grid
+        calib = torch.randint(0, DIMS["vocab_size"], (8, 32), generator=torch.Generator().manual_seed(4))
+        art = quantize_model(model, profile_settings("gguf", weight_grid=weights.removeprefix("profile-")), calib)
+    else:
+        art = quantize_model(model, QuantSettings(method="rtn", bits="w4a16", group_size=32,
+                                                  symmetric=weights == "q4_0"))
     path = save(tmp_path, art, tokenizer)
-    out = quiet_write(path, tmp_path / "q.gguf", head="f32", weights=weights)
+    out = quiet_write(path, tmp_path / "q.gguf", head="f32")
     ids = torch.randint(0, DIMS["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(2))
     got = G.open(out, kv_cache="f32", n_threads=2).logits(ids)
     ref = reference_model(load_artifact(path), exact=False)
@@ -305,7 +321,7 @@ def test_q4_gguf_matches_the_reference_forward(tmp_path, tokenizer, arch, weight
     scale = want.abs().max()
     assert 1e-3 * scale < (got - want).abs().max() <= 0.05 * scale
     monkeypatch.setattr(base, "linear", llama_cpp_linear)
-    emulated = forward(ref.config, with_q4_grids(ref.weights, art, ref.config, weights), ids)
+    emulated = forward(ref.config, with_q4_grids(ref.weights, art, ref.config), ids)
     diff = (got - emulated).abs()
     assert diff.median() <= 1e-6 * scale and diff.max() <= 5e-3 * scale
 

@@ -1,0 +1,166 @@
+"""GGUF metadata: the hyperparameter keys llama.cpp reads and the tokenizer carried over from tokenizer.json."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from ..models.base import ModelConfig
+from ..qmodel import Artifact
+from .gguf_tensors import GGUFExportError, Plan
+
+FORMAT_KEY = "baseq.format"
+FORMAT_VALUE = "baseq-gguf"
+QUANT_KEY = "baseq.quant"
+DEFAULT_CONTEXT = 4096  # when the source model no longer says how long a context it was trained for
+FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+              "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}
+
+
+def source_config(art: Artifact) -> dict:
+    """Context length, RoPE base and llama.cpp pre-tokenizer of the source model, where it is still readable:
+    a Hugging Face config.json, or the keys of a source .gguf (the default model)."""
+    src = Path(str((art.source or {}).get("model", "")))
+    out: dict = {}
+    try:
+        if src.is_dir() and (src / "config.json").is_file():
+            c = json.loads((src / "config.json").read_text())
+            out["context_length"] = c.get("max_position_embeddings")
+            out["rope_theta"] = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta")
+        elif src.is_file() and src.suffix == ".gguf":
+            r = gguf.GGUFReader(str(src))
+            arch = r.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+            for key, name in ((gguf.Keys.LLM.CONTEXT_LENGTH, "context_length"),
+                              (gguf.Keys.Rope.FREQ_BASE, "rope_theta"), (gguf.Keys.Tokenizer.PRE, "pre")):
+                f = r.get_field(key.format(arch=arch))
+                if f is not None:
+                    out[name] = f.contents()
+    except (OSError, ValueError, KeyError, AttributeError):
+        return {}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def rope_base(art: Artifact) -> float:
+    """RoPE base: the source model's, else fitted to the artifact's inv_freq (inv_freq[i] = base**(-2i/d))."""
+    theta = source_config(art).get("rope_theta")
+    if theta:
+        return float(theta)
+    cfg = ModelConfig.from_dict(art.model)
+    inv = art.tensors["rope.inv_freq"].to(torch.float64).numpy()
+    i = np.arange(1, inv.size)
+    base = float(np.exp(np.mean(-np.log(inv[1:]) * cfg.head_dim / (2 * i))))
+    return float(f"{base:.6g}")
+
+
+def rope_factors(art: Artifact) -> np.ndarray | None:
+    """llama.cpp's rope_freqs tensor (it divides each RoPE frequency by one factor) when the artifact's inv_freq is
+    a scaled one (e.g. Llama 3's), else None."""
+    cfg = ModelConfig.from_dict(art.model)
+    inv = art.tensors["rope.inv_freq"].to(torch.float64).numpy()
+    plain = rope_base(art) ** (-np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim)
+    factors = plain / inv
+    if np.allclose(factors, 1.0, rtol=1e-5, atol=0):
+        return None
+    return factors.astype(np.float32)
+
+
+def context_length(art: Artifact, requested: int | None) -> int:
+    """The option, else the source model's, else DEFAULT_CONTEXT; capped at a sliding window (which the file
+    does not describe)."""
+    cfg = ModelConfig.from_dict(art.model)
+    n = requested or source_config(art).get("context_length") or DEFAULT_CONTEXT
+    if cfg.sliding_window is not None and n > cfg.sliding_window:
+        warnings.warn(f"the model attends within a sliding window of {cfg.sliding_window} tokens, which the GGUF does "
+                      f"not describe: context length written as {cfg.sliding_window}", stacklevel=3)
+        n = cfg.sliding_window
+    return int(n)
+
+
+def add_hparams(w: "gguf.GGUFWriter", art: Artifact, plan: Plan, n_ctx: int) -> None:
+    """The {arch}.* keys llama.cpp reads, the file type and our own baseq.* keys."""
+    cfg = ModelConfig.from_dict(art.model)
+    w.add_name(Path(str((art.source or {}).get("model", "baseq"))).stem or "baseq")
+    w.add_context_length(n_ctx)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_heads)
+    w.add_head_count_kv(cfg.num_kv_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_eps)
+    w.add_rope_freq_base(rope_base(art))
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_vocab_size(cfg.vocab_size)
+    if cfg.head_dim * cfg.num_heads != cfg.hidden_size:
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+    w.add_file_type(FILE_TYPES.get(plan.weight_type, gguf.LlamaFileType.GUESSED))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_string(FORMAT_KEY, FORMAT_VALUE)
+    w.add_string(QUANT_KEY, json.dumps(art.quant or {}, sort_keys=True))
+
+
+def token_table(tok_dir: Path, vocab_size: int) -> tuple[str, list[str], list[int], list[float] | None]:
+    """(tokenizer model, tokens, token types, scores or None) for llama.cpp from a tokenizer.json.
+
+    GPT-2-style byte-level BPE -> "gpt2" (tokens as their byte-level strings; added special tokens CONTROL,
+    other added tokens USER_DEFINED); SentencePiece-style BPE with byte fallback -> "llama" through gguf-py's
+    LlamaHfVocab. Ids the model has beyond the tokenizer become unused [PADi] tokens.
+    """
+    path = tok_dir / "tokenizer.json"
+    if not path.is_file():
+        raise GGUFExportError(f"{tok_dir} has no tokenizer.json; a GGUF carries its tokenizer: quantize a model that "
+                              "has a fast (tokenizer.json) tokenizer")
+    tj = json.loads(path.read_text(encoding="utf-8"))
+    model, decoder = tj.get("model") or {}, (tj.get("decoder") or {}).get("type")
+    tokens: list = [None] * vocab_size
+    types = [int(gguf.TokenType.UNUSED)] * vocab_size
+    scores = None
+    if model.get("type") == "BPE" and decoder == "ByteLevel" and not model.get("byte_fallback"):
+        kind = "gpt2"
+        entries = [(i, text, gguf.TokenType.NORMAL) for text, i in model["vocab"].items()]
+        entries += [(a["id"], a["content"], gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED)
+                    for a in tj.get("added_tokens") or []]
+    elif model.get("type") == "BPE" and model.get("byte_fallback"):
+        kind, scores = "llama", [-1000.0] * vocab_size
+        vocab = list(gguf.vocab.LlamaHfVocab(tok_dir).all_tokens())
+        entries = [(i, text.decode("utf-8", errors="replace"), typ) for i, (text, _, typ) in enumerate(vocab)]
+        for i, (_, score, _) in enumerate(vocab[:vocab_size]):
+            scores[i] = float(score)
+    else:
+        raise GGUFExportError(f"tokenizer model {model.get('type')!r} (decoder {decoder!r}) has no llama.cpp form here: "
+                              "GGUF export takes GPT-2-style byte-level BPE and SentencePiece-style BPE tokenizers")
+    beyond = sorted(i for i, _, _ in entries if i >= vocab_size)
+    if beyond:
+        raise GGUFExportError(f"the tokenizer has ids up to {beyond[-1]}, beyond the model's vocabulary of {vocab_size}")
+    for i, text, typ in entries:
+        tokens[i], types[i] = text, int(typ)
+    return kind, [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)], types, scores
+
+
+def add_tokenizer(w: "gguf.GGUFWriter", art: Artifact, tok_dir: Path, pre: str | None) -> None:
+    """tokenizer.ggml.* (model, pre-tokenizer, tokens, types, merges, special ids) and the chat template."""
+    cfg = ModelConfig.from_dict(art.model)
+    kind, tokens, types, scores = token_table(tok_dir, cfg.vocab_size)
+    w.add_tokenizer_model(kind)
+    pre = pre or source_config(art).get("pre")
+    if pre is None and kind == "gpt2":
+        pre = "default"
+        warnings.warn("GGUF tokenizer: the source model does not say which llama.cpp pre-tokenizer it uses, so the file "
+                      "says 'default' (GPT-2's split); llama.cpp's own tokenization of text may differ from the Hugging "
+                      "Face tokenizer's (token ids from baseq-export's eval and run are unaffected)", stacklevel=3)
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    if scores is not None:
+        w.add_token_scores(scores)
+    special = gguf.SpecialVocab(tok_dir, load_merges=kind == "gpt2", n_vocab=cfg.vocab_size)
+    for typ, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "pad_token_id")):
+        if typ not in special.special_token_ids and (art.source or {}).get(key) is not None:
+            special.special_token_ids[typ] = int(art.source[key])
+    special.add_to_gguf(w, quiet=True)
