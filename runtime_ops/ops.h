@@ -15,5 +15,6 @@ const OrtCustomOp* SwiGLUOp();         // exact_ops.cc
 const OrtCustomOp* MaskedSoftmaxOp();  // exact_ops.cc
 const OrtCustomOp* KVQuantPackOp();    // kv_cache.cc
 const OrtCustomOp* KVUnpackOp();       // kv_cache.cc
+const OrtCustomOp* IntLinearOp();      // int_linear_op.cc
 
 }  // namespace baseq

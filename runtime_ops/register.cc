@@ -54,7 +54,8 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
       g_domain = new Ort::CustomOpDomain("baseq");  // lives as long as the process: sessions keep pointers to it
       for (const OrtCustomOp* op : {baseq::HadamardOp(), baseq::QuantDequantOp(), baseq::QuantLevelsOp(),
                                     baseq::ScaleSumsOp(), baseq::RmsNormOp(), baseq::SwiGLUOp(),
-                                    baseq::MaskedSoftmaxOp(), baseq::KVQuantPackOp(), baseq::KVUnpackOp()})
+                                    baseq::MaskedSoftmaxOp(), baseq::KVQuantPackOp(), baseq::KVUnpackOp(),
+                                    baseq::IntLinearOp()})
         g_domain->Add(op);
     });
     Ort::UnownedSessionOptions(options).Add(*g_domain);

@@ -1,0 +1,321 @@
+"""baseq.IntLinear (per-token quantizer + exact integer matmul on 4-bit weights) through onnxruntime,
+on every kernel this CPU runs: bit for bit the op chain it replaces (QuantLevels -> MatMulNBits with
+unit scales -> ScaleSums) and a numpy float64 reference; the C++ kernel test, natively and for
+aarch64 under qemu-user."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from baseq_export import runtime_ops
+from baseq_export.export.onnx_graph import MS_DOMAIN, OPS_DOMAIN, emit_quant_levels_op, matmul_nbits_inputs, Graph
+from test_runtime_ops import np_quant_levels, run_error
+
+REPO = Path(__file__).resolve().parents[1]
+ISAS = ["scalar", "avx2", "avxvnni", "avx512vnni", "neon", "neondot"]
+F32 = TensorProto.FLOAT
+
+
+def make_weights(n: int, k: int, groups: int, seed: int = 0):
+    """Random 4-bit codes [n, k], zero points and scales [n, groups], and codes packed as the artifact
+    stores them (quant.pack_int4: two per byte, low nibble = even k, odd k padded with 0)."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 16, (n, k)).astype(np.uint8)
+    zeros = rng.integers(0, 16, (n, groups)).astype(np.uint8)
+    scales = (rng.random((n, groups)) * 0.02 + 1e-3).astype(np.float32)
+    padded = np.pad(codes, ((0, 0), (0, k % 2)))
+    packed = (padded[:, 0::2] | (padded[:, 1::2] << 4)).astype(np.uint8)
+    return codes, zeros, scales, packed
+
+
+def build(nodes, inits, inputs, outputs=("y",)):
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info(n, t, None) for n, t in inputs],
+                              [helper.make_tensor_value_info(o, F32, None) for o in outputs], inits)
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid(MS_DOMAIN, 1), helper.make_opsetid(OPS_DOMAIN, 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 9
+    return ort.InferenceSession(model.SerializeToString(), runtime_ops.session_options(2), providers=["CPUExecutionProvider"])
+
+
+def int_linear(packed, zeros, scales, bits, group_size=0, clip=0.9, shift=None, gain=None, bias=None,
+               weights_as_inputs=False):
+    """A session of one IntLinear node; feed x (and B, zeros, scales when weights_as_inputs)."""
+    inits = [numpy_helper.from_array(np.asarray([clip], np.float32), "clip")]
+    inputs = [("x", F32)]
+    names = ["x", "clip"]
+    for name, arr in (("shift", shift), ("gain", gain)):
+        names.append(name if arr is not None else "")
+        if arr is not None:
+            inits.append(numpy_helper.from_array(arr, name))
+    for name, arr, t in (("B", packed, TensorProto.UINT8), ("zeros", zeros, TensorProto.UINT8), ("scales", scales, F32)):
+        names.append(name)
+        if weights_as_inputs:
+            inputs.append((name, t))
+        else:
+            inits.append(numpy_helper.from_array(arr, name))
+    if bias is not None:
+        names.append("bias")
+        inits.append(numpy_helper.from_array(bias, "bias"))
+    node = helper.make_node("IntLinear", names, ["y"], domain=OPS_DOMAIN, bits=bits, group_size=group_size)
+    return build([node], inits, inputs)
+
+
+def op_chain(codes, zeros, scales, bits, clip=0.9, shift=None, gain=None, bias=None):
+    """The chain IntLinear replaces (per-channel weights): QuantLevels -> MatMulNBits on the levels with
+    unit scales (integer sums) -> ScaleSums (both scales in float64, rounded once) + bias."""
+    g = Graph()
+    c = g.init("clip", np.asarray([clip], np.float32))
+    s = g.init("shift", shift) if shift is not None else None
+    w = g.init("gain", gain) if gain is not None else None
+    levels, scale = emit_quant_levels_op(g, "x", bits, c, s, w, codes.shape[1])
+    arrays, block = matmul_nbits_inputs(codes, np.ones_like(scales), zeros, codes.shape[1])
+    ins = [levels] + [g.init(name, arr) for name, arr in arrays.items()]
+    n, k = codes.shape
+    sums = g.op("MatMulNBits", ins, domain=MS_DOMAIN, K=k, N=n, bits=4, block_size=block, accuracy_level=0)
+    ss = [sums, scale, g.init("c", scales[:, 0].copy())] + ([g.init("bias", bias)] if bias is not None else [])
+    g.nodes.append(helper.make_node("ScaleSums", ss, ["y"], domain=OPS_DOMAIN))
+    return build(g.nodes, g.inits, [("x", F32)])
+
+
+def np_int_linear(x, codes, zeros, scales, bits, group_size=0, clip=0.9, shift=None, gain=None, bias=None):
+    """numpy reference: the quantizer's float32 levels and scale (np_quant_levels), integer sums per
+    group in float64 (exact: integers below 2^53), then G = 1: float((P * s) * W); G > 1:
+    float((0 + sum_g P_g * W_g) * s); then + bias in float32."""
+    n, k = codes.shape
+    groups = zeros.shape[1]
+    gs = k if group_size in (0, None) or group_size >= k else group_size
+    levels, s = np_quant_levels(x, bits, clip, shift, gain)
+    lv = levels.astype(np.float64).reshape(-1, k)
+    s64 = s.astype(np.float64).reshape(-1, 1)
+    wl = codes.astype(np.float64) - np.repeat(zeros.astype(np.float64), gs, axis=1)[:, :k]
+    with np.errstate(invalid="ignore", over="ignore"):
+        parts = [lv[:, g * gs:(g + 1) * gs] @ wl[:, g * gs:(g + 1) * gs].T for g in range(groups)]
+        if groups == 1:
+            y = ((parts[0] * s64) * scales[:, 0].astype(np.float64)).astype(np.float32)
+        else:
+            total = np.zeros_like(parts[0])
+            for g, p in enumerate(parts):
+                total = total + p * scales[:, g].astype(np.float64)
+            y = (total * s64).astype(np.float32)
+        if bias is not None:
+            y = y + bias
+    return y.reshape(*x.shape[:-1], n)
+
+
+_available: dict[str, bool] = {}
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    """Each IntLinear kernel in turn (BASEQ_INT_LINEAR_ISA, read when a session is made); skipped
+    where this build or CPU does not have it."""
+    name = request.param
+    monkeypatch.setenv("BASEQ_INT_LINEAR_ISA", name)
+    if name not in _available:
+        _, zeros, scales, packed = make_weights(16, 8, 1)
+        try:
+            int_linear(packed, zeros, scales, 4)
+            _available[name] = True
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+            assert "is not a kernel this build and CPU run" in str(e)
+            _available[name] = False
+    if not _available[name]:
+        pytest.skip(f"this CPU or build has no {name} kernel")
+    return name
+
+
+def site_params(k: int, seed: int):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(k).astype(np.float32) * 0.3, (rng.random(k) + 0.5).astype(np.float32))
+
+
+@pytest.mark.parametrize("xshape, n, bits, extras", [
+    ((1, 576), 192, 4, "shift gain bias"),
+    ((3, 64), 33, 8, ""),
+    ((2, 5, 96), 48, 4, "gain"),
+    ((1, 1536), 96, 4, "shift bias"),
+    ((512, 576), 64, 4, "shift gain bias"),
+    ((7, 576), 17, 8, "bias"),
+])
+def test_int_linear_is_bit_identical_to_the_op_chain(isa, xshape, n, bits, extras):
+    k = xshape[-1]
+    codes, zeros, scales, packed = make_weights(n, k, 1, seed=k + n)
+    shift, gain = site_params(k, n)
+    rng = np.random.default_rng(bits)
+    bias = rng.standard_normal(n).astype(np.float32) if "bias" in extras else None
+    shift = shift if "shift" in extras else None
+    gain = gain if "gain" in extras else None
+    x = (rng.standard_normal(xshape) * 2 + 0.3).astype(np.float32)
+    x[..., 3] = 25.0  # an outlier channel
+    got = int_linear(packed, zeros, scales, bits, 0, 0.9, shift, gain, bias).run(None, {"x": x})[0]
+    ref = op_chain(codes, zeros, scales, bits, 0.9, shift, gain, bias).run(None, {"x": x})[0]
+    assert got.shape == (*xshape[:-1], n) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, ref)
+    np.testing.assert_array_equal(got, np_int_linear(x, codes, zeros, scales, bits, 0, 0.9, shift, gain, bias))
+
+
+@pytest.mark.parametrize("xshape, n, group_size", [
+    ((3, 100), 33, 0),        # K not a multiple of 8/32/64, N odd
+    ((2, 5, 96), 17, 32),     # groups, batch dims
+    ((9, 77), 40, 20),        # a group size that is no multiple of 8, a short last group
+    ((1, 3, 1536), 50, 128),
+    ((130, 200), 31, 64),     # prefill-sized tile remainders, short last group
+    ((4, 1), 5, 0),           # K = 1
+    ((2, 64), 24, 200),       # group_size >= K: one group
+])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_int_linear_groups_and_ragged_shapes_match_numpy(isa, xshape, n, group_size, bits):
+    k = xshape[-1]
+    groups = 1 if group_size in (0,) or group_size >= k else -(-k // group_size)
+    codes, zeros, scales, packed = make_weights(n, k, groups, seed=k * n + bits)
+    shift, gain = site_params(k, k)
+    bias = np.linspace(-1, 1, n).astype(np.float32)
+    x = (np.random.default_rng(n).standard_normal(xshape) * 1.5).astype(np.float32)
+    for s, w, b in [(shift, gain, bias), (None, None, None)]:
+        got = int_linear(packed, zeros, scales, bits, group_size, 0.85, s, w, b).run(None, {"x": x})[0]
+        np.testing.assert_array_equal(got, np_int_linear(x, codes, zeros, scales, bits, group_size, 0.85, s, w, b))
+
+
+def test_int_linear_nan_inf_constant_and_far_rows(isa):
+    """A token with NaN or +-Inf gives an all-NaN output row, as QuantLevels' levels make it; a constant
+    token (scale at its 1e-8 floor, zero point ~1e8: the float64 path) and a token far from 0 equal
+    the reference too."""
+    k, n = 96, 40
+    codes, zeros, scales, packed = make_weights(n, k, 1, seed=3)
+    bias = np.ones(n, np.float32)
+    x = np.random.default_rng(2).standard_normal((7, k)).astype(np.float32)
+    x[0, 5], x[1, 7], x[2, 9] = np.nan, np.inf, -np.inf
+    x[3] = 1.5          # constant: levels ~1.5e8, beyond the integer path
+    x[4] = 0.0          # all zero: levels 0
+    x[5] += 1000.0      # far from 0: zero point ~ -15 * 1000 / range, still exact
+    sess = int_linear(packed, zeros, scales, 4, bias=bias)
+    got = sess.run(None, {"x": x})[0]
+    ref = np_int_linear(x, codes, zeros, scales, 4, bias=bias)
+    assert np.isnan(got[:3]).all() and np.isfinite(got[3:]).all()
+    np.testing.assert_array_equal(got, ref)  # NaN == NaN here
+    np.testing.assert_array_equal(got[4], bias)  # 0 * scales + bias
+    ref_chain = op_chain(codes, zeros, scales, 4, bias=bias).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got[[0, 1, 2, 4, 5, 6]], ref_chain[[0, 1, 2, 4, 5, 6]])
+
+
+def test_int_linear_empty_tensors(isa):
+    codes, zeros, scales, packed = make_weights(24, 64, 1)
+    sess = int_linear(packed, zeros, scales, 4, bias=np.ones(24, np.float32))
+    for shape in [(0, 64), (2, 0, 64), (0, 3, 0, 64)]:
+        y = sess.run(None, {"x": np.zeros(shape, np.float32)})[0]
+        assert y.shape == (*shape[:-1], 24)
+    # K = 0: no products, levels of width 0 have scale 1 (QuantLevels): y = 0 * c + bias
+    bias = np.arange(5, dtype=np.float32)
+    empty = int_linear(np.zeros((5, 0), np.uint8), np.zeros((5, 1), np.uint8), np.ones((5, 1), np.float32), 4, bias=bias)
+    np.testing.assert_array_equal(empty.run(None, {"x": np.zeros((3, 0), np.float32)})[0], np.tile(bias, (3, 1)))
+
+
+def test_int_linear_weights_fed_as_graph_inputs_are_read_each_run(isa):
+    """Weights that are not initializers may change between runs: each run uses the ones it is given."""
+    sess = None
+    x = np.random.default_rng(9).standard_normal((3, 80)).astype(np.float32)
+    for seed in (1, 2):
+        codes, zeros, scales, packed = make_weights(20, 80, 1, seed=seed)
+        sess = sess or int_linear(packed, zeros, scales, 4, weights_as_inputs=True)
+        got = sess.run(None, {"x": x, "B": packed, "zeros": zeros, "scales": scales})[0]
+        np.testing.assert_array_equal(got, np_int_linear(x, codes, zeros, scales, 4))
+
+
+def test_int_linear_rejects_bad_inputs():
+    codes, zeros, scales, packed = make_weights(8, 64, 1)
+    x = np.ones((2, 64), np.float32)
+    feeds = lambda **kw: {"x": x, "B": packed, "zeros": zeros, "scales": scales, **kw}  # noqa: E731
+    sess = int_linear(packed, zeros, scales, 4, weights_as_inputs=True)
+    assert "B must be uint8 [N, ceil(K/2)] = [N, 32] for X [2, 64], got [8, 31]" in run_error(sess, feeds(B=packed[:, :31].copy()))
+    assert "zeros must be uint8 [N, G] = [8, G >= 1], got [7, 1]" in run_error(sess, feeds(zeros=zeros[:7].copy()))
+    assert "W_scales must have the shape of zeros [8, 1], got [8, 2]" in run_error(
+        sess, feeds(scales=np.ones((8, 2), np.float32)))
+    assert "2 groups of weight zero points/scales, but k = 64 in groups of 64 needs 1" in run_error(
+        sess, feeds(zeros=np.zeros((8, 2), np.uint8), scales=np.ones((8, 2), np.float32)))
+    assert "zero points must be 4-bit codes in [0, 15], got 16 at [0, 0]" in run_error(
+        sess, feeds(zeros=np.full((8, 1), 16, np.uint8)))
+    assert "rank >= 1" in run_error(sess, feeds(x=np.array(1.0, np.float32)))
+    with pytest.raises(Exception):  # a float tensor where uint8 codes belong: refused by onnxruntime
+        sess.run(None, feeds(B=packed.astype(np.float32)))
+    bad_bias = int_linear(packed, zeros, scales, 4, bias=np.ones(5, np.float32))
+    assert "bias must be float [N] = [8], got [5]" in run_error(bad_bias, {"x": x})
+    bad_shift = int_linear(packed, zeros, scales, 4, shift=np.ones(3, np.float32))
+    assert "IntLinear: shift must have 64 values" in run_error(bad_shift, {"x": x})
+    grouped = int_linear(packed, zeros, scales, 4, group_size=16)
+    assert "1 groups of weight zero points/scales, but k = 64 in groups of 16 needs 4" in run_error(grouped, {"x": x})
+    for attrs, msg in [(dict(bits=0), "attribute bits must be in 1..8"), (dict(bits=9), "attribute bits must be in 1..8"),
+                       (dict(bits=4, group_size=-1), "group_size must be >= 0")]:
+        node = helper.make_node("IntLinear", ["x", "clip", "", "", "B", "zeros", "scales"], ["y"], domain=OPS_DOMAIN, **attrs)
+        inits = [numpy_helper.from_array(a, nm) for nm, a in
+                 (("clip", np.ones(1, np.float32)), ("B", packed), ("zeros", zeros), ("scales", scales))]
+        with pytest.raises(Exception, match=msg):
+            build([node], inits, [("x", F32)])
+    np.testing.assert_array_equal(sess.run(None, feeds())[0], np_int_linear(x, codes, zeros, scales, 4))  # lives on
+
+
+def test_int_linear_refuses_a_kernel_the_cpu_lacks(monkeypatch):
+    _, zeros, scales, packed = make_weights(8, 64, 1)
+    monkeypatch.setenv("BASEQ_INT_LINEAR_ISA", "no-such-isa")
+    with pytest.raises(Exception, match="BASEQ_INT_LINEAR_ISA=no-such-isa is not a kernel this build and CPU run"):
+        int_linear(packed, zeros, scales, 4)
+
+
+# ------------------------------------------------------------------------ the C++ kernel test
+
+def _cmake_build(build: Path, *extra: str) -> None:
+    cfg = subprocess.run(["cmake", "-S", str(REPO / "runtime_ops"), "-B", str(build), *extra],
+                         capture_output=True, text=True)
+    assert cfg.returncode == 0, cfg.stdout[-2000:] + cfg.stderr[-2000:]
+    jobs = str(max(1, os.cpu_count() or 1))
+    proc = subprocess.run(["cmake", "--build", str(build), "-j", jobs], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+def test_cpp_kernel_test_native(tmp_path):
+    """The CMake build of the kernels (no onnxruntime needed) and its C++ test: every kernel this CPU runs
+    equals the scalar kernel and the int64 definition bit for bit. Each instruction-set object file
+    defines only its entry point (no inline code compiled with its -m flags can leak to other files)."""
+    _cmake_build(tmp_path / "build")
+    proc = subprocess.run([str(tmp_path / "build" / "int_linear_test")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ok   scalar" in proc.stdout and "FAIL" not in proc.stdout
+    if os.uname().machine == "x86_64" and shutil.which("nm"):
+        objs = sorted((tmp_path / "build").rglob("int_linear_avx*.o"))
+        assert len(objs) == 3
+        for obj in objs:
+            syms = subprocess.run(["nm", "-C", "--defined-only", str(obj)], capture_output=True, text=True).stdout
+            exported = [line for line in syms.splitlines() if line.split()[1:2] and line.split()[1] in "TWVuw"]
+            assert len(exported) == 1 and "baseq::intlin::Tiles" in exported[0], exported
+
+
+CROSS = shutil.which("aarch64-linux-gnu-g++")
+QEMU = shutil.which("qemu-aarch64")
+
+
+@pytest.mark.skipif(not (CROSS and QEMU and shutil.which("cmake")),
+                    reason="needs aarch64-linux-gnu-g++, qemu-aarch64 and cmake (apt install g++-aarch64-linux-gnu qemu-user)")
+def test_aarch64_cross_build_and_kernel_test_under_qemu(tmp_path):
+    """The library and the kernel test cross-built for aarch64; under qemu-user the NEON dot-product kernel
+    (qemu's default CPU has it) and the plain NEON kernel (a Cortex-A53 lacks dot product: skipped there,
+    chosen by the run-time check) both equal the scalar kernel."""
+    build = tmp_path / "arm64"
+    _cmake_build(build, f"-DCMAKE_TOOLCHAIN_FILE={REPO / 'runtime_ops/toolchains/aarch64-linux-gnu.cmake'}",
+                 f"-DORT_INCLUDE_DIR={runtime_ops.include_dir()}")
+    lib = subprocess.run(["file", str(build / "libbaseq_ops.so")], capture_output=True, text=True).stdout \
+        if shutil.which("file") else "aarch64"
+    assert (build / "libbaseq_ops.so").is_file() and ("aarch64" in lib)
+    sysroot = "/usr/aarch64-linux-gnu"
+    full = subprocess.run([QEMU, "-L", sysroot, str(build / "int_linear_test")], capture_output=True, text=True)
+    assert full.returncode == 0, full.stdout + full.stderr
+    assert "ok   neon " in full.stdout and "ok   neondot" in full.stdout and "best kernel here: neondot" in full.stdout
+    a53 = subprocess.run([QEMU, "-cpu", "cortex-a53", "-L", sysroot, str(build / "int_linear_test")],
+                         capture_output=True, text=True)
+    assert a53.returncode == 0, a53.stdout + a53.stderr
+    assert "skip neondot" in a53.stdout and "ok   neon " in a53.stdout and "best kernel here: neon\n" in a53.stdout
