@@ -7,6 +7,8 @@ windows, one block at a time, each block fed by the already-quantized blocks bef
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -212,3 +214,261 @@ def float_tensors(cfg: ModelConfig, w: dict[str, torch.Tensor], s: QuantSettings
             for site in ("k_cache", "v_cache"):
                 out[f"layers.{i}.{site}.clip"] = torch.full((cfg.num_kv_heads, 1, 1), s.kv_clip, dtype=torch.float32)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Blockwise tuning of a weight-only model (BASE-Q's blockwise idea for what llama.cpp can hold)
+
+BIAS_LINEARS = ("q", "k", "v", "o", "down")
+"""Linears whose bias llama.cpp's llama graph loads (attn_q/k/v/output, ffn_down); gate/up get none."""
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """Budget and switches of the weight-only blockwise tuning (tune_blocks)."""
+
+    nsamples: int = 64  # tuning windows: the first nsamples calibration windows ...
+    ctx: int = 256  # ... cut to their first ctx tokens (causal: the same activations as the full windows)
+    nval: int = 16  # the next nval windows (same cut) choose, per block, between GPTQ / mean bias / trained
+    epochs: int = 3
+    batch_size: int = 4
+    lr_scale: float = 5e-4  # AdamW on the relative change of d, and on m in units of d
+    lr_bias: float = 1e-2  # AdamW on the bias in units of the linear's RMS output error after GPTQ
+    learn_scale: bool = True  # per-block d (and m on q4_1): learned weight clipping, codes fixed
+    learn_bias: bool = True  # per-linear output bias on BIAS_LINEARS
+    bias_init: str = "mean"  # "mean": (W - W_q) E[x], the mean output error the rounding leaves; "zero"
+
+    def __post_init__(self):
+        if self.bias_init not in ("mean", "zero"):
+            raise ValueError(f"bias_init must be 'mean' or 'zero', got {self.bias_init!r}")
+
+
+def _ste_fp16(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to fp16 in the forward (what the artifact stores), identity gradient."""
+    from .quant import fp16_round
+
+    return x + (fp16_round(x) - x).detach()
+
+
+def _tuned_params(qw: QuantizedWeight, p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(d, m) of one linear from its learnable relative changes: d = fp16(d0 (1 + a)), m = fp16(m0 + d0 b)."""
+    from .quant import FP16_TINY
+
+    d0 = qw.scale
+    d = _ste_fp16(d0 * (1 + p["a"]).clamp(min=1e-2))
+    if qw.grid == "q4_1":
+        return d.clamp(min=FP16_TINY), _ste_fp16(qw.minimum + d0 * p["b"])
+    return d, None
+
+
+def _tuned_weight(qw: QuantizedWeight, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The float32 weight of fixed codes with learnable (d, m): the grid's own dequantization, differentiable."""
+    from .quant import dequant_values
+
+    d, m = _tuned_params(qw, p)
+    n, k = qw.shape
+    cg = qw.codes.reshape(n, -1, qw.group_size).to(torch.float32)
+    z = None if qw.zero is None else qw.zero.to(torch.float32).unsqueeze(-1)
+    return dequant_values(cg, d.unsqueeze(-1), z, None if m is None else m.unsqueeze(-1)).reshape(n, k)
+
+
+def _tuned_layer(qweights: dict[str, QuantizedWeight], params: dict, base_bias: dict) -> dict[str, torch.Tensor]:
+    """Layer weights for block_forward from the learnable parameters (training and the saved artifact share it)."""
+    lw = {}
+    for name, qw in qweights.items():
+        lw[f"{name}.weight"] = _tuned_weight(qw, params[name])
+        bias = _bias(params[name]) if "bias0" in params[name] else base_bias.get(name)
+        if bias is not None:
+            lw[f"{name}.bias"] = bias
+    return lw
+
+
+def _frozen(qweights: dict[str, QuantizedWeight], params: dict, base_bias: dict) -> dict[str, tuple[QuantizedWeight, torch.Tensor | None]]:
+    """(QuantizedWeight with the learned fp16 d / m, bias) per linear: exactly what _tuned_layer computed."""
+    import dataclasses as dc
+
+    out = {}
+    with torch.no_grad():
+        for name, qw in qweights.items():
+            d, m = _tuned_params(qw, params[name])
+            new = dc.replace(qw, scale=d.detach().clone(), minimum=None if m is None else m.detach().clone())
+            new.validate()
+            bias = _bias(params[name]) if "bias0" in params[name] else base_bias.get(name)
+            out[name] = (new, None if bias is None else bias.detach().clone())
+    return out
+
+
+def _init_tune_params(cfg, qweights, fp_lw, layer, x, hooks, rope, t: TuneSettings, hessians: dict) -> dict:
+    """Starting point: d, m as GPTQ left them (a = b = 0); biases of BIAS_LINEARS at the mean-error correction,
+    learned in units of each output channel's RMS error after GPTQ (sqrt(diag(dW H dW^T) / 2), H = 2 E[x x^T])."""
+    params = {name: {"a": torch.zeros_like(qw.scale), "b": torch.zeros_like(qw.scale)} for name, qw in qweights.items()}
+    if not t.learn_bias and t.bias_init == "zero":
+        return params
+    means: dict[str, torch.Tensor] = {}
+    if t.bias_init == "mean":
+        qlw = {**{f"{n}.weight": qw.dequantize() for n, qw in qweights.items()},
+               **{k: v for k, v in fp_lw.items() if k.endswith(".bias")}}
+
+        def add(site: str, v: torch.Tensor) -> None:
+            means[site] = means.get(site, 0) + v.reshape(-1, v.shape[-1]).to(torch.float64).sum(0)
+
+        run_block(cfg, qlw, layer, x, TapHooks(hooks, add), rope)
+    n_tok = x.shape[0] * x.shape[1]
+    for site, names in SITE_LINEARS.items():
+        for name in names:
+            if name not in BIAS_LINEARS:
+                continue
+            base = fp_lw.get(f"{name}.bias")
+            bias = torch.zeros(qweights[name].shape[0]) if base is None else base.clone().to(torch.float32)
+            err = fp_lw[f"{name}.weight"].to(torch.float64) - qweights[name].dequantize().to(torch.float64)
+            if site in means:
+                bias = bias + (err @ (means[site] / n_tok)).to(torch.float32)
+            h = hessians[site].hessian.to(torch.float64)
+            unit = (((err @ h) * err).sum(1) / 2).clamp(min=0).sqrt().to(torch.float32)
+            params[name]["bias0"] = bias
+            params[name]["c"] = torch.zeros_like(bias)
+            params[name]["unit"] = unit.clamp(min=1e-12)
+    return params
+
+
+def _bias(p: dict) -> torch.Tensor | None:
+    """The bias of one linear: its start plus the learnable c in units of the linear's RMS output error."""
+    return None if "bias0" not in p else p["bias0"] + p["unit"] * p["c"]
+
+
+def _train(cfg, qweights, params, base_bias, layer, x, y, hooks, rope, t: TuneSettings, seed: int) -> None:
+    """AdamW (no weight decay) + cosine schedule on the block-output MSE; updates params in place."""
+    groups = []
+    if t.learn_scale:
+        groups.append({"params": [p[k] for p in params.values() for k in ("a", "b")], "lr": t.lr_scale})
+    if t.learn_bias:
+        groups.append({"params": [p["c"] for p in params.values() if "c" in p], "lr": t.lr_bias})
+    if not groups:
+        return
+    for g in groups:
+        for v in g["params"]:
+            v.requires_grad_(True)
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    steps = math.ceil(x.shape[0] / t.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, t.epochs * steps)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(t.epochs):
+        order = torch.randperm(x.shape[0], generator=gen)
+        for s in range(steps):
+            idx = order[s * t.batch_size:(s + 1) * t.batch_size]
+            out = run_block(cfg, _tuned_layer(qweights, params, base_bias), layer, x[idx], hooks, rope, chunk=t.batch_size)
+            loss = torch.nn.functional.mse_loss(out, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    for p in params.values():
+        for v in p.values():
+            v.requires_grad_(False)
+
+
+def _block_mse(cfg, lw, layer, x, y, hooks, rope) -> float:
+    with torch.no_grad():
+        return float(torch.nn.functional.mse_loss(run_block(cfg, lw, layer, x, hooks, rope), y))
+
+
+@torch.no_grad()
+def tune_blocks(
+    model: LoadedModel, settings: QuantSettings, calib: torch.Tensor, tune: TuneSettings | None = None,
+    workdir: str | None = None,
+) -> Artifact:
+    """Weight-only blockwise tuning: per block, GPTQ on settings.weight_grid, then with the codes fixed learn
+    the per-block d (and m) and a per-linear output bias on BIAS_LINEARS (started at the mean output error
+    GPTQ leaves) against the FP block's output (MSE), on the quantized stream. A block keeps the best of
+    GPTQ, GPTQ + mean bias and the trained parameters by its MSE on the tuning windows.
+
+    Resumable with `workdir`: each finished block is saved there and replayed on a rerun with the same settings.
+    """
+    import dataclasses as dc
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from .qmodel import linear_from_tensors
+
+    if settings.bits != "w4a16":
+        raise ValueError("blockwise weight tuning is for the weight-only profile (bits w4a16)")
+    t = tune or TuneSettings()
+    t_start = time.time()
+    torch.manual_seed(settings.seed)
+    cfg, w = model.config, {k: v.to(torch.float64) for k, v in model.weights.items()}
+    if settings.rotated:
+        cfg, w = rotate_model(cfg, w, settings.seed, r4=settings.r4)
+    w = {k: v.to(torch.float32) for k, v in w.items()}
+    hooks = RotationHooks(r3=False, r4=settings.r4) if settings.rotated else IDENTITY
+    h_fp = torch.nn.functional.embedding(calib, w["embed"])
+    h_q = h_fp.clone()
+    rope = calib_rope(cfg, w, h_fp)
+    rope_t = tuple(r[: t.ctx] for r in rope)
+    quant = dict(settings.quant_config(), tune=dc.asdict(t))
+    work = Path(workdir) if workdir else None
+    if work:
+        key = hashlib.sha256(json.dumps([model.source, dc.asdict(settings), dc.asdict(t)], sort_keys=True).encode())
+        key.update(calib.numpy().tobytes())
+        work.mkdir(parents=True, exist_ok=True)
+        state = work / "state.json"
+        if state.is_file() and json.loads(state.read_text()).get("key") != key.hexdigest():
+            raise ValueError(f"{work} holds a partial run with other settings or data; remove it or choose another --out")
+        state.write_text(json.dumps({"key": key.hexdigest()}))
+    tensors: dict[str, torch.Tensor] = {}
+    log = []
+    bar = tqdm(range(cfg.num_layers), desc=f"tune {settings.weight_grid}", unit="block")
+    for i in bar:
+        t0 = time.time()
+        fp_lw = layer_weights(w, i)
+        y = run_block(cfg, fp_lw, i, h_fp, hooks, rope)
+        done = work / f"block_{i}.safetensors" if work else None
+        if done is not None and done.is_file():
+            bt = load_file(str(done))
+            entry = json.loads((work / f"block_{i}.json").read_text())
+        else:
+            hessians = gptq_hessians(cfg, fp_lw, i, h_q, hooks, rope)
+            qweights = round_layer(fp_lw, settings, hessians)
+            base_bias = {n: fp_lw[f"{n}.bias"] for n in qweights if f"{n}.bias" in fp_lw}
+            x, yt = h_q[: t.nsamples, : t.ctx], y[: t.nsamples, : t.ctx]
+            xv, yv = h_q[t.nsamples : t.nsamples + t.nval, : t.ctx], y[t.nsamples : t.nsamples + t.nval, : t.ctx]
+            zero = {n: {"a": torch.zeros_like(qw.scale), "b": torch.zeros_like(qw.scale)} for n, qw in qweights.items()}
+            start = _init_tune_params(cfg, qweights, fp_lw, i, x, hooks, rope_t, t, hessians)
+            cands = {"gptq": zero, "gptq+mean-bias": start}
+            with torch.enable_grad():
+                trained = {n: {k: v.clone() for k, v in p.items()} for n, p in start.items()}
+                _train(cfg, qweights, trained, base_bias, i, x, yt, hooks, rope_t, t, settings.seed + i)
+            cands["trained"] = trained
+            fit = {k: _block_mse(cfg, _tuned_layer(qweights, p, base_bias), i, x, yt, hooks, rope_t) for k, p in cands.items()}
+            val = fit if xv.shape[0] == 0 else {
+                k: _block_mse(cfg, _tuned_layer(qweights, p, base_bias), i, xv, yv, hooks, rope_t) for k, p in cands.items()}
+            kept = min(val, key=val.get)
+            losses = {**{f"fit_{k}": v for k, v in fit.items()}, **{f"val_{k}": v for k, v in val.items()}}
+            bt = {}
+            for name, (qw, bias) in _frozen(qweights, cands[kept], base_bias).items():
+                bt.update(linear_tensors(f"layers.{i}.{name}", qw, bias))
+            entry = {"block": i, **{f"mse_{k}": v for k, v in losses.items()}, "kept": kept, "seconds": round(time.time() - t0, 2)}
+            if done is not None:
+                tmp = done.with_suffix(".tmp")
+                save_file({k: v.contiguous() for k, v in bt.items()}, str(tmp))
+                os.replace(tmp, done)
+                (work / f"block_{i}.json").write_text(json.dumps(entry))
+        log.append(entry)
+        tensors.update(bt)
+        lw = {}
+        for site, names in SITE_LINEARS.items():
+            for name in names:
+                p = f"layers.{i}.{name}"
+                lw[f"{name}.weight"] = linear_from_tensors(p, bt, site_width(cfg, site), settings.group_size).dequantize()
+                if f"{p}.bias" in bt:
+                    lw[f"{name}.bias"] = bt[f"{p}.bias"]
+        h_q = run_block(cfg, lw, i, h_q, hooks, rope)
+        h_fp = y
+        bar.set_postfix(block=i, kept=entry["kept"])
+    tensors.update(float_tensors(cfg, w, settings, online=False))
+    return Artifact(
+        model=cfg.to_dict(), quant=quant, tensors=tensors, source=source_info(model),
+        calibration={"seed": settings.seed, "windows": list(calib.shape), "blocks": log, "seconds": round(time.time() - t_start, 1)},
+    )

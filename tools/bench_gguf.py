@@ -165,7 +165,7 @@ class Row:
     ftype: str | None = None  # llama rows; ours: the llama.cpp file whose head types to copy
     imatrix: bool = False
     settings: QuantSettings | None = None
-    tune: dict = field(default_factory=dict)  # blockwise tuning options (pipeline.tune_settings), empty = none
+    tune: dict = field(default_factory=dict)  # blockwise tuning: {'enabled': True, **TuneSettings fields}; empty = none
 
 
 def rows() -> list[Row]:
@@ -192,11 +192,9 @@ def rows() -> list[Row]:
 def quantize_ours(model, row: Row, calib: torch.Tensor):
     """Our artifact of a row (the blockwise tuning where pipeline.py has it)."""
     if row.tune:
-        from baseq_export import pipeline
+        from baseq_export.pipeline import TuneSettings, tune_blocks
 
-        if not hasattr(pipeline, "tune_blocks"):
-            raise NotImplementedError("blockwise tuning is not in pipeline.py yet")
-        return pipeline.tune_blocks(model, row.settings, calib, **{k: v for k, v in row.tune.items() if k != "enabled"})
+        return tune_blocks(model, row.settings, calib, TuneSettings(**{k: v for k, v in row.tune.items() if k != "enabled"}))
     return quantize_model(model, row.settings, calib if row.settings.method.endswith("gptq") else None)
 
 
