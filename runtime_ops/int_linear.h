@@ -63,6 +63,9 @@ struct Out {
 using TileFn = void (*)(const Weights& w, const Rows& x, const Out& o, int64_t r0, int64_t r1, int64_t b0,
                         int64_t b1);
 
+// The activation codes of one row (quant_code.h's QuantCodesU8), compiled per instruction set.
+using CodesFn = void (*)(const float* v, int64_t n, float scale, float zero, float qmax, uint8_t* out);
+
 enum class Isa { kScalar, kAvx2, kAvxVnni, kAvx512Vnni, kNeon, kNeonDot };
 constexpr Isa kAllIsas[] = {Isa::kScalar, Isa::kAvx2, Isa::kAvxVnni, Isa::kAvx512Vnni, Isa::kNeon, Isa::kNeonDot};
 
@@ -71,6 +74,7 @@ bool IsaFromName(const char* name, Isa* isa);
 bool IsaCompiled(Isa isa);                   // this build has the kernel
 bool IsaAvailable(Isa isa);                  // compiled and this CPU (and OS) runs it
 TileFn TileKernel(Isa isa);                  // nullptr unless IsaAvailable
+CodesFn CodesKernel(Isa isa);                // nullptr unless IsaAvailable
 Isa BestIsa();                               // the fastest available one
 
 // The per-ISA entry points (int_linear_<isa>.cc); only those of this CPU family are linked in.
@@ -80,6 +84,12 @@ void TilesAvxVnni(const Weights&, const Rows&, const Out&, int64_t, int64_t, int
 void TilesAvx512Vnni(const Weights&, const Rows&, const Out&, int64_t, int64_t, int64_t, int64_t);
 void TilesNeon(const Weights&, const Rows&, const Out&, int64_t, int64_t, int64_t, int64_t);
 void TilesNeonDot(const Weights&, const Rows&, const Out&, int64_t, int64_t, int64_t, int64_t);
+void CodesScalar(const float*, int64_t, float, float, float, uint8_t*);
+void CodesAvx2(const float*, int64_t, float, float, float, uint8_t*);
+void CodesAvxVnni(const float*, int64_t, float, float, float, uint8_t*);
+void CodesAvx512Vnni(const float*, int64_t, float, float, float, uint8_t*);
+void CodesNeon(const float*, int64_t, float, float, float, uint8_t*);
+void CodesNeonDot(const float*, int64_t, float, float, float, uint8_t*);
 
 // Row r by the definition, for any zx (large, or NaN: then the row is all NaN): levels
 // L = float(q - zx) as QuantLevels stores them, P_g summed in float64 in increasing k.

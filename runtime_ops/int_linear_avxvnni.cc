@@ -3,6 +3,7 @@
 #include <immintrin.h>
 
 #include "int_linear_tile.h"
+#include "quant_code.h"
 
 namespace baseq {
 namespace intlin {
@@ -53,6 +54,10 @@ struct AvxVnniKernel {
 
 void TilesAvxVnni(const Weights& w, const Rows& x, const Out& o, int64_t r0, int64_t r1, int64_t b0, int64_t b1) {
   RunTiles<AvxVnniKernel>(w, x, o, r0, r1, b0, b1);
+}
+
+void CodesAvxVnni(const float* v, int64_t n, float scale, float zero, float qmax, uint8_t* out) {
+  QuantCodesU8(v, n, scale, zero, qmax, out);
 }
 
 }  // namespace intlin

@@ -90,6 +90,23 @@ TileFn TileKernel(Isa isa) {
   }
 }
 
+CodesFn CodesKernel(Isa isa) {
+  if (!IsaAvailable(isa)) return nullptr;
+  switch (isa) {
+    case Isa::kScalar: return CodesScalar;
+#if defined(__x86_64__)
+    case Isa::kAvx2: return CodesAvx2;
+    case Isa::kAvxVnni: return CodesAvxVnni;
+    case Isa::kAvx512Vnni: return CodesAvx512Vnni;
+#endif
+#if defined(__aarch64__)
+    case Isa::kNeon: return CodesNeon;
+    case Isa::kNeonDot: return CodesNeonDot;
+#endif
+    default: return nullptr;
+  }
+}
+
 Isa BestIsa() {
   for (Isa isa : {Isa::kAvx512Vnni, Isa::kAvxVnni, Isa::kAvx2, Isa::kNeonDot, Isa::kNeon})
     if (IsaAvailable(isa)) return isa;

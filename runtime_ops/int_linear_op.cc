@@ -40,8 +40,9 @@ void RunTiles(OrtKernelContext* ctx, intlin::TileFn tiles, const intlin::Weights
   const int64_t row_chunk = rows < kRowChunk ? rows : kRowChunk;
   const int64_t row_tasks = (rows + row_chunk - 1) / row_chunk;
   const int64_t per_block = row_chunk * intlin::kCols * std::max<int64_t>(w.k, 1);
-  const int64_t blocks_per_task = std::clamp<int64_t>((kTaskMacs + per_block - 1) / per_block, 1, std::max<int64_t>(w.blocks, 1));
+  int64_t blocks_per_task = std::clamp<int64_t>((kTaskMacs + per_block - 1) / per_block, 1, std::max<int64_t>(w.blocks, 1));
   const int64_t block_tasks = (w.blocks + blocks_per_task - 1) / blocks_per_task;
+  blocks_per_task = (w.blocks + block_tasks - 1) / block_tasks;  // even shares
   const int64_t tasks = row_tasks * block_tasks;
   struct Job {
     intlin::TileFn tiles;
@@ -80,6 +81,7 @@ class IntLinearKernel : public RowQuantizer {
                           ORT_INVALID_ARGUMENT);
     }
     tiles_ = intlin::TileKernel(isa_);
+    codes_ = intlin::CodesKernel(isa_);
     // Weights that are initializers never change: repack them once. Anything else is repacked per call.
     constant_weights_ = true;
     Ort::ConstKernelInfo ki(info);
@@ -185,10 +187,7 @@ class IntLinearKernel : public RowQuantizer {
                          [&](int64_t r, const float* buf, const RowQParams& p, float qmax) {
                            thread_local std::vector<uint8_t> codes;
                            codes.resize(static_cast<size_t>(k));
-                           for (int64_t i = 0; i < k; ++i) {
-                             const float c = Code(buf[i], p, qmax);
-                             codes[i] = std::isnan(c) ? 0 : static_cast<uint8_t>(static_cast<int>(c));
-                           }
+                           codes_(buf, k, p.scale, p.zero, qmax, codes.data());  // Code() of each value
                            intlin::PackRow(w, codes.data(), q.data() + r * stride, qsum.data() + r * w.groups);
                            zero[r] = p.zero;
                            scale[r] = p.scale;
@@ -214,6 +213,7 @@ class IntLinearKernel : public RowQuantizer {
   int64_t group_size_ = 0;
   Isa isa_ = Isa::kScalar;
   intlin::TileFn tiles_ = nullptr;
+  intlin::CodesFn codes_ = nullptr;
   bool constant_weights_ = false;
   std::mutex mu_;
   std::shared_ptr<const intlin::PackedWeights> cached_;

@@ -1,6 +1,7 @@
 // baseq.IntLinear's portable kernel (no intrinsics): the reference the other kernels are tested
 // against, and the path on CPUs without a faster one.
 #include "int_linear_tile.h"
+#include "quant_code.h"
 
 namespace baseq {
 namespace intlin {
@@ -34,6 +35,10 @@ struct ScalarKernel {
 
 void TilesScalar(const Weights& w, const Rows& x, const Out& o, int64_t r0, int64_t r1, int64_t b0, int64_t b1) {
   RunTiles<ScalarKernel>(w, x, o, r0, r1, b0, b1);
+}
+
+void CodesScalar(const float* v, int64_t n, float scale, float zero, float qmax, uint8_t* out) {
+  QuantCodesU8(v, n, scale, zero, qmax, out);
 }
 
 }  // namespace intlin

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "common.h"
+#include "quant_code.h"
 
 #include <cmath>
 #include <functional>
@@ -32,11 +33,8 @@ inline RowQParams RowQParamsOf(const float* v, int64_t n, float clip, float qmax
   return {scale, std::nearbyint(-lo / scale)};  // nearbyint: half to even in the default rounding mode
 }
 
-// clamp(round(v / scale) + zero, 0, qmax); NaN passes through, as torch.clamp.
-inline float Code(float v, const RowQParams& p, float qmax) {
-  float q = std::nearbyint(v / p.scale) + p.zero;
-  return q < 0.0f ? 0.0f : (q > qmax ? qmax : q);
-}
+// clamp(round(v / scale) + zero, 0, qmax); NaN passes through, as torch.clamp (quant_code.h).
+inline float Code(float v, const RowQParams& p, float qmax) { return QuantCode(v, p.scale, p.zero, qmax); }
 
 // The per-row quantizer of QuantDequant and QuantLevels: checks the inputs, then calls
 // emit(row, buf, params) with each row's x' = x * gain - shift and its scale and zero point.

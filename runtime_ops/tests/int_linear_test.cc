@@ -105,6 +105,36 @@ int64_t Mismatches(const std::vector<float>& a, const std::vector<float>& b) {
   return bad;
 }
 
+// The activation codes of every kernel against libm's nearbyint on awkward values: exact ties
+// (k + 0.5) * scale, NaN, +-Inf, huge and tiny values, zero points far off.
+int64_t CheckCodes(Isa isa, std::mt19937_64& rng) {
+  std::uniform_real_distribution<float> wide(-50.0f, 50.0f);
+  std::vector<float> v(1003);
+  int64_t bad = 0;
+  for (int trial = 0; trial < 20; ++trial) {
+    const float scale = trial % 4 == 3 ? 1e-8f : 0.01f + 0.1f * trial;
+    const float zero = static_cast<float>(trial * 37 % 300) - 100.0f;
+    const float qmax = trial % 2 ? 255.0f : 15.0f;
+    for (size_t i = 0; i < v.size(); ++i) {
+      switch (i % 7) {
+        case 0: v[i] = (std::floor(wide(rng)) + 0.5f) * scale; break;  // ties
+        case 1: v[i] = i % 3 ? NAN : (i % 2 ? INFINITY : -INFINITY); break;
+        case 2: v[i] = wide(rng) * 1e30f; break;
+        default: v[i] = wide(rng) * scale * 3.0f;
+      }
+    }
+    std::vector<uint8_t> got(v.size(), 0xEE);
+    CodesKernel(isa)(v.data(), static_cast<int64_t>(v.size()), scale, zero, qmax, got.data());
+    for (size_t i = 0; i < v.size(); ++i) {
+      float q = std::nearbyint(v[i] / scale) + zero;
+      q = q < 0.0f ? 0.0f : (q > qmax ? qmax : q);
+      const uint8_t want = std::isnan(q) ? 0 : static_cast<uint8_t>(q);
+      bad += got[i] != want;
+    }
+  }
+  return bad;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -153,6 +183,9 @@ int main(int argc, char** argv) {
         bad += ms;
       }
     }
+    const int64_t bad_codes = CheckCodes(isa, rng);
+    if (bad_codes) std::printf("FAIL %-10s activation codes: %" PRId64 " differ from nearbyint\n", IsaName(isa), bad_codes);
+    bad += bad_codes;
     std::printf("%s %-10s  %" PRId64 " outputs checked against the definition\n", bad ? "FAIL" : "ok  ", IsaName(isa), checked);
     failures += bad != 0;
   }
