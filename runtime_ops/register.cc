@@ -26,6 +26,10 @@
 //       the 4-bit KV quantizer, stored packed: hd/2 bytes of codes, then float32 scale and zero.
 //   KVUnpack(P[B, H, S, hd/2 + 8]) -> float [B, H, S, hd]             attribute head_dim
 //       (code - zero) * scale: bit for bit the values QuantDequant gives.
+//   IntLinear(X[..., K], clip[1], shift[K]?, gain[K]?, B uint8 [N, ceil(K/2)], zeros uint8 [N, G],
+//             W_scales [N, G], bias[N]?) -> Y[..., N]      attributes bits (1..8), group_size (0 = K)
+//       QuantLevels' quantizer fused with the exact integer matmul on 4-bit weights and ScaleSums'
+//       epilogue (G = 1: bit for bit that chain); int_linear.h states the arithmetic.
 //
 // Bad shapes or attributes return an onnxruntime error; nothing here aborts the process.
 // Build flags keep float semantics exact: -ffp-contract=off, no -ffast-math.
