@@ -326,6 +326,50 @@ def test_q4_gguf_matches_the_reference_forward(tmp_path, tokenizer, arch, weight
     assert diff.median() <= 1e-6 * scale and diff.max() <= 5e-3 * scale
 
 
+def test_scaled_rope_is_written_as_rope_freqs(tmp_path, tokenizer):
+    """A Llama 3 RoPE (frequencies divided per dimension) reaches llama.cpp as its rope_freqs factors: logits
+    match transformers past the original context of 32 as closely as unscaled RoPE does."""
+    hf = tiny_hf_model("llama", dtype=torch.float32, **DIMS, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32})
+    model = from_hf_model(hf, tokenizer)
+    out = G.write_model(model, tmp_path / "r.gguf", weights="f32", head="f32")
+    assert "rope_freqs.weight" in read_tensors(out)
+    ids = torch.randint(0, DIMS["vocab_size"], (1, 80), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = hf(ids).logits
+    got = G.open(out, kv_cache="f32", n_threads=2).logits(ids)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_biases_on_every_projection_are_loaded(tmp_path, tokenizer, arch, monkeypatch):
+    """Bias terms on o/gate/up/down (e.g. folded bias corrections) next to Qwen2's q/k/v ones: llama.cpp's llama
+    graph loads them all (its qwen2 graph only q/k/v), so such a Qwen2 model is written as llama; llama.cpp's
+    logits then follow the reference forward as in test_q4_gguf_matches_the_reference_forward."""
+    import baseq_export.models.base as base
+
+    _, model = tiny(arch, tokenizer)
+    art = quantize_model(model, profile_settings("gguf", method="rtn"))
+    gen = torch.Generator().manual_seed(6)
+    for i in range(model.config.num_layers):
+        for lin, n in (("o", model.config.hidden_size), ("down", model.config.hidden_size),
+                       ("gate", model.config.intermediate_size), ("up", model.config.intermediate_size)):
+            art.tensors[f"layers.{i}.{lin}.bias"] = 0.3 * torch.randn(n, generator=gen)
+    path = save(tmp_path, art, tokenizer)
+    out = quiet_write(path, tmp_path / "b.gguf", head="f32")
+    r = gguf.GGUFReader(str(out))
+    assert r.get_field("general.architecture").contents() == "llama"
+    assert {t.name for t in r.tensors} >= {f"blk.1.{g}.bias" for g in ("attn_output", "ffn_down", "ffn_gate", "ffn_up")}
+    ids = torch.randint(0, DIMS["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(2))
+    got = G.open(out, kv_cache="f32", n_threads=2).logits(ids)
+    ref = reference_model(load_artifact(path), exact=False)
+    scale = ref.logits(ids).abs().max()
+    monkeypatch.setattr(base, "linear", llama_cpp_linear)
+    diff = (got - forward(ref.config, with_q4_grids(ref.weights, art, ref.config), ids)).abs()
+    assert diff.median() <= 1e-6 * scale and diff.max() <= 5e-3 * scale
+
+
 @pytest.mark.parametrize("kv_cache", ["f16", "q8_0", "q4_0"])
 def test_kv_cache_types_and_llama_cpps_own_rotation(tmp_path, tokenizer, kv_cache):
     """llama.cpp's KV cache types against the float32 cache. With a quantized cache llama.cpp rotates K/V by a

@@ -276,17 +276,18 @@ def _add_vector(plan: Plan, name: str, v: torch.Tensor | None, n: int, perm: np.
     plan.add(name, QT.F32, (n,), make)
 
 
-def gguf_arch(art: Artifact) -> str:
-    """llama.cpp architecture: qwen2 for Qwen2 models whose biases its qwen2 graph loads (q/k/v), else llama.
+def gguf_arch(art: Artifact, rope_freqs: bool = False) -> str:
+    """llama.cpp architecture: qwen2 for Qwen2 models that its qwen2 graph can hold, else llama.
 
-    llama.cpp's llama graph loads optional biases on every projection, so a Qwen2 model with more
-    biases (e.g. folded bias corrections on o/down) is written as llama, q/k rows permuted.
+    llama.cpp's llama graph loads optional biases on every projection and a rope_freqs tensor; its
+    qwen2 graph only q/k/v biases, no rope_freqs, and attn_output as [n_embd, n_embd]. A Qwen2
+    model beyond that (e.g. folded bias corrections on o/down) is written as llama, q/k rows permuted.
     """
     cfg = ModelConfig.from_dict(art.model)
     arch = ARCHS[cfg.arch]
     if arch == "qwen2":
         biases = {n.split(".")[2] for n in art.tensors if n.startswith("layers.") and n.endswith(".bias")}
-        if biases - set(QWEN2_BIASES) or cfg.num_heads * cfg.head_dim != cfg.hidden_size:
+        if biases - set(QWEN2_BIASES) or rope_freqs or cfg.num_heads * cfg.head_dim != cfg.hidden_size:
             arch = "llama"
     return arch
 
@@ -296,7 +297,7 @@ def plan_tensors(art: Artifact, weights: str = "auto", head: str = "auto", embed
     """Every tensor of the GGUF in file order with its type; data is made only when the writer asks."""
     cfg = ModelConfig.from_dict(art.model)
     t = art.tensors
-    plan = Plan(gguf_arch(art), weight_type_of(art, weights))
+    plan = Plan(gguf_arch(art, rope_freqs is not None), weight_type_of(art, weights))
     permute = plan.arch == "llama"  # llama.cpp's "normal" RoPE; qwen2 uses the NeoX (half-split) one
     perms = {"q": rope_permutation(cfg.num_heads, cfg.head_dim) if permute else None,
              "k": rope_permutation(cfg.num_kv_heads, cfg.head_dim) if permute else None}
