@@ -219,8 +219,10 @@ def float_tensors(cfg: ModelConfig, w: dict[str, torch.Tensor], s: QuantSettings
 # ---------------------------------------------------------------------------------------------
 # Blockwise tuning of a weight-only model (BASE-Q's blockwise idea for what llama.cpp can hold)
 
-BIAS_LINEARS = ("q", "k", "v", "o", "down")
-"""Linears whose bias llama.cpp's llama graph loads (attn_q/k/v/output, ffn_down); gate/up get none."""
+BIAS_LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
+"""Linears that get a learned output bias: all seven, since llama.cpp's llama graph loads an optional bias on
+each (attn_q/k/v/output, ffn_gate/up/down; checked with the llama-cpp-python 0.3.36 build: a GGUF with
+ffn_gate/ffn_up biases loads and its logits follow them)."""
 
 
 @dataclass(frozen=True)

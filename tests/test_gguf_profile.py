@@ -126,7 +126,7 @@ def tuned(tiny, tmp_path_factory):
     return s, t, work, tune_blocks(tiny, s, calib(), t, workdir=str(work))
 
 
-def test_tuned_artifact_is_on_the_grid_with_llama_cpp_biases(tiny, tuned):
+def test_tuned_artifact_is_on_the_grid_with_biases(tiny, tuned):
     from baseq_export.pipeline import BIAS_LINEARS
     from baseq_export.qmodel import linear_from_tensors
 
@@ -136,7 +136,7 @@ def test_tuned_artifact_is_on_the_grid_with_llama_cpp_biases(tiny, tuned):
     for i in range(tiny.config.num_layers):
         for name in LINEARS:
             p = f"layers.{i}.{name}"
-            assert (f"{p}.bias" in tens) == (name in BIAS_LINEARS)  # llama.cpp loads no gate/up bias
+            assert (f"{p}.bias" in tens) == (name in BIAS_LINEARS)
             k = tiny.config.intermediate_size if name == "down" else tiny.config.hidden_size
             linear_from_tensors(p, tens, k, 32, "q4_1").validate()  # fp16 d and m, codes in range
     # block 0 sees the same input as plain GPTQ, so its codes are GPTQ's: only d, m and biases were tuned
