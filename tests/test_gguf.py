@@ -434,6 +434,57 @@ def test_metadata_and_tokenizer_are_carried_over(tmp_path, tokenizer):
     assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def spm_tokenizer():
+    """A SentencePiece-style BPE tokenizer (Llama 2 / Mistral: "▁" for spaces, byte fallback), trained on prose."""
+    import pydoc_data.topics
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(list(pydoc_data.topics.topics.values())[:40],
+                            trainers.BpeTrainer(vocab_size=500, special_tokens=specials, limit_alphabet=60))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_sentencepiece_style_tokenizer_tokenizes_as_in_transformers(tmp_path):
+    """llama.cpp's SentencePiece tokenizer merges the pair whose token scores highest; scores from the BPE merge
+    ranks make it split text exactly as the Hugging Face tokenizer (gguf-py's LlamaHfVocab placeholder scores,
+    all -1000, do not: 130 of 226 ids differ on this text)."""
+    import llama_cpp
+    import pydoc_data.topics
+
+    tok = spm_tokenizer()
+    model = from_hf_model(tiny_hf_model("llama", dtype=torch.float32, hidden_size=64, intermediate_size=128,
+                                        vocab_size=512), tok)
+    out = G.write_model(model, tmp_path / "s.gguf")
+    r = gguf.GGUFReader(str(out))
+    assert r.get_field("tokenizer.ggml.model").contents() == "llama"
+    types = r.get_field("tokenizer.ggml.token_type").contents()
+    assert types[tok.convert_tokens_to_ids("<0x41>")] == gguf.TokenType.BYTE
+    assert types[tok.bos_token_id] == gguf.TokenType.CONTROL
+    text = list(pydoc_data.topics.topics.values())[50][:2000]
+    llm = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_tokenizers_llama_cpp_cannot_read_are_refused(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    word = Tokenizer(models.WordLevel({"[UNK]": 0, "the": 1, "a": 2}, unk_token="[UNK]"))
+    word.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=word, unk_token="[UNK]")
+    model = from_hf_model(tiny_hf_model("llama", dtype=torch.float32, hidden_size=64, intermediate_size=128,
+                                        vocab_size=8), tok)
+    with pytest.raises(G.GGUFExportError, match="WordLevel"):
+        G.write_model(model, tmp_path / "w.gguf")
+    assert not list(tmp_path.iterdir())
+
+
 # ---------------------------------------------------------------------------------------------
 # (d) refusals, (e) overwrite rules, (f) damaged files
 
@@ -505,3 +556,30 @@ def test_damaged_files_give_a_clear_error_at_open(tmp_path, tokenizer):
     with pytest.raises(GGUFFileError, match="does not exist"):
         G.open(tmp_path / "missing.gguf")
     assert not G.is_export(tmp_path / "cut.gguf") and G.is_export(good)
+
+
+def test_target_interface_options(tmp_path, tokenizer):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    G.add_arguments(p)
+    args = p.parse_args(["--gguf-weights", "q4_0", "--gguf-head", "q6_k", "--gguf-kv-cache", "q4_0", "--gguf-ctx", "64"])
+    assert G.options(args) == {"weights": "q4_0", "head": "q6_k", "embed": None, "kv_cache": "q4_0",
+                               "context_length": 64}
+    sub = argparse.ArgumentParser()
+    G.add_arguments(sub, sub=True)
+    assert vars(sub.parse_args([])) == {}  # a subcommand does not mask the main parser's values
+    assert G.options(argparse.Namespace())["weights"] == "auto" and G.default_out("m") == "m.gguf"
+    assert G.main_job_settings(argparse.Namespace(method="baseq", bits="w4a4kv4", group_size=None)) == {
+        "method": "quarot-gptq", "bits": "w4a16", "group_size": 32}
+    _, model = tiny("llama", tokenizer)
+    asym = save(tmp_path, quantize_model(model, QuantSettings(method="rtn", bits="w4a16", group_size=32)), tokenizer)
+    with pytest.raises(G.GGUFExportError, match="write it as q4_1"):
+        quiet_write(asym, tmp_path / "a.gguf", **G.options(args))
+    art = quantize_model(model, QuantSettings(method="rtn", bits="w4a16", group_size=32, symmetric=True))
+    out = quiet_write(save(tmp_path, art, tokenizer, "s.baseq"), tmp_path / "s.gguf", **G.options(args))
+    assert f"GGUF export: {out} (MOSTLY_Q4_0," in G.describe(out)
+    r = gguf.GGUFReader(str(out))
+    assert r.get_field("llama.context_length").contents() == 64
+    types = {t.name: t.tensor_type for t in r.tensors}
+    assert types["token_embd.weight"] == gguf.GGMLQuantizationType.Q6_K and "output.weight" not in types  # tied

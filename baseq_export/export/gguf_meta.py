@@ -46,15 +46,21 @@ def source_config(art: Artifact) -> dict:
 
 
 def rope_base(art: Artifact) -> float:
-    """RoPE base: the source model's, else fitted to the artifact's inv_freq (inv_freq[i] = base**(-2i/d))."""
+    """RoPE base: the source model's, else the shortest decimal base whose plain frequencies base**(-2i/d) give the
+    artifact's highest quarter of inv_freq (left unscaled by Llama 3 / YaRN-style scaling) to 1e-6."""
     theta = source_config(art).get("rope_theta")
     if theta:
         return float(theta)
     cfg = ModelConfig.from_dict(art.model)
     inv = art.tensors["rope.inv_freq"].to(torch.float64).numpy()
-    i = np.arange(1, inv.size)
-    base = float(np.exp(np.mean(-np.log(inv[1:]) * cfg.head_dim / (2 * i))))
-    return float(f"{base:.6g}")
+    i = np.arange(1, max(2, inv.size // 4))
+    exponent = -2 * i / cfg.head_dim
+    fitted = float(np.exp(np.mean(np.log(inv[i]) / exponent)))
+    for digits in range(1, 8):
+        base = float(f"{fitted:.{digits}g}")
+        if np.abs(base**exponent / inv[i] - 1).max() < 1e-6:
+            return base
+    return fitted
 
 
 def rope_factors(art: Artifact) -> np.ndarray | None:
@@ -104,6 +110,19 @@ def add_hparams(w: "gguf.GGUFWriter", art: Artifact, plan: Plan, n_ctx: int) -> 
     w.add_string(QUANT_KEY, json.dumps(art.quant or {}, sort_keys=True))
 
 
+def merge_scores(model: dict, vocab_size: int) -> list[float]:
+    """Token scores for llama.cpp's SentencePiece-style tokenizer from BPE merge ranks: it merges the adjacent pair
+    whose joined token scores highest, so the token made by merge r scores -r (BPE's order); others score 0."""
+    scores = [0.0] * vocab_size
+    vocab = model.get("vocab", {})
+    for rank, merge in enumerate(model.get("merges") or []):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        idx = vocab.get(left + right)
+        if idx is not None and idx < vocab_size and scores[idx] == 0.0:
+            scores[idx] = -float(rank + 1)
+    return scores
+
+
 def token_table(tok_dir: Path, vocab_size: int) -> tuple[str, list[str], list[int], list[float] | None]:
     """(tokenizer model, tokens, token types, scores or None) for llama.cpp from a tokenizer.json.
 
@@ -126,11 +145,10 @@ def token_table(tok_dir: Path, vocab_size: int) -> tuple[str, list[str], list[in
         entries += [(a["id"], a["content"], gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED)
                     for a in tj.get("added_tokens") or []]
     elif model.get("type") == "BPE" and model.get("byte_fallback"):
-        kind, scores = "llama", [-1000.0] * vocab_size
+        kind = "llama"
         vocab = list(gguf.vocab.LlamaHfVocab(tok_dir).all_tokens())
         entries = [(i, text.decode("utf-8", errors="replace"), typ) for i, (text, _, typ) in enumerate(vocab)]
-        for i, (_, score, _) in enumerate(vocab[:vocab_size]):
-            scores[i] = float(score)
+        scores = merge_scores(model, vocab_size)
     else:
         raise GGUFExportError(f"tokenizer model {model.get('type')!r} (decoder {decoder!r}) has no llama.cpp form here: "
                               "GGUF export takes GPT-2-style byte-level BPE and SentencePiece-style BPE tokenizers")
