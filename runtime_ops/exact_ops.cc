@@ -2,6 +2,7 @@
 // (baseq_export.models.base.forward(exact=True)) rounds: ScaleSums, RmsNorm, SwiGLU, MaskedSoftmax.
 #include "common.h"
 #include "ops.h"
+#include "softmax_row.h"
 
 #include <cmath>
 
@@ -97,8 +98,6 @@ struct SwiGLU {
   }
 };
 
-constexpr double kMaskedBelow = -1e8;
-
 struct MaskedSoftmax {
   MaskedSoftmax(const OrtApi*, const OrtKernelInfo*) {}
 
@@ -113,18 +112,7 @@ struct MaskedSoftmax {
       for (int64_t r = first; r < end; ++r) {
         const double* src = in + r * n;
         double* dst = o + r * n;
-        double mx = -INFINITY;
-        bool any = false;
-        for (int64_t i = 0; i < n; ++i) {
-          any |= src[i] >= kMaskedBelow;
-          mx = src[i] > mx || std::isnan(src[i]) ? src[i] : mx;
-        }
-        double sum = 0.0;
-        for (int64_t i = 0; i < n; ++i) {
-          dst[i] = (any && src[i] < kMaskedBelow) ? 0.0 : std::exp(src[i] - mx);
-          sum += dst[i];
-        }
-        for (int64_t i = 0; i < n; ++i) dst[i] /= sum;
+        MaskedSoftmaxRow(src, dst, n);
       }
     });
     return Ort::Status{nullptr};

@@ -1,17 +1,9 @@
 // baseq.KVQuantPack and baseq.KVUnpack: the packed 4-bit KV cache rows.
 #include "ops.h"
-#include "quantizers.h"
-
-#include <cstring>
+#include "kv_rows.h"
 
 namespace baseq {
 namespace {
-
-// A cache row (one token of one head) of head_dim values as stored by KVQuantPack:
-// head_dim / 2 bytes of 4-bit codes (low nibble = even element), then the float32 scale and
-// the float32 zero point (raw bytes). KVUnpack returns (code - zero) * scale: the same floats
-// as QuantDequant, so a packed cache changes memory, never results.
-constexpr int64_t kRowTail = 2 * sizeof(float);
 
 struct KVQuantPack {
   KVQuantPack(const OrtApi* api, const OrtKernelInfo* info) {
@@ -28,26 +20,17 @@ struct KVQuantPack {
     if (clips != 1 && clips != heads)
       return Error("baseq.KVQuantPack: clip must hold 1 value or one per head (" + std::to_string(heads) + "), got " +
                    std::to_string(clips));
-    const int64_t width = hd / 2 + kRowTail;
+    const int64_t width = PackedRowWidth(hd);
     uint8_t* out = y.Allocate({shape[0], heads, seq, width});
     const int64_t rows = x.NumberOfElement() / hd;
     if (rows == 0) return Ort::Status{nullptr};
     const float* in = x.Data();
     const float* cl = clip.Data();
-    const float qmax = 15.0f;
     ForRows(ctx, rows, hd, [&](int64_t first, int64_t end) {
       for (int64_t r = first; r < end; ++r) {
         const float* src = in + r * hd;
         const float c = clips == 1 ? cl[0] : cl[(r / std::max<int64_t>(seq, 1)) % heads];
-        const RowQParams p = RowQParamsOf(src, hd, c, qmax);
-        uint8_t* dst = out + r * width;
-        for (int64_t i = 0; i < hd; i += 2) {
-          float lo = Code(src[i], p, qmax), hi = Code(src[i + 1], p, qmax);
-          auto nib = [](float q) { return static_cast<uint8_t>(std::isnan(q) ? 0 : static_cast<int>(q)); };
-          dst[i / 2] = static_cast<uint8_t>(nib(lo) | (nib(hi) << 4));  // a NaN row keeps a NaN scale
-        }
-        std::memcpy(dst + hd / 2, &p.scale, sizeof(float));
-        std::memcpy(dst + hd / 2 + sizeof(float), &p.zero, sizeof(float));
+        PackKvRow(src, hd, c, out + r * width);
       }
     });
     return Ort::Status{nullptr};
@@ -64,7 +47,7 @@ struct KVUnpack {
 
   Ort::Status Compute(OrtKernelContext* ctx, const Tensor<uint8_t>& packed, Tensor<float>& y) {
     const auto& shape = packed.Shape();
-    const int64_t width = head_dim / 2 + kRowTail;
+    const int64_t width = PackedRowWidth(head_dim);
     if (shape.size() != 4 || shape[3] != width)
       return Error("baseq.KVUnpack: packed cache must be [batch, heads, seq, " + std::to_string(width) +
                    "] for head_dim " + std::to_string(head_dim) + ", got " + ShapeStr(shape));
@@ -75,15 +58,7 @@ struct KVUnpack {
     const int64_t hd = head_dim;
     ForRows(ctx, rows, hd, [&](int64_t first, int64_t end) {
       for (int64_t r = first; r < end; ++r) {
-        const uint8_t* src = in + r * width;
-        float scale, zero;
-        std::memcpy(&scale, src + hd / 2, sizeof(float));
-        std::memcpy(&zero, src + hd / 2 + sizeof(float), sizeof(float));
-        float* dst = out + r * hd;
-        for (int64_t i = 0; i < hd; i += 2) {
-          dst[i] = (static_cast<float>(src[i / 2] & 15) - zero) * scale;
-          dst[i + 1] = (static_cast<float>(src[i / 2] >> 4) - zero) * scale;
-        }
+        UnpackKvRow(in + r * width, hd, out + r * hd);
       }
     });
     return Ort::Status{nullptr};

@@ -16,5 +16,7 @@ const OrtCustomOp* MaskedSoftmaxOp();  // exact_ops.cc
 const OrtCustomOp* KVQuantPackOp();    // kv_cache.cc
 const OrtCustomOp* KVUnpackOp();       // kv_cache.cc
 const OrtCustomOp* IntLinearOp();      // int_linear_op.cc
+const OrtCustomOp* AttentionOp();      // attention.cc
+const OrtCustomOp* AttentionKV4Op();   // attention.cc
 
 }  // namespace baseq

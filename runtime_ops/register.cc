@@ -30,6 +30,11 @@
 //             W_scales [N, G], bias[N]?) -> Y[..., N]      attributes bits (1..8), group_size (0 = K)
 //       QuantLevels' quantizer fused with the exact integer matmul on 4-bit weights and ScaleSums'
 //       epilogue (G = 1: bit for bit that chain); int_linear.h states the arithmetic.
+//   Attention(Q[B, H, T, hd], K, V [B, kvH, T, hd], past_K, past_V [B, kvH, P, hd], attention_mask int64
+//             [B, P + T]) -> out [B, T, H * hd], present_K, present_V [B, kvH, P + T, hd]   attribute window
+//   AttentionKV4(..., past_K/past_V uint8 packed rows, attention_mask, k_clip, v_clip) -> out, present
+//       packed: grouped-query attention with the cache append, float64 inside, rounded once
+//       (models.base.attend(exact=True)); attention.cc states the arithmetic.
 //
 // Bad shapes or attributes return an onnxruntime error; nothing here aborts the process.
 // Build flags keep float semantics exact: -ffp-contract=off, no -ffast-math.
@@ -59,7 +64,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
       for (const OrtCustomOp* op : {baseq::HadamardOp(), baseq::QuantDequantOp(), baseq::QuantLevelsOp(),
                                     baseq::ScaleSumsOp(), baseq::RmsNormOp(), baseq::SwiGLUOp(),
                                     baseq::MaskedSoftmaxOp(), baseq::KVQuantPackOp(), baseq::KVUnpackOp(),
-                                    baseq::IntLinearOp()})
+                                    baseq::IntLinearOp(), baseq::AttentionOp(), baseq::AttentionKV4Op()})
         g_domain->Add(op);
     });
     Ort::UnownedSessionOptions(options).Add(*g_domain);

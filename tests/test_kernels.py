@@ -321,3 +321,167 @@ def test_aarch64_cross_build_and_kernel_test_under_qemu(tmp_path):
                          capture_output=True, text=True)
     assert a53.returncode == 0, a53.stdout + a53.stderr
     assert "skip neondot" in a53.stdout and "ok   neon " in a53.stdout and "best kernel here: neon\n" in a53.stdout
+
+
+# ------------------------------------------------------------------------------ baseq.Attention
+
+def attention_chain(cfg, packed: bool):
+    """The exporter's attention as it stands: mask from positions and attention_mask, Concat of past and new
+    rows (KVQuantPack first and KVUnpack after for the packed cache), float64 attention with MaskedSoftmax,
+    rounded once, transposed to [B, T, H * hd]."""
+    from baseq_export.export.onnx_graph import to_double
+    from baseq_export.export.onnx_model import emit_attention, emit_positions_and_mask
+
+    g = Graph()
+    _, mask = emit_positions_and_mask(g, cfg, "ids", "past_k", "attention_mask")
+    k, v = "k", "v"
+    if packed:
+        k = g.op("KVQuantPack", [k, "k_clip"], domain=OPS_DOMAIN, bits=4)
+        v = g.op("KVQuantPack", [v, "v_clip"], domain=OPS_DOMAIN, bits=4)
+    pk, pv = g.op("Concat", ["past_k", k], axis=2), g.op("Concat", ["past_v", v], axis=2)
+    k_all, v_all = pk, pv
+    if packed:
+        k_all = g.op("KVUnpack", [pk], domain=OPS_DOMAIN, head_dim=cfg.head_dim)
+        v_all = g.op("KVUnpack", [pv], domain=OPS_DOMAIN, head_dim=cfg.head_dim)
+    groups = cfg.num_heads // cfg.num_kv_heads
+    a = emit_attention(g, to_double(g, "q"), to_double(g, k_all), to_double(g, v_all), mask, cfg, groups, True)
+    a = g.op("Reshape", [g.op("Transpose", [a], perm=[0, 2, 1, 3]), g.const([0, 0, cfg.num_heads * cfg.head_dim], np.int64)])
+    for src, dst in ((a, "y"), (pk, "present_k"), (pv, "present_v")):
+        g.nodes.append(helper.make_node("Identity", [src], [dst]))
+    return g
+
+
+def attention_session(g, packed: bool):
+    kv = TensorProto.UINT8 if packed else F32
+    inputs = [("q", F32), ("k", F32), ("v", F32), ("past_k", kv), ("past_v", kv), ("attention_mask", TensorProto.INT64),
+              ("ids", TensorProto.INT64)] + ([("k_clip", F32), ("v_clip", F32)] if packed else [])
+    graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info(n, t, None) for n, t in inputs],
+                              [helper.make_tensor_value_info("y", F32, None), helper.make_tensor_value_info("present_k", kv, None),
+                               helper.make_tensor_value_info("present_v", kv, None)], g.inits)
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid(MS_DOMAIN, 1), helper.make_opsetid(OPS_DOMAIN, 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 9
+    sess = ort.InferenceSession(model.SerializeToString(), runtime_ops.session_options(2), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    return lambda feeds: sess.run(None, {k: v for k, v in feeds.items() if k in names})
+
+
+def attention_op(packed: bool, window: int = 0):
+    g = Graph()
+    ins = ["q", "k", "v", "past_k", "past_v", "attention_mask"] + (["k_clip", "v_clip"] if packed else [])
+    g.nodes.append(helper.make_node("AttentionKV4" if packed else "Attention", ins, ["y", "present_k", "present_v"],
+                                    domain=OPS_DOMAIN, window=window))
+    return attention_session(g, packed)
+
+
+def attention_feeds(b, h, kvh, t, past, hd, packed, seed=0, pad=0):
+    rng = np.random.default_rng(seed)
+    f = {"q": rng.standard_normal((b, h, t, hd)).astype(np.float32) * 2,
+         "k": rng.standard_normal((b, kvh, t, hd)).astype(np.float32),
+         "v": rng.standard_normal((b, kvh, t, hd)).astype(np.float32),
+         "attention_mask": np.ones((b, past + t), np.int64), "ids": np.zeros((b, t), np.int64)}
+    if pad:  # left padding in the last batch row: its first `pad` positions are hidden, those queries see nothing
+        f["attention_mask"][-1, :pad] = 0
+    if packed:
+        row = hd // 2 + 8
+        cache = []
+        for _ in range(2):
+            p = np.empty((b, kvh, past, row), np.uint8)
+            p[..., : hd // 2] = rng.integers(0, 256, (b, kvh, past, hd // 2))
+            p[..., hd // 2:hd // 2 + 4] = (rng.random((b, kvh, past, 1)) * 0.3 + 0.01).astype(np.float32).view(np.uint8)
+            p[..., hd // 2 + 4:] = rng.integers(0, 16, (b, kvh, past, 1)).astype(np.float32).view(np.uint8)
+            cache.append(p)
+        f["past_k"], f["past_v"] = cache
+        f["k_clip"] = np.linspace(0.8, 1.0, kvh).astype(np.float32)
+        f["v_clip"] = np.array([0.9], np.float32)
+    else:
+        f["past_k"] = rng.standard_normal((b, kvh, past, hd)).astype(np.float32)
+        f["past_v"] = rng.standard_normal((b, kvh, past, hd)).astype(np.float32)
+    return f
+
+
+ATTN_CASES = [  # batch, heads, kv heads, new tokens, past, head_dim, left padding
+    (1, 9, 3, 1, 37, 64, 0),     # decode, grouped heads (the default model's layout)
+    (2, 4, 2, 13, 0, 32, 3),     # prefill from an empty cache, a padded batch row (queries with no visible key)
+    (2, 6, 2, 5, 7, 16, 2),      # a chunk after a past, padding inside the past
+    (1, 2, 2, 40, 3, 8, 0),      # more queries than one parallel chunk, no grouping
+]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["float-cache", "packed-cache"])
+@pytest.mark.parametrize("case", ATTN_CASES)
+def test_attention_op_equals_the_op_chain(case, packed):
+    from types import SimpleNamespace
+
+    b, h, kvh, t, past, hd, pad = case
+    cfg = SimpleNamespace(num_heads=h, num_kv_heads=kvh, head_dim=hd, sliding_window=None)
+    feeds = attention_feeds(b, h, kvh, t, past, hd, packed, seed=t + past, pad=pad)
+    got = attention_op(packed)(feeds)
+    ref = attention_session(attention_chain(cfg, packed), packed)(feeds)
+    assert got[0].shape == (b, t, h * hd) and got[0].dtype == np.float32
+    for g_, r_ in zip(got, ref):
+        assert g_.shape == r_.shape and g_.dtype == r_.dtype
+        np.testing.assert_array_equal(g_, r_)
+
+
+def test_attention_sliding_window_equals_the_op_chain():
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(num_heads=4, num_kv_heads=2, head_dim=16, sliding_window=5)
+    feeds = attention_feeds(2, 4, 2, 9, 6, 16, False, seed=4, pad=2)
+    got = attention_op(False, window=5)(feeds)
+    ref = attention_session(attention_chain(cfg, False), False)(feeds)
+    for g_, r_ in zip(got, ref):
+        np.testing.assert_array_equal(g_, r_)
+
+
+def test_attention_equals_the_torch_exact_reference():
+    """models.base.attend(exact=True) on the concatenated cache with K/V heads repeated per group."""
+    import torch
+
+    from baseq_export.models.base import attend
+
+    b, h, kvh, t, past, hd = 2, 6, 2, 4, 9, 32
+    feeds = attention_feeds(b, h, kvh, t, past, hd, False, seed=11, pad=3)
+    out, pk, pv = attention_op(False)(feeds)
+    k_all = np.concatenate([feeds["past_k"], feeds["k"]], axis=2)
+    v_all = np.concatenate([feeds["past_v"], feeds["v"]], axis=2)
+    np.testing.assert_array_equal(pk, k_all)
+    np.testing.assert_array_equal(pv, v_all)
+    s = past + t
+    allowed = (np.arange(s)[None, :] <= (past + np.arange(t))[:, None])[None, None] & (feeds["attention_mask"][:, None, None, :] != 0)
+    mask = torch.from_numpy(np.where(allowed, 0.0, -1e9))
+    rep = lambda x: torch.from_numpy(np.repeat(x, h // kvh, axis=1))  # noqa: E731
+    ref = attend(torch.from_numpy(feeds["q"]), rep(k_all), rep(v_all), mask, exact=True)
+    ref = ref.transpose(1, 2).reshape(b, t, h * hd).numpy()
+    np.testing.assert_array_max_ulp(out, ref, maxulp=1)  # torch sums in its own float64 order: a rare last-bit tie
+    assert (out != ref).mean() < 1e-3
+
+
+def test_attention_rejects_bad_inputs():
+    for packed in (False, True):
+        run = attention_op(packed)
+        feeds = attention_feeds(1, 4, 2, 3, 5, 16, packed)
+        name = "AttentionKV4" if packed else "Attention"
+        bad = {**feeds, "attention_mask": np.ones((1, 7), np.int64)}
+        assert f"baseq.{name}: attention_mask must be [batch, past + seq] = [1, 8], got [1, 7]" in run_error_fn(lambda: run(bad))
+        bad = {**feeds, "k": np.ones((1, 3, 3, 16), np.float32), "v": np.ones((1, 3, 3, 16), np.float32)}
+        assert "heads a multiple of kv_heads" in run_error_fn(lambda: run(bad))
+        bad = {**feeds, "q": np.ones((1, 4, 16), np.float32)}
+        assert "Q must be [batch, heads, seq, head_dim]" in run_error_fn(lambda: run(bad))
+        bad = {**feeds, "past_v": feeds["past_v"][:, :, :4].copy()}
+        assert "past_V must have past_K's shape" in run_error_fn(lambda: run(bad))
+        if packed:
+            bad = {**feeds, "past_k": np.zeros((1, 2, 5, 12), np.uint8), "past_v": np.zeros((1, 2, 5, 12), np.uint8)}
+            assert "past_K must be [1, 2, past, 16] (packed rows" in run_error_fn(lambda: run(bad))
+            bad = {**feeds, "k_clip": np.ones(3, np.float32)}
+            assert "k_clip and v_clip must hold 1 value or one per KV head (2)" in run_error_fn(lambda: run(bad))
+        assert run(feeds)[0].shape == (1, 3, 64)  # the session lives on
+    with pytest.raises(Exception, match="window must be >= 0"):
+        attention_op(False, window=-1)
+
+
+def run_error_fn(fn) -> str:
+    with pytest.raises(Exception) as info:
+        fn()
+    return str(info.value)
