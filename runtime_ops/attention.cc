@@ -19,10 +19,12 @@
 //   s_j = (sum_d double(q_d) * double(k_jd)) * (1 / sqrt(hd)) + (visible ? 0 : -1e9)
 //   p = MaskedSoftmaxRow(s) (float64, softmax_row.h);  out_d = float(sum_j p_j * double(v_jd))
 // The dot products sum four interleaved partial sums (d mod 4), then ((s0 + s1) + (s2 + s3));
-// out_d sums over keys in increasing j. Rows with at least one visible key skip the invisible
+// out_d sums over keys in increasing j (attention_rows.h: one source, compiled for SSE2, AVX2 and
+// AVX-512 and picked at run time; every copy gives the same bits). Rows with at least one visible key skip the invisible
 // ones (their probability is exactly 0): a NaN or Inf held only by invisible keys or values does
 // not reach the output, where the op chain would propagate it. A row with no visible key (a
 // padding query) is computed over all keys, as the chain does.
+#include "attention_kernels.h"
 #include "common.h"
 #include "kv_rows.h"
 #include "ops.h"
@@ -64,59 +66,42 @@ Ort::Status CheckDims(const std::string& op, const std::vector<int64_t>& q, cons
   return Ort::Status{nullptr};
 }
 
-// sum_d q[d] * k[d] in float64: four interleaved partial sums, then ((s0 + s1) + (s2 + s3)), then the tail.
-inline double Dot(const double* q, const float* k, int64_t n) {
-  double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
-  int64_t d = 0;
-  for (; d + 4 <= n; d += 4) {
-    s0 += q[d] * static_cast<double>(k[d]);
-    s1 += q[d + 1] * static_cast<double>(k[d + 1]);
-    s2 += q[d + 2] * static_cast<double>(k[d + 2]);
-    s3 += q[d + 3] * static_cast<double>(k[d + 3]);
-  }
-  double s = (s0 + s1) + (s2 + s3);
-  for (; d < n; ++d) s += q[d] * static_cast<double>(k[d]);
-  return s;
-}
-
 // Query rows [t0, t1) of every head reading KV head kvh of batch b, against its cache rows
 // k_rows, v_rows (float32 [total_len][hd]); writes out rows of [B, T, H * hd].
-void AttendChunk(const Dims& d, int64_t window, const float* q_all, const float* k_rows, const float* v_rows,
-                 const int64_t* mask_b, int64_t b, int64_t kvh, int64_t t0, int64_t t1, float* out_all,
-                 std::vector<double>& work) {
+void AttendChunk(const attn::Kernels& kern, const Dims& d, int64_t window, const float* q_all, const float* k_rows,
+                 const float* v_rows, const int64_t* mask_b, int64_t b, int64_t kvh, int64_t t0, int64_t t1,
+                 float* out_all) {
   const int64_t S = d.total_len, hd = d.head_dim;
-  work.resize(static_cast<size_t>(3 * S + 2 * hd));
+  std::vector<double> work(static_cast<size_t>(2 * S + 2 * hd));
+  std::vector<uint8_t> visible(static_cast<size_t>(S));
   double* scores = work.data();
   double* probs = scores + S;
   double* q64 = probs + S;
   double* acc = q64 + hd;
-  double* visible = acc + hd;  // 1.0 / 0.0 per key for this query position
   const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t pos = d.past_len + t;
+    // Visible keys lie in [j0, j1): causal, and inside the window.
+    const int64_t j0 = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0, j1 = std::min(S, pos + 1);
     bool any = false;
-    for (int64_t j = 0; j < S; ++j) {
-      const bool vis = j <= pos && mask_b[j] != 0 && (window <= 0 || j > pos - window);
-      visible[j] = vis ? 1.0 : 0.0;
-      any |= vis;
+    for (int64_t j = j0; j < j1; ++j) {
+      visible[j] = mask_b[j] != 0;
+      any |= visible[j] != 0;
     }
     for (int64_t g = 0; g < d.groups; ++g) {
       const int64_t h = kvh * d.groups + g;
       const float* qr = q_all + ((b * d.heads + h) * d.new_len + t) * hd;
       for (int64_t i = 0; i < hd; ++i) q64[i] = static_cast<double>(qr[i]);
-      for (int64_t j = 0; j < S; ++j) {
-        if (visible[j] != 0.0)
-          scores[j] = Dot(q64, k_rows + j * hd, hd) * scale + 0.0;
-        else
-          scores[j] = any ? -INFINITY : Dot(q64, k_rows + j * hd, hd) * scale + kMaskValue;
-      }
-      MaskedSoftmaxRow(scores, probs, S);
-      for (int64_t i = 0; i < hd; ++i) acc[i] = 0.0;
-      for (int64_t j = 0; j < S; ++j) {
-        if (any && visible[j] == 0.0) continue;  // probability exactly 0
-        const double p = probs[j];
-        const float* vr = v_rows + j * hd;
-        for (int64_t i = 0; i < hd; ++i) acc[i] += p * static_cast<double>(vr[i]);
+      if (any) {  // invisible keys: probability exactly 0, never computed
+        // The softmax over [j0, j1) only: outside it every entry is invisible and adds an exact 0.
+        for (int64_t j = j0; j < j1; ++j) scores[j] = -INFINITY;
+        kern.scores(q64, k_rows, hd, j0, j1, visible.data(), scale, 0.0, scores);
+        MaskedSoftmaxRow(scores + j0, probs + j0, j1 - j0);
+        kern.weighted(probs, v_rows, hd, j0, j1, visible.data(), acc);
+      } else {  // no visible key (a padding query): every key, masked, as the chain computes it
+        kern.scores(q64, k_rows, hd, 0, S, nullptr, scale, kMaskValue, scores);
+        MaskedSoftmaxRow(scores, probs, S);
+        kern.weighted(probs, v_rows, hd, 0, S, nullptr, acc);
       }
       float* o = out_all + (b * d.new_len + t) * (d.heads * hd) + h * hd;
       for (int64_t i = 0; i < hd; ++i) o[i] = static_cast<float>(acc[i]);
@@ -156,8 +141,16 @@ void Append(const T* past, const T* fresh, T* present, const Dims& d, int64_t ro
   }
 }
 
+// The widest float64 loop set this CPU runs (all give the same bits).
+attn::Kernels WidestKernels() {
+  attn::Kernels all[4];
+  const int n = attn::AvailableKernels(all, 4);
+  return all[n - 1];
+}
+
 struct Attention {
   int64_t window = 0;
+  attn::Kernels kernels = WidestKernels();
 
   Attention(const OrtApi* api, const OrtKernelInfo* info) : window(IntAttribute(api, info, "window", 0)) {
     if (window < 0) ORT_CXX_API_THROW("baseq.Attention: attribute window must be >= 0 (0 = none)", ORT_INVALID_ARGUMENT);
@@ -182,9 +175,8 @@ struct Attention {
     const float* qd = q.Data();
     const int64_t* md = mask.Data();
     ForChunks(ctx, d, [&](int64_t b, int64_t kvh, int64_t t0, int64_t t1) {
-      std::vector<double> work;
       const int64_t at = (b * d.kv_heads + kvh) * d.total_len * hd;
-      AttendChunk(d, window, qd, pk + at, pv + at, md + b * d.total_len, b, kvh, t0, t1, o, work);
+      AttendChunk(kernels, d, window, qd, pk + at, pv + at, md + b * d.total_len, b, kvh, t0, t1, o);
     });
     return Ort::Status{nullptr};
   }
@@ -192,6 +184,7 @@ struct Attention {
 
 struct AttentionKV4 {
   int64_t window = 0;
+  attn::Kernels kernels = WidestKernels();
 
   AttentionKV4(const OrtApi* api, const OrtKernelInfo* info) : window(IntAttribute(api, info, "window", 0)) {
     if (window < 0) ORT_CXX_API_THROW("baseq.AttentionKV4: attribute window must be >= 0 (0 = none)", ORT_INVALID_ARGUMENT);
@@ -239,9 +232,8 @@ struct AttentionKV4 {
         UnpackKvRow(pk + at + j * row, hd, rows.data() + j * hd);
         UnpackKvRow(pv + at + j * row, hd, rows.data() + (d.total_len + j) * hd);
       }
-      std::vector<double> work;
-      AttendChunk(d, window, qd, rows.data(), rows.data() + d.total_len * hd, md + b * d.total_len, b, kvh, t0, t1, o,
-                  work);
+      AttendChunk(kernels, d, window, qd, rows.data(), rows.data() + d.total_len * hd, md + b * d.total_len, b, kvh, t0,
+                  t1, o);
     });
     return Ort::Status{nullptr};
   }

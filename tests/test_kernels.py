@@ -280,21 +280,24 @@ def _cmake_build(build: Path, *extra: str) -> None:
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
 def test_cpp_kernel_test_native(tmp_path):
     """The CMake build of the kernels (no onnxruntime needed) and its C++ test: every kernel this CPU runs
-    equals the scalar kernel and the int64 definition bit for bit. Each instruction-set object file
-    defines only its two entry points (no inline code compiled with its -m flags can leak to other files)."""
+    equals the scalar kernel and the int64 definition bit for bit, and every attention loop set the
+    portable one. Each instruction-set object file defines only its two entry points (no inline code compiled with its -m flags can leak to other files)."""
     _cmake_build(tmp_path / "build")
     proc = subprocess.run([str(tmp_path / "build" / "int_linear_test")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ok   scalar" in proc.stdout and "FAIL" not in proc.stdout
+    attn = subprocess.run([str(tmp_path / "build" / "attention_test")], capture_output=True, text=True)
+    assert attn.returncode == 0 and "ok   scalar" in attn.stdout, attn.stdout + attn.stderr
     if os.uname().machine == "x86_64" and shutil.which("nm"):
-        objs = sorted((tmp_path / "build").rglob("int_linear_avx*.o"))
-        assert len(objs) == 3
+        objs = sorted((tmp_path / "build").rglob("*_avx*.o"))
+        assert len(objs) == 5
         for obj in objs:
             syms = subprocess.run(["nm", "-C", "--defined-only", str(obj)], capture_output=True, text=True).stdout
             exported = [line for line in syms.splitlines() if line.split()[1:2] and line.split()[1] in "TWVuw"]
             names = sorted(line.split(" ", 2)[2].split("(")[0] for line in exported)
-            assert len(names) == 2 and names[0].startswith("baseq::intlin::Codes") and \
-                names[1].startswith("baseq::intlin::Tiles"), exported
+            want = (["baseq::attn::Scores", "baseq::attn::Weighted"] if "attention" in obj.name
+                    else ["baseq::intlin::Codes", "baseq::intlin::Tiles"])
+            assert len(names) == 2 and all(n.startswith(w) for n, w in zip(names, want)), exported
 
 
 CROSS = shutil.which("aarch64-linux-gnu-g++")
@@ -317,6 +320,8 @@ def test_aarch64_cross_build_and_kernel_test_under_qemu(tmp_path):
     full = subprocess.run([QEMU, "-L", sysroot, str(build / "int_linear_test")], capture_output=True, text=True)
     assert full.returncode == 0, full.stdout + full.stderr
     assert "ok   neon " in full.stdout and "ok   neondot" in full.stdout and "best kernel here: neondot" in full.stdout
+    attn = subprocess.run([QEMU, "-L", sysroot, str(build / "attention_test")], capture_output=True, text=True)
+    assert attn.returncode == 0 and "ok   scalar" in attn.stdout, attn.stdout + attn.stderr
     a53 = subprocess.run([QEMU, "-cpu", "cortex-a53", "-L", sysroot, str(build / "int_linear_test")],
                          capture_output=True, text=True)
     assert a53.returncode == 0, a53.stdout + a53.stderr
