@@ -7,8 +7,8 @@ Each shape M x K x N is run as one-node (or three-node) graphs in onnxruntime, a
 process, interleaved: IntLinear (4-bit activations, per-channel weights), the chain it replaces
 (QuantLevels -> MatMulNBits accuracy_level 0 with unit scales -> ScaleSums), and float-input
 MatMulNBits at accuracy_level 0 and 4 (int8 activations: onnxruntime-genai's int4 choice).
-Reports medians of `repeats` timed runs after warm-up, and the CPU's idle share over the timed
-part (/proc/stat): figures from a busy machine are indicative only.
+Reports medians of `repeats` timed runs after warm-up, and the CPU's idle share during half a
+second before them (/proc/stat): figures from a busy machine are indicative only.
 """
 
 from __future__ import annotations
@@ -98,6 +98,10 @@ def bench(shapes, threads: int, repeats: int, isa: str | None):
     opts.inter_op_num_threads = 1
     rows = []
     for m, k, n in shapes:
+        idle0, total0 = _cpu_times()
+        time.sleep(0.5)  # how idle the machine is without us (before our sessions' threads exist)
+        idle1, total1 = _cpu_times()
+        idle = (idle1 - idle0) / max(1, total1 - total0)
         variants = {"IntLinear": int_linear_model(n, k), "QuantLevels+MatMulNBits0+ScaleSums": chain_model(n, k),
                     "MatMulNBits acc4": matmul_nbits_model(n, k, 4), "MatMulNBits acc0": matmul_nbits_model(n, k, 0)}
         sess = {name: ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"]) for name, model in variants.items()}
@@ -106,16 +110,14 @@ def bench(shapes, threads: int, repeats: int, isa: str | None):
             for _ in range(3):
                 s.run(None, {"x": x})
         times = {name: [] for name in sess}
-        idle0, total0 = _cpu_times()
         for _ in range(repeats):
             for name, s in sess.items():
                 t = time.perf_counter()
                 s.run(None, {"x": x})
                 times[name].append(time.perf_counter() - t)
-        idle1, total1 = _cpu_times()
-        idle = (idle1 - idle0) / max(1, total1 - total0)
         med = {name: float(np.median(v)) * 1e6 for name, v in times.items()}
         rows.append({"M": m, "K": k, "N": n, "threads": threads, "median_us": med, "cpu_idle_share": idle})
+        del sess
     return rows
 
 
