@@ -14,14 +14,16 @@ Inputs: ``input_ids`` [batch, seq], ``attention_mask`` [batch, past + seq] and
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper
 
-from ..models.base import ModelConfig, linear_in_features, rope_tables
+from ..models.base import ModelConfig, linear_in_features, rope_tables, site_width
 from ..qmodel import Artifact, head_from_tensors, linear_from_tensors
-from ..quant import QuantizedWeight
+from ..quant import QuantizedWeight, pack_int4
 from .onnx_graph import (MS_DOMAIN, OPS_DOMAIN, Graph, emit_fake_quant, emit_hadamard, emit_hadamard_op,
                          emit_quant_dequant_op, emit_quant_levels, emit_quant_levels_op, emit_rms_norm,
                          emit_swiglu, matmul_nbits_inputs, to_double, to_float)
@@ -73,17 +75,30 @@ def swiglu(c: _Ctx, gate: str, up: str) -> str:
     return c.g.op("SwiGLU", [gate, up], domain=OPS_DOMAIN) if c.custom else emit_swiglu(c.g, gate, up)
 
 
-def emit_site(c: _Ctx, layer: int, site: str, x: str) -> "str | tuple[str, str]":
-    """qmodel.QuantHooks.act: [R4] -> * gain -> - shift -> per-token quantizer. With 4-bit activations
-    the result is (levels, scale), the IntActivation the next linear multiplies as integers."""
+@dataclass(frozen=True)
+class QuantSite:
+    """An activation site's input and its quantizer (clip, shift, gain initializers), not yet quantized: with
+    custom ops the next linear is one baseq.IntLinear node that quantizes and multiplies."""
+
+    x: str
+    bits: int
+    clip: str
+    shift: str | None
+    gain: str | None
+    width: int
+
+
+def emit_site(c: _Ctx, layer: int, site: str, x: str) -> "str | tuple[str, str] | QuantSite":
+    """qmodel.QuantHooks.act: [R4] -> * gain -> - shift -> per-token quantizer. With quantized activations
+    the result is (levels, scale), the IntActivation the next linear multiplies as integers, or with
+    custom ops the QuantSite the next linear fuses."""
     g = c.g
     prefix = f"layers.{layer}.{site}"
     if c.r4 and site == "down_in":
         x = hadamard(c, x, c.cfg.intermediate_size)
     if c.custom and c.a_bits:
-        shift, gain = c.tensor(f"{prefix}.shift"), c.tensor(f"{prefix}.gain")
-        width = int(c.t[f"{prefix}.gain"].numel()) if gain is not None else None
-        return emit_quant_levels_op(g, x, c.a_bits, c.tensor(f"{prefix}.clip"), shift, gain, width)
+        return QuantSite(x, c.a_bits, c.tensor(f"{prefix}.clip"), c.tensor(f"{prefix}.shift"),
+                         c.tensor(f"{prefix}.gain"), site_width(c.cfg, site))
     if (gain := c.tensor(f"{prefix}.gain")) is not None:
         x = g.op("Mul", [x, gain])
     if (shift := c.tensor(f"{prefix}.shift")) is not None:
@@ -135,11 +150,30 @@ def stacked_linear(c: _Ctx, layer: int, names: tuple[str, ...]) -> tuple[str, "Q
     return prefix, qw, bias
 
 
-def emit_linears(c: _Ctx, layer: int, names: tuple[str, ...], x: "str | tuple[str, str]") -> list[str]:
+def emit_int_linear(c: _Ctx, prefix: str, qw: "QuantizedWeight", bias: str | None, site: QuantSite) -> str:
+    """The site's quantizer and the integer linear on per-channel weights as one baseq.IntLinear node: bit for
+    bit QuantLevels -> MatMulNBits (unit scales) -> ScaleSums, reading the artifact's packed codes as they are."""
+    g = c.g
+    shift = site.shift
+    if site.gain is not None and shift is None:  # the op takes the gain after the shift: zeros stand in for it
+        shift = g.const(np.zeros(site.width, np.float32))
+    inputs = [site.x, site.clip, shift or "", site.gain or "", g.init(f"{prefix}.qweight", _np(pack_int4(qw.codes))),
+              g.init(f"{prefix}.zeros", _np(qw.zero)), g.init(f"{prefix}.scales", _np(qw.scale))] + ([bias] if bias else [])
+    while inputs[-1] == "":
+        inputs.pop()
+    return g.op("IntLinear", inputs, hint=f"{prefix}.out", domain=OPS_DOMAIN, bits=site.bits, group_size=0)
+
+
+def emit_linears(c: _Ctx, layer: int, names: tuple[str, ...], x: "str | tuple[str, str] | QuantSite") -> list[str]:
     """The named projections of a layer on one input (bias folded in), as models.base.linear each: one
     stacked 4-bit matmul, split into the projections' outputs."""
     prefix, qw, bias = stacked_linear(c, layer, names)
-    y = emit_linear(c, prefix, qw, bias, x)
+    if isinstance(x, QuantSite) and qw.scale.shape[1] == 1:
+        y = emit_int_linear(c, prefix, qw, bias, x)
+    else:
+        if isinstance(x, QuantSite):  # grouped weight scales have no exact integer form: quantize, dequantize
+            x = emit_quant_levels_op(c.g, x.x, x.bits, x.clip, x.shift, x.gain, x.width)
+        y = emit_linear(c, prefix, qw, bias, x)
     if len(names) == 1:
         return [y]
     sizes = [c.t[f"layers.{layer}.{n}.qweight"].shape[0] for n in names]  # output rows of each projection
@@ -212,7 +246,7 @@ def emit_heads(g: Graph, x: str, heads: int, head_dim: int) -> str:
     return g.op("Transpose", [y], perm=[0, 2, 1, 3])
 
 
-def emit_block(c: _Ctx, i: int, h: str, cos: str, sin: str, mask: str, past: tuple[str, str]) -> tuple[str, str, str]:
+def emit_block(c: _Ctx, i: int, h: str, cos: str, sin: str, mask: str | None, past: tuple[str, str]) -> tuple[str, str, str]:
     """One decoder block (models.base.block_forward); returns (h, present key, present value)."""
     g, cfg = c.g, c.cfg
     x = emit_site(c, i, "attn_in", rms_norm(c, h, c.tensor(f"layers.{i}.attn_norm")))
@@ -223,20 +257,10 @@ def emit_block(c: _Ctx, i: int, h: str, cos: str, sin: str, mask: str, past: tup
     if c.r3:
         q, k = hadamard(c, q, cfg.head_dim), hadamard(c, k, cfg.head_dim)
     k_clip, v_clip = c.tensor(f"layers.{i}.k_cache.clip"), c.tensor(f"layers.{i}.v_cache.clip")
-    if c.kv_packed:  # the cache holds 4-bit codes + per-row scale/zero; attention reads it unpacked
-        k = g.op("KVQuantPack", [k, k_clip], domain=OPS_DOMAIN, bits=4)
-        v = g.op("KVQuantPack", [v, v_clip], domain=OPS_DOMAIN, bits=4)
-    elif c.kv_bits:
-        fq = emit_quant_dequant_op if c.custom else emit_fake_quant
-        k, v = fq(g, k, c.kv_bits, k_clip), fq(g, v, c.kv_bits, v_clip)
-    present_k = k_all = g.op("Concat", [past[0], k], axis=2, hint=f"present.{i}.key")
-    present_v = v_all = g.op("Concat", [past[1], v], axis=2, hint=f"present.{i}.value")
-    if c.kv_packed:
-        k_all = g.op("KVUnpack", [present_k], domain=OPS_DOMAIN, head_dim=cfg.head_dim)
-        v_all = g.op("KVUnpack", [present_v], domain=OPS_DOMAIN, head_dim=cfg.head_dim)
-    groups = cfg.num_heads // cfg.num_kv_heads
-    a = emit_attention(g, to_double(g, q), to_double(g, k_all), to_double(g, v_all), mask, cfg, groups, c.custom)
-    a = g.op("Reshape", [g.op("Transpose", [a], perm=[0, 2, 1, 3]), g.const([0, 0, cfg.num_heads * cfg.head_dim], np.int64)])
+    if c.custom:
+        a, present_k, present_v = emit_attention_op(c, i, q, k, v, past, k_clip, v_clip)
+    else:
+        a, present_k, present_v = emit_attention_standard(c, i, q, k, v, past, k_clip, v_clip, mask)
     h = g.op("Add", [h, *emit_linears(c, i, ("o",), emit_site(c, i, "o_in", a))])
     x = emit_site(c, i, "mlp_in", rms_norm(c, h, c.tensor(f"layers.{i}.mlp_norm")))
     act = swiglu(c, *emit_linears(c, i, ("gate", "up"), x))
@@ -244,11 +268,42 @@ def emit_block(c: _Ctx, i: int, h: str, cos: str, sin: str, mask: str, past: tup
     return h, present_k, present_v
 
 
-def emit_attention(g: Graph, q: str, k: str, v: str, mask: str, cfg: ModelConfig, groups: int, custom: bool) -> str:
+def emit_attention_op(c: _Ctx, i: int, q: str, k: str, v: str, past: tuple[str, str], k_clip: str | None,
+                      v_clip: str | None) -> tuple[str, str, str]:
+    """KV quantizer, cache append and grouped-query attention as baseq ops: Attention on the float cache (new
+    rows fake-quantized first), or AttentionKV4, which packs the new rows and reads the packed cache directly.
+    Returns (attention output [B, T, H*hd], present key, present value)."""
+    g, cfg = c.g, c.cfg
+    window = cfg.sliding_window or 0
+    if c.kv_packed:
+        return g.op("AttentionKV4", [q, k, v, past[0], past[1], "attention_mask", k_clip, v_clip], domain=OPS_DOMAIN,
+                    n_out=3, window=window, hint=f"layer{i}.attention")
+    if c.kv_bits:
+        k, v = emit_quant_dequant_op(g, k, c.kv_bits, k_clip), emit_quant_dequant_op(g, v, c.kv_bits, v_clip)
+    return g.op("Attention", [q, k, v, past[0], past[1], "attention_mask"], domain=OPS_DOMAIN, n_out=3,
+                window=window, hint=f"layer{i}.attention")
+
+
+def emit_attention_standard(c: _Ctx, i: int, q: str, k: str, v: str, past: tuple[str, str], k_clip: str | None,
+                            v_clip: str | None, mask: str) -> tuple[str, str, str]:
+    """The same with standard ops (float cache only): fake-quantized new rows, Concat onto the past, float64
+    attention."""
+    g, cfg = c.g, c.cfg
+    if c.kv_bits:
+        k, v = emit_fake_quant(g, k, c.kv_bits, k_clip), emit_fake_quant(g, v, c.kv_bits, v_clip)
+    present_k = g.op("Concat", [past[0], k], axis=2, hint=f"present.{i}.key")
+    present_v = g.op("Concat", [past[1], v], axis=2, hint=f"present.{i}.value")
+    groups = cfg.num_heads // cfg.num_kv_heads
+    a = emit_attention(g, to_double(g, q), to_double(g, present_k), to_double(g, present_v), mask, cfg, groups)
+    a = g.op("Reshape", [g.op("Transpose", [a], perm=[0, 2, 1, 3]), g.const([0, 0, cfg.num_heads * cfg.head_dim], np.int64)])
+    return a, present_k, present_v
+
+
+def emit_attention(g: Graph, q: str, k: str, v: str, mask: str, cfg: ModelConfig, groups: int) -> str:
     """softmax(q k^T / sqrt(hd) + mask) v on float64 q [B, H, T, hd] and k, v [B, kvH, S, hd], rounded
     once to float32 (models.base.attend in exact mode). Grouped heads without copying K/V: q is viewed
     as [B, kvH, groups, T, hd] against k, v [B, kvH, 1, S, hd] (head h uses KV head h // groups).
-    The softmax is baseq.MaskedSoftmax with custom ops (it skips masked keys)."""
+    The softmax is spelled out: onnxruntime's float64 Softmax kernel is ~15x slower than Exp and two reductions."""
     five = g.const([0, cfg.num_kv_heads, groups, -1, cfg.head_dim], np.int64)
     axis2 = g.const([2], np.int64)
     q5 = g.op("Reshape", [q, five])
@@ -256,12 +311,9 @@ def emit_attention(g: Graph, q: str, k: str, v: str, mask: str, cfg: ModelConfig
     scores = g.op("MatMul", [q5, g.op("Transpose", [k5], perm=[0, 1, 2, 4, 3])])
     mask5 = g.op("Unsqueeze", [mask, axis2])  # [B, 1, 1, T, S]
     scores = g.op("Add", [g.op("Mul", [scores, g.const(1.0 / np.sqrt(cfg.head_dim), np.float64)]), mask5])
-    if custom:
-        probs = g.op("MaskedSoftmax", [scores], domain=OPS_DOMAIN)
-    else:  # spelled out: onnxruntime's float64 Softmax kernel is ~15x slower than Exp and two reductions
-        axes = g.const([-1], np.int64)
-        e = g.op("Exp", [g.op("Sub", [scores, g.op("ReduceMax", [scores, axes], keepdims=1)])])
-        probs = g.op("Div", [e, g.op("ReduceSum", [e, axes], keepdims=1)])
+    axes = g.const([-1], np.int64)
+    e = g.op("Exp", [g.op("Sub", [scores, g.op("ReduceMax", [scores, axes], keepdims=1)])])
+    probs = g.op("Div", [e, g.op("ReduceSum", [e, axes], keepdims=1)])
     a = g.op("MatMul", [probs, v5])  # [B, kvH, groups, T, hd]
     return to_float(g, g.op("Reshape", [a, g.const([0, cfg.num_heads, -1, cfg.head_dim], np.int64)]))
 
@@ -269,13 +321,17 @@ def emit_attention(g: Graph, q: str, k: str, v: str, mask: str, cfg: ModelConfig
 MASKED = -1e9  # additive mask value: exp() underflows to exactly 0, and a fully masked (padding) row stays finite
 
 
-def emit_positions_and_mask(g: Graph, cfg: ModelConfig, ids: str, past_key: str, attention_mask: str) -> tuple[str, str]:
-    """Absolute positions [T] (past_len + arange(T)) and the additive float64 mask [B, 1, T, past+T]:
-    causal (and sliding window), and keys whose attention_mask [B, past+T] is 0 are hidden."""
+def emit_positions(g: Graph, ids: str, past_key: str) -> tuple[str, str]:
+    """Absolute positions [T] (past_len + arange(T)) of the new tokens, and the total length past_len + T."""
     past_len = g.op("Gather", [g.op("Shape", [past_key]), g.const(2, np.int64)], axis=0)
     seq = g.op("Gather", [g.op("Shape", [ids]), g.const(1, np.int64)], axis=0)
     total = g.op("Add", [past_len, seq])
-    positions = g.op("Range", [past_len, total, g.const(1, np.int64)])
+    return g.op("Range", [past_len, total, g.const(1, np.int64)]), total
+
+
+def emit_mask(g: Graph, cfg: ModelConfig, positions: str, total: str, attention_mask: str) -> str:
+    """The additive float64 mask [B, 1, T, past+T] of the standard-op attention: causal (and sliding window),
+    and keys whose attention_mask [B, past+T] is 0 are hidden (baseq.Attention applies the same rule itself)."""
     k_pos = g.op("Range", [g.const(0, np.int64), total, g.const(1, np.int64)])
     q_col = g.op("Unsqueeze", [positions, g.const([1], np.int64)])
     allowed = g.op("LessOrEqual", [k_pos, q_col])
@@ -285,8 +341,7 @@ def emit_positions_and_mask(g: Graph, cfg: ModelConfig, ids: str, past_key: str,
     keep = g.op("Cast", [attention_mask], to=TensorProto.BOOL)
     keep = g.op("Unsqueeze", [keep, g.const([1, 2], np.int64)])  # [B, 1, 1, S]
     allowed = g.op("And", [allowed, keep])
-    mask = g.op("Where", [allowed, g.const(0.0, np.float64), g.const(MASKED, np.float64)])
-    return positions, mask
+    return g.op("Where", [allowed, g.const(0.0, np.float64), g.const(MASKED, np.float64)])
 
 
 def check_kv_cache(art: Artifact, ops: str, kv_cache: str) -> None:
@@ -325,7 +380,8 @@ def build_model(art: Artifact, max_length: int = 2048, ops: str = "standard", kv
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", kv_type, total_shape))
 
     cos_t, sin_t = rope_tables(art.tensors["rope.inv_freq"], torch.arange(max_length), cfg.rope_attention_scaling, torch.float32)
-    positions, mask = emit_positions_and_mask(g, cfg, "input_ids", "past_key_values.0.key", "attention_mask")
+    positions, total = emit_positions(g, "input_ids", "past_key_values.0.key")
+    mask = None if c.custom else emit_mask(g, cfg, positions, total, "attention_mask")
     cos = g.op("Gather", [g.init("rope.cos", _np(cos_t)), positions], axis=0)
     sin = g.op("Gather", [g.init("rope.sin", _np(sin_t)), positions], axis=0)
     h = emit_embedding(c, "input_ids")
