@@ -189,12 +189,13 @@ def rows() -> list[Row]:
     return out
 
 
-def quantize_ours(model, row: Row, calib: torch.Tensor):
-    """Our artifact of a row (the blockwise tuning where pipeline.py has it)."""
+def quantize_ours(model, row: Row, calib: torch.Tensor, work: Path):
+    """Our artifact of a row; a tuned row keeps its finished blocks in work/<key>.partial (a rerun resumes)."""
     if row.tune:
         from baseq_export.pipeline import TuneSettings, tune_blocks
 
-        return tune_blocks(model, row.settings, calib, TuneSettings(**{k: v for k, v in row.tune.items() if k != "enabled"}))
+        tune = TuneSettings(**{k: v for k, v in row.tune.items() if k != "enabled"})
+        return tune_blocks(model, row.settings, calib, tune, workdir=str(work / f"{row.key}.partial"))
     return quantize_model(model, row.settings, calib if row.settings.method.endswith("gptq") else None)
 
 
@@ -281,7 +282,7 @@ def main() -> None:
             else:
                 head, embed = head_types(llama_file(row.ftype, False)[0])
                 t = time.time()
-                art = quantize_ours(model, row, calib)
+                art = quantize_ours(model, row, calib, work)
                 adir = save_artifact(work / f"{row.key}.baseq", art, overwrite=True,
                                      write_extra=lambda d: model.tokenizer.save_pretrained(str(d)))
                 path = gguf_write_artifact(adir, work / f"{row.key}.gguf", head, embed)
