@@ -19,7 +19,7 @@ from .models import LoadedModel, source_info
 from .models.base import ACT_SITES, IDENTITY, SITE_LINEARS, ModelConfig, block_forward, layer_weights, rope_tables, site_width
 from .qmodel import BITS_PRESETS, Artifact, linear_tensors
 from .quant import GGML_BLOCK, WEIGHT_GRIDS, HessianAccumulator, QuantizedWeight, gptq_quantize, rtn_quantize
-from .rotate import RotationHooks, rotate_model
+from .rotate import head_mix, RotationHooks, rotate_model
 
 METHODS = ("rtn", "gptq", "quarot-rtn", "quarot-gptq")
 
@@ -192,6 +192,10 @@ def float_tensors(cfg: ModelConfig, w: dict[str, torch.Tensor], s: QuantSettings
     """Tensors outside the blocks (embeddings, head, norms, rope; embedding and head as 4-bit codes when
     s.head_bits == 4) and, if `online`, the fixed clip values."""
     out = {}
+    mix = head_mix(w["embed"], w["lm_head"]) if s.head_bits == 4 and "lm_head" in w and not cfg.tied_embeddings else None
+    if mix is not None:  # a tied head untied by norm folding: one 4-bit table for both (rotate.head_mix)
+        w = {k: v for k, v in w.items() if k != "lm_head"}
+        out["head_mix"] = mix
     for name, t in w.items():
         if name.startswith("layers."):
             if name.rsplit(".", 1)[-1] in ("attn_norm", "mlp_norm"):

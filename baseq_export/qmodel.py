@@ -380,6 +380,6 @@ def reference_model(artifact: Artifact, dtype: torch.dtype = torch.float32, exac
             weights[f"{prefix}.scales"] = qw.scale[:, 0]
         else:
             weights[f"{prefix}.weight"] = qw.dequantize().to(dtype)
-    if cfg.tied_embeddings:
+    if cfg.tied_embeddings or "head_mix" in t:  # the embedding table serves the head (after head_mix)
         weights["lm_head"] = weights["embed"]
     return QuantizedModel(cfg, weights, QuantHooks(artifact.quant, online, exact), artifact)

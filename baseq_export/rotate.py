@@ -41,6 +41,22 @@ def fold_norms(cfg: ModelConfig, w: dict[str, torch.Tensor]) -> tuple[ModelConfi
     return dataclasses.replace(cfg, tied_embeddings=False), w
 
 
+def head_mix(embed: torch.Tensor, lm_head: torch.Tensor, tol: float = 1e-4) -> torch.Tensor | None:
+    """M with lm_head = embed @ M, or None if the head is not such a product (a genuinely untied model).
+
+    Folding the final norm gain g into a rotated tied head makes lm_head = E diag(g) R1 while the embedding
+    is E R1: lm_head = (E R1)(R1^T diag(g) R1). With M ([hidden, hidden], least squares in float64, exact up
+    to rounding) one 4-bit table serves the embedding and, after h -> h M^T, the head.
+    """
+    e, l = embed.to(torch.float64), lm_head.to(torch.float64)
+    if e.shape != l.shape or e.shape[0] <= e.shape[1]:  # a square table spans everything: nothing to find
+        return None
+    m = torch.linalg.lstsq(e, l).solution
+    if float((e @ m - l).norm() / l.norm().clamp_min(1e-30)) > tol:
+        return None
+    return m.to(torch.float32)
+
+
 def random_signs(n: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """A seeded vector of +-1: R1 = diag(signs) H is a random orthogonal Hadamard rotation."""
     gen = torch.Generator().manual_seed(seed)

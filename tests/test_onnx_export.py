@@ -95,6 +95,7 @@ ARTIFACTS = {
     "w4a8kv8-quarot-gptq": lambda m, ids: quantize_model(m, QuantSettings(method="quarot-gptq", bits="w4a8kv8"), ids),
     "w4a4kv4-baseq": lambda m, ids: calibrate_baseq(m, QuantSettings(bits="w4a4kv4"), BaseqSettings(nsamples=8, calib_ctx=16, epochs=1), ids),
     "w4a16-rtn-head4": lambda m, ids: quantize_model(m, QuantSettings(method="rtn", bits="w4a16", head_bits=4)),
+    "w4a4kv4-quarot-head4": lambda m, ids: quantize_model(m, QuantSettings(method="quarot-rtn", bits="w4a4kv4", head_bits=4)),
 }
 
 
@@ -119,7 +120,9 @@ def test_exported_model_matches_reference_forward(tmp_path, arch, dims, kind, op
     inits = onnx.load(str(out / "model.onnx"), load_external_data=False).graph.initializer
     tables = [i.name for i in inits if not i.name.startswith("layers.") and int(np.prod(i.dims)) in (cfg.vocab_size * cfg.hidden_size, cfg.vocab_size * cfg.hidden_size // 2)]
     heads = {n.split(".")[0] for n in art.tensors if n.split(".")[0] in ("embed", "lm_head")}
-    assert len(tables) == len(heads) == (1 if cfg.tied_embeddings and not art.quant["rotation"] else 2), tables
+    # a rotated tied model's 4-bit head is the embedding table times head_mix (rotate.head_mix): one table
+    assert ("head_mix" in art.tensors) == (cfg.tied_embeddings and bool(art.quant["rotation"]) and kind.endswith("head4"))
+    assert len(tables) == len(heads) == (1 if cfg.tied_embeddings and (not art.quant["rotation"] or "head_mix" in art.tensors) else 2), tables
     assert (out / "model.onnx.data").is_file()
     om = OnnxModel(out, threads=1)
     ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))

@@ -63,3 +63,20 @@ def test_default_model_rotation_is_exact(default_model):
     rcfg, rw = rotate_model(cfg, w64, seed=0)
     out = forward(rcfg, rw, ids, hooks=RotationHooks(r3=True, r4=True))
     assert max_rel_diff(out, ref) < 1e-4
+
+
+def test_head_mix_ties_a_rotated_head_to_the_embedding():
+    """fold_norms + R1 untie a tied head (E diag(g) R1 vs E R1); head_mix recovers M with lm_head = embed @ M, so
+    the embedding table times M reproduces the head's logits; a genuinely untied head gives None."""
+    from baseq_export.rotate import head_mix
+
+    m = from_hf_model(tiny_hf_model("llama"))
+    cfg, w = rotate_model(m.config, m.weights, seed=0)
+    mix = head_mix(w["embed"], w["lm_head"])
+    assert mix is not None and mix.shape == (cfg.hidden_size, cfg.hidden_size)
+    h = torch.randn(5, cfg.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    direct = h @ w["lm_head"].T
+    via_mix = (h @ mix.double().T) @ w["embed"].T
+    assert torch.allclose(via_mix, direct, rtol=1e-5, atol=1e-5 * float(direct.abs().max()))
+    untied = from_hf_model(tiny_hf_model("qwen2")).weights
+    assert head_mix(untied["embed"], untied["lm_head"]) is None

@@ -99,6 +99,10 @@ def check_artifact(art: Artifact) -> None:
     if online:
         raise GGUFExportError(f"this artifact has online parameters ({', '.join(online[:3])}, ...) that llama.cpp "
                               f"cannot apply; {PROFILE_HINT}")
+    if "head_mix" in art.tensors:
+        raise GGUFExportError("this artifact stores its head as the 4-bit embedding table times head_mix (a rotated "
+                              "tied head for ONNX, --head-bits 4); llama.cpp's output tensor cannot hold that product: "
+                              "quantize with --head-bits 16 and choose the GGUF head type with --gguf-head")
     if cfg.arch not in ARCHS:
         raise GGUFExportError(f"architecture {cfg.arch!r} has no GGUF mapping here; supported: {', '.join(ARCHS)}")
     if cfg.rope_attention_scaling != 1.0:

@@ -220,7 +220,10 @@ def emit_embedding(c: _Ctx, ids: str) -> str:
 def emit_lm_head(c: _Ctx, h: str) -> str:
     """Logits: Gemm by the float head (transB: a tied table is not stored transposed a second time), or
     MatMulNBits on the 4-bit codes (a tied embedding's own initializers)."""
-    name = "embed" if c.cfg.tied_embeddings else "lm_head"
+    mix = c.t.get("head_mix")
+    name = "embed" if c.cfg.tied_embeddings or mix is not None else "lm_head"
+    if mix is not None:  # the head is the embedding table times head_mix (rotate.head_mix): h -> h M^T first
+        h = c.g.op("MatMul", [h, c.g.init("head_mix.T", _np(mix.T.contiguous()))])
     qw = head_from_tensors(name, c.t, c.cfg, c.art.quant)
     if qw is not None:
         return emit_matmul_nbits(c, h, name, qw)

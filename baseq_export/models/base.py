@@ -243,6 +243,8 @@ def forward(
     for i in range(cfg.num_layers):
         h = block_forward(cfg, layer_weights(weights, i), i, h, cos, sin, hooks, None if cache is None else cache[i], exact)
     h = rms_norm(h, weights.get("norm"), cfg.rms_eps, exact)
+    if "head_mix" in weights:  # a head stored as the embedding table times head_mix (rotate.head_mix)
+        h = F.linear(h, weights["head_mix"])
     return F.linear(h, weights["lm_head"])
 
 
