@@ -71,40 +71,42 @@ Ort::Status CheckDims(const std::string& op, const std::vector<int64_t>& q, cons
 void AttendChunk(const attn::Kernels& kern, const Dims& d, int64_t window, const float* q_all, const float* k_rows,
                  const float* v_rows, const int64_t* mask_b, int64_t b, int64_t kvh, int64_t t0, int64_t t1,
                  float* out_all) {
-  const int64_t S = d.total_len, hd = d.head_dim;
-  std::vector<double> work(static_cast<size_t>(2 * S + 2 * hd));
+  const int64_t S = d.total_len, hd = d.head_dim, G = d.groups;
+  std::vector<double> work(static_cast<size_t>(2 * G * S + 2 * G * hd));
   std::vector<uint8_t> visible(static_cast<size_t>(S));
-  double* scores = work.data();
-  double* probs = scores + S;
-  double* q64 = probs + S;
-  double* acc = q64 + hd;
+  double* scores = work.data();   // [G][S]
+  double* probs = scores + G * S;  // [G][S]
+  double* q64 = probs + G * S;     // [G][hd]
+  double* acc = q64 + G * hd;      // [G][hd]
   const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t pos = d.past_len + t;
-    // Visible keys lie in [j0, j1): causal, and inside the window.
+    // Visible keys lie in [j0, j1): causal, and inside the window. The heads of this KV head share them.
     const int64_t j0 = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0, j1 = std::min(S, pos + 1);
     bool any = false;
     for (int64_t j = j0; j < j1; ++j) {
       visible[j] = mask_b[j] != 0;
       any |= visible[j] != 0;
     }
-    for (int64_t g = 0; g < d.groups; ++g) {
-      const int64_t h = kvh * d.groups + g;
-      const float* qr = q_all + ((b * d.heads + h) * d.new_len + t) * hd;
-      for (int64_t i = 0; i < hd; ++i) q64[i] = static_cast<double>(qr[i]);
-      if (any) {  // invisible keys: probability exactly 0, never computed
-        // The softmax over [j0, j1) only: outside it every entry is invisible and adds an exact 0.
-        for (int64_t j = j0; j < j1; ++j) scores[j] = -INFINITY;
-        kern.scores(q64, k_rows, hd, j0, j1, visible.data(), scale, 0.0, scores);
-        MaskedSoftmaxRow(scores + j0, probs + j0, j1 - j0);
-        kern.weighted(probs, v_rows, hd, j0, j1, visible.data(), acc);
-      } else {  // no visible key (a padding query): every key, masked, as the chain computes it
-        kern.scores(q64, k_rows, hd, 0, S, nullptr, scale, kMaskValue, scores);
-        MaskedSoftmaxRow(scores, probs, S);
-        kern.weighted(probs, v_rows, hd, 0, S, nullptr, acc);
-      }
-      float* o = out_all + (b * d.new_len + t) * (d.heads * hd) + h * hd;
-      for (int64_t i = 0; i < hd; ++i) o[i] = static_cast<float>(acc[i]);
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qr = q_all + ((b * d.heads + kvh * G + g) * d.new_len + t) * hd;
+      for (int64_t i = 0; i < hd; ++i) q64[g * hd + i] = static_cast<double>(qr[i]);
+    }
+    if (any) {  // invisible keys: probability exactly 0, never computed
+      // The softmax over [j0, j1) only: outside it every entry is invisible and adds an exact 0.
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t j = j0; j < j1; ++j) scores[g * S + j] = -INFINITY;
+      kern.scores(q64, G, k_rows, hd, j0, j1, visible.data(), scale, 0.0, scores, S);
+      for (int64_t g = 0; g < G; ++g) MaskedSoftmaxRow(scores + g * S + j0, probs + g * S + j0, j1 - j0);
+      kern.weighted(probs, G, v_rows, hd, j0, j1, visible.data(), acc, S);
+    } else {  // no visible key (a padding query): every key, masked, as the chain computes it
+      kern.scores(q64, G, k_rows, hd, 0, S, nullptr, scale, kMaskValue, scores, S);
+      for (int64_t g = 0; g < G; ++g) MaskedSoftmaxRow(scores + g * S, probs + g * S, S);
+      kern.weighted(probs, G, v_rows, hd, 0, S, nullptr, acc, S);
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      float* o = out_all + (b * d.new_len + t) * (d.heads * hd) + (kvh * G + g) * hd;
+      for (int64_t i = 0; i < hd; ++i) o[i] = static_cast<float>(acc[g * hd + i]);
     }
   }
 }
@@ -226,9 +228,19 @@ struct AttentionKV4 {
     const int64_t* md = mask.Data();
     ForChunks(ctx, d, [&](int64_t b, int64_t kvh, int64_t t0, int64_t t1) {
       // This KV head's rows as KVUnpack's float32 values (the same floats as QuantDequant's).
+      // Only the rows some query of the chunk can see: [lo, hi), or all when a query sees none.
+      const int64_t* mb = md + b * d.total_len;
+      int64_t lo = window > 0 ? std::max<int64_t>(0, d.past_len + t0 - window + 1) : 0;
+      int64_t hi = std::min(d.total_len, d.past_len + t1);
+      for (int64_t t = t0; t < t1 && hi - lo < d.total_len; ++t) {
+        const int64_t pos = d.past_len + t, j0 = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+        bool any = false;
+        for (int64_t j = j0; j <= pos && !any; ++j) any = mb[j] != 0;
+        if (!any) lo = 0, hi = d.total_len;
+      }
       std::vector<float> rows(static_cast<size_t>(2 * d.total_len * hd));
       const int64_t at = (b * d.kv_heads + kvh) * d.total_len * row;
-      for (int64_t j = 0; j < d.total_len; ++j) {
+      for (int64_t j = lo; j < hi; ++j) {
         UnpackKvRow(pk + at + j * row, hd, rows.data() + j * hd);
         UnpackKvRow(pv + at + j * row, hd, rows.data() + (d.total_len + j) * hd);
       }

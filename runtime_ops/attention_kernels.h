@@ -7,10 +7,12 @@
 namespace baseq {
 namespace attn {
 
-using ScoresFn = void (*)(const double* q, const float* k_rows, int64_t hd, int64_t j0, int64_t j1,
-                          const uint8_t* visible, double scale, double add, double* scores);
-using WeightedFn = void (*)(const double* p, const float* v_rows, int64_t hd, int64_t j0, int64_t j1,
-                            const uint8_t* visible, double* acc);
+// q: `heads` query vectors of hd float64 values that share one KV head; scores, p: [heads][stride];
+// acc: [heads][hd]. See attention_rows.h for the exact operations.
+using ScoresFn = void (*)(const double* q, int64_t heads, const float* k_rows, int64_t hd, int64_t j0, int64_t j1,
+                          const uint8_t* visible, double scale, double add, double* scores, int64_t stride);
+using WeightedFn = void (*)(const double* p, int64_t heads, const float* v_rows, int64_t hd, int64_t j0, int64_t j1,
+                            const uint8_t* visible, double* acc, int64_t stride);
 
 struct Kernels {
   const char* name;
@@ -21,12 +23,12 @@ struct Kernels {
 // Every set this build has and this CPU runs, the portable one first; the last is the widest.
 int AvailableKernels(Kernels* out, int capacity);
 
-void ScoresScalar(const double*, const float*, int64_t, int64_t, int64_t, const uint8_t*, double, double, double*);
-void WeightedScalar(const double*, const float*, int64_t, int64_t, int64_t, const uint8_t*, double*);
-void ScoresAvx2(const double*, const float*, int64_t, int64_t, int64_t, const uint8_t*, double, double, double*);
-void WeightedAvx2(const double*, const float*, int64_t, int64_t, int64_t, const uint8_t*, double*);
-void ScoresAvx512(const double*, const float*, int64_t, int64_t, int64_t, const uint8_t*, double, double, double*);
-void WeightedAvx512(const double*, const float*, int64_t, int64_t, int64_t, const uint8_t*, double*);
+void ScoresScalar(const double*, int64_t, const float*, int64_t, int64_t, int64_t, const uint8_t*, double, double, double*, int64_t);
+void WeightedScalar(const double*, int64_t, const float*, int64_t, int64_t, int64_t, const uint8_t*, double*, int64_t);
+void ScoresAvx2(const double*, int64_t, const float*, int64_t, int64_t, int64_t, const uint8_t*, double, double, double*, int64_t);
+void WeightedAvx2(const double*, int64_t, const float*, int64_t, int64_t, int64_t, const uint8_t*, double*, int64_t);
+void ScoresAvx512(const double*, int64_t, const float*, int64_t, int64_t, int64_t, const uint8_t*, double, double, double*, int64_t);
+void WeightedAvx512(const double*, int64_t, const float*, int64_t, int64_t, int64_t, const uint8_t*, double*, int64_t);
 
 }  // namespace attn
 }  // namespace baseq

@@ -37,29 +37,72 @@ inline void Dot4(const double* q, const float* k, int64_t hd, double* out) {
   }
 }
 
-// scores[j] = Dot(q, key j) * scale + add for keys j in [j0, j1) with visible[j] (all if visible is null).
-inline void ScoresRows(const double* q, const float* k_rows, int64_t hd, int64_t j0, int64_t j1, const uint8_t* visible,
-                       double scale, double add, double* scores) {
-  int64_t j = j0;
-  for (; j + 4 <= j1; j += 4) {
-    double dots[4];
-    Dot4(q, k_rows + j * hd, hd, dots);
-    for (int key = 0; key < 4; ++key)
-      if (!visible || visible[j + key]) scores[j + key] = dots[key] * scale + add;
+// Dot of `NG` query vectors (q, q + hd, ...) with one key row, each in exactly Dot's order: the
+// key is loaded once for the heads that share it (grouped-query attention).
+template <int NG>
+inline void DotHeads(const double* q, const float* k, int64_t hd, double* out) {
+  double s[NG][4] = {};
+  const int64_t whole = hd - hd % 4;
+  for (int64_t d = 0; d < whole; d += 4) {
+    double kd[4];
+    for (int u = 0; u < 4; ++u) kd[u] = static_cast<double>(k[d + u]);
+    for (int g = 0; g < NG; ++g)
+      for (int u = 0; u < 4; ++u) s[g][u] += q[g * hd + d + u] * kd[u];
   }
-  for (; j < j1; ++j)
-    if (!visible || visible[j]) scores[j] = Dot(q, k_rows + j * hd, hd) * scale + add;
+  for (int g = 0; g < NG; ++g) {
+    double r = (s[g][0] + s[g][1]) + (s[g][2] + s[g][3]);
+    for (int64_t d = whole; d < hd; ++d) r += q[g * hd + d] * static_cast<double>(k[d]);
+    out[g] = r;
+  }
 }
 
-// acc[i] = sum over keys j in [j0, j1) with visible[j] (all if null), increasing j, of p[j] * v_j[i].
-inline void WeightedRows(const double* p, const float* v_rows, int64_t hd, int64_t j0, int64_t j1, const uint8_t* visible,
-                         double* acc) {
-  for (int64_t i = 0; i < hd; ++i) acc[i] = 0.0;
+// For each of `heads` query vectors q[g * hd ..] and keys j in [j0, j1) with visible[j] (all if
+// visible is null): scores[g * stride + j] = Dot(q_g, key j) * scale + add.
+inline void ScoresRows(const double* q, int64_t heads, const float* k_rows, int64_t hd, int64_t j0, int64_t j1,
+                       const uint8_t* visible, double scale, double add, double* scores, int64_t stride) {
+  if (heads == 1) {  // one head: four keys per step instead
+    int64_t j = j0;
+    for (; j + 4 <= j1; j += 4) {
+      double dots[4];
+      Dot4(q, k_rows + j * hd, hd, dots);
+      for (int key = 0; key < 4; ++key)
+        if (!visible || visible[j + key]) scores[j + key] = dots[key] * scale + add;
+    }
+    for (; j < j1; ++j)
+      if (!visible || visible[j]) scores[j] = Dot(q, k_rows + j * hd, hd) * scale + add;
+    return;
+  }
   for (int64_t j = j0; j < j1; ++j) {
     if (visible && !visible[j]) continue;
-    const double pj = p[j];
+    const float* k = k_rows + j * hd;
+    for (int64_t g0 = 0; g0 < heads; g0 += 4) {
+      const int64_t ng = heads - g0 < 4 ? heads - g0 : 4;
+      double dots[4];
+      const double* qg = q + g0 * hd;
+      switch (ng) {
+        case 4: DotHeads<4>(qg, k, hd, dots); break;
+        case 3: DotHeads<3>(qg, k, hd, dots); break;
+        case 2: DotHeads<2>(qg, k, hd, dots); break;
+        default: DotHeads<1>(qg, k, hd, dots); break;
+      }
+      for (int64_t g = 0; g < ng; ++g) scores[(g0 + g) * stride + j] = dots[g] * scale + add;
+    }
+  }
+}
+
+// For each head g: acc[g * hd + i] = sum over keys j in [j0, j1) with visible[j] (all if null),
+// increasing j, of p[g * stride + j] * v_j[i]; each value row is read once for all heads.
+inline void WeightedRows(const double* p, int64_t heads, const float* v_rows, int64_t hd, int64_t j0, int64_t j1,
+                         const uint8_t* visible, double* acc, int64_t stride) {
+  for (int64_t i = 0; i < heads * hd; ++i) acc[i] = 0.0;
+  for (int64_t j = j0; j < j1; ++j) {
+    if (visible && !visible[j]) continue;
     const float* vr = v_rows + j * hd;
-    for (int64_t i = 0; i < hd; ++i) acc[i] += pj * static_cast<double>(vr[i]);
+    for (int64_t g = 0; g < heads; ++g) {
+      const double pj = p[g * stride + j];
+      double* a = acc + g * hd;
+      for (int64_t i = 0; i < hd; ++i) a[i] += pj * static_cast<double>(vr[i]);
+    }
   }
 }
 
@@ -71,13 +114,13 @@ inline void WeightedRows(const double* p, const float* v_rows, int64_t hd, int64
 #define BASEQ_ATTENTION_KERNELS(Suffix)                                                                          \
   namespace baseq {                                                                                             \
   namespace attn {                                                                                              \
-  void Scores##Suffix(const double* q, const float* k_rows, int64_t hd, int64_t j0, int64_t j1,                 \
-                      const uint8_t* visible, double scale, double add, double* scores) {                       \
-    ScoresRows(q, k_rows, hd, j0, j1, visible, scale, add, scores);                                             \
+  void Scores##Suffix(const double* q, int64_t heads, const float* k_rows, int64_t hd, int64_t j0, int64_t j1,  \
+                      const uint8_t* visible, double scale, double add, double* scores, int64_t stride) {       \
+    ScoresRows(q, heads, k_rows, hd, j0, j1, visible, scale, add, scores, stride);                              \
   }                                                                                                             \
-  void Weighted##Suffix(const double* p, const float* v_rows, int64_t hd, int64_t j0, int64_t j1,               \
-                        const uint8_t* visible, double* acc) {                                                  \
-    WeightedRows(p, v_rows, hd, j0, j1, visible, acc);                                                          \
+  void Weighted##Suffix(const double* p, int64_t heads, const float* v_rows, int64_t hd, int64_t j0, int64_t j1, \
+                        const uint8_t* visible, double* acc, int64_t stride) {                                  \
+    WeightedRows(p, heads, v_rows, hd, j0, j1, visible, acc, stride);                                           \
   }                                                                                                             \
   }                                                                                                             \
   }

@@ -331,14 +331,24 @@ def test_aarch64_cross_build_and_kernel_test_under_qemu(tmp_path):
 # ------------------------------------------------------------------------------ baseq.Attention
 
 def attention_chain(cfg, packed: bool):
-    """The exporter's attention as it stands: mask from positions and attention_mask, Concat of past and new
-    rows (KVQuantPack first and KVUnpack after for the packed cache), float64 attention with MaskedSoftmax,
-    rounded once, transposed to [B, T, H * hd]."""
-    from baseq_export.export.onnx_graph import to_double
-    from baseq_export.export.onnx_model import emit_attention, emit_positions_and_mask
+    """The op chain baseq.Attention replaces, spelled out here (the exporter's graph before it used the op):
+    the additive float64 mask (0 / -1e9: causal from the past length, sliding window, attention_mask), Concat of
+    past and new rows (KVQuantPack before and KVUnpack after for the packed cache), then in float64: q k^T
+    (grouped heads by reshaping q to [B, kvH, groups, T, hd]), * 1/sqrt(hd), + mask, MaskedSoftmax, @ v;
+    rounded once and transposed to [B, T, H * hd]."""
+    from baseq_export.export.onnx_graph import to_double, to_float
 
     g = Graph()
-    _, mask = emit_positions_and_mask(g, cfg, "ids", "past_k", "attention_mask")
+    i64 = lambda v: g.const(v, np.int64)  # noqa: E731
+    past_len = g.op("Gather", [g.op("Shape", ["past_k"]), i64(2)], axis=0)
+    total = g.op("Add", [past_len, g.op("Gather", [g.op("Shape", ["ids"]), i64(1)], axis=0)])
+    q_pos = g.op("Unsqueeze", [g.op("Range", [past_len, total, i64(1)]), i64([1])])
+    k_pos = g.op("Range", [i64(0), total, i64(1)])
+    allowed = g.op("LessOrEqual", [k_pos, q_pos])
+    if cfg.sliding_window:
+        allowed = g.op("And", [allowed, g.op("Greater", [k_pos, g.op("Sub", [q_pos, i64(cfg.sliding_window)])])])
+    keep = g.op("Unsqueeze", [g.op("Cast", ["attention_mask"], to=TensorProto.BOOL), i64([1, 2])])
+    mask = g.op("Where", [g.op("And", [allowed, keep]), g.const(0.0, np.float64), g.const(-1e9, np.float64)])
     k, v = "k", "v"
     if packed:
         k = g.op("KVQuantPack", [k, "k_clip"], domain=OPS_DOMAIN, bits=4)
@@ -349,8 +359,16 @@ def attention_chain(cfg, packed: bool):
         k_all = g.op("KVUnpack", [pk], domain=OPS_DOMAIN, head_dim=cfg.head_dim)
         v_all = g.op("KVUnpack", [pv], domain=OPS_DOMAIN, head_dim=cfg.head_dim)
     groups = cfg.num_heads // cfg.num_kv_heads
-    a = emit_attention(g, to_double(g, "q"), to_double(g, k_all), to_double(g, v_all), mask, cfg, groups, True)
-    a = g.op("Reshape", [g.op("Transpose", [a], perm=[0, 2, 1, 3]), g.const([0, 0, cfg.num_heads * cfg.head_dim], np.int64)])
+    axis2 = i64([2])
+    q5 = g.op("Reshape", [to_double(g, "q"), i64([0, cfg.num_kv_heads, groups, -1, cfg.head_dim])])
+    k5 = g.op("Unsqueeze", [to_double(g, k_all), axis2])
+    v5 = g.op("Unsqueeze", [to_double(g, v_all), axis2])
+    scores = g.op("MatMul", [q5, g.op("Transpose", [k5], perm=[0, 1, 2, 4, 3])])
+    scores = g.op("Add", [g.op("Mul", [scores, g.const(1.0 / np.sqrt(cfg.head_dim), np.float64)]),
+                          g.op("Unsqueeze", [mask, axis2])])
+    a = g.op("MatMul", [g.op("MaskedSoftmax", [scores], domain=OPS_DOMAIN), v5])
+    a = to_float(g, g.op("Reshape", [a, i64([0, cfg.num_heads, -1, cfg.head_dim])]))
+    a = g.op("Reshape", [g.op("Transpose", [a], perm=[0, 2, 1, 3]), i64([0, 0, cfg.num_heads * cfg.head_dim])])
     for src, dst in ((a, "y"), (pk, "present_k"), (pv, "present_v")):
         g.nodes.append(helper.make_node("Identity", [src], [dst]))
     return g

@@ -47,8 +47,25 @@ int main() {
     }
     for (int s = 0; s < n; ++s) {
       std::vector<double> got_s(S, -1.0), got_a(hd, NAN);
-      sets[s].scores(q.data(), k.data(), hd, 3, S - 2, visible.data(), 0.125, 0.5, got_s.data());
-      sets[s].weighted(p.data(), v.data(), hd, 3, S - 2, visible.data(), got_a.data());
+      sets[s].scores(q.data(), 1, k.data(), hd, 3, S - 2, visible.data(), 0.125, 0.5, got_s.data(), S);
+      sets[s].weighted(p.data(), 1, v.data(), hd, 3, S - 2, visible.data(), got_a.data(), S);
+      // Several heads sharing the keys: head g's results must equal those of the same query alone.
+      for (int64_t heads : {2, 3, 5}) {
+        std::vector<double> qh(heads * hd), ph(heads * S), sh(heads * S, -1.0), ah(heads * hd, NAN);
+        for (int64_t g = 0; g < heads; ++g) {
+          for (int64_t i = 0; i < hd; ++i) qh[g * hd + i] = g == heads - 1 ? q[i] : q[i] * (g + 2);
+          for (int64_t j = 0; j < S; ++j) ph[g * S + j] = g == heads - 1 ? p[j] : p[j] / (g + 2);
+        }
+        sets[s].scores(qh.data(), heads, k.data(), hd, 3, S - 2, visible.data(), 0.125, 0.5, sh.data(), S);
+        sets[s].weighted(ph.data(), heads, v.data(), hd, 3, S - 2, visible.data(), ah.data(), S);
+        const int64_t g = heads - 1;
+        if (std::memcmp(sh.data() + g * S, ref_s.data(), S * sizeof(double)) != 0 ||
+            std::memcmp(ah.data() + g * hd, ref_a.data(), hd * sizeof(double)) != 0) {
+          std::printf("FAIL %-7s head_dim %lld, %lld heads\n", sets[s].name, static_cast<long long>(hd),
+                      static_cast<long long>(heads));
+          ++failures;
+        }
+      }
       const bool ok = std::memcmp(got_s.data(), ref_s.data(), S * sizeof(double)) == 0 &&
                       std::memcmp(got_a.data(), ref_a.data(), hd * sizeof(double)) == 0;
       if (!ok) {
