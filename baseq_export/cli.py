@@ -39,7 +39,7 @@ def add_eval_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
 
 
 def add_quant_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
-    from .pipeline import METHODS
+    from .pipeline import METHODS, PROFILES
     from .qmodel import BITS_PRESETS
 
     p.add_argument("--method", choices=("baseq",) + METHODS, default=_default("baseq", sub), help="quantization method (default baseq)")
@@ -51,6 +51,10 @@ def add_quant_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
     p.add_argument("--seed", type=int, default=_default(0, sub), help="seed for calibration sampling and the random rotation")
     p.add_argument("--head-bits", type=int, choices=(4, 16), default=_default(16, sub),
                    help="embedding and lm_head: 16 = float (default), 4 = 4-bit groups of 32 (smaller, faster, less accurate)")
+    p.add_argument("--profile", choices=tuple(PROFILES), default=_default(None, sub),
+                   help="a named set of quantization settings: gguf = llama.cpp's weight-only profile (W4A16 rotated "
+                   "GPTQ on Q4_1 blocks of 32 with searched fp16 d and m, R1/R2 offline, no online Hadamard); the "
+                   "options given explicitly win")
     p.add_argument("--force", action="store_true", default=_default(False, sub), help="replace an existing artifact at --out")
 
 
@@ -202,6 +206,15 @@ def default_out(model: str, suffix: str) -> str:
     return f"{model_stem(model)}-{suffix}"
 
 
+def apply_profile(args: argparse.Namespace) -> dict:
+    """Put --profile's settings into the options left at their defaults; return its settings that have no option."""
+    from .pipeline import PROFILES
+
+    profile = PROFILES.get(getattr(args, "profile", None) or "", {})
+    fill_defaults(args, {k: v for k, v in profile.items() if hasattr(args, k)})
+    return {k: v for k, v in profile.items() if not hasattr(args, k)}
+
+
 def quantize(args: argparse.Namespace, out: str, model=None):
     """Quantize --model as the arguments say and save the artifact at out; returns (path, model)."""
     from .calibrate import PRESETS, calibrate_baseq
@@ -209,9 +222,10 @@ def quantize(args: argparse.Namespace, out: str, model=None):
     from .pipeline import QuantSettings, quantize_model
     from .qmodel import check_writable, save_artifact
 
+    extra = apply_profile(args)
     method = args.method
     settings = QuantSettings(method="quarot-gptq" if method == "baseq" else method, bits=args.bits,
-                             group_size=args.group_size, seed=args.seed, head_bits=args.head_bits)
+                             group_size=args.group_size, seed=args.seed, head_bits=args.head_bits, **extra)
     check_writable(out, args.force)  # fail before the long work, not after it
     t0 = time.time()
     m = model or load_model(args.model)
@@ -244,8 +258,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def apply_main_job_settings(args: argparse.Namespace, settings: dict) -> None:
-    """Use the format's quantization settings wherever the command line left an option at its default."""
+def fill_defaults(args: argparse.Namespace, settings: dict) -> None:
+    """Use these settings (a format's or a profile's) wherever the command line left an option at its default."""
     defaults = build_parser()
     for key, value in settings.items():
         if getattr(args, key) == defaults.get_default(key):
@@ -258,7 +272,8 @@ def cmd_main_job(args: argparse.Namespace) -> int:
     from .qmodel import is_artifact, read_config
 
     fmt = target(args.format)
-    apply_main_job_settings(args, fmt.main_job_settings(args))
+    fill_defaults(args, fmt.main_job_settings(args))
+    apply_profile(args)
     print(f"baseq-export: main job: --model {args.model} --method {args.method} --bits {args.bits} "
           f"--preset {args.preset} --format {args.format}", file=sys.stderr)
     out = args.out or fmt.default_out(model_stem(args.model))

@@ -196,3 +196,44 @@ def test_export_eval_and_run_onnx(tmp_path, capsys):
     assert "is a onnx export: use --backend onnxruntime or onnxruntime-genai" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "nothing-here")]) == 1
     assert "does not exist: pass a .baseq artifact or an export of ours" in capsys.readouterr().err
+
+
+def bpe_checkpoint(tmp_path):
+    """A tiny random Llama with a byte-level BPE tokenizer (what llama.cpp's GGUF vocab can hold), and a text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import tiny_hf_model
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    merges = [("t", "h"), ("Ġ", "th"), ("e", "r")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=alphabet[1], eos_token=alphabet[2]).save_pretrained(tmp_path)
+    tiny_hf_model("llama", dtype=torch.float32, vocab_size=len(vocab)).save_pretrained(tmp_path)
+    text = tmp_path / "text.txt"
+    text.write_text("the other brother of the weather then went there. " * 30)
+    return tmp_path, text
+
+
+def test_main_job_for_gguf_runs_the_profile_and_llama_cpp(tmp_path, capsys):
+    """--format gguf: the gguf profile (W4A16 rotated GPTQ on Q4_1 blocks, no R4), the file written, its
+    perplexity measured in llama.cpp next to the torch reference of the same artifact."""
+    pytest.importorskip("llama_cpp")
+    from baseq_export.qmodel import load_artifact
+
+    ckpt, text = bpe_checkpoint(tmp_path)
+    out = tmp_path / "m.gguf"
+    args = ["--format", "gguf", "--model", str(ckpt), "--eval-text", str(text), "--calib-text", str(text), "--ctx", "32",
+            "--nsamples", "4", "--calib-ctx", "32", "--out", str(out)]
+    assert main(args) == 0
+    stdout = capsys.readouterr().out
+    fp, q, cpp = map(float, re.search(r"FP ([\d.]+), torch reference ([\d.]+), llama.cpp ([\d.]+)", stdout).groups())
+    quant = load_artifact(tmp_path / "m.gguf.baseq").quant
+    assert (quant["method"], quant["bits"], quant["group_size"], quant["weight_grid"]) == ("quarot-gptq", "w4a16", 32, "q4_1")
+    assert quant["rotation"]["r4"] is False and out.is_file() and f"GGUF export: {out}" in stdout
+    assert abs(cpp / q - 1) < 0.01 and q != fp  # llama.cpp's 8-bit block activations: close, not equal

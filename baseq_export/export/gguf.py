@@ -69,11 +69,8 @@ def options(args: argparse.Namespace) -> dict:
 
 
 def main_job_settings(args: argparse.Namespace) -> dict:
-    """The main job for GGUF quantizes with the gguf profile (pipeline.PROFILES): the options the command line has."""
-    from ..pipeline import PROFILES
-
-    # TODO(cli owner): weight_grid / weight_clip / r4 of the profile reach the main job only once the CLI has them
-    return {k: v for k, v in PROFILES["gguf"].items() if hasattr(args, k)}
+    """The main job for GGUF quantizes with the gguf profile (pipeline.PROFILES; --profile gguf)."""
+    return {"profile": "gguf"}
 
 
 def default_out(stem: str) -> str:

@@ -44,8 +44,9 @@ def options(args: argparse.Namespace) -> dict:
 
 
 def main_job_settings(args: argparse.Namespace) -> dict:
-    """The main job quantizes for ONNX as the command line says (BASE-Q W4A4KV4 by default)."""
-    return {}
+    """The main job for ONNX: BASE-Q W4A4KV4 (the command line's defaults) with a 4-bit embedding and head
+    (GatherBlockQuantized + MatMulNBits on one tied table): a third of the float head's size, and faster."""
+    return {"head_bits": 4}
 
 
 def default_out(stem: str) -> str:
