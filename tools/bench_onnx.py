@@ -1,0 +1,314 @@
+"""ONNX exports side by side in one run: onnxruntime-genai's own builder exports and ours.
+
+    python tools/bench_onnx.py --json OUT [--model default|DIR] [--artifact LABEL=X.baseq ...] [--repeats 3]
+
+Makes a local Hugging Face checkpoint of --model (the default model's GGUF saved as safetensors,
+embeddings still tied), builds onnxruntime-genai's fp32 and int4 exports of it with
+`python -m onnxruntime_genai.models.builder -i DIR -o OUT -p fp32|int4 -e cpu` (offline), exports each
+--artifact with our custom ops (and the W4A4KV4 one with standard ops too), then measures every
+export with 2 threads, CPU idle-checked, medians of --repeats:
+  decode tokens/s after a short prompt and after 1024 tokens of context (128 new tokens, greedy;
+  in onnxruntime-genai, and for ours also in plain onnxruntime, our runner), prefill tokens/s of a
+  512-token prompt, file size, KV-cache bytes per token, perplexity on the evaluation split (plain
+  onnxruntime, full windows), and for ours the share of a decode step spent in our baseq ops
+  (onnxruntime's profiler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchutil import machine, require_idle  # noqa: E402
+
+SHORT_PROMPT = "def fibonacci(n):\n    "
+NEW_TOKENS = 128
+LONG_CONTEXT = 1024
+PREFILL = 512
+
+
+# ------------------------------------------------------------------ the exports
+
+
+def save_checkpoint(spec: str, out: Path) -> Path:
+    """--model as a local transformers checkpoint (what genai's builder reads); tied embeddings stay tied."""
+    if (out / "config.json").is_file():
+        return out
+    if Path(spec).is_dir():
+        return Path(spec)
+    from offgrid_copy import load_hf
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer, _ = load_hf(spec)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    fresh = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+    fresh.load_state_dict(model.state_dict())
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    fresh.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, out)
+    return out
+
+
+def genai_build(checkpoint: Path, out: Path, precision: str) -> Path:
+    """onnxruntime-genai's builder export of the checkpoint (made once, reused)."""
+    if (out / "genai_config.json").is_file():
+        return out
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(out),
+           "-p", precision, "-e", "cpu", "-c", str(out.parent / "genai-cache")]
+    subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True)
+    return out
+
+
+def our_export(artifact: Path, out: Path, ops: str) -> Path:
+    from baseq_export.export.onnx import is_export, write
+
+    if is_export(out):
+        return out
+    return write(artifact, out, ops=ops)
+
+
+def model_bytes(path: Path) -> int:
+    """Bytes of the model files an app ships: the graph, its weights and our op library (no tokenizer)."""
+    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".onnx", ".data", ".so"))
+
+
+# ------------------------------------------------------------------ onnxruntime sessions
+
+
+def ort_session(path: Path, threads: int, profile: str | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    lib = next(iter(path.glob("*.so")), None)
+    if lib is not None:
+        opts.register_custom_ops_library(str(lib.resolve()))
+    if profile:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile
+    return ort.InferenceSession(str(path / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+
+
+class GraphRunner:
+    """Any decoder ONNX graph with input_ids / attention_mask [/ position_ids] / past_key_values.* inputs
+    (ours and genai's builder's): prompt and decode steps in plain onnxruntime."""
+
+    def __init__(self, session, head_dim: int):
+        self.s, self.head_dim = session, head_dim
+        self.inputs = {i.name: i for i in session.get_inputs()}
+        self.past = [n for n in self.inputs if n.startswith("past_key_values.")]
+        self.outputs = [o.name for o in session.get_outputs()]
+
+    def empty(self) -> dict:
+        """A cache of length 0: batch 1, past 0; a symbolic row width (genai's 'kv_cache_dim') is the head size."""
+        cache = {}
+        for name in self.past:
+            i = self.inputs[name]
+            shape = [d if isinstance(d, int) else {0: 1, 2: 0}.get(n, self.head_dim) for n, d in enumerate(i.shape)]
+            cache[name] = np.zeros(shape, np.uint8 if "uint8" in i.type else np.float32)
+        return cache
+
+    def kv_bytes_per_token(self) -> int:
+        total = 0
+        for name in self.past:
+            i = self.inputs[name]
+            item = 1 if "uint8" in i.type else (2 if "float16" in i.type else 4)
+            row = i.shape[3] if isinstance(i.shape[3], int) else self.head_dim
+            total += item * i.shape[1] * row
+        return total
+
+    def step(self, ids: np.ndarray, past: dict) -> tuple[np.ndarray, dict]:
+        past_len = next(iter(past.values())).shape[2]
+        feed = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((1, past_len + ids.shape[1]), np.int64), **past}
+        if "position_ids" in self.inputs:
+            feed["position_ids"] = np.arange(past_len, past_len + ids.shape[1], dtype=np.int64)[None]
+        out = dict(zip(self.outputs, self.s.run(None, feed)))
+        present = {n.replace("present.", "past_key_values."): v for n, v in out.items() if n.startswith("present.")}
+        return out["logits"], present
+
+
+def ort_generation(runner: GraphRunner, prompt: np.ndarray, new_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, median seconds per decoded token) in plain onnxruntime."""
+    t0 = time.perf_counter()
+    logits, past = runner.step(prompt, runner.empty())
+    prefill = time.perf_counter() - t0
+    steps = []
+    for _ in range(new_tokens):
+        token = np.array([[int(logits[0, -1].argmax())]])
+        t0 = time.perf_counter()
+        logits, past = runner.step(token, past)
+        steps.append(time.perf_counter() - t0)
+    return prefill, statistics.median(steps) if steps else float("nan")
+
+
+def genai_model(path: Path, threads: int):
+    import onnxruntime_genai as og
+
+    config = og.Config(str(path))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads,
+                                                                          "inter_op_num_threads": 1}}}}))
+    return og.Model(config)
+
+
+def genai_generation(model, prompt: np.ndarray, new_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, median seconds per decoded token) in onnxruntime-genai; eos is held off (min_length)."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    total = prompt.shape[1] + new_tokens
+    params.set_search_options(max_length=total, min_length=total, do_sample=False)
+    gen = og.Generator(model, params)
+    t0 = time.perf_counter()
+    gen.append_tokens(prompt.astype(np.int32))
+    prefill = time.perf_counter() - t0
+    steps = []
+    while not gen.is_done():
+        t0 = time.perf_counter()
+        gen.generate_next_token()
+        steps.append(time.perf_counter() - t0)
+    return prefill, statistics.median(steps)
+
+
+def perplexity_of(runner: GraphRunner, windows) -> float:
+    import torch
+
+    from baseq_export.evaluate import perplexity
+
+    def logits(ids):
+        return torch.from_numpy(runner.step(ids.numpy(), runner.empty())[0])
+
+    return perplexity(logits, windows, desc="perplexity").ppl
+
+
+def op_share(path: Path, threads: int, head_dim: int, prompt: np.ndarray, steps: int = 16) -> dict:
+    """Share of decode-step kernel time per op type (onnxruntime's profiler) and the part in our baseq ops.
+    The prompt runs in an unprofiled session; its cache feeds the profiled decode steps."""
+    import onnx
+
+    ours = {n.op_type for n in onnx.load(str(path / "model.onnx"), load_external_data=False).graph.node if n.domain == "baseq"}
+    logits, past = GraphRunner(ort_session(path, threads), head_dim).step(prompt, GraphRunner(ort_session(path, threads), head_dim).empty())
+    with tempfile.TemporaryDirectory() as tmp:
+        s = ort_session(path, threads, profile=str(Path(tmp) / "prof"))
+        runner = GraphRunner(s, head_dim)
+        for _ in range(steps):
+            logits, past = runner.step(np.array([[int(logits[0, -1].argmax())]]), past)
+        events = json.loads(Path(s.end_profiling()).read_text())
+    by_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e.get("args", {}).get("op_name", "?")
+            by_op[op] = by_op.get(op, 0.0) + e["dur"]
+    total = sum(by_op.values()) or 1.0
+    share = {op: round(d / total, 4) for op, d in sorted(by_op.items(), key=lambda kv: -kv[1])}
+    return {"baseq_ops_share": round(sum(d for op, d in by_op.items() if op in ours) / total, 4),
+            "decode_kernel_ms": round(total / steps / 1e3, 3), "by_op": share}
+
+
+# ------------------------------------------------------------------ the run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--artifact", action="append", default=[], metavar="LABEL=PATH",
+                    help="one of our artifacts to export and measure (repeatable); a label containing 'w4a4' also "
+                    "gets a standard-ops export")
+    ap.add_argument("--work", type=Path, default=Path("bench-onnx-work"), help="where exports are made and kept")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--windows", type=int, default=None, help="evaluation windows (default: the whole split)")
+    ap.add_argument("--json", type=Path, required=True)
+    args = ap.parse_args()
+
+    from transformers import AutoTokenizer
+
+    from baseq_export import data
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    checkpoint = save_checkpoint(args.model, args.work / "checkpoint")
+    rows = [{"label": "genai builder fp32", "path": genai_build(checkpoint, args.work / "genai-fp32", "fp32"), "ours": False},
+            {"label": "genai builder int4", "path": genai_build(checkpoint, args.work / "genai-int4", "int4"), "ours": False}]
+    for spec in args.artifact:
+        label, _, path = spec.partition("=")
+        rows.append({"label": f"ours {label}", "path": our_export(Path(path), args.work / f"ours-{label}", "custom"), "ours": True})
+        if "w4a4" in label.lower():
+            rows.append({"label": f"ours {label}, standard ops",
+                         "path": our_export(Path(path), args.work / f"ours-{label}-standard", "standard"), "ours": True})
+
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
+    hf = json.loads((checkpoint / "config.json").read_text())
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    eval_tokens = data.tokenize(tokenizer, data.embedded_text("eval"))
+    windows = data.token_windows(eval_tokens, 512, args.windows)
+    short = np.array([tokenizer(SHORT_PROMPT, add_special_tokens=False)["input_ids"]])
+    long = eval_tokens[:LONG_CONTEXT].numpy()[None]
+    prefill = eval_tokens[LONG_CONTEXT:LONG_CONTEXT + PREFILL].numpy()[None]
+
+    for r in rows:  # sizes, accuracy: no timing
+        runner = GraphRunner(ort_session(r["path"], args.threads), head_dim)
+        r["bytes"] = model_bytes(r["path"])
+        r["kv_bytes_per_token"] = runner.kv_bytes_per_token()
+        r["ppl"] = perplexity_of(runner, windows)
+        print(f"{r['label']}: {r['bytes'] / 1e6:.1f} MB, KV {r['kv_bytes_per_token']} B/token, perplexity {r['ppl']:.4f}", flush=True)
+
+    busy_before = require_idle()
+    runners = {r["label"]: (genai_model(r["path"], args.threads) if (r["path"] / "genai_config.json").is_file() else None,
+                            GraphRunner(ort_session(r["path"], args.threads), head_dim)) for r in rows}
+    timings: dict[str, dict[str, list[float]]] = {r["label"]: {} for r in rows}
+    for rep in range(args.repeats + 1):  # the first round warms up and is not counted
+        for r in rows:
+            genai, runner = runners[r["label"]]
+            runs = {}
+            if genai is not None:
+                runs["genai_decode_short"] = genai_generation(genai, short, NEW_TOKENS)[1]
+                runs["genai_decode_1024"] = genai_generation(genai, long, NEW_TOKENS)[1]
+                runs["genai_prefill_512"] = genai_generation(genai, prefill, 1)[0]
+            if r["ours"]:
+                runs["ort_decode_short"] = ort_generation(runner, short, NEW_TOKENS)[1]
+                runs["ort_decode_1024"] = ort_generation(runner, long, NEW_TOKENS)[1]
+                runs["ort_prefill_512"] = ort_generation(runner, prefill, 0)[0]
+            if rep:
+                for k, v in runs.items():
+                    timings[r["label"]].setdefault(k, []).append(v)
+        print(f"round {rep} done (CPU busy {require_idle(seconds=0.5):.0%})", flush=True)
+    busy_after = require_idle()
+
+    base = None
+    for r in rows:
+        t = {k: statistics.median(v) for k, v in timings[r["label"]].items()}
+        for k, v in t.items():
+            r[k.replace("decode", "decode_tok_s").replace("prefill", "prefill_tok_s")] = (PREFILL if "prefill" in k else 1) / v
+        if r["label"] == "genai builder int4":
+            base = r
+        if r["ours"]:
+            r.update(op_share(r["path"], args.threads, head_dim, short))
+    for r in rows:
+        for k in [k for k in r if k.endswith(("_short", "_1024", "_512")) and "tok_s" in k and base and k in base]:
+            r[k + "_vs_genai_int4"] = round(r[k] / base[k], 3)
+        r["path"] = str(r["path"])
+        cols = ", ".join(f"{k} {r[k]:.1f}" for k in r if "tok_s" in k and not k.endswith("int4"))
+        print(f"{r['label']}: {r['bytes'] / 1e6:.1f} MB, ppl {r['ppl']:.4f}, {cols}")
+    args.json.write_text(json.dumps({"machine": machine(), "threads": args.threads, "repeats": args.repeats,
+                                     "busy_before": busy_before, "busy_after": busy_after, "windows": int(windows.shape[0]),
+                                     "new_tokens": NEW_TOKENS, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
