@@ -1,5 +1,6 @@
 """ONNX exports side by side in one run: onnxruntime-genai's own builder exports and ours.
 
+    pip install -e ".[bench]"
     python tools/bench_onnx.py --json OUT [--model default|DIR] [--artifact LABEL=X.baseq ...] [--repeats 3]
 
 Makes a local Hugging Face checkpoint of --model (the default model's GGUF saved as safetensors,
