@@ -224,10 +224,18 @@ def test_packed_int4_kv_cache_gives_the_same_logits(tmp_path, arch):
     m = from_hf_model(tiny_hf_model(arch, dtype=torch.float32, **({"sliding_window": 6} if arch == "mistral" else {})))
     calib = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))
     art_path = save_artifact(tmp_path / "m.baseq", ARTIFACTS["w4a4kv4-baseq"](m, calib))
-    flt = OnnxModel(export_onnx(art_path, tmp_path / "float", ops="custom"), threads=1)
+    float_dir = export_onnx(art_path, tmp_path / "float", ops="custom")
+    flt = OnnxModel(float_dir, threads=1, kv_cache="float")
     packed_dir = export_onnx(art_path, tmp_path / "int4", kv_cache="int4")
     assert not (packed_dir / "genai_config.json").exists()
     pk = OnnxModel(packed_dir, threads=1)
+    # the default (float-cache, genai) export also carries the packed-cache graph for onnxruntime, on the same
+    # weights file: onnxruntime runs it by default
+    both = OnnxModel(float_dir, threads=1)
+    assert both.kv_cache == "int4" and (float_dir / "genai_config.json").is_file()
+    assert (float_dir / "model.kv4.onnx").stat().st_size < 0.2 * (float_dir / "model.onnx.data").stat().st_size
+    np.testing.assert_array_equal(both.logits(torch.from_numpy(ids0 := torch.randint(0, 96, (2, 9)).numpy())).numpy(),
+                                  flt.logits(torch.from_numpy(ids0)).numpy())
     ids = torch.randint(0, 96, (2, 14), generator=torch.Generator().manual_seed(3)).numpy()
     lf, past_f = flt.step(ids[:, :9], flt.empty_cache(2))
     lp, past_p = pk.step(ids[:, :9], pk.empty_cache(2))

@@ -13,13 +13,14 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from ..models.base import ModelConfig
 from ..qmodel import Artifact, load_artifact, staged_dir
 from .onnx_genai import GenaiBackend, write_genai_config
 from .onnx_model import KV_CACHE_CHOICES, build_model
-from .onnx_runtime import DATA_FILE, MANIFEST, MODEL_FILE, OnnxModel
+from .onnx_runtime import DATA_FILE, KV4_MODEL_FILE, MANIFEST, MODEL_FILE, OnnxModel
 
 NAME = "onnx"
 BACKENDS = ("onnxruntime", "onnxruntime-genai")
@@ -119,13 +120,45 @@ def write(artifact: str | Path, out: str | Path, force: bool = False, max_length
         for f in artifact.iterdir():
             if is_tokenizer_file(f.name):
                 shutil.copy2(f, tmp / f.name)
+        runner = {"model": MODEL_FILE, "kv_cache": kv_cache}
         if kv_cache == "float":  # genai allocates float past/present itself; it cannot hold our packed rows
             write_genai_config(tmp, ModelConfig.from_dict(art.model), art, max_length,
                                library.name if library is not None else None)
+            if ops == "custom" and art.quant.get("kv_bits") == 4:  # onnxruntime gets the packed cache all the same
+                save_sharing_weights(build_model(art, max_length, ops, "int4"), tmp / KV4_MODEL_FILE, tmp / MODEL_FILE)
+                files.append(KV4_MODEL_FILE)
+                runner = {"model": KV4_MODEL_FILE, "kv_cache": "int4"}
         manifest = {"format": MANIFEST_FORMAT, "artifact": str(artifact.resolve()), "quant": art.quant,
-                    "model": art.model, "max_length": max_length, "ops": ops, "kv_cache": kv_cache, "files": files}
+                    "model": art.model, "max_length": max_length, "ops": ops, "kv_cache": kv_cache,
+                    "onnxruntime": runner, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
+
+
+def save_sharing_weights(model: onnx.ModelProto, path: Path, saved: Path) -> None:
+    """Save model at path with every initializer that the saved model at `saved` holds identically pointing into
+    that model's external data file (no second copy on disk); the rest stays inside the graph file."""
+    from onnx import external_data_helper, numpy_helper
+
+    data = saved.parent / DATA_FILE
+    blob = np.memmap(data, dtype=np.uint8, mode="r") if data.is_file() else None
+    index = {}
+    for t in onnx.load(str(saved), load_external_data=False).graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            index[t.name] = (t.data_type, tuple(t.dims), int(info.get("offset", 0)), int(info["length"]))
+    for t in model.graph.initializer:
+        hit = index.get(t.name)
+        if hit is None or blob is None or (t.data_type, tuple(t.dims)) != hit[:2]:
+            continue
+        raw = numpy_helper.to_array(t).tobytes()
+        offset, length = hit[2:]
+        if len(raw) != length or blob[offset:offset + length].tobytes() != raw:
+            continue  # same name, other values: keep this graph's own copy
+        external_data_helper.set_external_data(t, DATA_FILE, offset, length)  # sets data_location EXTERNAL
+        t.ClearField("raw_data")
+    onnx.save_model(model, str(path))
+    onnx.checker.check_model(str(path))
 
 
 def open(path: str | Path, backend: str | None = None, threads: int | None = None, **_options):

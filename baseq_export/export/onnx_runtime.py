@@ -13,6 +13,7 @@ from ..models.base import ModelConfig
 from .onnx_model import kv_row_width
 
 MODEL_FILE = "model.onnx"
+KV4_MODEL_FILE = "model.kv4.onnx"  # the same model with the packed 4-bit KV cache, sharing model.onnx.data
 DATA_FILE = "model.onnx.data"
 MANIFEST = "manifest.json"
 
@@ -34,13 +35,22 @@ class OnnxModel:
 
     label = "onnxruntime"
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, kv_cache: str | None = None):
+        """kv_cache: run the export's graph with this cache ("float": the genai graph; "int4": packed), default
+        the export's onnxruntime graph (packed when the export carries one)."""
         import onnxruntime as ort
 
         path = Path(path)
         manifest = read_manifest(path)
         self.config = ModelConfig.from_dict(manifest["model"])
-        self.kv_cache = manifest.get("kv_cache", "float")
+        # an export may carry a second graph for onnxruntime (packed KV cache) beside genai's float-cache one
+        main = {"model": MODEL_FILE, "kv_cache": manifest.get("kv_cache", "float")}
+        runner = manifest.get("onnxruntime", main)
+        if kv_cache not in (None, runner["kv_cache"]):
+            if kv_cache != main["kv_cache"]:
+                raise ValueError(f"{path} has no graph with a {kv_cache} KV cache; export it with --kv-cache {kv_cache}")
+            runner = main
+        self.kv_cache, self.model_file = runner["kv_cache"], runner["model"]
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -50,7 +60,7 @@ class OnnxModel:
                 raise FileNotFoundError(f"{path} was exported with custom ops but its op library is missing; "
                                         "re-export it (or export with --ops standard)")
             opts.register_custom_ops_library(str((path / libs[0]).resolve()))
-        self.session = ort.InferenceSession(str(path / MODEL_FILE), opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path / self.model_file), opts, providers=["CPUExecutionProvider"])
 
     def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
         cfg = self.config
