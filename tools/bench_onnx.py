@@ -204,7 +204,8 @@ def op_share(path: Path, threads: int, head_dim: int, prompt: np.ndarray, steps:
     import onnx
 
     ours = {n.op_type for n in onnx.load(str(path / "model.onnx"), load_external_data=False).graph.node if n.domain == "baseq"}
-    logits, past = GraphRunner(ort_session(path, threads), head_dim).step(prompt, GraphRunner(ort_session(path, threads), head_dim).empty())
+    plain = GraphRunner(ort_session(path, threads), head_dim)
+    logits, past = plain.step(prompt, plain.empty())
     with tempfile.TemporaryDirectory() as tmp:
         s = ort_session(path, threads, profile=str(Path(tmp) / "prof"))
         runner = GraphRunner(s, head_dim)

@@ -23,6 +23,7 @@ named in TARGETS, and nothing else.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 from pathlib import Path
 from types import ModuleType
@@ -41,6 +42,12 @@ class Backend(Protocol):
     def logits(self, ids: torch.Tensor) -> torch.Tensor: ...
 
     def greedy(self, prompt_ids: list[int], max_new_tokens: int | None = None) -> Iterator[int]: ...
+
+
+def option_default(value, sub: bool):
+    """A CLI option's default: the value on the main parser, SUPPRESS on a subcommand, so `baseq-export --x V sub`
+    and `baseq-export sub --x V` mean the same and a subcommand never masks the main parser's value."""
+    return argparse.SUPPRESS if sub else value
 
 
 def target(name: str) -> ModuleType:

@@ -25,6 +25,7 @@ import numpy as np
 from ..models.base import LINEARS, ModelConfig, linear_in_features
 from ..qmodel import Artifact, is_online_param, load_artifact
 from ..quant import GGML_BLOCK
+from . import option_default
 from .gguf_meta import FORMAT_KEY, FORMAT_VALUE, add_hparams, add_tokenizer, context_length, rope_factors
 from .gguf_tensors import ARCHS, HEAD_TYPES, QT, WEIGHT_TYPES, GGUFExportError, Plan, nbytes, plan_tensors
 
@@ -44,20 +45,19 @@ __all__ = ["GGUFExportError", "NAME", "BACKENDS", "add_arguments", "options", "m
 
 def add_arguments(p: argparse.ArgumentParser, sub: bool = False) -> None:
     """--gguf-weights, --gguf-head, --gguf-embed, --gguf-kv-cache, --gguf-ctx (sub: defaults SUPPRESSed)."""
-    default = (lambda v: argparse.SUPPRESS) if sub else (lambda v: v)
-    p.add_argument("--gguf-weights", choices=WEIGHT_TYPES, default=default("auto"),
+    p.add_argument("--gguf-weights", choices=WEIGHT_TYPES, default=option_default("auto", sub),
                    help="GGUF type of the 4-bit linears: auto (the artifact's own grid: Q4_0 for symmetric/q4_0-grid "
                    "weights, else Q4_1), q4_0, q4_1, or f16/f32 (the weights as floats, e.g. an unquantized model)")
-    p.add_argument("--gguf-head", choices=HEAD_TYPES, default=default("auto"),
+    p.add_argument("--gguf-head", choices=HEAD_TYPES, default=option_default("auto", sub),
                    help="GGUF type of the output (lm_head): auto = the artifact's 4-bit grid when it stores 4-bit "
                    "heads, else q8_0")
-    p.add_argument("--gguf-embed", choices=HEAD_TYPES, default=default(None),
+    p.add_argument("--gguf-embed", choices=HEAD_TYPES, default=option_default(None, sub),
                    help="GGUF type of the token embedding (default: the --gguf-head type; a tied embedding is written "
                    "once when both types agree)")
-    p.add_argument("--gguf-kv-cache", choices=KV_CACHE_TYPES, default=default("f16"),
+    p.add_argument("--gguf-kv-cache", choices=KV_CACHE_TYPES, default=option_default("f16", sub),
                    help="llama.cpp KV cache type when running a GGUF (eval/run): f16 (llama.cpp's default), f32, or "
                    "quantized q8_0 / q4_0 (these turn on flash attention, which a quantized V cache needs)")
-    p.add_argument("--gguf-ctx", type=int, default=default(None),
+    p.add_argument("--gguf-ctx", type=int, default=option_default(None, sub),
                    help="context length written to the GGUF (default: the source model's)")
 
 

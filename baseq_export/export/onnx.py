@@ -18,6 +18,7 @@ import onnx
 
 from ..models.base import ModelConfig
 from ..qmodel import Artifact, load_artifact, staged_dir
+from . import option_default
 from .onnx_genai import GenaiBackend, write_genai_config
 from .onnx_model import KV_CACHE_CHOICES, build_model
 from .onnx_runtime import DATA_FILE, KV4_MODEL_FILE, MANIFEST, MODEL_FILE, OnnxModel
@@ -31,11 +32,10 @@ DEFAULT_MAX_LENGTH = 2048
 
 def add_arguments(p: argparse.ArgumentParser, sub: bool = False) -> None:
     """--ops and --kv-cache (sub: defaults SUPPRESSed so a subcommand does not mask the main options)."""
-    default = (lambda v: argparse.SUPPRESS) if sub else (lambda v: v)
-    p.add_argument("--ops", choices=OPS_OPTIONS, default=default("auto"),
+    p.add_argument("--ops", choices=OPS_OPTIONS, default=option_default("auto", sub),
                    help="ONNX online parts as our C++ custom ops (custom), as standard ONNX ops for runtimes that cannot "
                    "load our library (standard), or custom when the library builds here, else standard (auto, default)")
-    p.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, default=default("float"),
+    p.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, default=option_default("float", sub),
                    help="ONNX KV cache: float32 values on the 4-bit grid (default; onnxruntime-genai runs it), or packed "
                    "4-bit codes + per-token scale/zero (int4: about 6x smaller, onnxruntime with our ops only)")
 
