@@ -3,12 +3,16 @@
 // additive mask, MaskedSoftmax, MatMul) plus the Concat of past and new rows computes, i.e.
 // models.base.attend(exact=True), reading the float32 (or packed 4-bit) cache directly.
 //
-//   Attention(Q [B, H, T, hd], K [B, kvH, T, hd], V [B, kvH, T, hd], past_K [B, kvH, P, hd],
-//             past_V [B, kvH, P, hd], attention_mask int64 [B, P + T])
-//     -> out [B, T, H * hd], present_K [B, kvH, P + T, hd], present_V [B, kvH, P + T, hd]
+//   Attention(Q [B, H, T, hd], K [B, kvH, T, hd], V [B, kvH, T, hd], past_K [B, kvH, C, hd],
+//             past_V [B, kvH, C, hd], attention_mask int64 [B, P + T])
+//     -> out [B, T, H * hd], present_K [B, kvH, C', hd], present_V [B, kvH, C', hd]
+//   The past length P is the mask's length minus T. A growing cache has C = P and C' = P + T. A
+//   cache buffer (onnxruntime-genai's shared past/present buffer) has C > P: present has the
+//   past's shape, C' = C >= P + T, and the new rows are written at rows P .. P + T - 1; when
+//   present is bound to the past's own memory nothing else is copied.
 //   AttentionKV4(Q, K, V, past_K uint8 [B, kvH, P, hd/2 + 8], past_V uint8 [...], attention_mask,
 //                k_clip [1 or kvH], v_clip [1 or kvH])
-//     -> out, present_K uint8 [B, kvH, P + T, hd/2 + 8], present_V uint8 [...]
+//     -> out, present_K uint8 [B, kvH, C', hd/2 + 8], present_V uint8 [...]
 //     the new rows are quantized and packed as KVQuantPack does (kv_rows.h); every cache row is
 //     read as KVUnpack's float32 values, which equal QuantDequant's: same results as Attention on
 //     the fake-quantized float cache.
@@ -17,18 +21,19 @@
 // Query t of batch b sits at position P + t; key j is visible iff j <= P + t, attention_mask[b, j]
 // != 0 and (window) j > P + t - window. Head h reads KV head h / (H / kvH). Per query row:
 //   s_j = (sum_d double(q_d) * double(k_jd)) * (1 / sqrt(hd)) + (visible ? 0 : -1e9)
-//   p = MaskedSoftmaxRow(s) (float64, softmax_row.h);  out_d = float(sum_j p_j * double(v_jd))
-// The dot products sum four interleaved partial sums (d mod 4), then ((s0 + s1) + (s2 + s3));
-// out_d sums over keys in increasing j (attention_rows.h: one source, compiled for SSE2, AVX2 and
-// AVX-512 and picked at run time; every copy gives the same bits). Rows with at least one visible key skip the invisible
+//   p = softmax(s) (float64);  out_d = float(sum_j p_j * double(v_jd))
+// with the dot products, softmax and sums of attention_rows.h (one source, compiled for the
+// baseline, AVX2+FMA and AVX-512 and picked at run time; every copy gives the same bits; float64
+// rounding differs from another float64 implementation's in the last bits, which the final
+// float32 rounding almost always hides). Rows with at least one visible key skip the invisible
 // ones (their probability is exactly 0): a NaN or Inf held only by invisible keys or values does
 // not reach the output, where the op chain would propagate it. A row with no visible key (a
 // padding query) is computed over all keys, as the chain does.
 #include "attention_kernels.h"
 #include "common.h"
+#include "hadamard_rows.h"
 #include "kv_rows.h"
 #include "ops.h"
-#include "softmax_row.h"
 
 #include <cmath>
 #include <cstring>
@@ -38,9 +43,13 @@ namespace {
 
 constexpr double kMaskValue = -1e9;  // the exporter's additive mask (onnx_model.MASKED)
 constexpr int64_t kQueryChunk = 16;  // query rows per parallel task at prefill
+constexpr int64_t kUnpackRows = 256; // packed cache rows per parallel unpack task
+constexpr int64_t kSerialWork = 1 << 16;  // below this many multiply-adds (or values) one thread does it all
 
 struct Dims {
   int64_t batch, heads, kv_heads, groups, new_len, past_len, total_len, head_dim;
+  int64_t past_rows;     // rows of past_K (P, or the buffer's capacity C)
+  int64_t present_rows;  // rows of present_K (P + T, or C)
 };
 
 Ort::Status CheckDims(const std::string& op, const std::vector<int64_t>& q, const std::vector<int64_t>& k,
@@ -59,19 +68,24 @@ Ort::Status CheckDims(const std::string& op, const std::vector<int64_t>& q, cons
                  std::to_string(row) + "]" + (packed ? " (packed rows: head_dim/2 codes + scale + zero)" : "") +
                  ", got " + ShapeStr(pk));
   if (pv != pk) return Error(op + ": past_V must have past_K's shape " + ShapeStr(pk) + ", got " + ShapeStr(pv));
-  if (mask.size() != 2 || mask[0] != q[0] || mask[1] != pk[2] + q[2])
+  const int64_t past = mask.size() == 2 ? mask[1] - q[2] : -1;
+  if (mask.size() != 2 || mask[0] != q[0] || past < 0 || mask[1] > std::max(pk[2], pk[2] + q[2]) ||
+      (past < pk[2] && mask[1] > pk[2]))
     return Error(op + ": attention_mask must be [batch, past + seq] = [" + std::to_string(q[0]) + ", " +
-                 std::to_string(pk[2] + q[2]) + "], got " + ShapeStr(mask));
-  *d = Dims{q[0], q[1], k[1], q[1] / k[1], q[2], pk[2], pk[2] + q[2], hd};
+                 std::to_string(pk[2] + q[2]) + "] (a growing cache) or at most [" + std::to_string(q[0]) + ", " +
+                 std::to_string(pk[2]) + "] (past_K a KV buffer of " + std::to_string(pk[2]) + " rows), got " +
+                 ShapeStr(mask));
+  const bool buffer = pk[2] > past;
+  *d = Dims{q[0], q[1], k[1], q[1] / k[1], q[2], past, past + q[2], hd, pk[2], buffer ? pk[2] : past + q[2]};
   return Ort::Status{nullptr};
 }
 
-// Query rows [t0, t1) of every head reading KV head kvh of batch b, against its cache rows
-// k_rows, v_rows (float32 [total_len][hd]); writes out rows of [B, T, H * hd].
+// Query rows [t0, t1) of heads [g0, g1) of KV head kvh of batch b (head kvh * G + g), against the
+// KV head's cache rows k_rows, v_rows (float32 [total_len][hd]); writes out rows of [B, T, H * hd].
 void AttendChunk(const attn::Kernels& kern, const Dims& d, int64_t window, const float* q_all, const float* k_rows,
-                 const float* v_rows, const int64_t* mask_b, int64_t b, int64_t kvh, int64_t t0, int64_t t1,
-                 float* out_all) {
-  const int64_t S = d.total_len, hd = d.head_dim, G = d.groups;
+                 const float* v_rows, const int64_t* mask_b, int64_t b, int64_t kvh, int64_t g0, int64_t g1, int64_t t0,
+                 int64_t t1, float* out_all) {
+  const int64_t S = d.total_len, hd = d.head_dim, G = g1 - g0;
   std::vector<double> work(static_cast<size_t>(2 * G * S + 2 * G * hd));
   std::vector<uint8_t> visible(static_cast<size_t>(S));
   double* scores = work.data();   // [G][S]
@@ -89,7 +103,7 @@ void AttendChunk(const attn::Kernels& kern, const Dims& d, int64_t window, const
       any |= visible[j] != 0;
     }
     for (int64_t g = 0; g < G; ++g) {
-      const float* qr = q_all + ((b * d.heads + kvh * G + g) * d.new_len + t) * hd;
+      const float* qr = q_all + ((b * d.heads + kvh * d.groups + g0 + g) * d.new_len + t) * hd;
       for (int64_t i = 0; i < hd; ++i) q64[g * hd + i] = static_cast<double>(qr[i]);
     }
     if (any) {  // invisible keys: probability exactly 0, never computed
@@ -97,62 +111,127 @@ void AttendChunk(const attn::Kernels& kern, const Dims& d, int64_t window, const
       for (int64_t g = 0; g < G; ++g)
         for (int64_t j = j0; j < j1; ++j) scores[g * S + j] = -INFINITY;
       kern.scores(q64, G, k_rows, hd, j0, j1, visible.data(), scale, 0.0, scores, S);
-      for (int64_t g = 0; g < G; ++g) MaskedSoftmaxRow(scores + g * S + j0, probs + g * S + j0, j1 - j0);
+      for (int64_t g = 0; g < G; ++g) kern.softmax(scores + g * S + j0, probs + g * S + j0, j1 - j0);
       kern.weighted(probs, G, v_rows, hd, j0, j1, visible.data(), acc, S);
     } else {  // no visible key (a padding query): every key, masked, as the chain computes it
       kern.scores(q64, G, k_rows, hd, 0, S, nullptr, scale, kMaskValue, scores, S);
-      for (int64_t g = 0; g < G; ++g) MaskedSoftmaxRow(scores + g * S, probs + g * S, S);
+      for (int64_t g = 0; g < G; ++g) kern.softmax(scores + g * S, probs + g * S, S);
       kern.weighted(probs, G, v_rows, hd, 0, S, nullptr, acc, S);
     }
     for (int64_t g = 0; g < G; ++g) {
-      float* o = out_all + (b * d.new_len + t) * (d.heads * hd) + (kvh * G + g) * hd;
+      float* o = out_all + (b * d.new_len + t) * (d.heads * hd) + (kvh * d.groups + g0 + g) * hd;
       for (int64_t i = 0; i < hd; ++i) o[i] = static_cast<float>(acc[g * hd + i]);
     }
   }
 }
 
-// Runs body(b, kvh, t0, t1) over batch x KV heads x query chunks on onnxruntime's threads.
+// Runs body(task, count) for task in [0, count) on onnxruntime's threads.
+template <typename Body>
+void ParallelTasks(OrtKernelContext* ctx, int64_t count, Body body) {
+  if (count == 1) {
+    body(int64_t{0});
+  } else if (count > 1) {
+    auto run = [](void* data, size_t u) { (*static_cast<Body*>(data))(static_cast<int64_t>(u)); };
+    Ort::KernelContext(ctx).ParallelFor(run, static_cast<size_t>(count), 0, &body);
+  }
+}
+
+// Runs body(b, kvh, g0, g1, t0, t1) over batch x KV heads x query chunks on onnxruntime's threads;
+// a few query rows (decoding) are split by head instead, so that the threads share the work.
 template <typename Body>
 void ForChunks(OrtKernelContext* ctx, const Dims& d, Body body) {
   const int64_t chunk = d.new_len <= kQueryChunk ? std::max<int64_t>(d.new_len, 1) : kQueryChunk;
   const int64_t chunks = (d.new_len + chunk - 1) / chunk;
-  const int64_t units = d.batch * d.kv_heads * chunks;
-  struct Job {
-    Body* body;
-    int64_t kv_heads, chunks, chunk, new_len;
-  } job{&body, d.kv_heads, chunks, chunk, d.new_len};
-  auto run = [](void* data, size_t u) {
-    auto* j = static_cast<Job*>(data);
-    const int64_t i = static_cast<int64_t>(u);
-    const int64_t c = i % j->chunks, kvh = (i / j->chunks) % j->kv_heads, b = i / (j->chunks * j->kv_heads);
-    (*j->body)(b, kvh, c * j->chunk, std::min(j->new_len, (c + 1) * j->chunk));
-  };
-  if (units == 1) {
-    run(&job, 0);
-  } else if (units > 1) {
-    Ort::KernelContext(ctx).ParallelFor(run, static_cast<size_t>(units), 0, &job);
-  }
+  const int64_t splits = chunks == 1 ? d.groups : 1, per_split = d.groups / splits;
+  ParallelTasks(ctx, d.batch * d.kv_heads * splits * chunks, [&](int64_t i) {
+    const int64_t c = i % chunks, s = (i / chunks) % splits, kvh = (i / (chunks * splits)) % d.kv_heads;
+    const int64_t b = i / (chunks * splits * d.kv_heads);
+    body(b, kvh, s * per_split, (s + 1) * per_split, c * chunk, std::min(d.new_len, (c + 1) * chunk));
+  });
 }
 
-// present = concat(past, new) along the sequence axis, row by row (`row` elements per token).
-template <typename T>
-void Append(const T* past, const T* fresh, T* present, const Dims& d, int64_t row) {
+// present = the past rows, then the new ones (`row` elements per token, `fresh` rows made by
+// write_new(bh, t, dst)). A growing cache is copied; in a buffer the new rows go to rows P ..,
+// and the past rows are copied (and the rest zeroed) only when present is not the past's memory.
+template <typename T, typename WriteNew>
+void Append(const T* past, T* present, const Dims& d, int64_t row, WriteNew write_new) {
+  const bool same = static_cast<const void*>(past) == static_cast<const void*>(present);
   for (int64_t bh = 0; bh < d.batch * d.kv_heads; ++bh) {
-    std::memcpy(present + bh * d.total_len * row, past + bh * d.past_len * row, sizeof(T) * d.past_len * row);
-    std::memcpy(present + (bh * d.total_len + d.past_len) * row, fresh + bh * d.new_len * row, sizeof(T) * d.new_len * row);
+    T* dst = present + bh * d.present_rows * row;
+    if (!same) {
+      std::memcpy(dst, past + bh * d.past_rows * row, sizeof(T) * d.past_len * row);
+      std::memset(dst + d.total_len * row, 0, sizeof(T) * (d.present_rows - d.total_len) * row);
+    }
+    for (int64_t t = 0; t < d.new_len; ++t) write_new(bh, t, dst + (d.past_len + t) * row);
   }
 }
 
-// The widest float64 loop set this CPU runs (all give the same bits).
-attn::Kernels WidestKernels() {
-  attn::Kernels all[4];
-  const int n = attn::AvailableKernels(all, 4);
-  return all[n - 1];
+// The float-cache attention on q [B, H, T, hd], k, v [B, kvH, T, hd] (already checked as d): the
+// cache append into present, then every query row.
+void RunFloatCache(OrtKernelContext* ctx, const attn::Kernels& kern, int64_t window, const Dims& d, const float* qd,
+                   const float* kd, const float* vd, const float* past_k, const float* past_v, const int64_t* md,
+                   float* o, float* pk, float* pv) {
+  const int64_t hd = d.head_dim;
+  if (d.batch == 0 || d.kv_heads == 0 || hd == 0) return;
+  const size_t bytes = sizeof(float) * hd;
+  Append(past_k, pk, d, hd, [&](int64_t bh, int64_t t, float* dst) { std::memcpy(dst, kd + (bh * d.new_len + t) * hd, bytes); });
+  Append(past_v, pv, d, hd, [&](int64_t bh, int64_t t, float* dst) { std::memcpy(dst, vd + (bh * d.new_len + t) * hd, bytes); });
+  if (d.new_len == 0) return;
+  ForChunks(ctx, d, [&](int64_t b, int64_t kvh, int64_t g0, int64_t g1, int64_t t0, int64_t t1) {
+    const int64_t at = (b * d.kv_heads + kvh) * d.present_rows * hd;
+    AttendChunk(kern, d, window, qd, pk + at, pv + at, md + b * d.total_len, b, kvh, g0, g1, t0, t1, o);
+  });
+}
+
+// The packed-cache attention: the new rows quantized and packed (KVQuantPack) after the past ones,
+// every cache row unpacked once (KVUnpack's floats, the same as QuantDequant's), then every query row.
+void RunPackedCache(OrtKernelContext* ctx, const attn::Kernels& kern, int64_t window, const Dims& d, const float* qd,
+                    const float* kd, const float* vd, const uint8_t* past_k, const uint8_t* past_v, const int64_t* md,
+                    const float* kc, bool k_per_head, const float* vc, bool v_per_head, float* o, uint8_t* pk,
+                    uint8_t* pv) {
+  const int64_t hd = d.head_dim, row = PackedRowWidth(hd);
+  if (d.batch == 0 || d.kv_heads == 0) return;
+  Append(past_k, pk, d, row, [&](int64_t bh, int64_t t, uint8_t* dst) {
+    PackKvRow(kd + (bh * d.new_len + t) * hd, hd, kc[k_per_head ? bh % d.kv_heads : 0], dst);
+  });
+  Append(past_v, pv, d, row, [&](int64_t bh, int64_t t, uint8_t* dst) {
+    PackKvRow(vd + (bh * d.new_len + t) * hd, hd, vc[v_per_head ? bh % d.kv_heads : 0], dst);
+  });
+  if (d.new_len == 0) return;
+  const int64_t S = d.total_len, heads = d.batch * d.kv_heads;
+  const int64_t blocks = S * hd < kSerialWork ? 1 : (S + kUnpackRows - 1) / kUnpackRows, per_block = (S + blocks - 1) / blocks;
+  std::vector<float> rows(static_cast<size_t>(2 * heads * S * hd));
+  auto unpack = [&](int64_t i) {
+    const int64_t bh = i / blocks, j0 = (i % blocks) * per_block, j1 = std::min(S, j0 + per_block);
+    const uint8_t *sk = pk + bh * d.present_rows * row, *sv = pv + bh * d.present_rows * row;
+    float *dk = rows.data() + 2 * bh * S * hd, *dv = dk + S * hd;
+    for (int64_t j = j0; j < j1; ++j) {
+      UnpackKvRow(sk + j * row, hd, dk + j * hd);
+      UnpackKvRow(sv + j * row, hd, dv + j * hd);
+    }
+  };
+  if (heads * S * hd < kSerialWork) {
+    for (int64_t i = 0; i < heads * blocks; ++i) unpack(i);
+  } else {
+    ParallelTasks(ctx, heads * blocks, unpack);
+  }
+  ForChunks(ctx, d, [&](int64_t b, int64_t kvh, int64_t g0, int64_t g1, int64_t t0, int64_t t1) {
+    const float* kr = rows.data() + 2 * (b * d.kv_heads + kvh) * S * hd;
+    AttendChunk(kern, d, window, qd, kr, kr + S * hd, md + b * d.total_len, b, kvh, g0, g1, t0, t1, o);
+  });
+}
+
+Ort::Status CheckClips(const std::string& op, const Tensor<float>& k_clip, const Tensor<float>& v_clip, int64_t kv_heads) {
+  for (const Tensor<float>* clip : {&k_clip, &v_clip})
+    if (clip->NumberOfElement() != 1 && clip->NumberOfElement() != kv_heads)
+      return Error(op + ": k_clip and v_clip must hold 1 value or one per KV head (" + std::to_string(kv_heads) +
+                   "), got " + ShapeStr(clip->Shape()));
+  return Ort::Status{nullptr};
 }
 
 struct Attention {
   int64_t window = 0;
-  attn::Kernels kernels = WidestKernels();
+  attn::Kernels kernels = attn::WidestKernels();
 
   Attention(const OrtApi* api, const OrtKernelInfo* info) : window(IntAttribute(api, info, "window", 0)) {
     if (window < 0) ORT_CXX_API_THROW("baseq.Attention: attribute window must be >= 0 (0 = none)", ORT_INVALID_ARGUMENT);
@@ -168,25 +247,16 @@ struct Attention {
       return st;
     const int64_t hd = d.head_dim;
     float* o = out.Allocate({d.batch, d.new_len, d.heads * hd});
-    float* pk = present_k.Allocate({d.batch, d.kv_heads, d.total_len, hd});
-    float* pv = present_v.Allocate({d.batch, d.kv_heads, d.total_len, hd});
-    if (d.batch == 0 || d.kv_heads == 0 || hd == 0) return Ort::Status{nullptr};
-    Append(past_k.Data(), k.Data(), pk, d, hd);
-    Append(past_v.Data(), v.Data(), pv, d, hd);
-    if (d.new_len == 0) return Ort::Status{nullptr};
-    const float* qd = q.Data();
-    const int64_t* md = mask.Data();
-    ForChunks(ctx, d, [&](int64_t b, int64_t kvh, int64_t t0, int64_t t1) {
-      const int64_t at = (b * d.kv_heads + kvh) * d.total_len * hd;
-      AttendChunk(kernels, d, window, qd, pk + at, pv + at, md + b * d.total_len, b, kvh, t0, t1, o);
-    });
+    float* pk = present_k.Allocate({d.batch, d.kv_heads, d.present_rows, hd});
+    float* pv = present_v.Allocate({d.batch, d.kv_heads, d.present_rows, hd});
+    RunFloatCache(ctx, kernels, window, d, q.Data(), k.Data(), v.Data(), past_k.Data(), past_v.Data(), mask.Data(), o, pk, pv);
     return Ort::Status{nullptr};
   }
 };
 
 struct AttentionKV4 {
   int64_t window = 0;
-  attn::Kernels kernels = WidestKernels();
+  attn::Kernels kernels = attn::WidestKernels();
 
   AttentionKV4(const OrtApi* api, const OrtKernelInfo* info) : window(IntAttribute(api, info, "window", 0)) {
     if (window < 0) ORT_CXX_API_THROW("baseq.AttentionKV4: attribute window must be >= 0 (0 = none)", ORT_INVALID_ARGUMENT);
@@ -201,52 +271,160 @@ struct AttentionKV4 {
     if (auto st = CheckDims(op, q.Shape(), k.Shape(), v.Shape(), past_k.Shape(), past_v.Shape(), mask.Shape(), true, &d);
         !st.IsOK())
       return st;
-    for (const Tensor<float>* clip : {&k_clip, &v_clip})
-      if (clip->NumberOfElement() != 1 && clip->NumberOfElement() != d.kv_heads)
-        return Error(op + ": k_clip and v_clip must hold 1 value or one per KV head (" + std::to_string(d.kv_heads) +
-                     "), got " + ShapeStr(clip->Shape()));
+    if (auto st = CheckClips(op, k_clip, v_clip, d.kv_heads); !st.IsOK()) return st;
     const int64_t hd = d.head_dim, row = PackedRowWidth(hd);
     float* o = out.Allocate({d.batch, d.new_len, d.heads * hd});
-    uint8_t* pk = present_k.Allocate({d.batch, d.kv_heads, d.total_len, row});
-    uint8_t* pv = present_v.Allocate({d.batch, d.kv_heads, d.total_len, row});
-    if (d.batch == 0 || d.kv_heads == 0) return Ort::Status{nullptr};
-    // The new rows, quantized and packed (KVQuantPack), after the past ones.
-    const float *kd = k.Data(), *vd = v.Data(), *kc = k_clip.Data(), *vc = v_clip.Data();
-    const bool k_per_head = k_clip.NumberOfElement() != 1, v_per_head = v_clip.NumberOfElement() != 1;
-    for (int64_t bh = 0; bh < d.batch * d.kv_heads; ++bh) {
-      const int64_t h = bh % d.kv_heads;
-      std::memcpy(pk + bh * d.total_len * row, past_k.Data() + bh * d.past_len * row, d.past_len * row);
-      std::memcpy(pv + bh * d.total_len * row, past_v.Data() + bh * d.past_len * row, d.past_len * row);
-      for (int64_t t = 0; t < d.new_len; ++t) {
-        const int64_t src = (bh * d.new_len + t) * hd, dst = (bh * d.total_len + d.past_len + t) * row;
-        PackKvRow(kd + src, hd, kc[k_per_head ? h : 0], pk + dst);
-        PackKvRow(vd + src, hd, vc[v_per_head ? h : 0], pv + dst);
+    uint8_t* pk = present_k.Allocate({d.batch, d.kv_heads, d.present_rows, row});
+    uint8_t* pv = present_v.Allocate({d.batch, d.kv_heads, d.present_rows, row});
+    RunPackedCache(ctx, kernels, window, d, q.Data(), k.Data(), v.Data(), past_k.Data(), past_v.Data(), mask.Data(),
+                   k_clip.Data(), k_clip.NumberOfElement() != 1, v_clip.Data(), v_clip.NumberOfElement() != 1, o, pk, pv);
+    return Ort::Status{nullptr};
+  }
+};
+
+// RopeAttention / RopeAttentionKV4: what the exporter's chain before the attention op computes,
+// fused: the stacked projection qkv [B, T, (H + 2 kvH) hd] split into heads, rotary embedding on q
+// and k in float32 (x * cos + rotate_half(x) * sin, each product and the sum rounded), with
+// rotate = 1 the online Hadamard of each q and k head (baseq.Hadamard: float64, rounded once;
+// head_dim a power of two), and for the float cache with bits > 0 the per-token fake quantizer of
+// the new k and v rows (baseq.QuantDequant, clip per KV head or one); then Attention / AttentionKV4.
+//   RopeAttention(qkv, cos [T, hd], sin [T, hd], past_K, past_V, attention_mask, k_clip?, v_clip?)
+//   RopeAttentionKV4(qkv, cos, sin, past_K uint8, past_V uint8, attention_mask, k_clip, v_clip)
+//   attributes: heads, kv_heads, rotate (0/1), window, bits (RopeAttention: KV fake-quant bits, 0 = none)
+struct RopeSplit {
+  int64_t heads = 0, kv_heads = 0, rotate = 0, window = 0;
+
+  RopeSplit(const OrtApi* api, const OrtKernelInfo* info, const char* op)
+      : heads(IntAttribute(api, info, "heads", 0)), kv_heads(IntAttribute(api, info, "kv_heads", 0)),
+        rotate(IntAttribute(api, info, "rotate", 0)), window(IntAttribute(api, info, "window", 0)) {
+    if (heads < 1 || kv_heads < 1 || heads % kv_heads != 0)
+      ORT_CXX_API_THROW(std::string(op) + ": attributes heads and kv_heads must be >= 1 with heads a multiple of kv_heads",
+                        ORT_INVALID_ARGUMENT);
+    if (window < 0) ORT_CXX_API_THROW(std::string(op) + ": attribute window must be >= 0 (0 = none)", ORT_INVALID_ARGUMENT);
+  }
+
+  // q [B, H, T, hd], k, v [B, kvH, T, hd] from qkv, rotated (and rotated by R3); shapes for CheckDims.
+  Ort::Status Split(OrtKernelContext* ctx, const std::string& op, const Tensor<float>& qkv, const Tensor<float>& cos,
+                    const Tensor<float>& sin, std::vector<float>* q, std::vector<float>* k, std::vector<float>* v,
+                    std::vector<int64_t>* qs, std::vector<int64_t>* ks) const {
+    const auto& s = qkv.Shape();
+    const int64_t units = heads + 2 * kv_heads;
+    if (s.size() != 3 || s[2] % units != 0 || (s[2] / units) % 2 != 0)
+      return Error(op + ": qkv must be [batch, seq, (heads + 2 kv_heads) x head_dim] with an even head_dim, got " +
+                   ShapeStr(s) + " for " + std::to_string(heads) + " heads and " + std::to_string(kv_heads) + " KV heads");
+    const int64_t B = s[0], T = s[1], hd = s[2] / units, half = hd / 2;
+    if (rotate && (hd & (hd - 1)) != 0)
+      return Error(op + ": rotate = 1 needs a power-of-two head_dim, got " + std::to_string(hd));
+    const std::vector<int64_t> want{T, hd};
+    if (cos.Shape() != want || sin.Shape() != want)
+      return Error(op + ": cos and sin must be [seq, head_dim] = " + ShapeStr(want) + ", got " + ShapeStr(cos.Shape()) +
+                   " and " + ShapeStr(sin.Shape()));
+    *qs = {B, heads, T, hd};
+    *ks = {B, kv_heads, T, hd};
+    q->resize(static_cast<size_t>(B * heads * T * hd));
+    k->resize(static_cast<size_t>(B * kv_heads * T * hd));
+    v->resize(k->size());
+    const float *in = qkv.Data(), *cs = cos.Data(), *sn = sin.Data();
+    const double norm = 1.0 / std::sqrt(static_cast<double>(hd));
+    ForRows(ctx, B * T, s[2] * 8, [&](int64_t first, int64_t end) {
+      std::vector<double> work(static_cast<size_t>(hd));
+      for (int64_t r = first; r < end; ++r) {
+        const int64_t b = r / T, t = r % T;
+        const float* src = in + r * s[2];
+        const float *c = cs + t * hd, *sv = sn + t * hd;
+        for (int64_t u = 0; u < units; ++u) {
+          const float* x = src + u * hd;
+          const bool is_q = u < heads, is_v = u >= heads + kv_heads;
+          const int64_t h = is_q ? u : (is_v ? u - heads - kv_heads : u - heads);
+          float* dst = (is_q ? q->data() + (b * heads + h) * T * hd : (is_v ? v->data() : k->data()) + (b * kv_heads + h) * T * hd) + t * hd;
+          if (is_v) {
+            std::memcpy(dst, x, sizeof(float) * hd);
+            continue;
+          }
+          for (int64_t i = 0; i < hd; ++i) {
+            const float rotated = i < half ? -x[i + half] : x[i - half];
+            dst[i] = x[i] * c[i] + rotated * sv[i];
+          }
+          if (rotate) {
+            for (int64_t i = 0; i < hd; ++i) work[i] = static_cast<double>(dst[i]) * norm;
+            Butterfly(work.data(), hd);
+            for (int64_t i = 0; i < hd; ++i) dst[i] = static_cast<float>(work[i]);
+          }
+        }
       }
-    }
-    if (d.new_len == 0) return Ort::Status{nullptr};
-    const float* qd = q.Data();
-    const int64_t* md = mask.Data();
-    ForChunks(ctx, d, [&](int64_t b, int64_t kvh, int64_t t0, int64_t t1) {
-      // This KV head's rows as KVUnpack's float32 values (the same floats as QuantDequant's).
-      // Only the rows some query of the chunk can see: [lo, hi), or all when a query sees none.
-      const int64_t* mb = md + b * d.total_len;
-      int64_t lo = window > 0 ? std::max<int64_t>(0, d.past_len + t0 - window + 1) : 0;
-      int64_t hi = std::min(d.total_len, d.past_len + t1);
-      for (int64_t t = t0; t < t1 && hi - lo < d.total_len; ++t) {
-        const int64_t pos = d.past_len + t, j0 = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
-        bool any = false;
-        for (int64_t j = j0; j <= pos && !any; ++j) any = mb[j] != 0;
-        if (!any) lo = 0, hi = d.total_len;
-      }
-      std::vector<float> rows(static_cast<size_t>(2 * d.total_len * hd));
-      const int64_t at = (b * d.kv_heads + kvh) * d.total_len * row;
-      for (int64_t j = lo; j < hi; ++j) {
-        UnpackKvRow(pk + at + j * row, hd, rows.data() + j * hd);
-        UnpackKvRow(pv + at + j * row, hd, rows.data() + (d.total_len + j) * hd);
-      }
-      AttendChunk(kernels, d, window, qd, rows.data(), rows.data() + d.total_len * hd, md + b * d.total_len, b, kvh, t0,
-                  t1, o);
     });
+    return Ort::Status{nullptr};
+  }
+};
+
+// The per-token fake quantizer (QuantDequant's arithmetic) on rows [B, kvH, T, hd] in place.
+void FakeQuantRows(float* x, const Dims& d, const float* clip, bool per_head, int64_t bits) {
+  const float qmax = static_cast<float>((1 << bits) - 1);
+  const int64_t hd = d.head_dim;
+  for (int64_t r = 0; r < d.batch * d.kv_heads * d.new_len; ++r) {
+    float* row = x + r * hd;
+    const RowQParams p = RowQParamsOf(row, hd, clip[per_head ? (r / d.new_len) % d.kv_heads : 0], qmax);
+    for (int64_t i = 0; i < hd; ++i) row[i] = (Code(row[i], p, qmax) - p.zero) * p.scale;
+  }
+}
+
+struct RopeAttention : RopeSplit {
+  int64_t bits = 0;
+  attn::Kernels kernels = attn::WidestKernels();
+
+  RopeAttention(const OrtApi* api, const OrtKernelInfo* info)
+      : RopeSplit(api, info, "baseq.RopeAttention"), bits(IntAttribute(api, info, "bits", 0)) {
+    if (bits < 0 || bits > 8) ORT_CXX_API_THROW("baseq.RopeAttention: attribute bits must be in 0..8", ORT_INVALID_ARGUMENT);
+  }
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& qkv, const Tensor<float>& cos, const Tensor<float>& sin,
+                      const Tensor<float>& past_k, const Tensor<float>& past_v, const Tensor<int64_t>& mask,
+                      std::optional<const Tensor<float>*> k_clip, std::optional<const Tensor<float>*> v_clip,
+                      Tensor<float>& out, Tensor<float>& present_k, Tensor<float>& present_v) {
+    const std::string op = "baseq.RopeAttention";
+    std::vector<float> q, k, v;
+    std::vector<int64_t> qs, ks;
+    if (auto st = Split(ctx, op, qkv, cos, sin, &q, &k, &v, &qs, &ks); !st.IsOK()) return st;
+    Dims d;
+    if (auto st = CheckDims(op, qs, ks, ks, past_k.Shape(), past_v.Shape(), mask.Shape(), false, &d); !st.IsOK()) return st;
+    const bool clips = k_clip.has_value() && *k_clip && v_clip.has_value() && *v_clip;
+    if (bits > 0 && !clips) return Error(op + ": bits = " + std::to_string(bits) + " needs the inputs k_clip and v_clip");
+    if (bits > 0) {
+      if (auto st = CheckClips(op, **k_clip, **v_clip, d.kv_heads); !st.IsOK()) return st;
+      FakeQuantRows(k.data(), d, (*k_clip)->Data(), (*k_clip)->NumberOfElement() != 1, bits);
+      FakeQuantRows(v.data(), d, (*v_clip)->Data(), (*v_clip)->NumberOfElement() != 1, bits);
+    }
+    const int64_t hd = d.head_dim;
+    float* o = out.Allocate({d.batch, d.new_len, d.heads * hd});
+    float* pk = present_k.Allocate({d.batch, d.kv_heads, d.present_rows, hd});
+    float* pv = present_v.Allocate({d.batch, d.kv_heads, d.present_rows, hd});
+    RunFloatCache(ctx, kernels, window, d, q.data(), k.data(), v.data(), past_k.Data(), past_v.Data(), mask.Data(), o, pk, pv);
+    return Ort::Status{nullptr};
+  }
+};
+
+struct RopeAttentionKV4 : RopeSplit {
+  attn::Kernels kernels = attn::WidestKernels();
+
+  RopeAttentionKV4(const OrtApi* api, const OrtKernelInfo* info) : RopeSplit(api, info, "baseq.RopeAttentionKV4") {}
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& qkv, const Tensor<float>& cos, const Tensor<float>& sin,
+                      const Tensor<uint8_t>& past_k, const Tensor<uint8_t>& past_v, const Tensor<int64_t>& mask,
+                      const Tensor<float>& k_clip, const Tensor<float>& v_clip, Tensor<float>& out,
+                      Tensor<uint8_t>& present_k, Tensor<uint8_t>& present_v) {
+    const std::string op = "baseq.RopeAttentionKV4";
+    std::vector<float> q, k, v;
+    std::vector<int64_t> qs, ks;
+    if (auto st = Split(ctx, op, qkv, cos, sin, &q, &k, &v, &qs, &ks); !st.IsOK()) return st;
+    Dims d;
+    if (auto st = CheckDims(op, qs, ks, ks, past_k.Shape(), past_v.Shape(), mask.Shape(), true, &d); !st.IsOK()) return st;
+    if (auto st = CheckClips(op, k_clip, v_clip, d.kv_heads); !st.IsOK()) return st;
+    const int64_t hd = d.head_dim, row = PackedRowWidth(hd);
+    float* o = out.Allocate({d.batch, d.new_len, d.heads * hd});
+    uint8_t* pk = present_k.Allocate({d.batch, d.kv_heads, d.present_rows, row});
+    uint8_t* pv = present_v.Allocate({d.batch, d.kv_heads, d.present_rows, row});
+    RunPackedCache(ctx, kernels, window, d, q.data(), k.data(), v.data(), past_k.Data(), past_v.Data(), mask.Data(),
+                   k_clip.Data(), k_clip.NumberOfElement() != 1, v_clip.Data(), v_clip.NumberOfElement() != 1, o, pk, pv);
     return Ort::Status{nullptr};
   }
 };
@@ -260,6 +438,17 @@ const OrtCustomOp* AttentionOp() {
 
 const OrtCustomOp* AttentionKV4Op() {
   static const OrtCustomOp* op = Ort::Custom::CreateLiteCustomOp<AttentionKV4>("AttentionKV4", "CPUExecutionProvider");
+  return op;
+}
+
+const OrtCustomOp* RopeAttentionOp() {
+  static const OrtCustomOp* op = Ort::Custom::CreateLiteCustomOp<RopeAttention>("RopeAttention", "CPUExecutionProvider");
+  return op;
+}
+
+const OrtCustomOp* RopeAttentionKV4Op() {
+  static const OrtCustomOp* op =
+      Ort::Custom::CreateLiteCustomOp<RopeAttentionKV4>("RopeAttentionKV4", "CPUExecutionProvider");
   return op;
 }
 

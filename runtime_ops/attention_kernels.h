@@ -1,5 +1,7 @@
-// The float64 inner loops of baseq.Attention per instruction set (attention_rows.h is the one
-// source; attention_<isa>.cc compile it with their flags), and the run-time choice among them.
+// The float64 inner loops of baseq.Attention (and baseq.MaskedSoftmax) per instruction set
+// (attention_rows.h is the one source; attention_<isa>.cc compile it with their flags), and the
+// run-time choice among them. Every set gives the same bits: they run the same operations in the
+// same order on 8 float64 lanes, with fused multiply-adds everywhere a product is accumulated.
 #pragma once
 
 #include <cstdint>
@@ -7,28 +9,37 @@
 namespace baseq {
 namespace attn {
 
+constexpr double kMaskedBelow = -1e8;  // scores below this are masked keys (the exporter's additive mask is -1e9)
+
 // q: `heads` query vectors of hd float64 values that share one KV head; scores, p: [heads][stride];
 // acc: [heads][hd]. See attention_rows.h for the exact operations.
 using ScoresFn = void (*)(const double* q, int64_t heads, const float* k_rows, int64_t hd, int64_t j0, int64_t j1,
                           const uint8_t* visible, double scale, double add, double* scores, int64_t stride);
 using WeightedFn = void (*)(const double* p, int64_t heads, const float* v_rows, int64_t hd, int64_t j0, int64_t j1,
                             const uint8_t* visible, double* acc, int64_t stride);
+using SoftmaxFn = void (*)(const double* src, double* dst, int64_t n);
 
 struct Kernels {
   const char* name;
   ScoresFn scores;
   WeightedFn weighted;
+  SoftmaxFn softmax;
 };
 
 // Every set this build has and this CPU runs, the portable one first; the last is the widest.
 int AvailableKernels(Kernels* out, int capacity);
+Kernels WidestKernels();
 
-void ScoresScalar(const double*, int64_t, const float*, int64_t, int64_t, int64_t, const uint8_t*, double, double, double*, int64_t);
-void WeightedScalar(const double*, int64_t, const float*, int64_t, int64_t, int64_t, const uint8_t*, double*, int64_t);
-void ScoresAvx2(const double*, int64_t, const float*, int64_t, int64_t, int64_t, const uint8_t*, double, double, double*, int64_t);
-void WeightedAvx2(const double*, int64_t, const float*, int64_t, int64_t, int64_t, const uint8_t*, double*, int64_t);
-void ScoresAvx512(const double*, int64_t, const float*, int64_t, int64_t, int64_t, const uint8_t*, double, double, double*, int64_t);
-void WeightedAvx512(const double*, int64_t, const float*, int64_t, int64_t, int64_t, const uint8_t*, double*, int64_t);
+#define BASEQ_ATTENTION_DECLARE(Suffix)                                                                           \
+  void Scores##Suffix(const double*, int64_t, const float*, int64_t, int64_t, int64_t, const uint8_t*, double,     \
+                      double, double*, int64_t);                                                                  \
+  void Weighted##Suffix(const double*, int64_t, const float*, int64_t, int64_t, int64_t, const uint8_t*, double*,  \
+                        int64_t);                                                                                 \
+  void Softmax##Suffix(const double*, double*, int64_t);
+BASEQ_ATTENTION_DECLARE(Scalar)
+BASEQ_ATTENTION_DECLARE(Avx2)
+BASEQ_ATTENTION_DECLARE(Avx512)
+#undef BASEQ_ATTENTION_DECLARE
 
 }  // namespace attn
 }  // namespace baseq

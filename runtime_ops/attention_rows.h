@@ -1,8 +1,24 @@
 // The float64 inner loops of baseq.Attention, shared by its per-instruction-set translation units
-// (attention_<isa>.cc): every copy performs the same operations in the same order, so all give the
-// same bits; the compiler only packs independent lanes into wider registers. Internal linkage
-// (anonymous namespace) and no standard-library code: no copy compiled with -m flags is shared.
+// (attention_<isa>.cc). Each of them defines `V`, 8 float64 lanes, before including this header:
+//   V::Zero(), V::Set(double), V::Load(const double*), V::LoadF(const float*) (8 floats widened),
+//   Store(double*, V), Add, Sub, Mul, Div, Fma(a, b, c) = a * b + c rounded once,
+//   Round(v) (to nearest, ties to even), Pow2(n) = 2^n for integral n in [-1022, 1023],
+//   LessSelect(x, t, a, b) = x < t ? a : b per lane (false for NaN),
+//   Tree8(const V acc[8]): lane k = Tree(the lanes of acc[k]), in exactly Tree's order.
+// Every copy then runs the same operations in the same order, so all give the same bits:
+//   dot(q, k)   lane l accumulates q[d] * k[d] for d = l (mod 8), increasing d, by fused multiply-add;
+//               then Tree(lanes) = ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)).
+//   softmax     e_i = Exp(s_i - max) (0 for a masked key when the row has an unmasked one), summed
+//               in 8 lanes (i mod 8) then Tree, p_i = e_i / sum.
+//   weighted    acc[d] = sum over visible keys j, increasing j, of p_j * v_jd by fused multiply-add.
+//   Exp(x)      n = round(x log2 e), r = x - n ln2 (two-part ln2, fused), the degree-13 Taylor
+//               polynomial of e^r by Horner (fused), times 2^n; 0 below -708 (under the smallest
+//               normal double), NaN for NaN. Within about an ulp of exp.
+// Internal linkage (anonymous namespace), builtins rather than standard-library functions: no copy compiled with
+// -m flags can be merged with another translation unit's.
 #pragma once
+
+#include <cmath>
 
 #include "attention_kernels.h"
 
@@ -10,107 +26,194 @@ namespace baseq {
 namespace attn {
 namespace {
 
-// sum_d q[d] * k[d] in float64: four interleaved partial sums (lane u takes d = u mod 4), then
-// ((s0 + s1) + (s2 + s3)), then the tail in increasing d.
-inline double Dot(const double* q, const float* k, int64_t n) {
-  double s[4] = {0.0, 0.0, 0.0, 0.0};
-  int64_t d = 0;
-  for (; d + 4 <= n; d += 4)
-    for (int u = 0; u < 4; ++u) s[u] += q[d + u] * static_cast<double>(k[d + u]);
-  double r = (s[0] + s[1]) + (s[2] + s[3]);
-  for (; d < n; ++d) r += q[d] * static_cast<double>(k[d]);
-  return r;
+constexpr int kLanes = 8;
+
+inline double Tree(const double* l) { return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7])); }
+
+constexpr double Factorial(int k) { return k <= 1 ? 1.0 : k * Factorial(k - 1); }
+constexpr int kExpDegree = 13;
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2Hi = 6.93147180369123816490e-01;  // ln 2 with its low bits zero: n * kLn2Hi is exact
+constexpr double kLn2Lo = 1.90821492927058770002e-10;  // ln 2 - kLn2Hi
+constexpr double kExpLow = -708.0;
+constexpr double kTwo52Plus1023 = 4503599627371519.0;  // 2^52 + 1023: n + this holds n + 1023 in the low bits
+
+inline V Exp(V x) {
+  const V low = V::Set(kExpLow);
+  const V xc = LessSelect(x, low, low, x);
+  const V n = Round(Mul(xc, V::Set(kLog2e)));
+  V r = Fma(n, V::Set(-kLn2Hi), xc);
+  r = Fma(n, V::Set(-kLn2Lo), r);
+  V p = V::Set(1.0 / Factorial(kExpDegree));
+  for (int k = kExpDegree - 1; k >= 0; --k) p = Fma(p, r, V::Set(1.0 / Factorial(k)));
+  const V y = Mul(p, Pow2(n));
+  return LessSelect(x, low, V::Zero(), y);
 }
 
-// Dot for four keys at once (k, k + hd, k + 2 hd, k + 3 hd), each in exactly Dot's order: the
-// four independent sums keep the adder busy.
-inline void Dot4(const double* q, const float* k, int64_t hd, double* out) {
-  double s[4][4] = {};
-  const int64_t whole = hd - hd % 4;
-  for (int64_t d = 0; d < whole; d += 4)
-    for (int key = 0; key < 4; ++key)
-      for (int u = 0; u < 4; ++u) s[key][u] += q[d + u] * static_cast<double>(k[key * hd + d + u]);
-  for (int key = 0; key < 4; ++key) {
-    double r = (s[key][0] + s[key][1]) + (s[key][2] + s[key][3]);
-    for (int64_t d = whole; d < hd; ++d) r += q[d] * static_cast<double>(k[key * hd + d]);
-    out[key] = r;
-  }
-}
-
-// Dot of `NG` query vectors (q, q + hd, ...) with one key row, each in exactly Dot's order: the
-// key is loaded once for the heads that share it (grouped-query attention).
+// out[g][kk] = dot(q_g, k_kk) for NG query vectors (q + g * hd) and 8 key rows: 8 x NG chains of
+// fused multiply-adds, then Tree8 (the lane tree of 8 keys at once, in registers).
 template <int NG>
-inline void DotHeads(const double* q, const float* k, int64_t hd, double* out) {
-  double s[NG][4] = {};
-  const int64_t whole = hd - hd % 4;
-  for (int64_t d = 0; d < whole; d += 4) {
-    double kd[4];
-    for (int u = 0; u < 4; ++u) kd[u] = static_cast<double>(k[d + u]);
-    for (int g = 0; g < NG; ++g)
-      for (int u = 0; u < 4; ++u) s[g][u] += q[g * hd + d + u] * kd[u];
+inline void DotKeys8(const double* q, int64_t hd, const float* const* k, double (*out)[kLanes]) {
+  V acc[kLanes][NG];
+  for (int kk = 0; kk < kLanes; ++kk)
+    for (int g = 0; g < NG; ++g) acc[kk][g] = V::Zero();
+  const int64_t whole = hd - hd % kLanes;
+  for (int64_t d = 0; d < whole; d += kLanes) {
+    V qd[NG];
+    for (int g = 0; g < NG; ++g) qd[g] = V::Load(q + g * hd + d);
+    for (int kk = 0; kk < kLanes; ++kk) {
+      const V kv = V::LoadF(k[kk] + d);
+      for (int g = 0; g < NG; ++g) acc[kk][g] = Fma(qd[g], kv, acc[kk][g]);
+    }
   }
   for (int g = 0; g < NG; ++g) {
-    double r = (s[g][0] + s[g][1]) + (s[g][2] + s[g][3]);
-    for (int64_t d = whole; d < hd; ++d) r += q[g * hd + d] * static_cast<double>(k[d]);
-    out[g] = r;
+    if (whole == hd) {
+      V per_key[kLanes];
+      for (int kk = 0; kk < kLanes; ++kk) per_key[kk] = acc[kk][g];
+      Store(out[g], Tree8(per_key));
+      continue;
+    }
+    for (int kk = 0; kk < kLanes; ++kk) {  // dimensions past the last whole block go into their lanes first
+      double l[kLanes];
+      Store(l, acc[kk][g]);
+      for (int64_t d = whole; d < hd; ++d)
+        l[d % kLanes] = __builtin_fma(q[g * hd + d], static_cast<double>(k[kk][d]), l[d % kLanes]);
+      out[g][kk] = Tree(l);
+    }
   }
 }
 
-// For each of `heads` query vectors q[g * hd ..] and keys j in [j0, j1) with visible[j] (all if
-// visible is null): scores[g * stride + j] = Dot(q_g, key j) * scale + add.
+// Scores of NG heads for the visible keys of [j0, j1), eight keys at a time (a last partial group
+// reads the first key again in its unused lanes; those scores are not stored).
+template <int NG>
+inline void ScoresHeads(const double* q, const float* k_rows, int64_t hd, int64_t j0, int64_t j1,
+                        const uint8_t* visible, double scale, double add, double* scores, int64_t stride) {
+  int64_t keys[kLanes];
+  const float* rows[kLanes];
+  double dots[NG][kLanes];
+  int have = 0;
+  auto flush = [&](int count) {
+    for (int kk = count; kk < kLanes; ++kk) rows[kk] = rows[0];
+    DotKeys8<NG>(q, hd, rows, dots);
+    for (int g = 0; g < NG; ++g)
+      for (int kk = 0; kk < count; ++kk) scores[g * stride + keys[kk]] = dots[g][kk] * scale + add;
+  };
+  for (int64_t j = j0; j < j1; ++j) {
+    if (visible && !visible[j]) continue;
+    keys[have] = j;
+    rows[have] = k_rows + j * hd;
+    if (++have == kLanes) {
+      flush(kLanes);
+      have = 0;
+    }
+  }
+  if (have) flush(have);
+}
+
+// scores[g * stride + j] = dot(q_g, key j) * scale + add for each of `heads` query vectors and the
+// keys j in [j0, j1) with visible[j] (all if visible is null).
 inline void ScoresRows(const double* q, int64_t heads, const float* k_rows, int64_t hd, int64_t j0, int64_t j1,
                        const uint8_t* visible, double scale, double add, double* scores, int64_t stride) {
-  if (heads == 1) {  // one head: four keys per step instead
-    int64_t j = j0;
-    for (; j + 4 <= j1; j += 4) {
-      double dots[4];
-      Dot4(q, k_rows + j * hd, hd, dots);
-      for (int key = 0; key < 4; ++key)
-        if (!visible || visible[j + key]) scores[j + key] = dots[key] * scale + add;
-    }
-    for (; j < j1; ++j)
-      if (!visible || visible[j]) scores[j] = Dot(q, k_rows + j * hd, hd) * scale + add;
-    return;
-  }
-  for (int64_t j = j0; j < j1; ++j) {
-    if (visible && !visible[j]) continue;
-    const float* k = k_rows + j * hd;
-    for (int64_t g0 = 0; g0 < heads; g0 += 4) {
-      const int64_t ng = heads - g0 < 4 ? heads - g0 : 4;
-      double dots[4];
-      const double* qg = q + g0 * hd;
-      switch (ng) {
-        case 4: DotHeads<4>(qg, k, hd, dots); break;
-        case 3: DotHeads<3>(qg, k, hd, dots); break;
-        case 2: DotHeads<2>(qg, k, hd, dots); break;
-        default: DotHeads<1>(qg, k, hd, dots); break;
-      }
-      for (int64_t g = 0; g < ng; ++g) scores[(g0 + g) * stride + j] = dots[g] * scale + add;
+  for (int64_t g0 = 0; g0 < heads; g0 += 3) {  // three heads x eight keys: 24 accumulators (AVX-512 has 32 registers)
+    const int64_t ng = heads - g0 < 3 ? heads - g0 : 3;
+    const double* qg = q + g0 * hd;
+    double* sg = scores + g0 * stride;
+    switch (ng) {
+      case 3: ScoresHeads<3>(qg, k_rows, hd, j0, j1, visible, scale, add, sg, stride); break;
+      case 2: ScoresHeads<2>(qg, k_rows, hd, j0, j1, visible, scale, add, sg, stride); break;
+      default: ScoresHeads<1>(qg, k_rows, hd, j0, j1, visible, scale, add, sg, stride); break;
     }
   }
 }
 
-// For each head g: acc[g * hd + i] = sum over keys j in [j0, j1) with visible[j] (all if null),
-// increasing j, of p[g * stride + j] * v_j[i]; each value row is read once for all heads.
-inline void WeightedRows(const double* p, int64_t heads, const float* v_rows, int64_t hd, int64_t j0, int64_t j1,
-                         const uint8_t* visible, double* acc, int64_t stride) {
-  for (int64_t i = 0; i < heads * hd; ++i) acc[i] = 0.0;
+// acc[g * hd + d0 ..] for NG heads and NB blocks of 8 dimensions from d0.
+template <int NG, int NB>
+inline void WeightedBlock(const double* p, const float* v_rows, int64_t hd, int64_t d0, int64_t j0, int64_t j1,
+                          const uint8_t* visible, double* acc, int64_t stride) {
+  V a[NG][NB];
+  for (int g = 0; g < NG; ++g)
+    for (int b = 0; b < NB; ++b) a[g][b] = V::Zero();
   for (int64_t j = j0; j < j1; ++j) {
     if (visible && !visible[j]) continue;
-    const float* vr = v_rows + j * hd;
-    for (int64_t g = 0; g < heads; ++g) {
-      const double pj = p[g * stride + j];
-      double* a = acc + g * hd;
-      for (int64_t i = 0; i < hd; ++i) a[i] += pj * static_cast<double>(vr[i]);
+    V vv[NB];
+    for (int b = 0; b < NB; ++b) vv[b] = V::LoadF(v_rows + j * hd + d0 + b * kLanes);
+    for (int g = 0; g < NG; ++g) {
+      const V pj = V::Set(p[g * stride + j]);
+      for (int b = 0; b < NB; ++b) a[g][b] = Fma(pj, vv[b], a[g][b]);
     }
   }
+  for (int g = 0; g < NG; ++g)
+    for (int b = 0; b < NB; ++b) Store(acc + g * hd + d0 + b * kLanes, a[g][b]);
+}
+
+template <int NG>
+inline void WeightedHeads(const double* p, const float* v_rows, int64_t hd, int64_t j0, int64_t j1,
+                          const uint8_t* visible, double* acc, int64_t stride) {
+  const int64_t whole = hd - hd % kLanes;
+  int64_t d0 = 0;
+  for (; d0 + 4 * kLanes <= whole; d0 += 4 * kLanes)
+    WeightedBlock<NG, 4>(p, v_rows, hd, d0, j0, j1, visible, acc, stride);
+  for (; d0 < whole; d0 += kLanes) WeightedBlock<NG, 1>(p, v_rows, hd, d0, j0, j1, visible, acc, stride);
+  for (int64_t d = whole; d < hd; ++d)  // dimensions past the last whole block, in the same order
+    for (int g = 0; g < NG; ++g) {
+      double s = 0.0;
+      for (int64_t j = j0; j < j1; ++j)
+        if (!visible || visible[j]) s = __builtin_fma(p[g * stride + j], static_cast<double>(v_rows[j * hd + d]), s);
+      acc[g * hd + d] = s;
+    }
+}
+
+// For each head g: acc[g * hd + d] = sum over keys j in [j0, j1) with visible[j] (all if null),
+// increasing j, of p[g * stride + j] * v_jd.
+inline void WeightedRows(const double* p, int64_t heads, const float* v_rows, int64_t hd, int64_t j0, int64_t j1,
+                         const uint8_t* visible, double* acc, int64_t stride) {
+  for (int64_t g0 = 0; g0 < heads; g0 += 2) {
+    if (heads - g0 >= 2)
+      WeightedHeads<2>(p + g0 * stride, v_rows, hd, j0, j1, visible, acc + g0 * hd, stride);
+    else
+      WeightedHeads<1>(p + g0 * stride, v_rows, hd, j0, j1, visible, acc + g0 * hd, stride);
+  }
+}
+
+// dst = softmax(src) over n entries; entries below kMaskedBelow are exactly 0 without computing
+// exp (as exp(-1e9) is) unless no entry is above, in which case the row is computed in full, as
+// the standard-op graph does. The maximum propagates NaN.
+inline void SoftmaxRow(const double* src, double* dst, int64_t n) {
+  double mx = -INFINITY;
+  bool any = false;
+  for (int64_t i = 0; i < n; ++i) {
+    any |= src[i] >= kMaskedBelow;
+    mx = src[i] > mx || __builtin_isnan(src[i]) ? src[i] : mx;
+  }
+  const V vmx = V::Set(mx), below = V::Set(any ? kMaskedBelow : -INFINITY), zero = V::Zero();
+  V sum = zero;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const V s = V::Load(src + i);
+    const V e = LessSelect(s, below, zero, Exp(Sub(s, vmx)));
+    Store(dst + i, e);
+    sum = Add(sum, e);
+  }
+  if (i < n) {  // the tail as one more block padded with -inf (e = 0, adding exact zeros)
+    double pad[kLanes], e[kLanes];
+    for (int l = 0; l < kLanes; ++l) pad[l] = i + l < n ? src[i + l] : -INFINITY;
+    const V s = V::Load(pad);
+    const V ev = LessSelect(s, below, zero, Exp(Sub(s, vmx)));
+    Store(e, ev);
+    sum = Add(sum, ev);
+    for (int64_t l = 0; i + l < n; ++l) dst[i + l] = e[l];
+  }
+  double lanes[kLanes];
+  Store(lanes, sum);
+  const double total = Tree(lanes);
+  for (int64_t j = 0; j < n; ++j) dst[j] /= total;
 }
 
 }  // namespace
 }  // namespace attn
 }  // namespace baseq
 
-// Defines the two entry points of one instruction set's attention kernels.
+// Defines the entry points of one instruction set's attention kernels.
 #define BASEQ_ATTENTION_KERNELS(Suffix)                                                                          \
   namespace baseq {                                                                                             \
   namespace attn {                                                                                              \
@@ -122,5 +225,6 @@ inline void WeightedRows(const double* p, int64_t heads, const float* v_rows, in
                         const uint8_t* visible, double* acc, int64_t stride) {                                  \
     WeightedRows(p, heads, v_rows, hd, j0, j1, visible, acc, stride);                                           \
   }                                                                                                             \
+  void Softmax##Suffix(const double* src, double* dst, int64_t n) { SoftmaxRow(src, dst, n); }                  \
   }                                                                                                             \
   }

@@ -2,7 +2,7 @@
 // (baseq_export.models.base.forward(exact=True)) rounds: ScaleSums, RmsNorm, SwiGLU, MaskedSoftmax.
 #include "common.h"
 #include "ops.h"
-#include "softmax_row.h"
+#include "attention_kernels.h"
 
 #include <cmath>
 
@@ -99,6 +99,8 @@ struct SwiGLU {
 };
 
 struct MaskedSoftmax {
+  attn::SoftmaxFn softmax = attn::WidestKernels().softmax;  // baseq.Attention's softmax (attention_rows.h)
+
   MaskedSoftmax(const OrtApi*, const OrtKernelInfo*) {}
 
   Ort::Status Compute(OrtKernelContext* ctx, const Tensor<double>& x, Tensor<double>& out) {
@@ -112,7 +114,7 @@ struct MaskedSoftmax {
       for (int64_t r = first; r < end; ++r) {
         const double* src = in + r * n;
         double* dst = o + r * n;
-        MaskedSoftmaxRow(src, dst, n);
+        softmax(src, dst, n);
       }
     });
     return Ort::Status{nullptr};

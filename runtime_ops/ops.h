@@ -18,5 +18,7 @@ const OrtCustomOp* KVUnpackOp();       // kv_cache.cc
 const OrtCustomOp* IntLinearOp();      // int_linear_op.cc
 const OrtCustomOp* AttentionOp();      // attention.cc
 const OrtCustomOp* AttentionKV4Op();   // attention.cc
+const OrtCustomOp* RopeAttentionOp();  // attention.cc
+const OrtCustomOp* RopeAttentionKV4Op();  // attention.cc
 
 }  // namespace baseq

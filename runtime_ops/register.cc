@@ -34,7 +34,12 @@
 //             [B, P + T]) -> out [B, T, H * hd], present_K, present_V [B, kvH, P + T, hd]   attribute window
 //   AttentionKV4(..., past_K/past_V uint8 packed rows, attention_mask, k_clip, v_clip) -> out, present
 //       packed: grouped-query attention with the cache append, float64 inside, rounded once
-//       (models.base.attend(exact=True)); attention.cc states the arithmetic.
+//       (models.base.attend(exact=True)); attention.cc states the arithmetic. The past may be a
+//       buffer longer than the mask says (onnxruntime-genai's shared past/present): written in place.
+//   RopeAttention(qkv [B, T, (H + 2 kvH) hd], cos, sin [T, hd], past_K, past_V, attention_mask,
+//                 k_clip?, v_clip?) / RopeAttentionKV4(..., k_clip, v_clip): the stacked projection
+//       split into heads, rotary embedding, optional Hadamard of q and k (rotate) and KV quantizer,
+//       then Attention / AttentionKV4.   attributes heads, kv_heads, rotate, window, bits
 //
 // Bad shapes or attributes return an onnxruntime error; nothing here aborts the process.
 // Build flags keep float semantics exact: -ffp-contract=off, no -ffast-math.
@@ -64,7 +69,8 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
       for (const OrtCustomOp* op : {baseq::HadamardOp(), baseq::QuantDequantOp(), baseq::QuantLevelsOp(),
                                     baseq::ScaleSumsOp(), baseq::RmsNormOp(), baseq::SwiGLUOp(),
                                     baseq::MaskedSoftmaxOp(), baseq::KVQuantPackOp(), baseq::KVUnpackOp(),
-                                    baseq::IntLinearOp(), baseq::AttentionOp(), baseq::AttentionKV4Op()})
+                                    baseq::IntLinearOp(), baseq::AttentionOp(), baseq::AttentionKV4Op(),
+                                    baseq::RopeAttentionOp(), baseq::RopeAttentionKV4Op()})
         g_domain->Add(op);
     });
     Ort::UnownedSessionOptions(options).Add(*g_domain);

@@ -281,7 +281,7 @@ def _cmake_build(build: Path, *extra: str) -> None:
 def test_cpp_kernel_test_native(tmp_path):
     """The CMake build of the kernels (no onnxruntime needed) and its C++ test: every kernel this CPU runs
     equals the scalar kernel and the int64 definition bit for bit, and every attention loop set the
-    portable one. Each instruction-set object file defines only its two entry points (no inline code compiled with its -m flags can leak to other files)."""
+    portable one. Each instruction-set object file defines only its entry points (no inline code compiled with its -m flags can leak to other files)."""
     _cmake_build(tmp_path / "build")
     proc = subprocess.run([str(tmp_path / "build" / "int_linear_test")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -295,9 +295,9 @@ def test_cpp_kernel_test_native(tmp_path):
             syms = subprocess.run(["nm", "-C", "--defined-only", str(obj)], capture_output=True, text=True).stdout
             exported = [line for line in syms.splitlines() if line.split()[1:2] and line.split()[1] in "TWVuw"]
             names = sorted(line.split(" ", 2)[2].split("(")[0] for line in exported)
-            want = (["baseq::attn::Scores", "baseq::attn::Weighted"] if "attention" in obj.name
+            want = (["baseq::attn::Scores", "baseq::attn::Softmax", "baseq::attn::Weighted"] if "attention" in obj.name
                     else ["baseq::intlin::Codes", "baseq::intlin::Tiles"])
-            assert len(names) == 2 and all(n.startswith(w) for n, w in zip(names, want)), exported
+            assert len(names) == len(want) and all(n.startswith(w) for n, w in zip(names, want)), exported
 
 
 CROSS = shutil.which("aarch64-linux-gnu-g++")
@@ -386,7 +386,9 @@ def attention_session(g, packed: bool):
     model.ir_version = 9
     sess = ort.InferenceSession(model.SerializeToString(), runtime_ops.session_options(2), providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
-    return lambda feeds: sess.run(None, {k: v for k, v in feeds.items() if k in names})
+    run = lambda feeds: sess.run(None, {k: v for k, v in feeds.items() if k in names})  # noqa: E731
+    run.session = sess
+    return run
 
 
 def attention_op(packed: bool, window: int = 0):
@@ -458,6 +460,46 @@ def test_attention_sliding_window_equals_the_op_chain():
         np.testing.assert_array_equal(g_, r_)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["float-cache", "packed-cache"])
+def test_attention_writes_into_a_kv_buffer(packed):
+    """onnxruntime-genai's shared past/present buffer: past_K holds C rows of which the mask's length minus the new
+    tokens are filled. present has the buffer's shape, the new rows land after the past ones and the output equals
+    the growing cache's; bound to the past's own memory (IO binding, as genai does) only the new rows are written."""
+    import onnxruntime as ort
+
+    b, h, kvh, t, past, hd, capacity = 2, 4, 2, 3, 5, 16, 12
+    feeds = attention_feeds(b, h, kvh, t, past, hd, packed, seed=3, pad=1)
+    run = attention_op(packed)
+    grown = run(feeds)
+    buffers = {}
+    for name in ("past_k", "past_v"):
+        buf = np.full(feeds[name].shape[:2] + (capacity,) + feeds[name].shape[3:], 0xFF if packed else np.nan,
+                      feeds[name].dtype)  # rows past the mask's length: garbage that must not be read
+        buf[:, :, :past] = feeds[name]
+        buffers[name] = buf
+    out = run({**feeds, **buffers})
+    np.testing.assert_array_equal(out[0], grown[0])
+    for got, want in zip(out[1:], grown[1:]):
+        assert got.shape == buffers["past_k"].shape
+        np.testing.assert_array_equal(got[:, :, :past + t], want)
+        assert not got[:, :, past + t:].any()  # a fresh present: the rows after the filled ones are zero
+    sess, binding = run.session, run.session.io_binding()
+    shared = {n: ort.OrtValue.ortvalue_from_numpy(buffers[n].copy()) for n in buffers}
+    for n, v in feeds.items():
+        if n in {i.name for i in sess.get_inputs()} and n not in shared:
+            binding.bind_cpu_input(n, v)
+    binding.bind_output("y")
+    for n, out_name in (("past_k", "present_k"), ("past_v", "present_v")):
+        binding.bind_ortvalue_input(n, shared[n])
+        binding.bind_ortvalue_output(out_name, shared[n])
+    sess.run_with_iobinding(binding)
+    np.testing.assert_array_equal(binding.get_outputs()[0].numpy(), grown[0])
+    for n, want in (("past_k", grown[1]), ("past_v", grown[2])):
+        got = shared[n].numpy()
+        np.testing.assert_array_equal(got[:, :, :past + t], want)
+        np.testing.assert_array_equal(got[:, :, past + t:], buffers[n][:, :, past + t:])  # untouched: written in place
+
+
 def test_attention_equals_the_torch_exact_reference():
     """models.base.attend(exact=True) on the concatenated cache with K/V heads repeated per group."""
     import torch
@@ -487,7 +529,8 @@ def test_attention_rejects_bad_inputs():
         feeds = attention_feeds(1, 4, 2, 3, 5, 16, packed)
         name = "AttentionKV4" if packed else "Attention"
         bad = {**feeds, "attention_mask": np.ones((1, 7), np.int64)}
-        assert f"baseq.{name}: attention_mask must be [batch, past + seq] = [1, 8], got [1, 7]" in run_error_fn(lambda: run(bad))
+        assert (f"baseq.{name}: attention_mask must be [batch, past + seq] = [1, 8] (a growing cache) or at most [1, 5] "
+                "(past_K a KV buffer of 5 rows), got [1, 7]") in run_error_fn(lambda: run(bad))
         bad = {**feeds, "k": np.ones((1, 3, 3, 16), np.float32), "v": np.ones((1, 3, 3, 16), np.float32)}
         assert "heads a multiple of kv_heads" in run_error_fn(lambda: run(bad))
         bad = {**feeds, "q": np.ones((1, 4, 16), np.float32)}

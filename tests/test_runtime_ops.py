@@ -310,7 +310,7 @@ def kv_pack_session(head_dim: int):
     return lambda x, clip: sess.run(["y", "packed"], {"x": x, "clip": np.asarray(clip, np.float32)})
 
 
-@pytest.mark.parametrize("shape", [(1, 3, 7, 64), (2, 2, 5, 128), (1, 3, 0, 64), (0, 3, 4, 64)])
+@pytest.mark.parametrize("shape", [(1, 3, 7, 64), (2, 2, 5, 128), (1, 2, 3, 48), (1, 3, 0, 64), (0, 3, 4, 64)])
 def test_kv_pack_unpack_matches_numpy(shape):
     heads, hd = shape[1], shape[3]
     x = np.random.default_rng(hd).standard_normal(shape).astype(np.float32) * 2

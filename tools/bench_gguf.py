@@ -14,7 +14,10 @@ it), so sizes compare like for like.
 Columns: perplexity (llama.cpp logits, --ctx windows of the embedded evaluation split), file size
 in bytes, bits per weight (file bits / parameters), decode tokens/s (greedy, --decode new tokens
 after a short prompt, --threads threads, median of --repeats, CPU idle-checked before each row),
-quantize time (llama.cpp's quantize call; ours: quantize + write).
+quantize time (llama.cpp's quantize call; ours: calibration and quantization, artifact write).
+
+With --workdir, our artifacts and their quantize times stay there and a rerun reuses them (a row
+whose settings changed is made again): calibrate once, then rerun for the timings on an idle CPU.
 
 The default model's weights lie on a Q4_1 grid (llama.cpp's Q4_1 of it is lossless); pass
 `--model DIR` with the copy of tools/offgrid_copy.py for the table that counts.
@@ -44,7 +47,7 @@ from baseq_export.evaluate import perplexity  # noqa: E402
 from baseq_export.models import load_model  # noqa: E402
 from baseq_export.models.base import SITE_LINEARS, forward  # noqa: E402
 from baseq_export.pipeline import QuantSettings, profile_settings, quantize_model  # noqa: E402
-from baseq_export.qmodel import reference_model, save_artifact  # noqa: E402
+from baseq_export.qmodel import load_artifact, reference_model, save_artifact  # noqa: E402
 
 PROMPT = "def fibonacci(n):\n    "
 GGUF_LINEAR = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate", "up": "ffn_up",
@@ -199,6 +202,17 @@ def quantize_ours(model, row: Row, calib: torch.Tensor, work: Path):
     return quantize_model(model, row.settings, calib if row.settings.method.endswith("gptq") else None)
 
 
+def reuse_artifact(row: Row, work: Path):
+    """(artifact, quantize seconds) of a row made by an earlier run in this workdir with the same settings, else None."""
+    adir, timing = work / f"{row.key}.baseq", work / f"{row.key}.quantize.json"
+    if not (adir.is_dir() and timing.is_file()):
+        return None
+    saved = json.loads(timing.read_text())
+    if saved.get("settings") != repr(row.settings) or saved.get("tune") != row.tune:
+        return None
+    return load_artifact(adir), saved["quantize_s"]
+
+
 def decode_speed(path: Path, prompt_ids: list[int], new_tokens: int, threads: int, repeats: int) -> dict:
     """Median greedy decode tokens/s (time from the first to the last new token, so prompt processing is excluded)."""
     runs = []
@@ -281,12 +295,19 @@ def main() -> None:
                 path, qs = llama_file(row.ftype, row.imatrix)
             else:
                 head, embed = head_types(llama_file(row.ftype, False)[0])
-                t = time.time()
-                art = quantize_ours(model, row, calib, work)
-                adir = save_artifact(work / f"{row.key}.baseq", art, overwrite=True,
-                                     write_extra=lambda d: model.tokenizer.save_pretrained(str(d)))
-                path = gguf_write_artifact(adir, work / f"{row.key}.gguf", head, embed)
-                qs = time.time() - t
+                reused = reuse_artifact(row, work)
+                if reused is None:
+                    t = time.time()
+                    art = quantize_ours(model, row, calib, work)
+                    save_artifact(work / f"{row.key}.baseq", art, overwrite=True,
+                                  write_extra=lambda d: model.tokenizer.save_pretrained(str(d)))
+                    qs = time.time() - t
+                    (work / f"{row.key}.quantize.json").write_text(
+                        json.dumps({"settings": repr(row.settings), "tune": row.tune, "quantize_s": qs}))
+                else:
+                    art, qs = reused
+                    entry["reused_artifact"] = True
+                path = gguf_write_artifact(work / f"{row.key}.baseq", work / f"{row.key}.gguf", head, embed)
                 entry.update(settings=art.quant, head=head, embed=embed)
         except NotImplementedError as e:
             print(f"    skipped: {e}", flush=True)

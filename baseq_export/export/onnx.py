@@ -36,8 +36,9 @@ def add_arguments(p: argparse.ArgumentParser, sub: bool = False) -> None:
                    help="ONNX online parts as our C++ custom ops (custom), as standard ONNX ops for runtimes that cannot "
                    "load our library (standard), or custom when the library builds here, else standard (auto, default)")
     p.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, default=option_default("float", sub),
-                   help="ONNX KV cache: float32 values on the 4-bit grid (default; onnxruntime-genai runs it), or packed "
-                   "4-bit codes + per-token scale/zero (int4: about 6x smaller, onnxruntime with our ops only)")
+                   help="ONNX KV cache of model.onnx: float32 values on the 4-bit grid (default), or packed 4-bit codes + "
+                   "per-token scale/zero (int4: about 6x smaller, our ops only). With our ops and a 4-bit KV artifact "
+                   "the default export also holds model.kv4.onnx (packed), which onnxruntime and onnxruntime-genai run")
 
 
 def options(args: argparse.Namespace) -> dict:
@@ -121,13 +122,13 @@ def write(artifact: str | Path, out: str | Path, force: bool = False, max_length
             if is_tokenizer_file(f.name):
                 shutil.copy2(f, tmp / f.name)
         runner = {"model": MODEL_FILE, "kv_cache": kv_cache}
-        if kv_cache == "float":  # genai allocates float past/present itself; it cannot hold our packed rows
-            write_genai_config(tmp, ModelConfig.from_dict(art.model), art, max_length,
-                               library.name if library is not None else None)
-            if ops == "custom" and art.quant.get("kv_bits") == 4:  # onnxruntime gets the packed cache all the same
-                save_sharing_weights(build_model(art, max_length, ops, "int4"), tmp / KV4_MODEL_FILE, tmp / MODEL_FILE)
-                files.append(KV4_MODEL_FILE)
-                runner = {"model": KV4_MODEL_FILE, "kv_cache": "int4"}
+        if kv_cache == "float" and ops == "custom" and art.quant.get("kv_bits") == 4:  # the packed cache all the same
+            save_sharing_weights(build_model(art, max_length, ops, "int4"), tmp / KV4_MODEL_FILE, tmp / MODEL_FILE)
+            files.append(KV4_MODEL_FILE)
+            runner = {"model": KV4_MODEL_FILE, "kv_cache": "int4"}
+        # genai runs the same graph as our runner; with our attention ops past and present share one buffer
+        write_genai_config(tmp, ModelConfig.from_dict(art.model), art, max_length,
+                           library.name if library is not None else None, runner["model"], share_buffer=ops == "custom")
         manifest = {"format": MANIFEST_FORMAT, "artifact": str(artifact.resolve()), "quant": art.quant,
                     "model": art.model, "max_length": max_length, "ops": ops, "kv_cache": kv_cache,
                     "onnxruntime": runner, "files": files}

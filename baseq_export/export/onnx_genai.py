@@ -17,9 +17,12 @@ GENAI_CONFIG = "genai_config.json"
 GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 
 
-def write_genai_config(out: Path, cfg: ModelConfig, art: Artifact, max_length: int, ops_library: str | None = None) -> None:
-    """genai_config.json for onnxruntime-genai: our input/output names, a growing (not shared) KV buffer,
-    and our op library (a file inside the export: genai refuses paths outside the model folder)."""
+def write_genai_config(out: Path, cfg: ModelConfig, art: Artifact, max_length: int, ops_library: str | None = None,
+                       model_file: str = MODEL_FILE, share_buffer: bool = False) -> None:
+    """genai_config.json for onnxruntime-genai: the graph it runs (its past/present types and row widths are read
+    from the graph: float32 or our packed rows), our input/output names, the KV cache as one buffer of max_length
+    rows shared by past and present (share_buffer: our attention ops write the new rows in place) or grown every
+    step, and our op library (a file inside the export: genai refuses paths outside the model folder)."""
     eos = art.source.get("eos_token_id")
     if eos is None:  # artifacts that do not record it: the tokenizer copied into the export may know it
         try:
@@ -44,7 +47,7 @@ def write_genai_config(out: Path, cfg: ModelConfig, art: Artifact, max_length: i
             "decoder": {
                 "session_options": {"log_id": "baseq-export", "provider_options": [],
                                     **({"custom_ops_library": ops_library} if ops_library else {})},
-                "filename": MODEL_FILE,
+                "filename": model_file,
                 "head_size": cfg.head_dim,
                 "hidden_size": cfg.hidden_size,
                 "num_attention_heads": cfg.num_heads,
@@ -56,7 +59,7 @@ def write_genai_config(out: Path, cfg: ModelConfig, art: Artifact, max_length: i
             },
         },
         "search": {"do_sample": False, "num_beams": 1, "max_length": max_length, "min_length": 0,
-                   "past_present_share_buffer": False, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+                   "past_present_share_buffer": share_buffer, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
                    "repetition_penalty": 1.0, "num_return_sequences": 1, "early_stopping": True,
                    "length_penalty": 1.0, "no_repeat_ngram_size": 0, "diversity_penalty": 0.0},
     }
@@ -87,8 +90,8 @@ class GenaiBackend:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not (self.path / GENAI_CONFIG).is_file():
-            raise ValueError(f"{path} has no {GENAI_CONFIG}: onnxruntime-genai cannot run it (an export with "
-                             "--kv-cache int4 is for onnxruntime only; export with --kv-cache float for genai)")
+            raise ValueError(f"{path} has no {GENAI_CONFIG}: onnxruntime-genai cannot run it (the model has no "
+                             "eos_token_id; export it again from an artifact whose tokenizer has one)")
         self.context_length = json.loads((self.path / GENAI_CONFIG).read_text())["model"]["context_length"]
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:

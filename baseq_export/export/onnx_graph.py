@@ -28,8 +28,11 @@ class Graph:
         self._n += 1
         return f"{hint}_{self._n}"
 
-    def op(self, op_type: str, inputs: list[str], hint: str | None = None, domain: str = "", n_out: int = 1, **attrs):
-        outs = [self.name(hint or op_type) for _ in range(n_out)]
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None, domain: str = "", n_out: int = 1,
+           outputs: list[str] | None = None, **attrs):
+        """Append a node; its outputs get fresh names (from hint), or the given `outputs` (graph outputs)."""
+        outs = list(outputs) if outputs else [self.name(hint or op_type) for _ in range(n_out)]
+        n_out = len(outs)
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name("n_" + op_type), domain=domain, **attrs))
         return outs[0] if n_out == 1 else outs
 

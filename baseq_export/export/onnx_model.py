@@ -164,16 +164,20 @@ def emit_int_linear(c: _Ctx, prefix: str, qw: "QuantizedWeight", bias: str | Non
     return g.op("IntLinear", inputs, hint=f"{prefix}.out", domain=OPS_DOMAIN, bits=site.bits, group_size=0)
 
 
-def emit_linears(c: _Ctx, layer: int, names: tuple[str, ...], x: "str | tuple[str, str] | QuantSite") -> list[str]:
+def emit_stacked(c: _Ctx, layer: int, names: tuple[str, ...], x: "str | tuple[str, str] | QuantSite") -> str:
     """The named projections of a layer on one input (bias folded in), as models.base.linear each: one
-    stacked 4-bit matmul, split into the projections' outputs."""
+    stacked 4-bit matmul whose output holds the projections' outputs side by side."""
     prefix, qw, bias = stacked_linear(c, layer, names)
     if isinstance(x, QuantSite) and qw.scale.shape[1] == 1:
-        y = emit_int_linear(c, prefix, qw, bias, x)
-    else:
-        if isinstance(x, QuantSite):  # grouped weight scales have no exact integer form: quantize, dequantize
-            x = emit_quant_levels_op(c.g, x.x, x.bits, x.clip, x.shift, x.gain, x.width)
-        y = emit_linear(c, prefix, qw, bias, x)
+        return emit_int_linear(c, prefix, qw, bias, x)
+    if isinstance(x, QuantSite):  # grouped weight scales have no exact integer form: quantize, dequantize
+        x = emit_quant_levels_op(c.g, x.x, x.bits, x.clip, x.shift, x.gain, x.width)
+    return emit_linear(c, prefix, qw, bias, x)
+
+
+def emit_linears(c: _Ctx, layer: int, names: tuple[str, ...], x: "str | tuple[str, str] | QuantSite") -> list[str]:
+    """emit_stacked, split into the projections' outputs."""
+    y = emit_stacked(c, layer, names, x)
     if len(names) == 1:
         return [y]
     sizes = [c.t[f"layers.{layer}.{n}.qweight"].shape[0] for n in names]  # output rows of each projection
@@ -249,26 +253,55 @@ def emit_heads(g: Graph, x: str, heads: int, head_dim: int) -> str:
     return g.op("Transpose", [y], perm=[0, 2, 1, 3])
 
 
-def emit_block(c: _Ctx, i: int, h: str, cos: str, sin: str, mask: str | None, past: tuple[str, str]) -> tuple[str, str, str]:
-    """One decoder block (models.base.block_forward); returns (h, present key, present value)."""
+def fuses_rope(c: _Ctx) -> bool:
+    """The custom-op graph hands the stacked q/k/v projection to one RopeAttention node (heads, rotary
+    embedding, R3, KV quantizer, attention); R3 there needs a power-of-two head_dim (else the op chain)."""
+    hd = c.cfg.head_dim
+    return c.custom and (not c.r3 or hd & (hd - 1) == 0)
+
+
+def emit_block(c: _Ctx, i: int, h: str, cos: str, sin: str, mask: str | None, past: tuple[str, str],
+               present: tuple[str, str]) -> tuple[str, str, str]:
+    """One decoder block (models.base.block_forward); returns (h, present key, present value). The fused
+    attention node writes the graph outputs `present` itself."""
     g, cfg = c.g, c.cfg
     x = emit_site(c, i, "attn_in", rms_norm(c, h, c.tensor(f"layers.{i}.attn_norm")))
-    q, k, v = emit_linears(c, i, ("q", "k", "v"), x)
-    q = emit_heads(g, q, cfg.num_heads, cfg.head_dim)
-    k, v = emit_heads(g, k, cfg.num_kv_heads, cfg.head_dim), emit_heads(g, v, cfg.num_kv_heads, cfg.head_dim)
-    q, k = emit_rope(g, q, cos, sin, cfg.head_dim), emit_rope(g, k, cos, sin, cfg.head_dim)
-    if c.r3:
-        q, k = hadamard(c, q, cfg.head_dim), hadamard(c, k, cfg.head_dim)
     k_clip, v_clip = c.tensor(f"layers.{i}.k_cache.clip"), c.tensor(f"layers.{i}.v_cache.clip")
-    if c.custom:
-        a, present_k, present_v = emit_attention_op(c, i, q, k, v, past, k_clip, v_clip)
+    if fuses_rope(c):
+        qkv = emit_stacked(c, i, ("q", "k", "v"), x)
+        a, present_k, present_v = emit_rope_attention(c, i, qkv, cos, sin, past, k_clip, v_clip, present)
     else:
-        a, present_k, present_v = emit_attention_standard(c, i, q, k, v, past, k_clip, v_clip, mask)
+        q, k, v = emit_linears(c, i, ("q", "k", "v"), x)
+        q = emit_heads(g, q, cfg.num_heads, cfg.head_dim)
+        k, v = emit_heads(g, k, cfg.num_kv_heads, cfg.head_dim), emit_heads(g, v, cfg.num_kv_heads, cfg.head_dim)
+        q, k = emit_rope(g, q, cos, sin, cfg.head_dim), emit_rope(g, k, cos, sin, cfg.head_dim)
+        if c.r3:
+            q, k = hadamard(c, q, cfg.head_dim), hadamard(c, k, cfg.head_dim)
+        if c.custom:
+            a, present_k, present_v = emit_attention_op(c, i, q, k, v, past, k_clip, v_clip)
+        else:
+            a, present_k, present_v = emit_attention_standard(c, i, q, k, v, past, k_clip, v_clip, mask)
     h = g.op("Add", [h, *emit_linears(c, i, ("o",), emit_site(c, i, "o_in", a))])
     x = emit_site(c, i, "mlp_in", rms_norm(c, h, c.tensor(f"layers.{i}.mlp_norm")))
     act = swiglu(c, *emit_linears(c, i, ("gate", "up"), x))
     h = g.op("Add", [h, *emit_linears(c, i, ("down",), emit_site(c, i, "down_in", act))])
     return h, present_k, present_v
+
+
+def emit_rope_attention(c: _Ctx, i: int, qkv: str, cos: str, sin: str, past: tuple[str, str], k_clip: str | None,
+                        v_clip: str | None, present: tuple[str, str]) -> tuple[str, str, str]:
+    """baseq.RopeAttention[KV4] on the stacked q/k/v projection: bit for bit the Reshape/Transpose, rotary
+    embedding, R3 Hadamard, KV quantizer and attention op chain of the unfused graph, as one node."""
+    cfg, kv = c.cfg, c.kv_bits or 0
+    attrs = dict(heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, rotate=int(c.r3), window=cfg.sliding_window or 0)
+    inputs = [qkv, cos, sin, past[0], past[1], "attention_mask"]
+    outputs = [c.g.name(f"layer{i}.attention"), *present]
+    if c.kv_packed:
+        c.g.op("RopeAttentionKV4", inputs + [k_clip, v_clip], domain=OPS_DOMAIN, outputs=outputs, **attrs)
+    else:
+        c.g.op("RopeAttention", inputs + ([k_clip, v_clip] if kv else []), domain=OPS_DOMAIN, outputs=outputs, bits=kv,
+               **attrs)
+    return outputs[0], outputs[1], outputs[2]
 
 
 def emit_attention_op(c: _Ctx, i: int, q: str, k: str, v: str, past: tuple[str, str], k_clip: str | None,
@@ -324,12 +357,12 @@ def emit_attention(g: Graph, q: str, k: str, v: str, mask: str, cfg: ModelConfig
 MASKED = -1e9  # additive mask value: exp() underflows to exactly 0, and a fully masked (padding) row stays finite
 
 
-def emit_positions(g: Graph, ids: str, past_key: str) -> tuple[str, str]:
-    """Absolute positions [T] (past_len + arange(T)) of the new tokens, and the total length past_len + T."""
-    past_len = g.op("Gather", [g.op("Shape", [past_key]), g.const(2, np.int64)], axis=0)
+def emit_positions(g: Graph, ids: str, attention_mask: str) -> tuple[str, str]:
+    """Absolute positions [T] (past_len + arange(T)) of the new tokens, and the total length past_len + T, from
+    attention_mask [B, past + T]: the past may be a buffer longer than what it holds (genai's shared buffer)."""
+    total = g.op("Gather", [g.op("Shape", [attention_mask]), g.const(1, np.int64)], axis=0)
     seq = g.op("Gather", [g.op("Shape", [ids]), g.const(1, np.int64)], axis=0)
-    total = g.op("Add", [past_len, seq])
-    return g.op("Range", [past_len, total, g.const(1, np.int64)]), total
+    return g.op("Range", [g.op("Sub", [total, seq]), total, g.const(1, np.int64)]), total
 
 
 def emit_mask(g: Graph, cfg: ModelConfig, positions: str, total: str, attention_mask: str) -> str:
@@ -383,15 +416,17 @@ def build_model(art: Artifact, max_length: int = 2048, ops: str = "standard", kv
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", kv_type, total_shape))
 
     cos_t, sin_t = rope_tables(art.tensors["rope.inv_freq"], torch.arange(max_length), cfg.rope_attention_scaling, torch.float32)
-    positions, total = emit_positions(g, "input_ids", "past_key_values.0.key")
+    positions, total = emit_positions(g, "input_ids", "attention_mask")
     mask = None if c.custom else emit_mask(g, cfg, positions, total, "attention_mask")
     cos = g.op("Gather", [g.init("rope.cos", _np(cos_t)), positions], axis=0)
     sin = g.op("Gather", [g.init("rope.sin", _np(sin_t)), positions], axis=0)
     h = emit_embedding(c, "input_ids")
     for i in range(cfg.num_layers):
-        h, k, v = emit_block(c, i, h, cos, sin, mask, (f"past_key_values.{i}.key", f"past_key_values.{i}.value"))
-        g.nodes.append(helper.make_node("Identity", [k], [f"present.{i}.key"]))
-        g.nodes.append(helper.make_node("Identity", [v], [f"present.{i}.value"]))
+        present = (f"present.{i}.key", f"present.{i}.value")
+        h, k, v = emit_block(c, i, h, cos, sin, mask, (f"past_key_values.{i}.key", f"past_key_values.{i}.value"), present)
+        for made, name in zip((k, v), present):
+            if made != name:
+                g.nodes.append(helper.make_node("Identity", [made], [name]))
     h = rms_norm(c, h, c.tensor("norm"))
     logits = emit_lm_head(c, h)
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"]))

@@ -1,6 +1,8 @@
 // Checks that every float64 loop set of baseq.Attention this CPU runs (attention_rows.h compiled
-// for SSE2, AVX2, AVX-512) gives the portable set's bits, and the portable set the plain formula,
-// on random data with ragged head sizes and key ranges. Exit status 0 = pass.
+// for the baseline, AVX2+FMA, AVX-512) gives the plain formula's bits (8 lanes of fused
+// multiply-adds, the lane tree; keys in order) on random data with ragged head sizes and key
+// ranges, and that the softmax, with its own exp, is within 2e-14 relative of exp(x - max) / sum (summed in another order) and equal
+// across sets. Exit status 0 = pass.
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -28,21 +30,18 @@ int main() {
     for (auto& x : p) x = std::fabs(normal(rng)) / S;
     for (auto& x : visible) x = rng() % 4 != 0;
     std::vector<double> ref_s(S, -1.0), ref_a(hd);
-    // The plain formula: four interleaved partial sums over d, ((s0 + s1) + (s2 + s3)), tail; keys in order.
+    // The plain formula: lane l sums q[d] k[d] for d = l (mod 8) by fma, then ((l0+l4)+(l2+l6))+((l1+l5)+(l3+l7)).
     for (int64_t j = 3; j < S - 2; ++j) {
       if (!visible[j]) continue;
-      double s[4] = {0, 0, 0, 0};
-      int64_t d = 0;
-      for (; d + 4 <= hd; d += 4)
-        for (int u = 0; u < 4; ++u) s[u] += q[d + u] * static_cast<double>(k[j * hd + d + u]);
-      double r = (s[0] + s[1]) + (s[2] + s[3]);
-      for (; d < hd; ++d) r += q[d] * static_cast<double>(k[j * hd + d]);
+      double l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int64_t d = 0; d < hd; ++d) l[d % 8] = std::fma(q[d], static_cast<double>(k[j * hd + d]), l[d % 8]);
+      const double r = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
       ref_s[j] = r * 0.125 + 0.5;
     }
     for (int64_t i = 0; i < hd; ++i) {
       double a = 0.0;
       for (int64_t j = 3; j < S - 2; ++j)
-        if (visible[j]) a += p[j] * static_cast<double>(v[j * hd + i]);
+        if (visible[j]) a = std::fma(p[j], static_cast<double>(v[j * hd + i]), a);
       ref_a[i] = a;
     }
     for (int s = 0; s < n; ++s) {
@@ -70,6 +69,31 @@ int main() {
                       std::memcmp(got_a.data(), ref_a.data(), hd * sizeof(double)) == 0;
       if (!ok) {
         std::printf("FAIL %-7s head_dim %lld\n", sets[s].name, static_cast<long long>(hd));
+        ++failures;
+      }
+    }
+  }
+  // Softmax: rows of ragged lengths with masked entries, NaN-free; every set equals the portable one
+  // bit for bit and exp(x - max) / sum within 2e-14 relative (the masked entries exactly 0).
+  for (int64_t len : {1, 7, 8, 9, 37, 1000}) {
+    std::vector<double> x(len);
+    for (auto& e : x) e = normal(rng) * 8.0 - (rng() % 5 == 0 ? 1e9 : 0.0);
+    x[0] = normal(rng);  // at least one unmasked entry
+    double mx = -INFINITY, sum = 0.0;
+    for (double e : x) mx = e > mx ? e : mx;
+    for (double e : x) sum += e < -1e8 ? 0.0 : std::exp(e - mx);
+    std::vector<double> first(len);
+    for (int s = 0; s < n; ++s) {
+      std::vector<double> got(len);
+      sets[s].softmax(x.data(), got.data(), len);
+      if (s == 0) first = got;
+      bool ok = std::memcmp(got.data(), first.data(), len * sizeof(double)) == 0;
+      for (int64_t i = 0; i < len; ++i) {
+        const double want = x[i] < -1e8 ? 0.0 : std::exp(x[i] - mx) / sum;
+        ok = ok && (x[i] < -1e8 ? got[i] == 0.0 : std::fabs(got[i] - want) <= 2e-14 * want);
+      }
+      if (!ok) {
+        std::printf("FAIL %-7s softmax of %lld\n", sets[s].name, static_cast<long long>(len));
         ++failures;
       }
     }
