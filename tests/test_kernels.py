@@ -500,6 +500,34 @@ def test_attention_writes_into_a_kv_buffer(packed):
         np.testing.assert_array_equal(got[:, :, past + t:], buffers[n][:, :, past + t:])  # untouched: written in place
 
 
+def test_rope_attention_rejects_bad_inputs():
+    from onnx import TensorProto as TP
+
+    g = Graph()
+    g.nodes.append(helper.make_node("RopeAttentionKV4", ["qkv", "cos", "sin", "past_k", "past_v", "attention_mask", "k_clip",
+                                                         "v_clip"], ["y", "pk", "pv"], domain=OPS_DOMAIN, heads=4,
+                                    kv_heads=2, rotate=1))
+    ins = [("qkv", TP.FLOAT), ("cos", TP.FLOAT), ("sin", TP.FLOAT), ("past_k", TP.UINT8), ("past_v", TP.UINT8),
+           ("attention_mask", TP.INT64), ("k_clip", TP.FLOAT), ("v_clip", TP.FLOAT)]
+    graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info(n, t, None) for n, t in ins],
+                              [helper.make_tensor_value_info(n, t, None) for n, t in (("y", TP.FLOAT), ("pk", TP.UINT8), ("pv", TP.UINT8))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(OPS_DOMAIN, 1)])
+    model.ir_version = 9
+    sess = ort.InferenceSession(model.SerializeToString(), runtime_ops.session_options(1), providers=["CPUExecutionProvider"])
+    hd, t = 16, 3
+    good = {"qkv": np.ones((1, t, 8 * hd), np.float32), "cos": np.ones((t, hd), np.float32), "sin": np.zeros((t, hd), np.float32),
+            "past_k": np.zeros((1, 2, 0, hd // 2 + 8), np.uint8), "past_v": np.zeros((1, 2, 0, hd // 2 + 8), np.uint8),
+            "attention_mask": np.ones((1, t), np.int64), "k_clip": np.ones(1, np.float32), "v_clip": np.ones(1, np.float32)}
+    assert sess.run(None, good)[0].shape == (1, t, 4 * hd)
+    err = run_error_fn(lambda: sess.run(None, {**good, "qkv": np.ones((1, t, 8 * hd + 8), np.float32)}))
+    assert "qkv must be [batch, seq, (heads + 2 kv_heads) x head_dim] with an even head_dim, got [1, 3, 136]" in err
+    err = run_error_fn(lambda: sess.run(None, {**good, "cos": np.ones((t + 1, hd), np.float32)}))
+    assert "cos and sin must be [seq, head_dim] = [3, 16], got [4, 16]" in err
+    err = run_error_fn(lambda: sess.run(None, {**good, "qkv": np.ones((1, t, 8 * 12), np.float32),
+                                               "cos": np.ones((t, 12), np.float32), "sin": np.ones((t, 12), np.float32)}))
+    assert "rotate = 1 needs a power-of-two head_dim, got 12" in err
+
+
 def test_attention_equals_the_torch_exact_reference():
     """models.base.attend(exact=True) on the concatenated cache with K/V heads repeated per group."""
     import torch

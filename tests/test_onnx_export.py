@@ -217,6 +217,42 @@ def test_default_model_onnx_parity(default_model, tmp_path, kind):
             assert list(genai_stream(out, prompt, 32)) == ort_tokens
 
 
+@pytest.mark.parametrize("arch, dims", [("llama", {}), ("qwen2", {"hidden_size": 96, "intermediate_size": 160}),
+                                        ("mistral", {"sliding_window": 6})])
+@pytest.mark.parametrize("kind", ["w4a4kv4-baseq", "w4a16-rtn"])
+@pytest.mark.parametrize("kv_cache", ["float", "int4"])
+def test_fused_rope_attention_equals_the_op_chain(tmp_path, monkeypatch, arch, dims, kind, kv_cache):
+    """baseq.RopeAttention[KV4] (one node per layer: heads, rotary embedding, R3, KV quantizer, attention) gives
+    the logits of the unfused graph (Reshape/Transpose, standard-op RoPE, Hadamard, QuantDequant, Attention) bit for
+    bit, for a prompt and decode steps."""
+    from baseq_export.export import onnx_model
+
+    if kind == "w4a16-rtn" and kv_cache == "int4":
+        pytest.skip("a packed cache needs a 4-bit KV quantizer")
+    hf = tiny_hf_model(arch, dtype=torch.float32, **dims)
+    m = from_hf_model(hf)
+    calib = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))
+    art = ARTIFACTS[kind](m, calib)
+    art_path = save_artifact(tmp_path / "m.baseq", art)
+    hd = hf.config.hidden_size // hf.config.num_attention_heads
+    # R3 inside the fused op needs a power-of-two head_dim; otherwise the exporter keeps the chain
+    fusable = not (art.quant.get("rotation") or {}).get("r3") or hd & (hd - 1) == 0
+    fused = OnnxModel(export_onnx(art_path, tmp_path / "fused", ops="custom", kv_cache=kv_cache), threads=1)
+    monkeypatch.setattr(onnx_model, "fuses_rope", lambda c: False)
+    chain = OnnxModel(export_onnx(art_path, tmp_path / "chain", ops="custom", kv_cache=kv_cache), threads=1)
+    for name, model in (("fused", fused), ("chain", chain)):
+        ops = {n.op_type for n in onnx.load(str(tmp_path / name / model.model_file), load_external_data=False).graph.node}
+        assert any(o.startswith("RopeAttention") for o in ops) == (name == "fused" and fusable), (name, hd, ops)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(5)).numpy()
+    lf, pf = fused.step(ids[:, :8], fused.empty_cache(2))
+    lc, pc = chain.step(ids[:, :8], chain.empty_cache(2))
+    np.testing.assert_array_equal(lf, lc)
+    for t in range(8, 12):
+        lf, pf = fused.step(ids[:, t : t + 1], pf)
+        lc, pc = chain.step(ids[:, t : t + 1], pc)
+        np.testing.assert_array_equal(lf, lc)
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_packed_int4_kv_cache_gives_the_same_logits(tmp_path, arch):
     """--kv-cache int4 stores the artifact's 4-bit KV codes packed (head_dim/2 bytes + scale + zero per
