@@ -143,11 +143,17 @@ void ForChunks(OrtKernelContext* ctx, const Dims& d, Body body) {
   const int64_t chunk = d.new_len <= kQueryChunk ? std::max<int64_t>(d.new_len, 1) : kQueryChunk;
   const int64_t chunks = (d.new_len + chunk - 1) / chunk;
   const int64_t splits = chunks == 1 ? d.groups : 1, per_split = d.groups / splits;
-  ParallelTasks(ctx, d.batch * d.kv_heads * splits * chunks, [&](int64_t i) {
+  auto task = [&](int64_t i) {
     const int64_t c = i % chunks, s = (i / chunks) % splits, kvh = (i / (chunks * splits)) % d.kv_heads;
     const int64_t b = i / (chunks * splits * d.kv_heads);
     body(b, kvh, s * per_split, (s + 1) * per_split, c * chunk, std::min(d.new_len, (c + 1) * chunk));
-  });
+  };
+  const int64_t tasks = d.batch * d.kv_heads * splits * chunks;
+  if (d.batch * d.heads * d.new_len * d.total_len * d.head_dim < kSerialWork) {  // a short context: not worth the threads
+    for (int64_t i = 0; i < tasks; ++i) task(i);
+  } else {
+    ParallelTasks(ctx, tasks, task);
+  }
 }
 
 // present = the past rows, then the new ones (`row` elements per token, `fresh` rows made by

@@ -75,23 +75,38 @@ struct RmsNorm {
   }
 };
 
+// SwiGLU(G, U) -> float(silu(double(G)) * double(U)) of one shape; SwiGLU(GU) with one input takes G and U
+// as the two halves of GU's last axis (the stacked gate/up projection, no Split).
 struct SwiGLU {
   SwiGLU(const OrtApi*, const OrtKernelInfo*) {}
 
-  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& gate, const Tensor<float>& up, Tensor<float>& out) {
-    const auto& shape = gate.Shape();
-    if (shape != up.Shape())
-      return Error("baseq.SwiGLU: G " + ShapeStr(shape) + " and U " + ShapeStr(up.Shape()) + " must have one shape");
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& gate, std::optional<const Tensor<float>*> up,
+                      Tensor<float>& out) {
+    std::vector<int64_t> shape = gate.Shape();
+    const bool stacked = !up.has_value() || *up == nullptr;
+    if (stacked) {
+      if (shape.empty() || shape.back() % 2 != 0)
+        return Error("baseq.SwiGLU: with one input, GU must have an even last dimension (gate and up halves), got " +
+                     ShapeStr(shape));
+      shape.back() /= 2;
+    } else if (shape != (*up)->Shape()) {
+      return Error("baseq.SwiGLU: G " + ShapeStr(shape) + " and U " + ShapeStr((*up)->Shape()) + " must have one shape");
+    }
     float* o = out.Allocate(shape);
-    const int64_t total = gate.NumberOfElement();
-    if (total == 0) return Ort::Status{nullptr};
+    const int64_t width = shape.empty() ? 1 : shape.back();
+    const int64_t total = gate.NumberOfElement() / (stacked ? 2 : 1);
+    if (total == 0 || width == 0) return Ort::Status{nullptr};
     const float* g = gate.Data();
-    const float* u = up.Data();
-    const int64_t width = shape.empty() ? 1 : std::max<int64_t>(1, shape.back());
+    const float* u = stacked ? g + width : (*up)->Data();
+    const int64_t stride = stacked ? 2 * width : width;  // input row stride
     ForRows(ctx, total / width, width, [&](int64_t first, int64_t end) {
-      for (int64_t i = first * width; i < end * width; ++i) {
-        const double gv = static_cast<double>(g[i]);
-        o[i] = static_cast<float>(gv / (1.0 + std::exp(-gv)) * static_cast<double>(u[i]));
+      for (int64_t r = first; r < end; ++r) {
+        const float *gr = g + r * stride, *ur = u + r * stride;
+        float* orow = o + r * width;
+        for (int64_t i = 0; i < width; ++i) {
+          const double gv = static_cast<double>(gr[i]);
+          orow[i] = static_cast<float>(gv / (1.0 + std::exp(-gv)) * static_cast<double>(ur[i]));
+        }
       }
     });
     return Ort::Status{nullptr};

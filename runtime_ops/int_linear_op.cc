@@ -2,8 +2,9 @@
 // an exact integer matmul against 4-bit weights (int_linear.h says what is computed).
 //
 //   IntLinear(X float [..., K], clip float [1], shift float [K]?, gain float [K]?,
-//             B uint8 [N, ceil(K/2)], zeros uint8 [N, G], W_scales float [N, G], bias float [N]?)
-//     -> Y float [..., N]
+//             B uint8 [N, ceil(K/2)], zeros uint8 [N, G], W_scales float [N, G], bias float [N]?,
+//             residual float [..., N]?)
+//     -> Y float [..., N]      (+ residual in float32 after the bias: the block's residual Add fused)
 //   attributes: bits (activation bits, 1..8), group_size (k per weight group; 0 or >= K: one
 //   group, G = 1; else G = ceil(K / group_size)).
 //
@@ -30,7 +31,7 @@ constexpr int64_t kMaxK = 1 << 19;            // int32 partial sums stay exact b
 constexpr int64_t kRowChunk = 64;             // rows per task at prefill (a multiple of every kernel's tile)
 constexpr int64_t kTaskMacs = int64_t{1} << 18;  // multiply-adds per parallel task, roughly
 
-enum Input { kX, kClip, kShift, kGain, kB, kZeros, kScales, kBias, kInputs };
+enum Input { kX, kClip, kShift, kGain, kB, kZeros, kScales, kBias, kResidual, kInputs };
 
 // Runs the tile kernel over rows x column blocks on onnxruntime's intra-op threads: tasks of up
 // to 64 rows times enough column blocks for ~2^18 multiply-adds; a task's blocks stay in cache
@@ -139,10 +140,11 @@ class IntLinearKernel : public RowQuantizer {
       if (!present(i)) return Error(std::string(kOp) + ": input " + std::to_string(i) + " is required");
     Tensor<float> x(ctx, kX, true), clip(ctx, kClip, true), scales(ctx, kScales, true);
     Tensor<uint8_t> b(ctx, kB, true), zeros(ctx, kZeros, true);
-    std::optional<Tensor<float>> shift, gain, bias;
+    std::optional<Tensor<float>> shift, gain, bias, residual;
     if (present(kShift)) shift.emplace(ctx, kShift, true);
     if (present(kGain)) gain.emplace(ctx, kGain, true);
     if (present(kBias)) bias.emplace(ctx, kBias, true);
+    if (present(kResidual)) residual.emplace(ctx, kResidual, true);
 
     const std::vector<int64_t> xs = x.Shape();
     if (xs.empty()) return Error(std::string(kOp) + ": input X must have rank >= 1, got a scalar");
@@ -177,6 +179,9 @@ class IntLinearKernel : public RowQuantizer {
     std::vector<float> zero(static_cast<size_t>(rows), 0.0f), scale(static_cast<size_t>(rows), 1.0f);  // K = 0: QuantLevels' scale 1
     std::vector<int64_t> ys = xs;
     ys.back() = n;
+    if (residual && residual->Shape() != ys)
+      return Error(std::string(kOp) + ": residual must have the output's shape " + ShapeStr(ys) + ", got " +
+                   ShapeStr(residual->Shape()));
     Tensor<float> y(ctx, 0, false);
     float* out = nullptr;
     auto to_opt = [](std::optional<Tensor<float>>& t) -> std::optional<const Tensor<float>*> {
@@ -199,6 +204,10 @@ class IntLinearKernel : public RowQuantizer {
     RunTiles(ctx, tiles_, w, xr, o, rows);
     for (int64_t r = 0; r < rows; ++r)
       if (!intlin::RowIsExact(xr, r)) intlin::SlowRow(w, xr, o, r);
+    if (residual) {
+      const float* res = residual->Data();
+      for (int64_t i = 0; i < rows * n; ++i) out[i] = out[i] + res[i];
+    }
     return Ort::Status{nullptr};
   }
 
@@ -238,7 +247,7 @@ struct IntLinearOpDef : Ort::CustomOpBase<IntLinearOpDef, IntLinearKernel, true>
     return (i == kB || i == kZeros) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return (i == kShift || i == kGain || i == kBias) ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+    return (i == kShift || i == kGain || i == kBias || i == kResidual) ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }

@@ -17,7 +17,7 @@
 //       the end of an integer linear (models.base.linear on an IntActivation): integer sums Y times
 //       the activation's and the weight's scales in float64, rounded once, then the bias in float32.
 //   RmsNorm(X[..., n], eps (float64 scalar), W[n]?) -> float(X / sqrt(mean(X^2) + eps) in float64) * W
-//   SwiGLU(G, U) -> float(silu(G) * U in float64)
+//   SwiGLU(G, U) -> float(silu(G) * U in float64); SwiGLU(GU): G and U the two halves of GU's last axis
 //   MaskedSoftmax(X[..., s] float64) -> float64 softmax over the last axis; entries below -1e8 (the
 //       exporter's additive mask is -1e9) are taken as exactly 0 without computing exp, as exp(-1e9)
 //       is; a row with no other entry is computed in full, as the standard-op graph does.
@@ -27,7 +27,7 @@
 //   KVUnpack(P[B, H, S, hd/2 + 8]) -> float [B, H, S, hd]             attribute head_dim
 //       (code - zero) * scale: bit for bit the values QuantDequant gives.
 //   IntLinear(X[..., K], clip[1], shift[K]?, gain[K]?, B uint8 [N, ceil(K/2)], zeros uint8 [N, G],
-//             W_scales [N, G], bias[N]?) -> Y[..., N]      attributes bits (1..8), group_size (0 = K)
+//             W_scales [N, G], bias[N]?, residual[..., N]?) -> Y[..., N]   attributes bits (1..8), group_size (0 = K)
 //       QuantLevels' quantizer fused with the exact integer matmul on 4-bit weights and ScaleSums'
 //       epilogue (G = 1: bit for bit that chain); int_linear.h states the arithmetic.
 //   Attention(Q[B, H, T, hd], K, V [B, kvH, T, hd], past_K, past_V [B, kvH, P, hd], attention_mask int64

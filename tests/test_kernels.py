@@ -44,7 +44,7 @@ def build(nodes, inits, inputs, outputs=("y",)):
 
 
 def int_linear(packed, zeros, scales, bits, group_size=0, clip=0.9, shift=None, gain=None, bias=None,
-               weights_as_inputs=False):
+               weights_as_inputs=False, residual=False):
     """A session of one IntLinear node; feed x (and B, zeros, scales when weights_as_inputs)."""
     inits = [numpy_helper.from_array(np.asarray([clip], np.float32), "clip")]
     inputs = [("x", F32)]
@@ -59,9 +59,14 @@ def int_linear(packed, zeros, scales, bits, group_size=0, clip=0.9, shift=None, 
             inputs.append((name, t))
         else:
             inits.append(numpy_helper.from_array(arr, name))
+    names.append("bias" if bias is not None else "")
     if bias is not None:
-        names.append("bias")
         inits.append(numpy_helper.from_array(bias, "bias"))
+    if residual:  # a graph input "r", added after the bias
+        names.append("r")
+        inputs.append(("r", F32))
+    while names[-1] == "":
+        names.pop()
     node = helper.make_node("IntLinear", names, ["y"], domain=OPS_DOMAIN, bits=bits, group_size=group_size)
     return build([node], inits, inputs)
 
@@ -180,6 +185,23 @@ def test_int_linear_groups_and_ragged_shapes_match_numpy(isa, xshape, n, group_s
     for s, w, b in [(shift, gain, bias), (None, None, None)]:
         got = int_linear(packed, zeros, scales, bits, group_size, 0.85, s, w, b).run(None, {"x": x})[0]
         np.testing.assert_array_equal(got, np_int_linear(x, codes, zeros, scales, bits, group_size, 0.85, s, w, b))
+
+
+def test_int_linear_adds_the_residual_after_the_bias(isa):
+    """The block's residual Add fused: IntLinear(..., bias, residual) = residual + (IntLinear(..., bias)) in float32,
+    bit for bit; a residual of another shape is refused by name."""
+    k, n = 48, 40
+    codes, zeros, scales, packed = make_weights(n, k, 1, seed=9)
+    bias = np.linspace(-1, 1, n).astype(np.float32)
+    x = np.random.default_rng(2).standard_normal((2, 5, k)).astype(np.float32)
+    r = (np.random.default_rng(3).standard_normal((2, 5, n)) * 3).astype(np.float32)
+    plain = int_linear(packed, zeros, scales, 4, bias=bias).run(None, {"x": x})[0]
+    fused = int_linear(packed, zeros, scales, 4, bias=bias, residual=True)
+    np.testing.assert_array_equal(fused.run(None, {"x": x, "r": r})[0], r + plain)
+    no_bias = int_linear(packed, zeros, scales, 4, residual=True).run(None, {"x": x, "r": r})[0]
+    np.testing.assert_array_equal(no_bias, r + int_linear(packed, zeros, scales, 4).run(None, {"x": x})[0])
+    err = run_error_fn(lambda: fused.run(None, {"x": x, "r": r[:, :4]}))
+    assert "residual must have the output's shape [2, 5, 40], got [2, 4, 40]" in err
 
 
 def test_int_linear_nan_inf_constant_and_far_rows(isa):

@@ -442,6 +442,9 @@ def test_rms_norm_and_swiglu_round_once_from_float64(impl):
     g64 = gate.astype(np.float64)
     ref = g64 / (1 + np.exp(-g64)) * up.astype(np.float64)
     assert_rounded_once(got, ref)
+    if impl == "custom":  # one input: the stacked gate/up projection's two halves, the same values
+        stacked = run_ops(lambda g: g.op("SwiGLU", ["gu"], domain=OPS_DOMAIN), {"gu": np.concatenate([gate, up], -1)})
+        np.testing.assert_array_equal(stacked, got)
     assert_rounded_once(swiglu(torch.from_numpy(gate), torch.from_numpy(up), exact=True).numpy(), ref)
 
 
@@ -496,3 +499,5 @@ def test_exact_mode_ops_reject_bad_inputs():
         lambda: run_ops(lambda g: g.op("RmsNorm", ["x", g.const(1e-5, np.float64), g.init("w", c5)], domain=OPS_DOMAIN), {"x": y}))
     assert "must have one shape" in run_error_fn(
         lambda: run_ops(lambda g: g.op("SwiGLU", ["g", "u"], domain=OPS_DOMAIN), {"g": y, "u": np.ones((2, 4), np.float32)}))
+    assert "with one input, GU must have an even last dimension (gate and up halves), got [2, 7]" in run_error_fn(
+        lambda: run_ops(lambda g: g.op("SwiGLU", ["gu"], domain=OPS_DOMAIN), {"gu": np.ones((2, 7), np.float32)}))

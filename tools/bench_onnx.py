@@ -12,7 +12,9 @@ export with 2 threads, CPU idle-checked, medians of --repeats:
   in onnxruntime-genai, and for ours also in plain onnxruntime, our runner), prefill tokens/s of a
   512-token prompt, file size, KV-cache bytes per token, perplexity on the evaluation split (plain
   onnxruntime, full windows), and for ours the share of a decode step spent in our baseq ops
-  (onnxruntime's profiler).
+  (onnxruntime's profiler) and the graph's node count. Our exports run the graph their manifest names
+  (model.kv4.onnx, the packed KV cache, where the export has it), in our runner and in genai alike.
+--accuracy-only skips the timing (the off-grid copy's accuracy table).
 """
 
 from __future__ import annotations
@@ -92,6 +94,15 @@ def model_bytes(path: Path) -> int:
 # ------------------------------------------------------------------ onnxruntime sessions
 
 
+def graph_file(path: Path) -> str:
+    """The graph our runner (and genai) runs in an export of ours: the manifest's (model.kv4.onnx when the export
+    has the packed KV cache), else model.onnx."""
+    manifest = path / "manifest.json"
+    if manifest.is_file():
+        return json.loads(manifest.read_text()).get("onnxruntime", {}).get("model", "model.onnx")
+    return "model.onnx"
+
+
 def ort_session(path: Path, threads: int, profile: str | None = None):
     import onnxruntime as ort
 
@@ -104,7 +115,7 @@ def ort_session(path: Path, threads: int, profile: str | None = None):
     if profile:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile
-    return ort.InferenceSession(str(path / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path / graph_file(path)), opts, providers=["CPUExecutionProvider"])
 
 
 class GraphRunner:
@@ -203,7 +214,8 @@ def op_share(path: Path, threads: int, head_dim: int, prompt: np.ndarray, steps:
     The prompt runs in an unprofiled session; its cache feeds the profiled decode steps."""
     import onnx
 
-    ours = {n.op_type for n in onnx.load(str(path / "model.onnx"), load_external_data=False).graph.node if n.domain == "baseq"}
+    graph = onnx.load(str(path / graph_file(path)), load_external_data=False).graph
+    ours = {n.op_type for n in graph.node if n.domain == "baseq"}
     plain = GraphRunner(ort_session(path, threads), head_dim)
     logits, past = plain.step(prompt, plain.empty())
     with tempfile.TemporaryDirectory() as tmp:
@@ -219,7 +231,7 @@ def op_share(path: Path, threads: int, head_dim: int, prompt: np.ndarray, steps:
             by_op[op] = by_op.get(op, 0.0) + e["dur"]
     total = sum(by_op.values()) or 1.0
     share = {op: round(d / total, 4) for op, d in sorted(by_op.items(), key=lambda kv: -kv[1])}
-    return {"baseq_ops_share": round(sum(d for op, d in by_op.items() if op in ours) / total, 4),
+    return {"graph_nodes": len(graph.node), "baseq_ops_share": round(sum(d for op, d in by_op.items() if op in ours) / total, 4),
             "decode_kernel_ms": round(total / steps / 1e3, 3), "by_op": share}
 
 
@@ -236,6 +248,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--windows", type=int, default=None, help="evaluation windows (default: the whole split)")
+    ap.add_argument("--accuracy-only", action="store_true", help="sizes, KV bytes and perplexity only (no timing)")
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args()
 
@@ -270,6 +283,12 @@ def main() -> None:
         r["ppl"] = perplexity_of(runner, windows)
         print(f"{r['label']}: {r['bytes'] / 1e6:.1f} MB, KV {r['kv_bytes_per_token']} B/token, perplexity {r['ppl']:.4f}", flush=True)
 
+    if args.accuracy_only:
+        for r in rows:
+            r["path"] = str(r["path"])
+        args.json.write_text(json.dumps({"machine": machine(), "model": args.model, "windows": int(windows.shape[0]),
+                                         "rows": rows}, indent=1) + "\n")
+        return
     busy_before = require_idle()
     runners = {r["label"]: (genai_model(r["path"], args.threads) if (r["path"] / "genai_config.json").is_file() else None,
                             GraphRunner(ort_session(r["path"], args.threads), head_dim)) for r in rows}
@@ -307,7 +326,7 @@ def main() -> None:
         r["path"] = str(r["path"])
         cols = ", ".join(f"{k} {r[k]:.1f}" for k in r if "tok_s" in k and not k.endswith("int4"))
         print(f"{r['label']}: {r['bytes'] / 1e6:.1f} MB, ppl {r['ppl']:.4f}, {cols}")
-    args.json.write_text(json.dumps({"machine": machine(), "threads": args.threads, "repeats": args.repeats,
+    args.json.write_text(json.dumps({"machine": machine(), "model": args.model, "threads": args.threads, "repeats": args.repeats,
                                      "busy_before": busy_before, "busy_after": busy_after, "windows": int(windows.shape[0]),
                                      "new_tokens": NEW_TOKENS, "rows": rows}, indent=1) + "\n")
 

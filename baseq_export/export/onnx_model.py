@@ -150,29 +150,34 @@ def stacked_linear(c: _Ctx, layer: int, names: tuple[str, ...]) -> tuple[str, "Q
     return prefix, qw, bias
 
 
-def emit_int_linear(c: _Ctx, prefix: str, qw: "QuantizedWeight", bias: str | None, site: QuantSite) -> str:
+def emit_int_linear(c: _Ctx, prefix: str, qw: "QuantizedWeight", bias: str | None, site: QuantSite,
+                    residual: str | None = None) -> str:
     """The site's quantizer and the integer linear on per-channel weights as one baseq.IntLinear node: bit for
-    bit QuantLevels -> MatMulNBits (unit scales) -> ScaleSums, reading the artifact's packed codes as they are."""
+    bit QuantLevels -> MatMulNBits (unit scales) -> ScaleSums, reading the artifact's packed codes as they are;
+    with `residual`, the block's residual Add too (residual + y in float32)."""
     g = c.g
     shift = site.shift
     if site.gain is not None and shift is None:  # the op takes the gain after the shift: zeros stand in for it
         shift = g.const(np.zeros(site.width, np.float32))
     inputs = [site.x, site.clip, shift or "", site.gain or "", g.init(f"{prefix}.qweight", _np(pack_int4(qw.codes))),
-              g.init(f"{prefix}.zeros", _np(qw.zero)), g.init(f"{prefix}.scales", _np(qw.scale))] + ([bias] if bias else [])
+              g.init(f"{prefix}.zeros", _np(qw.zero)), g.init(f"{prefix}.scales", _np(qw.scale)), bias or "",
+              residual or ""]
     while inputs[-1] == "":
         inputs.pop()
     return g.op("IntLinear", inputs, hint=f"{prefix}.out", domain=OPS_DOMAIN, bits=site.bits, group_size=0)
 
 
-def emit_stacked(c: _Ctx, layer: int, names: tuple[str, ...], x: "str | tuple[str, str] | QuantSite") -> str:
+def emit_stacked(c: _Ctx, layer: int, names: tuple[str, ...], x: "str | tuple[str, str] | QuantSite",
+                 residual: str | None = None) -> str:
     """The named projections of a layer on one input (bias folded in), as models.base.linear each: one
-    stacked 4-bit matmul whose output holds the projections' outputs side by side."""
+    stacked 4-bit matmul whose output holds the projections' outputs side by side; plus `residual` if given."""
     prefix, qw, bias = stacked_linear(c, layer, names)
     if isinstance(x, QuantSite) and qw.scale.shape[1] == 1:
-        return emit_int_linear(c, prefix, qw, bias, x)
+        return emit_int_linear(c, prefix, qw, bias, x, residual)
     if isinstance(x, QuantSite):  # grouped weight scales have no exact integer form: quantize, dequantize
         x = emit_quant_levels_op(c.g, x.x, x.bits, x.clip, x.shift, x.gain, x.width)
-    return emit_linear(c, prefix, qw, bias, x)
+    y = emit_linear(c, prefix, qw, bias, x)
+    return y if residual is None else c.g.op("Add", [residual, y])
 
 
 def emit_linears(c: _Ctx, layer: int, names: tuple[str, ...], x: "str | tuple[str, str] | QuantSite") -> list[str]:
@@ -281,10 +286,13 @@ def emit_block(c: _Ctx, i: int, h: str, cos: str, sin: str, mask: str | None, pa
             a, present_k, present_v = emit_attention_op(c, i, q, k, v, past, k_clip, v_clip)
         else:
             a, present_k, present_v = emit_attention_standard(c, i, q, k, v, past, k_clip, v_clip, mask)
-    h = g.op("Add", [h, *emit_linears(c, i, ("o",), emit_site(c, i, "o_in", a))])
+    h = emit_stacked(c, i, ("o",), emit_site(c, i, "o_in", a), residual=h)
     x = emit_site(c, i, "mlp_in", rms_norm(c, h, c.tensor(f"layers.{i}.mlp_norm")))
-    act = swiglu(c, *emit_linears(c, i, ("gate", "up"), x))
-    h = g.op("Add", [h, *emit_linears(c, i, ("down",), emit_site(c, i, "down_in", act))])
+    if c.custom:  # baseq.SwiGLU reads the stacked gate/up output's two halves: no Split
+        act = g.op("SwiGLU", [emit_stacked(c, i, ("gate", "up"), x)], domain=OPS_DOMAIN)
+    else:
+        act = swiglu(c, *emit_linears(c, i, ("gate", "up"), x))
+    h = emit_stacked(c, i, ("down",), emit_site(c, i, "down_in", act), residual=h)
     return h, present_k, present_v
 
 
