@@ -235,6 +235,33 @@ Ort::Status CheckClips(const std::string& op, const Tensor<float>& k_clip, const
   return Ort::Status{nullptr};
 }
 
+// The outputs allocated (present with the cache's row count) and the float-cache attention run.
+void AttendFloat(OrtKernelContext* ctx, const attn::Kernels& kern, int64_t window, const Dims& d, const float* q,
+                 const float* k, const float* v, const Tensor<float>& past_k, const Tensor<float>& past_v,
+                 const Tensor<int64_t>& mask, Tensor<float>& out, Tensor<float>& present_k, Tensor<float>& present_v) {
+  const int64_t hd = d.head_dim;
+  float* o = out.Allocate({d.batch, d.new_len, d.heads * hd});
+  float* pk = present_k.Allocate({d.batch, d.kv_heads, d.present_rows, hd});
+  float* pv = present_v.Allocate({d.batch, d.kv_heads, d.present_rows, hd});
+  RunFloatCache(ctx, kern, window, d, q, k, v, past_k.Data(), past_v.Data(), mask.Data(), o, pk, pv);
+}
+
+// The clips checked, the outputs allocated and the packed-cache attention run.
+Ort::Status AttendPacked(OrtKernelContext* ctx, const attn::Kernels& kern, int64_t window, const std::string& op,
+                         const Dims& d, const float* q, const float* k, const float* v, const Tensor<uint8_t>& past_k,
+                         const Tensor<uint8_t>& past_v, const Tensor<int64_t>& mask, const Tensor<float>& k_clip,
+                         const Tensor<float>& v_clip, Tensor<float>& out, Tensor<uint8_t>& present_k,
+                         Tensor<uint8_t>& present_v) {
+  if (auto st = CheckClips(op, k_clip, v_clip, d.kv_heads); !st.IsOK()) return st;
+  const int64_t hd = d.head_dim, row = PackedRowWidth(hd);
+  float* o = out.Allocate({d.batch, d.new_len, d.heads * hd});
+  uint8_t* pk = present_k.Allocate({d.batch, d.kv_heads, d.present_rows, row});
+  uint8_t* pv = present_v.Allocate({d.batch, d.kv_heads, d.present_rows, row});
+  RunPackedCache(ctx, kern, window, d, q, k, v, past_k.Data(), past_v.Data(), mask.Data(), k_clip.Data(),
+                 k_clip.NumberOfElement() != 1, v_clip.Data(), v_clip.NumberOfElement() != 1, o, pk, pv);
+  return Ort::Status{nullptr};
+}
+
 struct Attention {
   int64_t window = 0;
   attn::Kernels kernels = attn::WidestKernels();
@@ -251,11 +278,7 @@ struct Attention {
                             mask.Shape(), false, &d);
         !st.IsOK())
       return st;
-    const int64_t hd = d.head_dim;
-    float* o = out.Allocate({d.batch, d.new_len, d.heads * hd});
-    float* pk = present_k.Allocate({d.batch, d.kv_heads, d.present_rows, hd});
-    float* pv = present_v.Allocate({d.batch, d.kv_heads, d.present_rows, hd});
-    RunFloatCache(ctx, kernels, window, d, q.Data(), k.Data(), v.Data(), past_k.Data(), past_v.Data(), mask.Data(), o, pk, pv);
+    AttendFloat(ctx, kernels, window, d, q.Data(), k.Data(), v.Data(), past_k, past_v, mask, out, present_k, present_v);
     return Ort::Status{nullptr};
   }
 };
@@ -277,14 +300,8 @@ struct AttentionKV4 {
     if (auto st = CheckDims(op, q.Shape(), k.Shape(), v.Shape(), past_k.Shape(), past_v.Shape(), mask.Shape(), true, &d);
         !st.IsOK())
       return st;
-    if (auto st = CheckClips(op, k_clip, v_clip, d.kv_heads); !st.IsOK()) return st;
-    const int64_t hd = d.head_dim, row = PackedRowWidth(hd);
-    float* o = out.Allocate({d.batch, d.new_len, d.heads * hd});
-    uint8_t* pk = present_k.Allocate({d.batch, d.kv_heads, d.present_rows, row});
-    uint8_t* pv = present_v.Allocate({d.batch, d.kv_heads, d.present_rows, row});
-    RunPackedCache(ctx, kernels, window, d, q.Data(), k.Data(), v.Data(), past_k.Data(), past_v.Data(), mask.Data(),
-                   k_clip.Data(), k_clip.NumberOfElement() != 1, v_clip.Data(), v_clip.NumberOfElement() != 1, o, pk, pv);
-    return Ort::Status{nullptr};
+    return AttendPacked(ctx, kernels, window, op, d, q.Data(), k.Data(), v.Data(), past_k, past_v, mask, k_clip, v_clip, out,
+                        present_k, present_v);
   }
 };
 
@@ -400,11 +417,7 @@ struct RopeAttention : RopeSplit {
       FakeQuantRows(k.data(), d, (*k_clip)->Data(), (*k_clip)->NumberOfElement() != 1, bits);
       FakeQuantRows(v.data(), d, (*v_clip)->Data(), (*v_clip)->NumberOfElement() != 1, bits);
     }
-    const int64_t hd = d.head_dim;
-    float* o = out.Allocate({d.batch, d.new_len, d.heads * hd});
-    float* pk = present_k.Allocate({d.batch, d.kv_heads, d.present_rows, hd});
-    float* pv = present_v.Allocate({d.batch, d.kv_heads, d.present_rows, hd});
-    RunFloatCache(ctx, kernels, window, d, q.data(), k.data(), v.data(), past_k.Data(), past_v.Data(), mask.Data(), o, pk, pv);
+    AttendFloat(ctx, kernels, window, d, q.data(), k.data(), v.data(), past_k, past_v, mask, out, present_k, present_v);
     return Ort::Status{nullptr};
   }
 };
@@ -424,14 +437,8 @@ struct RopeAttentionKV4 : RopeSplit {
     if (auto st = Split(ctx, op, qkv, cos, sin, &q, &k, &v, &qs, &ks); !st.IsOK()) return st;
     Dims d;
     if (auto st = CheckDims(op, qs, ks, ks, past_k.Shape(), past_v.Shape(), mask.Shape(), true, &d); !st.IsOK()) return st;
-    if (auto st = CheckClips(op, k_clip, v_clip, d.kv_heads); !st.IsOK()) return st;
-    const int64_t hd = d.head_dim, row = PackedRowWidth(hd);
-    float* o = out.Allocate({d.batch, d.new_len, d.heads * hd});
-    uint8_t* pk = present_k.Allocate({d.batch, d.kv_heads, d.present_rows, row});
-    uint8_t* pv = present_v.Allocate({d.batch, d.kv_heads, d.present_rows, row});
-    RunPackedCache(ctx, kernels, window, d, q.data(), k.data(), v.data(), past_k.Data(), past_v.Data(), mask.Data(),
-                   k_clip.Data(), k_clip.NumberOfElement() != 1, v_clip.Data(), v_clip.NumberOfElement() != 1, o, pk, pv);
-    return Ort::Status{nullptr};
+    return AttendPacked(ctx, kernels, window, op, d, q.data(), k.data(), v.data(), past_k, past_v, mask, k_clip, v_clip, out,
+                        present_k, present_v);
   }
 };
 

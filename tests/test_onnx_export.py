@@ -243,14 +243,20 @@ def test_fused_rope_attention_equals_the_op_chain(tmp_path, monkeypatch, arch, d
     for name, model in (("fused", fused), ("chain", chain)):
         ops = {n.op_type for n in onnx.load(str(tmp_path / name / model.model_file), load_external_data=False).graph.node}
         assert any(o.startswith("RopeAttention") for o in ops) == (name == "fused" and fusable), (name, hd, ops)
-    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(5)).numpy()
-    lf, pf = fused.step(ids[:, :8], fused.empty_cache(2))
-    lc, pc = chain.step(ids[:, :8], chain.empty_cache(2))
-    np.testing.assert_array_equal(lf, lc)
-    for t in range(8, 12):
-        lf, pf = fused.step(ids[:, t : t + 1], pf)
-        lc, pc = chain.step(ids[:, t : t + 1], pc)
-        np.testing.assert_array_equal(lf, lc)
+    assert_same_steps(fused, chain, torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(5)).numpy(), 8)
+
+
+def assert_same_steps(a: OnnxModel, b: OnnxModel, ids: np.ndarray, prompt: int) -> tuple[dict, dict]:
+    """Both models give the same logits bit for bit on ids[:, :prompt] and then on each later token as a decode
+    step; returns their last caches."""
+    la, pa = a.step(ids[:, :prompt], a.empty_cache(ids.shape[0]))
+    lb, pb = b.step(ids[:, :prompt], b.empty_cache(ids.shape[0]))
+    np.testing.assert_array_equal(la, lb)
+    for t in range(prompt, ids.shape[1]):
+        la, pa = a.step(ids[:, t : t + 1], pa)
+        lb, pb = b.step(ids[:, t : t + 1], pb)
+        np.testing.assert_array_equal(la, lb)
+    return pa, pb
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
@@ -277,14 +283,7 @@ def test_packed_int4_kv_cache_gives_the_same_logits(tmp_path, arch):
     assert (float_dir / "model.kv4.onnx").stat().st_size < 0.2 * (float_dir / "model.onnx.data").stat().st_size
     np.testing.assert_array_equal(both.logits(torch.from_numpy(ids0 := torch.randint(0, 96, (2, 9)).numpy())).numpy(),
                                   flt.logits(torch.from_numpy(ids0)).numpy())
-    ids = torch.randint(0, 96, (2, 14), generator=torch.Generator().manual_seed(3)).numpy()
-    lf, past_f = flt.step(ids[:, :9], flt.empty_cache(2))
-    lp, past_p = pk.step(ids[:, :9], pk.empty_cache(2))
-    np.testing.assert_array_equal(lp, lf)
-    for t in range(9, 14):
-        lf, past_f = flt.step(ids[:, t : t + 1], past_f)
-        lp, past_p = pk.step(ids[:, t : t + 1], past_p)
-        np.testing.assert_array_equal(lp, lf)
+    past_p, past_f = assert_same_steps(pk, flt, torch.randint(0, 96, (2, 14), generator=torch.Generator().manual_seed(3)).numpy(), 9)
     key = past_p["past_key_values.0.key"]
     hd = m.config.head_dim
     assert key.dtype == np.uint8 and key.shape == (2, m.config.num_kv_heads, 14, hd // 2 + 8)

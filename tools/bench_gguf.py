@@ -17,7 +17,9 @@ after a short prompt, --threads threads, median of --repeats, CPU idle-checked b
 quantize time (llama.cpp's quantize call; ours: calibration and quantization, artifact write).
 
 With --workdir, our artifacts and their quantize times stay there and a rerun reuses them (a row
-whose settings changed is made again): calibrate once, then rerun for the timings on an idle CPU.
+whose settings changed is made again). `--decode-only PASS1.json` measures the decode speed of the
+files a finished run wrote (its workdir) again and keeps everything else from PASS1.json: calibrate
+once, however busy the machine, then time every row on an idle CPU.
 
 The default model's weights lie on a Q4_1 grid (llama.cpp's Q4_1 of it is lossless); pass
 `--model DIR` with the copy of tools/offgrid_copy.py for the table that counts.
@@ -227,6 +229,24 @@ def decode_speed(path: Path, prompt_ids: list[int], new_tokens: int, threads: in
             "cpu_busy_before_decode": round(busy, 3)}
 
 
+def decode_again(previous: Path, out: Path, threads: int, repeats: int, new_tokens: int) -> None:
+    """Every row of a finished run with its decode speed measured again (same files, same prompt)."""
+    results = json.loads(previous.read_text())
+    work = Path(results["workdir"])
+    tokenizer = load_model(results["model"]).tokenizer
+    prompt_ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    results["decode_remeasured_from"] = str(previous)
+    results["cpu_busy_before"] = round(require_idle(), 3)
+    for entry in results["rows"]:
+        if "file" in entry:
+            entry.update(decode_speed(work / entry["file"], prompt_ids, new_tokens, threads, repeats))
+            print(f"{entry['name']}: {entry['decode_tok_s']:.1f} tok/s (CPU busy before {entry['cpu_busy_before_decode']:.0%})",
+                  flush=True)
+    results["cpu_busy_after"] = round(require_idle(), 3)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", required=True, help="where to write the results")
@@ -242,9 +262,14 @@ def main() -> None:
     ap.add_argument("--rows", default=None, help="comma-separated row keys to run (default: all); F32 always runs")
     ap.add_argument("--torch-reference", action="store_true", help="also evaluate our artifacts in the PyTorch reference")
     ap.add_argument("--workdir", default=None, help="keep the GGUF files and artifacts here (default: a temp dir)")
+    ap.add_argument("--decode-only", type=Path, default=None, metavar="PASS1.json",
+                    help="only measure the decode speed of that run's files again (see above)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
+    if args.decode_only:
+        decode_again(args.decode_only, Path(args.json), args.threads, args.repeats, args.decode)
+        return
     selected = rows()
     if args.rows:
         keys = set(args.rows.split(",")) | {"f32"}
