@@ -80,14 +80,22 @@ Ort::Status CheckDims(const std::string& op, const std::vector<int64_t>& q, cons
   return Ort::Status{nullptr};
 }
 
+// Grows v to at least n elements (never shrinks: the values are scratch, overwritten before use).
+template <typename T>
+void Reserve(std::vector<T>* v, int64_t n) {
+  if (static_cast<int64_t>(v->size()) < n) v->resize(static_cast<size_t>(n));
+}
+
 // Query rows [t0, t1) of heads [g0, g1) of KV head kvh of batch b (head kvh * G + g), against the
 // KV head's cache rows k_rows, v_rows (float32 [total_len][hd]); writes out rows of [B, T, H * hd].
 void AttendChunk(const attn::Kernels& kern, const Dims& d, int64_t window, const float* q_all, const float* k_rows,
                  const float* v_rows, const int64_t* mask_b, int64_t b, int64_t kvh, int64_t g0, int64_t g1, int64_t t0,
                  int64_t t1, float* out_all) {
   const int64_t S = d.total_len, hd = d.head_dim, G = g1 - g0;
-  std::vector<double> work(static_cast<size_t>(2 * G * S + 2 * G * hd));
-  std::vector<uint8_t> visible(static_cast<size_t>(S));
+  thread_local std::vector<double> work;  // per thread, grown as needed: no allocation or zeroing per call
+  thread_local std::vector<uint8_t> visible;
+  Reserve(&work, 2 * G * S + 2 * G * hd);
+  Reserve(&visible, S);
   double* scores = work.data();   // [G][S]
   double* probs = scores + G * S;  // [G][S]
   double* q64 = probs + G * S;     // [G][hd]
@@ -206,11 +214,13 @@ void RunPackedCache(OrtKernelContext* ctx, const attn::Kernels& kern, int64_t wi
   if (d.new_len == 0) return;
   const int64_t S = d.total_len, heads = d.batch * d.kv_heads;
   const int64_t blocks = S * hd < kSerialWork ? 1 : (S + kUnpackRows - 1) / kUnpackRows, per_block = (S + blocks - 1) / blocks;
-  std::vector<float> rows(static_cast<size_t>(2 * heads * S * hd));
+  thread_local std::vector<float> scratch;  // the calling thread's; the tasks below reach it through `rows` only
+  Reserve(&scratch, 2 * heads * S * hd);    // (a thread_local named inside them would be the worker's own)
+  float* const rows = scratch.data();
   auto unpack = [&](int64_t i) {
     const int64_t bh = i / blocks, j0 = (i % blocks) * per_block, j1 = std::min(S, j0 + per_block);
     const uint8_t *sk = pk + bh * d.present_rows * row, *sv = pv + bh * d.present_rows * row;
-    float *dk = rows.data() + 2 * bh * S * hd, *dv = dk + S * hd;
+    float *dk = rows + 2 * bh * S * hd, *dv = dk + S * hd;
     for (int64_t j = j0; j < j1; ++j) {
       UnpackKvRow(sk + j * row, hd, dk + j * hd);
       UnpackKvRow(sv + j * row, hd, dv + j * hd);
@@ -222,7 +232,7 @@ void RunPackedCache(OrtKernelContext* ctx, const attn::Kernels& kern, int64_t wi
     ParallelTasks(ctx, heads * blocks, unpack);
   }
   ForChunks(ctx, d, [&](int64_t b, int64_t kvh, int64_t g0, int64_t g1, int64_t t0, int64_t t1) {
-    const float* kr = rows.data() + 2 * (b * d.kv_heads + kvh) * S * hd;
+    const float* kr = rows + 2 * (b * d.kv_heads + kvh) * S * hd;
     AttendChunk(kern, d, window, qd, kr, kr + S * hd, md + b * d.total_len, b, kvh, g0, g1, t0, t1, o);
   });
 }
