@@ -230,18 +230,27 @@ def decode_speed(path: Path, prompt_ids: list[int], new_tokens: int, threads: in
 
 
 def decode_again(previous: Path, out: Path, threads: int, repeats: int, new_tokens: int) -> None:
-    """Every row of a finished run with its decode speed measured again (same files, same prompt)."""
+    """Every row of a finished run with its decode speed measured again (same files, same prompt): all files
+    open at once and timed in interleaved rounds (row 1, row 2, ..., then again), so that drift of the machine
+    hits every row alike; medians over the rounds."""
     results = json.loads(previous.read_text())
     work = Path(results["workdir"])
     tokenizer = load_model(results["model"]).tokenizer
     prompt_ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
-    results["decode_remeasured_from"] = str(previous)
-    results["cpu_busy_before"] = round(require_idle(), 3)
-    for entry in results["rows"]:
-        if "file" in entry:
-            entry.update(decode_speed(work / entry["file"], prompt_ids, new_tokens, threads, repeats))
-            print(f"{entry['name']}: {entry['decode_tok_s']:.1f} tok/s (CPU busy before {entry['cpu_busy_before_decode']:.0%})",
-                  flush=True)
+    rows = [e for e in results["rows"] if "file" in e]
+    backends = {e["key"]: gguf_open(work / e["file"], threads) for e in rows}
+    results.update(decode_remeasured_from=str(previous), decode_rounds=repeats, cpu_busy_before=round(require_idle(), 3))
+    runs: dict[str, list[float]] = {e["key"]: [] for e in rows}
+    for rnd in range(repeats + 1):  # round 0 warms up
+        for e in rows:
+            stamps = [time.perf_counter() for _tok in backends[e["key"]].greedy(prompt_ids, new_tokens)]
+            if rnd:
+                runs[e["key"]].append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        print(f"round {rnd} done (CPU busy {busy_fraction(0.5):.0%})", flush=True)
+    for e in rows:
+        e.update(decode_tok_s=round(statistics.median(runs[e["key"]]), 2), decode_runs=[round(r, 2) for r in runs[e["key"]]])
+        e.pop("cpu_busy_before_decode", None)
+        print(f"{e['name']}: {e['decode_tok_s']:.1f} tok/s", flush=True)
     results["cpu_busy_after"] = round(require_idle(), 3)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")
@@ -291,7 +300,8 @@ def main() -> None:
                "eval_windows": int(windows.shape[0]), "calib_windows": list(calib.shape), "threads": args.threads,
                "decode_new_tokens": args.decode, "repeats": args.repeats, "model_load_s": round(load_s, 1),
                "imatrix": "mean squared input activation per column of every block linear (not output.weight), "
-                          f"from the FP model on the first {args.imatrix_samples} calibration windows", "rows": []}
+                          f"from the FP model on the first {args.imatrix_samples} calibration windows",
+               "workdir": str(work), "rows": []}
 
     f32 = work / "f32.gguf"
     gguf_write_float(model, f32)
