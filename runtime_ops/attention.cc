@@ -10,7 +10,7 @@
 //   cache buffer (onnxruntime-genai's shared past/present buffer) has C > P: present has the
 //   past's shape, C' = C >= P + T, and the new rows are written at rows P .. P + T - 1; when
 //   present is bound to the past's own memory nothing else is copied.
-//   AttentionKV4(Q, K, V, past_K uint8 [B, kvH, P, hd/2 + 8], past_V uint8 [...], attention_mask,
+//   AttentionKV4(Q, K, V, past_K uint8 [B, kvH, C, hd/2 + 8], past_V uint8 [...], attention_mask,
 //                k_clip [1 or kvH], v_clip [1 or kvH])
 //     -> out, present_K uint8 [B, kvH, C', hd/2 + 8], present_V uint8 [...]
 //     the new rows are quantized and packed as KVQuantPack does (kv_rows.h); every cache row is
@@ -133,11 +133,12 @@ void AttendChunk(const attn::Kernels& kern, const Dims& d, int64_t window, const
   }
 }
 
-// Runs body(task, count) for task in [0, count) on onnxruntime's threads.
+// Runs body(task) for task in [0, count): on onnxruntime's threads, or on this one when `work` (the
+// multiply-adds or values involved) is below kSerialWork and not worth waking the others.
 template <typename Body>
-void ParallelTasks(OrtKernelContext* ctx, int64_t count, Body body) {
-  if (count == 1) {
-    body(int64_t{0});
+void ParallelTasks(OrtKernelContext* ctx, int64_t count, int64_t work, Body body) {
+  if (count == 1 || work < kSerialWork) {
+    for (int64_t i = 0; i < count; ++i) body(i);
   } else if (count > 1) {
     auto run = [](void* data, size_t u) { (*static_cast<Body*>(data))(static_cast<int64_t>(u)); };
     Ort::KernelContext(ctx).ParallelFor(run, static_cast<size_t>(count), 0, &body);
@@ -156,12 +157,7 @@ void ForChunks(OrtKernelContext* ctx, const Dims& d, Body body) {
     const int64_t b = i / (chunks * splits * d.kv_heads);
     body(b, kvh, s * per_split, (s + 1) * per_split, c * chunk, std::min(d.new_len, (c + 1) * chunk));
   };
-  const int64_t tasks = d.batch * d.kv_heads * splits * chunks;
-  if (d.batch * d.heads * d.new_len * d.total_len * d.head_dim < kSerialWork) {  // a short context: not worth the threads
-    for (int64_t i = 0; i < tasks; ++i) task(i);
-  } else {
-    ParallelTasks(ctx, tasks, task);
-  }
+  ParallelTasks(ctx, d.batch * d.kv_heads * splits * chunks, d.batch * d.heads * d.new_len * d.total_len * d.head_dim, task);
 }
 
 // present = the past rows, then the new ones (`row` elements per token, `fresh` rows made by
@@ -213,12 +209,12 @@ void RunPackedCache(OrtKernelContext* ctx, const attn::Kernels& kern, int64_t wi
   });
   if (d.new_len == 0) return;
   const int64_t S = d.total_len, heads = d.batch * d.kv_heads;
-  const int64_t blocks = S * hd < kSerialWork ? 1 : (S + kUnpackRows - 1) / kUnpackRows, per_block = (S + blocks - 1) / blocks;
+  const int64_t blocks = (S + kUnpackRows - 1) / kUnpackRows;
   thread_local std::vector<float> scratch;  // the calling thread's; the tasks below reach it through `rows` only
   Reserve(&scratch, 2 * heads * S * hd);    // (a thread_local named inside them would be the worker's own)
   float* const rows = scratch.data();
   auto unpack = [&](int64_t i) {
-    const int64_t bh = i / blocks, j0 = (i % blocks) * per_block, j1 = std::min(S, j0 + per_block);
+    const int64_t bh = i / blocks, j0 = (i % blocks) * kUnpackRows, j1 = std::min(S, j0 + kUnpackRows);
     const uint8_t *sk = pk + bh * d.present_rows * row, *sv = pv + bh * d.present_rows * row;
     float *dk = rows + 2 * bh * S * hd, *dv = dk + S * hd;
     for (int64_t j = j0; j < j1; ++j) {
@@ -226,11 +222,7 @@ void RunPackedCache(OrtKernelContext* ctx, const attn::Kernels& kern, int64_t wi
       UnpackKvRow(sv + j * row, hd, dv + j * hd);
     }
   };
-  if (heads * S * hd < kSerialWork) {
-    for (int64_t i = 0; i < heads * blocks; ++i) unpack(i);
-  } else {
-    ParallelTasks(ctx, heads * blocks, unpack);
-  }
+  ParallelTasks(ctx, heads * blocks, heads * S * hd, unpack);
   ForChunks(ctx, d, [&](int64_t b, int64_t kvh, int64_t g0, int64_t g1, int64_t t0, int64_t t1) {
     const float* kr = rows + 2 * (b * d.kv_heads + kvh) * S * hd;
     AttendChunk(kern, d, window, qd, kr, kr + S * hd, md + b * d.total_len, b, kvh, g0, g1, t0, t1, o);

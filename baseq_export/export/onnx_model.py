@@ -70,9 +70,6 @@ def rms_norm(c: _Ctx, x: str, weight: str | None) -> str:
     return c.g.op("RmsNorm", inputs, domain=OPS_DOMAIN)
 
 
-def swiglu(c: _Ctx, gate: str, up: str) -> str:
-    """models.base.swiglu in exact mode: one baseq.SwiGLU node, or the standard-op version."""
-    return c.g.op("SwiGLU", [gate, up], domain=OPS_DOMAIN) if c.custom else emit_swiglu(c.g, gate, up)
 
 
 @dataclass(frozen=True)
@@ -288,12 +285,16 @@ def emit_block(c: _Ctx, i: int, h: str, cos: str, sin: str, mask: str | None, pa
             a, present_k, present_v = emit_attention_standard(c, i, q, k, v, past, k_clip, v_clip, mask)
     h = emit_stacked(c, i, ("o",), emit_site(c, i, "o_in", a), residual=h)
     x = emit_site(c, i, "mlp_in", rms_norm(c, h, c.tensor(f"layers.{i}.mlp_norm")))
-    if c.custom:  # baseq.SwiGLU reads the stacked gate/up output's two halves: no Split
-        act = g.op("SwiGLU", [emit_stacked(c, i, ("gate", "up"), x)], domain=OPS_DOMAIN)
-    else:
-        act = swiglu(c, *emit_linears(c, i, ("gate", "up"), x))
-    h = emit_stacked(c, i, ("down",), emit_site(c, i, "down_in", act), residual=h)
+    h = emit_stacked(c, i, ("down",), emit_site(c, i, "down_in", emit_swiglu_mlp(c, i, x)), residual=h)
     return h, present_k, present_v
+
+
+def emit_swiglu_mlp(c: _Ctx, i: int, x: "str | tuple[str, str] | QuantSite") -> str:
+    """silu(gate) * up of layer i's gate/up projections (models.base.swiglu in exact mode): one baseq.SwiGLU node on
+    the stacked gate/up output (its two halves, no Split), or the standard-op version on the split outputs."""
+    if c.custom:
+        return c.g.op("SwiGLU", [emit_stacked(c, i, ("gate", "up"), x)], domain=OPS_DOMAIN)
+    return emit_swiglu(c.g, *emit_linears(c, i, ("gate", "up"), x))
 
 
 def emit_rope_attention(c: _Ctx, i: int, qkv: str, cos: str, sin: str, past: tuple[str, str], k_clip: str | None,
