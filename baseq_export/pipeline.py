@@ -42,6 +42,8 @@ class QuantSettings:
     damp: float = 0.01
     act_order: bool = True
     head_bits: int = 16  # embedding and lm_head: 16 = float, 4 = 4-bit groups of HEAD_GROUP_SIZE (RTN, MSE clip)
+    head_act_bits: int = 16  # lm_head input: 16 = float, 8 = int8 per group (a 4-bit head on onnxruntime's int8 kernels)
+    linear_act_bits: int = 16  # w4a16 linears' input: 16 = float, 8 = int8 per weight group (onnxruntime's int8 kernels)
     weight_grid: str = "int"  # quant.WEIGHT_GRIDS: "int" (integer zero points), "q4_0" / "q4_1" (llama.cpp's blocks)
     weight_clip: str = "minmax"  # group params: "minmax" (full range) or "mse" (quant.search_weight_qparams)
     r4: bool = True  # online Hadamard before down_proj (False: every rotation offline, as llama.cpp needs)
@@ -55,6 +57,16 @@ class QuantSettings:
             raise ValueError(f"group size must be per-channel (none) or 32, 64, 128; got {self.group_size}")
         if self.head_bits not in (4, 16):
             raise ValueError(f"head bits must be 4 or 16 (float), got {self.head_bits}")
+        if self.head_act_bits not in (8, 16):
+            raise ValueError(f"head activation bits must be 8 or 16 (float), got {self.head_act_bits}")
+        if self.head_act_bits == 8 and self.head_bits != 4:
+            raise ValueError("8-bit head activations need a 4-bit head (they run onnxruntime's int4 x int8 kernels): "
+                             "add --head-bits 4 or drop --head-act-bits")
+        if self.linear_act_bits not in (8, 16):
+            raise ValueError(f"linear activation bits must be 8 or 16 (float), got {self.linear_act_bits}")
+        if self.linear_act_bits == 8 and (self.bits != "w4a16" or self.group_size is None):
+            raise ValueError("8-bit linear activations are for weight-only linears with grouped weights (onnxruntime's "
+                             "int8 kernels round per weight group): use --bits w4a16 --group-size 32|64|128")
         if self.weight_grid not in WEIGHT_GRIDS:
             raise ValueError(f"unknown weight grid {self.weight_grid!r}; choose one of {', '.join(WEIGHT_GRIDS)}")
         if self.weight_grid != "int" and self.group_size != GGML_BLOCK:
@@ -77,6 +89,8 @@ class QuantSettings:
             "weight_grid": self.weight_grid, "weight_clip": self.weight_clip,
             "lm_head": "float" if self.head_bits == 16 else "int4", "embed": "float" if self.head_bits == 16 else "int4",
             **({"head_group_size": HEAD_GROUP_SIZE} if self.head_bits == 4 else {}),
+            **({"head_act_bits": 8} if self.head_act_bits == 8 else {}),
+            **({"linear_act_bits": 8} if self.linear_act_bits == 8 else {}),
         }
 
 
@@ -84,6 +98,10 @@ PROFILES = {
     # llama.cpp (GGUF): weight-only W4A16, R1/R2 folded offline and no online rotation (llama.cpp has no
     # Hadamard before ffn_down), GPTQ on llama.cpp's Q4_1 blocks of 32 with searched fp16 d and m.
     "gguf": dict(method="quarot-gptq", bits="w4a16", group_size=GGML_BLOCK, weight_grid="q4_1", weight_clip="mse", r4=False),
+    # onnxruntime, weight-only: rotated GPTQ in groups of 64 (searched clip), every rotation offline, 4-bit tied head;
+    # head and linears on MatMulNBits' int8 kernels (inputs rounded to int8 per group, as the reference does).
+    "onnx-w4a16": dict(method="quarot-gptq", bits="w4a16", group_size=64, weight_clip="mse", r4=False, head_bits=4,
+                       head_act_bits=8, linear_act_bits=8),
 }
 
 
@@ -117,6 +135,9 @@ class TapHooks:
 
     def kv(self, layer, k, v):
         return self.inner.kv(layer, k, v)
+
+    def head_in(self, x):
+        return self.inner.head_in(x)
 
 
 def round_layer(w: dict[str, torch.Tensor], s: QuantSettings, hessians: dict | None) -> dict[str, QuantizedWeight]:

@@ -283,6 +283,8 @@ class QuantHooks:
         rot = quant.get("rotation") or {}
         self.r3, self.r4 = bool(rot.get("r3")), bool(rot.get("r4"))
         self.a_bits, self.kv_bits = quant.get("a_bits"), quant.get("kv_bits")
+        self.head_act_bits, self.head_group_size = quant.get("head_act_bits"), quant.get("head_group_size")
+        self.linear_act_bits, self.group_size = quant.get("linear_act_bits"), quant.get("group_size")
         self.params = params
         self.exact = exact
 
@@ -306,12 +308,14 @@ class QuantHooks:
         return x
 
     def act(self, layer: int, site: str, x: torch.Tensor) -> "torch.Tensor | IntActivation":
-        from .quant import fake_quant_per_token, quantize_per_token
+        from .quant import fake_quant_int8_blocks, fake_quant_per_token, quantize_per_token
 
         x = self.prequant(layer, site, x)
         if self.a_bits:
             clip = self.params[f"layers.{layer}.{site}.clip"]
             x = quantize_per_token(x, self.a_bits, clip) if self.exact else fake_quant_per_token(x, self.a_bits, clip)
+        elif self.linear_act_bits == 8:  # weight-only linears on onnxruntime's int8 kernels
+            x = fake_quant_int8_blocks(x, self.group_size)
         return x
 
     def qk(self, layer, q, k):
@@ -327,6 +331,13 @@ class QuantHooks:
             fake_quant_kv(k, self.kv_bits, p[f"layers.{layer}.k_cache.clip"]),
             fake_quant_kv(v, self.kv_bits, p[f"layers.{layer}.v_cache.clip"]),
         )
+
+    def head_in(self, x):
+        """The lm_head's input: rounded to int8 blocks when the artifact says the head runs onnxruntime's
+        int8 kernels (quant["head_act_bits"] == 8), else unchanged."""
+        from .quant import fake_quant_int8_blocks
+
+        return fake_quant_int8_blocks(x, self.head_group_size) if self.head_act_bits == 8 else x
 
 
 @dataclass

@@ -858,6 +858,27 @@ def quantize_per_token(x: torch.Tensor, bits: int, clip: float | torch.Tensor = 
     return IntActivation(q - zero, scale)
 
 
+INT8_BLOCK_QMAX = 127
+"""Largest level of the symmetric int8 block quantizer (fake_quant_int8_blocks)."""
+
+
+def fake_quant_int8_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x rounded as onnxruntime's MatMulNBits with accuracy_level 4 (its int8 kernels) rounds its input:
+    per contiguous block of `block` values along the last dim, symmetric int8 with step max|x| / 127,
+    q = round(x * (127 / max|x|)) (half to even), value q * step; an all-zero block stays zero.
+    (Measured against onnxruntime's kernels: the products then agree to float32 summation order.)"""
+    k = x.shape[-1]
+    if k % block:
+        raise ValueError(f"fake_quant_int8_blocks: last dim {k} is not a multiple of the block {block}")
+    xf = x.to(torch.float32)
+    xb = xf.reshape(*xf.shape[:-1], k // block, block)
+    amax = xb.abs().amax(-1, keepdim=True)
+    # 127 / max|x| as one float32 division (a python number over a tensor would be reciprocal, then product)
+    inv = torch.where(amax > 0, torch.full_like(amax, INT8_BLOCK_QMAX) / amax, torch.zeros_like(amax))
+    out = torch.round(xb * inv) * (amax / INT8_BLOCK_QMAX)
+    return out.reshape(xf.shape).to(x.dtype)
+
+
 def fake_quant_kv(
     x: torch.Tensor, bits: int | None, clip: float | torch.Tensor = 1.0
 ) -> torch.Tensor:

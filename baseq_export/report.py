@@ -32,6 +32,9 @@ class SiteCapture:
     def kv(self, layer, k, v):
         return self.inner.kv(layer, k, v)
 
+    def head_in(self, x):
+        return self.inner.head_in(x)
+
 
 @torch.no_grad()
 def site_activations(model, art: Artifact, ids: torch.Tensor, layer: int, site: str) -> dict[str, torch.Tensor]:

@@ -173,3 +173,6 @@ class RotationHooks:
 
     def kv(self, layer, k, v):
         return k, v
+
+    def head_in(self, x):
+        return x

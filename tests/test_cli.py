@@ -104,6 +104,7 @@ def test_main_job_calibrates_baseq_and_reuses_the_artifact(tmp_path, capsys):
     fp, q, o = map(float, re.search(r"FP ([\d.]+), torch reference ([\d.]+), onnxruntime ([\d.]+)", out).groups())
     art = load_artifact(tmp_path / "export.baseq")
     assert art.quant["method"] == "baseq" and art.quant["baseq"]["name"] == "quick"
+    assert art.quant["lm_head"] == "int4" and art.quant["head_act_bits"] == 8  # the head on the int8 kernels
     assert len(art.calibration["blocks"]) == 2 and q != fp and abs(o / q - 1) < 0.005
     assert f"ONNX export: {tmp_path / 'export'}/model.onnx" in out and "baseq-export run" in out
     assert not (tmp_path / "export.baseq.partial").exists()  # the resume state is removed once saved
@@ -111,6 +112,28 @@ def test_main_job_calibrates_baseq_and_reuses_the_artifact(tmp_path, capsys):
     assert "reusing the finished artifact" in capsys.readouterr().err
     assert main(args + ["--bits", "w4a8kv8"]) == 1
     assert "holds another quantization" in capsys.readouterr().err
+
+
+def test_main_job_with_the_fast_w4a16_onnx_profile(tmp_path, capsys):
+    """--profile onnx-w4a16: rotated GPTQ in groups of 64 with every rotation offline, a 4-bit head, and the
+    linears and head on MatMulNBits' int8 kernels; onnxruntime's perplexity equals the torch reference's."""
+    import onnx
+
+    from baseq_export.qmodel import load_artifact
+
+    ckpt, text = tiny_checkpoint(tmp_path)
+    args = ["--profile", "onnx-w4a16", "--model", str(ckpt), "--eval-text", str(text), "--calib-text", str(text),
+            "--ctx", "16", "--nsamples", "4", "--calib-ctx", "16", "--out", str(tmp_path / "export")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    fp, q, o = map(float, re.search(r"FP ([\d.]+), torch reference ([\d.]+), onnxruntime ([\d.]+)", out).groups())
+    quant = load_artifact(tmp_path / "export.baseq").quant
+    assert (quant["method"], quant["bits"], quant["group_size"], quant["rotation"]["r4"]) == ("quarot-gptq", "w4a16", 64, False)
+    assert (quant["head_act_bits"], quant["linear_act_bits"], quant["weight_clip"]) == (8, 8, "mse")
+    graph = onnx.load(str(tmp_path / "export" / "model.onnx"), load_external_data=False).graph
+    levels = [a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"]
+    assert levels and set(levels) == {4} and "Hadamard" not in {n.op_type for n in graph.node}
+    assert q != fp and abs(o / q - 1) < 1e-4
 
 
 def test_eval_of_a_damaged_artifact_is_a_clear_error(tmp_path, capsys):

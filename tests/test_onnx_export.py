@@ -96,6 +96,12 @@ ARTIFACTS = {
     "w4a4kv4-baseq": lambda m, ids: calibrate_baseq(m, QuantSettings(bits="w4a4kv4"), BaseqSettings(nsamples=8, calib_ctx=16, epochs=1), ids),
     "w4a16-rtn-head4": lambda m, ids: quantize_model(m, QuantSettings(method="rtn", bits="w4a16", head_bits=4)),
     "w4a4kv4-quarot-head4": lambda m, ids: quantize_model(m, QuantSettings(method="quarot-rtn", bits="w4a4kv4", head_bits=4)),
+    # the head on onnxruntime's int8 kernels (MatMulNBits accuracy level 4): the reference rounds its input the same way
+    "w4a4kv4-quarot-head4a8": lambda m, ids: quantize_model(m, QuantSettings(method="quarot-rtn", bits="w4a4kv4", head_bits=4,
+                                                                              head_act_bits=8)),
+    # weight-only linears on the int8 kernels too (the fast W4A16 export), with R4 online
+    "w4a16-quarot-g32-head4a8": lambda m, ids: quantize_model(m, QuantSettings(
+        method="quarot-rtn", bits="w4a16", group_size=32, head_bits=4, head_act_bits=8, linear_act_bits=8)),
 }
 
 
@@ -113,7 +119,11 @@ def test_exported_model_matches_reference_forward(tmp_path, arch, dims, kind, op
     assert ("baseq" in domains) == (ops == "custom")  # norms, SwiGLU, softmax: our float64 ops even for W4A16
     assert (out / "libbaseq_ops.so").is_file() == (ops == "custom")
     ops_used = {n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
-    assert ("GatherBlockQuantized" in ops_used) == kind.endswith("head4")
+    assert ("GatherBlockQuantized" in ops_used) == ("head4" in kind)
+    head_levels = {a.i for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
+                   if n.op_type == "MatMulNBits" and not n.input[1].startswith("layers.") for a in n.attribute
+                   if a.name == "accuracy_level"}  # 4: int8 kernels
+    assert head_levels == ({4} if kind.endswith("a8") else {0} if "head4" in kind else set()), head_levels
     # each head table of the artifact is stored once (float [V, H] or 4-bit V*H/2 bytes): a tied embedding
     # (unrotated models; rotation folds the final norm into the head) serves the lm_head too
     cfg = m.config
@@ -121,7 +131,7 @@ def test_exported_model_matches_reference_forward(tmp_path, arch, dims, kind, op
     tables = [i.name for i in inits if not i.name.startswith("layers.") and int(np.prod(i.dims)) in (cfg.vocab_size * cfg.hidden_size, cfg.vocab_size * cfg.hidden_size // 2)]
     heads = {n.split(".")[0] for n in art.tensors if n.split(".")[0] in ("embed", "lm_head")}
     # a rotated tied model's 4-bit head is the embedding table times head_mix (rotate.head_mix): one table
-    assert ("head_mix" in art.tensors) == (cfg.tied_embeddings and bool(art.quant["rotation"]) and kind.endswith("head4"))
+    assert ("head_mix" in art.tensors) == (cfg.tied_embeddings and bool(art.quant["rotation"]) and "head4" in kind)
     assert len(tables) == len(heads) == (1 if cfg.tied_embeddings and (not art.quant["rotation"] or "head_mix" in art.tensors) else 2), tables
     assert (out / "model.onnx.data").is_file()
     om = OnnxModel(out, threads=1)

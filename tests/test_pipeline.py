@@ -78,6 +78,14 @@ def test_bad_settings_are_rejected():
         QuantSettings(group_size=48)
     with pytest.raises(ValueError, match="head bits"):
         QuantSettings(head_bits=8)
+    with pytest.raises(ValueError, match="head activation bits"):
+        QuantSettings(head_bits=4, head_act_bits=4)
+    with pytest.raises(ValueError, match="need a 4-bit head"):
+        QuantSettings(head_act_bits=8)
+    with pytest.raises(ValueError, match="weight-only linears with grouped weights"):
+        QuantSettings(linear_act_bits=8)  # w4a4kv4: its linears are integer already
+    with pytest.raises(ValueError, match="weight-only linears with grouped weights"):
+        QuantSettings(bits="w4a16", linear_act_bits=8)  # per channel
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # tied and untied embeddings

@@ -47,7 +47,7 @@ from benchutil import busy_fraction, machine, require_idle  # noqa: E402
 from baseq_export import data  # noqa: E402
 from baseq_export.evaluate import perplexity  # noqa: E402
 from baseq_export.models import load_model  # noqa: E402
-from baseq_export.models.base import SITE_LINEARS, forward  # noqa: E402
+from baseq_export.models.base import SITE_LINEARS, IdentityHooks, forward  # noqa: E402
 from baseq_export.pipeline import QuantSettings, profile_settings, quantize_model  # noqa: E402
 from baseq_export.qmodel import load_artifact, reference_model, save_artifact  # noqa: E402
 
@@ -88,17 +88,11 @@ def importance_matrix(model, calib: torch.Tensor, chunk: int = 4) -> dict[str, n
     squared input activation per input column over every calibration token."""
     sums: dict[tuple[int, str], torch.Tensor] = {}
 
-    class Tap:
+    class Tap(IdentityHooks):
         def act(self, layer, site, x):
             v = x.reshape(-1, x.shape[-1]).to(torch.float64).pow(2).sum(0)
             sums[(layer, site)] = sums.get((layer, site), 0) + v
             return x
-
-        def qk(self, layer, q, k):
-            return q, k
-
-        def kv(self, layer, k, v):
-            return k, v
 
     with torch.inference_mode():
         for i in range(0, calib.shape[0], chunk):

@@ -119,12 +119,13 @@ def emit_hadamard(g: Graph, x: str, n: int) -> str:
 def matmul_nbits_inputs(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, group_size: int) -> tuple[dict, int]:
     """(arrays, block_size) for com.microsoft.MatMulNBits from our [N, K] codes and [N, G] scale/zero.
 
-    Per-channel weights (G = 1) repeat the scale and zero point over blocks of 32 (or 16/64/128
-    when K needs it), which is exact.
+    Per-channel weights (G = 1, wider than one MatMulNBits block) repeat the scale and zero point over
+    blocks of 32 (or 16/64/128 when K needs it), which is exact. A group that is a whole block (also when
+    it spans all of K) stays one block, as the int8 kernels' input rounding must follow the groups.
     """
     n, k = codes.shape
     groups = scale.shape[1]
-    if groups == 1:
+    if groups == 1 and not (group_size in (16, 32, 64, 128) and group_size == k):
         block = next((b for b in (32, 64, 128, 16) if k % b == 0), None)
         if block is None:
             raise ValueError(f"in_features {k} is not a multiple of 16: MatMulNBits cannot hold it exactly")

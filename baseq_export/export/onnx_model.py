@@ -118,14 +118,19 @@ def matmul_nbits_weights(c: _Ctx, prefix: str, qw, unit_scales: bool = False) ->
     return c.nbits[key]
 
 
-def emit_matmul_nbits(c: _Ctx, x: str, prefix: str, qw, bias: str | None = None, unit_scales: bool = False) -> str:
+def emit_matmul_nbits(c: _Ctx, x: str, prefix: str, qw, bias: str | None = None, unit_scales: bool = False,
+                      int8_input: bool = False) -> str:
     """x @ dequant(qw).T [+ bias] as com.microsoft.MatMulNBits (4-bit, exact per-block mapping of our format);
-    unit_scales: x @ (codes - zero).T, the integer sums."""
+    unit_scales: x @ (codes - zero).T, the integer sums. int8_input: accuracy level 4, onnxruntime's int8
+    kernels, which round x per block as quant.fake_quant_int8_blocks (the reference forward does the same);
+    else level 0 (float x)."""
     inputs, block = matmul_nbits_weights(c, prefix, qw, unit_scales)
+    if int8_input and block != qw.group_size:
+        raise ValueError(f"{prefix}: int8 input blocks need MatMulNBits blocks of the weight group ({qw.group_size}), got {block}")
     inputs = [x] + inputs + (["", bias] if bias is not None else [])  # g_idx unused
     n, k = qw.codes.shape
     return c.g.op("MatMulNBits", inputs, hint=f"{prefix}.out", domain=MS_DOMAIN, K=k, N=n, bits=4, block_size=block,
-                  accuracy_level=0)
+                  accuracy_level=4 if int8_input else 0)
 
 
 def stacked_linear(c: _Ctx, layer: int, names: tuple[str, ...]) -> tuple[str, "QuantizedWeight", str | None]:
@@ -194,7 +199,7 @@ def emit_linear(c: _Ctx, prefix: str, qw: "QuantizedWeight", bias: str | None, x
     scales in float64 and rounded once, then the bias is added in float32.
     """
     if isinstance(x, str):
-        return emit_matmul_nbits(c, x, prefix, qw, bias)
+        return emit_matmul_nbits(c, x, prefix, qw, bias, int8_input=c.art.quant.get("linear_act_bits") == 8)
     levels, scale = x
     g = c.g
     if qw.scale.shape[1] != 1:  # grouped scales have no exact integer form: dequantize (as models.base.linear)
@@ -232,7 +237,7 @@ def emit_lm_head(c: _Ctx, h: str) -> str:
         h = c.g.op("MatMul", [h, c.g.init("head_mix.T", _np(mix.T.contiguous()))])
     qw = head_from_tensors(name, c.t, c.cfg, c.art.quant)
     if qw is not None:
-        return emit_matmul_nbits(c, h, name, qw)
+        return emit_matmul_nbits(c, h, name, qw, int8_input=c.art.quant.get("head_act_bits") == 8)
     g = c.g
     table = c.tensor(name)  # when tied: the embedding's initializer, made once
     rows = g.op("Reshape", [h, g.const([-1, c.cfg.hidden_size], np.int64)])

@@ -62,6 +62,8 @@ class Hooks(Protocol):
 
     def kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
+    def head_in(self, x: torch.Tensor) -> torch.Tensor: ...
+
 
 class IdentityHooks:
     """Hooks of the full-precision model: every site passes its input through."""
@@ -74,6 +76,9 @@ class IdentityHooks:
 
     def kv(self, layer, k, v):
         return k, v
+
+    def head_in(self, x):
+        return x
 
 
 IDENTITY = IdentityHooks()
@@ -245,7 +250,7 @@ def forward(
     h = rms_norm(h, weights.get("norm"), cfg.rms_eps, exact)
     if "head_mix" in weights:  # a head stored as the embedding table times head_mix (rotate.head_mix)
         h = F.linear(h, weights["head_mix"])
-    return F.linear(h, weights["lm_head"])
+    return F.linear(hooks.head_in(h), weights["lm_head"])
 
 
 def new_cache(cfg: ModelConfig) -> list[list]:
