@@ -31,7 +31,6 @@
 // padding query) is computed over all keys, as the chain does.
 #include "attention_kernels.h"
 #include "common.h"
-#include "hadamard_rows.h"
 #include "kv_rows.h"
 #include "ops.h"
 
@@ -351,6 +350,7 @@ struct RopeSplit {
     v->resize(k->size());
     const float *in = qkv.Data(), *cs = cos.Data(), *sn = sin.Data();
     const double norm = 1.0 / std::sqrt(static_cast<double>(hd));
+    const attn::ButterflyFn butterfly = attn::WidestKernels().butterfly;
     ForRows(ctx, B * T, s[2] * 8, [&](int64_t first, int64_t end) {
       std::vector<double> work(static_cast<size_t>(hd));
       for (int64_t r = first; r < end; ++r) {
@@ -372,7 +372,7 @@ struct RopeSplit {
           }
           if (rotate) {
             for (int64_t i = 0; i < hd; ++i) work[i] = static_cast<double>(dst[i]) * norm;
-            Butterfly(work.data(), hd);
+            butterfly(work.data(), hd);
             for (int64_t i = 0; i < hd; ++i) dst[i] = static_cast<float>(work[i]);
           }
         }

@@ -18,6 +18,10 @@ inline void Store(double* p, V v) {
   _mm256_storeu_pd(p, v.lo);
   _mm256_storeu_pd(p + 4, v.hi);
 }
+inline void StoreF(float* p, V v) {
+  _mm_storeu_ps(p, _mm256_cvtpd_ps(v.lo));
+  _mm_storeu_ps(p + 4, _mm256_cvtpd_ps(v.hi));
+}
 inline V Add(V a, V b) { return {_mm256_add_pd(a.lo, b.lo), _mm256_add_pd(a.hi, b.hi)}; }
 inline V Sub(V a, V b) { return {_mm256_sub_pd(a.lo, b.lo), _mm256_sub_pd(a.hi, b.hi)}; }
 inline V Mul(V a, V b) { return {_mm256_mul_pd(a.lo, b.lo), _mm256_mul_pd(a.hi, b.hi)}; }

@@ -15,6 +15,7 @@ struct V {
 };
 
 inline void Store(double* p, V a) { _mm512_storeu_pd(p, a.v); }
+inline void StoreF(float* p, V a) { _mm256_storeu_ps(p, _mm512_cvtpd_ps(a.v)); }
 inline V Add(V a, V b) { return {_mm512_add_pd(a.v, b.v)}; }
 inline V Sub(V a, V b) { return {_mm512_sub_pd(a.v, b.v)}; }
 inline V Mul(V a, V b) { return {_mm512_mul_pd(a.v, b.v)}; }

@@ -1,4 +1,4 @@
-// The float64 inner loops of baseq.Attention (and baseq.MaskedSoftmax) per instruction set
+// The float64 inner loops of baseq.Attention (and baseq.MaskedSoftmax, baseq.SwiGLU) per instruction set
 // (attention_rows.h is the one source; attention_<isa>.cc compile it with their flags), and the
 // run-time choice among them. Every set gives the same bits: they run the same operations in the
 // same order on 8 float64 lanes, with fused multiply-adds everywhere a product is accumulated.
@@ -18,12 +18,18 @@ using ScoresFn = void (*)(const double* q, int64_t heads, const float* k_rows, i
 using WeightedFn = void (*)(const double* p, int64_t heads, const float* v_rows, int64_t hd, int64_t j0, int64_t j1,
                             const uint8_t* visible, double* acc, int64_t stride);
 using SoftmaxFn = void (*)(const double* src, double* dst, int64_t n);
+// out[i] = float(silu(double(g[i])) * double(u[i])) for i < n (baseq.SwiGLU's row).
+using SwiGLUFn = void (*)(const float* g, const float* u, float* out, int64_t n);
+// The butterfly of p = 2^k float64 values, in place (baseq.Hadamard and R3; attention_rows.h).
+using ButterflyFn = void (*)(double* y, int64_t p);
 
 struct Kernels {
   const char* name;
   ScoresFn scores;
   WeightedFn weighted;
   SoftmaxFn softmax;
+  SwiGLUFn swiglu;
+  ButterflyFn butterfly;
 };
 
 // Every set this build has and this CPU runs, the portable one first; the last is the widest.
@@ -35,7 +41,9 @@ Kernels WidestKernels();
                       double, double*, int64_t);                                                                  \
   void Weighted##Suffix(const double*, int64_t, const float*, int64_t, int64_t, int64_t, const uint8_t*, double*,  \
                         int64_t);                                                                                 \
-  void Softmax##Suffix(const double*, double*, int64_t);
+  void Softmax##Suffix(const double*, double*, int64_t);                                                         \
+  void SwiGLU##Suffix(const float*, const float*, float*, int64_t);                                              \
+  void Butterfly##Suffix(double*, int64_t);
 BASEQ_ATTENTION_DECLARE(Scalar)
 BASEQ_ATTENTION_DECLARE(Avx2)
 BASEQ_ATTENTION_DECLARE(Avx512)

@@ -1,7 +1,7 @@
 // The float64 inner loops of baseq.Attention, shared by its per-instruction-set translation units
 // (attention_<isa>.cc). Each of them defines `V`, 8 float64 lanes, before including this header:
 //   V::Zero(), V::Set(double), V::Load(const double*), V::LoadF(const float*) (8 floats widened),
-//   Store(double*, V), Add, Sub, Mul, Div, Fma(a, b, c) = a * b + c rounded once,
+//   Store(double*, V), StoreF(float*, V) (8 doubles rounded to float), Add, Sub, Mul, Div, Fma(a, b, c) = a * b + c rounded once,
 //   Round(v) (to nearest, ties to even), Pow2(n) = 2^n for integral n in [-1022, 1023],
 //   LessSelect(x, t, a, b) = x < t ? a : b per lane (false for NaN),
 //   Tree8(const V acc[8]): lane k = Tree(the lanes of acc[k]), in exactly Tree's order.
@@ -11,6 +11,8 @@
 //   softmax     e_i = Exp(s_i - max) (0 for a masked key when the row has an unmasked one), summed
 //               in 8 lanes (i mod 8) then Tree, p_i = e_i / sum.
 //   weighted    acc[d] = sum over visible keys j, increasing j, of p_j * v_jd by fused multiply-add.
+//   swiglu      out = float(g / (1 + Exp(-g)) * u) in float64, Exp's argument capped at 709 (where e^x
+//               is still finite; past it g / (1 + e) rounds to a float32 zero either way) and +inf kept.
 //   Exp(x)      n = round(x log2 e), r = x - n ln2 (two-part ln2, fused), the degree-13 Taylor
 //               polynomial of e^r by Horner (fused), times 2^n; 0 below -708 (under the smallest
 //               normal double), NaN for NaN. Within about an ulp of exp.
@@ -209,6 +211,48 @@ inline void SoftmaxRow(const double* src, double* dst, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] /= total;
 }
 
+// The butterfly of baseq.Hadamard and of R3: in-place unnormalised Sylvester transform of p = 2^k values,
+// log2(p) add/sub passes pairing index j with j + h inside chunks of 2h (hadamard._butterfly's pairing);
+// the passes of h >= 8 in V lanes (the same exact adds and subtracts).
+inline void ButterflyLanes(double* y, int64_t p) {
+  int64_t h = 1;
+  for (; h < p && h < kLanes; h *= 2)
+    for (int64_t base = 0; base < p; base += 2 * h)
+      for (int64_t t = 0; t < h; ++t) {
+        const double u = y[base + t], v = y[base + h + t];
+        y[base + t] = u + v;
+        y[base + h + t] = u - v;
+      }
+  for (; h < p; h *= 2)
+    for (int64_t base = 0; base < p; base += 2 * h)
+      for (int64_t t = 0; t < h; t += kLanes) {
+        const V u = V::Load(y + base + t), v = V::Load(y + base + h + t);
+        Store(y + base + t, Add(u, v));
+        Store(y + base + h + t, Sub(u, v));
+      }
+}
+
+constexpr double kExpCap = 709.0;  // Exp's Pow2(n) needs n <= 1023
+
+inline V SiluTimes(V g, V u) {
+  const V x = Sub(V::Zero(), g);
+  const V inf = V::Set(INFINITY), cap = V::Set(kExpCap);
+  const V e = LessSelect(x, inf, Exp(LessSelect(x, cap, x, cap)), inf);  // NaN stays NaN through g
+  return Mul(Div(g, Add(V::Set(1.0), e)), u);
+}
+
+// out[i] = float(silu(g[i]) * u[i]); a last partial block is padded with zeros (its lanes not stored).
+inline void SwiGLURow(const float* g, const float* u, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) StoreF(out + i, SiluTimes(V::LoadF(g + i), V::LoadF(u + i)));
+  if (i < n) {
+    float gp[kLanes] = {}, up[kLanes] = {}, op[kLanes];
+    for (int64_t l = 0; i + l < n; ++l) gp[l] = g[i + l], up[l] = u[i + l];
+    StoreF(op, SiluTimes(V::LoadF(gp), V::LoadF(up)));
+    for (int64_t l = 0; i + l < n; ++l) out[i + l] = op[l];
+  }
+}
+
 }  // namespace
 }  // namespace attn
 }  // namespace baseq
@@ -226,5 +270,7 @@ inline void SoftmaxRow(const double* src, double* dst, int64_t n) {
     WeightedRows(p, heads, v_rows, hd, j0, j1, visible, acc, stride);                                           \
   }                                                                                                             \
   void Softmax##Suffix(const double* src, double* dst, int64_t n) { SoftmaxRow(src, dst, n); }                  \
+  void SwiGLU##Suffix(const float* g, const float* u, float* out, int64_t n) { SwiGLURow(g, u, out, n); }        \
+  void Butterfly##Suffix(double* y, int64_t p) { ButterflyLanes(y, p); }                                          \
   }                                                                                                             \
   }

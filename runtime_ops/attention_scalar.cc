@@ -29,6 +29,9 @@ struct V {
 inline void Store(double* p, V v) {
   for (int l = 0; l < 8; ++l) p[l] = v.x[l];
 }
+inline void StoreF(float* p, V v) {
+  for (int l = 0; l < 8; ++l) p[l] = static_cast<float>(v.x[l]);
+}
 #define BASEQ_LANEWISE(Name, expr)      \
   inline V Name(V a, V b) {             \
     V r;                                \
@@ -91,14 +94,16 @@ namespace attn {
 
 int AvailableKernels(Kernels* out, int capacity) {
   int n = 0;
-  auto add = [&](const char* name, ScoresFn s, WeightedFn w, SoftmaxFn m) {
-    if (n < capacity) out[n++] = Kernels{name, s, w, m};
+  auto add = [&](const char* name, ScoresFn s, WeightedFn w, SoftmaxFn m, SwiGLUFn g, ButterflyFn b) {
+    if (n < capacity) out[n++] = Kernels{name, s, w, m, g, b};
   };
-  add("scalar", ScoresScalar, WeightedScalar, SoftmaxScalar);
+  add("scalar", ScoresScalar, WeightedScalar, SoftmaxScalar, SwiGLUScalar, ButterflyScalar);
 #if defined(__x86_64__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) add("avx2", ScoresAvx2, WeightedAvx2, SoftmaxAvx2);
-  if (__builtin_cpu_supports("avx512f")) add("avx512", ScoresAvx512, WeightedAvx512, SoftmaxAvx512);
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    add("avx2", ScoresAvx2, WeightedAvx2, SoftmaxAvx2, SwiGLUAvx2, ButterflyAvx2);
+  if (__builtin_cpu_supports("avx512f"))
+    add("avx512", ScoresAvx512, WeightedAvx512, SoftmaxAvx512, SwiGLUAvx512, ButterflyAvx512);
 #endif
   return n;
 }

@@ -99,15 +99,9 @@ struct SwiGLU {
     const float* g = gate.Data();
     const float* u = stacked ? g + width : (*up)->Data();
     const int64_t stride = stacked ? 2 * width : width;  // input row stride
+    const attn::SwiGLUFn row = attn::WidestKernels().swiglu;  // float64 exp in 8 lanes (attention_rows.h)
     ForRows(ctx, total / width, width, [&](int64_t first, int64_t end) {
-      for (int64_t r = first; r < end; ++r) {
-        const float *gr = g + r * stride, *ur = u + r * stride;
-        float* orow = o + r * width;
-        for (int64_t i = 0; i < width; ++i) {
-          const double gv = static_cast<double>(gr[i]);
-          orow[i] = static_cast<float>(gv / (1.0 + std::exp(-gv)) * static_cast<double>(ur[i]));
-        }
-      }
+      for (int64_t r = first; r < end; ++r) row(g + r * stride, u + r * stride, o + r * width, width);
     });
     return Ort::Status{nullptr};
   }

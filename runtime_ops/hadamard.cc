@@ -1,6 +1,6 @@
 // baseq.Hadamard: the online Hadamard transform in float64, rounded once to float32.
 #include "common.h"
-#include "hadamard_rows.h"
+#include "attention_kernels.h"
 #include "ops.h"
 
 #include <cmath>
@@ -48,6 +48,7 @@ struct Hadamard {
     const float* in = x.Data();
     const double norm = 1.0 / std::sqrt(static_cast<double>(p));
     int64_t rows = total / n;
+    const attn::ButterflyFn butterfly = attn::WidestKernels().butterfly;  // Butterfly in float64 lanes
     ForRows(ctx, rows, n, [&](int64_t first, int64_t end) {
       std::vector<double> work(m * p), mixed(s ? m * p : 0);
       for (int64_t r = first; r < end; ++r) {
@@ -55,7 +56,7 @@ struct Hadamard {
           const float* src = in + r * n + b * m * p;
           float* dst = out + r * n + b * m * p;
           for (int64_t i = 0; i < m * p; ++i) work[i] = static_cast<double>(src[i]) * norm;
-          for (int64_t i = 0; i < m; ++i) Butterfly(work.data() + i * p, p);
+          for (int64_t i = 0; i < m; ++i) butterfly(work.data() + i * p, p);
           const double* res = work.data();
           if (s) {  // mixed[i, :] = sum_k S[k, i] * work[k, :]
             for (int64_t i = 0; i < m; ++i) {

@@ -98,6 +98,49 @@ int main() {
       }
     }
   }
+  // SwiGLU rows (ragged lengths; large, infinite and NaN gates): every set equals the portable one bit for bit
+  // and float(g / (1 + exp(-g)) * u) with the C library's exp (the same float32 for these inputs).
+  for (int64_t len : {1, 7, 8, 9, 37, 1000}) {
+    std::vector<float> g(len), u(len), first(len);
+    for (int64_t i = 0; i < len; ++i) g[i] = static_cast<float>(normal(rng) * 6.0), u[i] = static_cast<float>(normal(rng));
+    const float specials[] = {800.0f, -800.0f, 709.5f, -709.5f, INFINITY, -INFINITY, NAN, 0.0f, -0.0f, -30.0f};
+    for (int64_t i = 0; i < len && i < 10; ++i) g[(i * 7) % len] = specials[i];
+    for (int s = 0; s < n; ++s) {
+      std::vector<float> got(len);
+      sets[s].swiglu(g.data(), u.data(), got.data(), len);
+      if (s == 0) first = got;
+      bool ok = std::memcmp(got.data(), first.data(), len * sizeof(float)) == 0;
+      for (int64_t i = 0; i < len; ++i) {
+        const double gv = g[i];
+        const float want = static_cast<float>(gv / (1.0 + std::exp(-gv)) * static_cast<double>(u[i]));
+        ok = ok && (std::isnan(want) ? std::isnan(got[i]) : std::memcmp(&want, &got[i], sizeof(float)) == 0);
+      }
+      if (!ok) {
+        std::printf("FAIL %-7s swiglu of %lld\n", sets[s].name, static_cast<long long>(len));
+        ++failures;
+      }
+    }
+  }
+  // Butterfly: every set equals the plain pairing loop bit for bit (exact adds and subtracts in one order).
+  for (int64_t p : {1, 2, 4, 8, 16, 64, 512}) {
+    std::vector<double> x(p), want(p);
+    for (auto& e : x) e = normal(rng);
+    want = x;
+    for (int64_t h = 1; h < p; h *= 2)
+      for (int64_t base = 0; base < p; base += 2 * h)
+        for (int64_t t = 0; t < h; ++t) {
+          const double a = want[base + t], b = want[base + h + t];
+          want[base + t] = a + b, want[base + h + t] = a - b;
+        }
+    for (int s = 0; s < n; ++s) {
+      std::vector<double> got = x;
+      sets[s].butterfly(got.data(), p);
+      if (std::memcmp(got.data(), want.data(), p * sizeof(double)) != 0) {
+        std::printf("FAIL %-7s butterfly of %lld\n", sets[s].name, static_cast<long long>(p));
+        ++failures;
+      }
+    }
+  }
   for (int s = 0; s < n; ++s) std::printf("%s %s\n", failures ? "FAIL" : "ok  ", sets[s].name);
   return failures ? 1 : 0;
 }
