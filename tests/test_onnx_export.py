@@ -191,12 +191,18 @@ def test_onnxruntime_genai_runs_the_export(tmp_path, ops):
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("kind", ["w4a16-rtn", "w4a4kv4-baseq"])
+@pytest.mark.parametrize("kind", ["w4a16-rtn", "w4a16-int8-kernels", "w4a4kv4-baseq"])
 def test_default_model_onnx_parity(default_model, tmp_path, kind):
     """Default model: onnxruntime (our ops and standard ops) against the torch reference of the same
     artifact: perplexity within 0.01% and the same 32 greedy tokens with torch, onnxruntime and
     onnxruntime-genai. For W4A4KV4 this needs the exact mode (models.base.forward): with plain float32
-    matmuls a last-bit difference flips a 4-bit code and the flip spreads into other tokens.
+    matmuls a last-bit difference flips a 4-bit code and the flip spreads into other tokens. The W4A4KV4
+    artifact has the main job's 4-bit head on the int8 kernels (its input rounding is the reference's, but
+    onnxruntime sums the 18 block products in float32 in its own order: logits agree to ~1e-7 of their
+    range, perplexity to ~1e-6). w4a16-int8-kernels is the onnx-w4a16 profile's arithmetic (groups of 64,
+    every linear and the head on the int8 kernels) with RTN weights: there a last-bit difference in one
+    linear's float32 sum can move an int8 code of the next one, so torch agrees only to about 0.1% in
+    perplexity and the tokens may part; the onnxruntime graphs (custom, standard, genai) agree exactly.
     """
     from baseq_export import data
     from baseq_export.evaluate import perplexity
@@ -206,23 +212,34 @@ def test_default_model_onnx_parity(default_model, tmp_path, kind):
     tok = default_model.tokenizer
     if kind == "w4a16-rtn":
         art = quantize_model(default_model, QuantSettings(method="rtn", bits="w4a16"))
+    elif kind == "w4a16-int8-kernels":
+        art = quantize_model(default_model, QuantSettings(method="quarot-rtn", bits="w4a16", group_size=64, r4=False,
+                                                          head_bits=4, head_act_bits=8, linear_act_bits=8))
     else:  # a small calibration budget keeps the test short; the method and the graph are the same
         calib = data.calibration_windows(data.tokenize(tok, data.embedded_text("calib")), 4, 128, seed=0)
-        art = calibrate_baseq(default_model, QuantSettings(bits="w4a4kv4"), BaseqSettings(nsamples=4, calib_ctx=128, epochs=1), calib)
+        art = calibrate_baseq(default_model, QuantSettings(bits="w4a4kv4", head_bits=4, head_act_bits=8),
+                              BaseqSettings(nsamples=4, calib_ctx=128, epochs=1), calib)
     path = save_artifact(tmp_path / "m.baseq", art, write_extra=lambda d: tok.save_pretrained(str(d)))
     ref = reference_model(art)
     windows = data.token_windows(data.tokenize(tok, data.embedded_text("eval")), 512, 4)
     p_ref = perplexity(ref.logits, windows).ppl
     prompt = tok("def fibonacci(n):\n    ", add_special_tokens=False)["input_ids"]
     torch_tokens = greedy_tokens(torch_stepper(ref), prompt, 32)
+    int8_linears = kind == "w4a16-int8-kernels"
+    first = None
     for ops in ("custom", "standard"):
         out = export_onnx(path, tmp_path / f"onnx-{ops}", ops=ops)
         om = OnnxModel(out)
         p_ort = perplexity(om.logits, windows).ppl
         ort_tokens = greedy_tokens(onnx_stepper(om), prompt, 32)
         print(kind, ops, "ppl torch", p_ref, "ort", p_ort, "tokens equal", ort_tokens == torch_tokens)
-        assert abs(p_ort / p_ref - 1) < 1e-4, (ops, p_ort, p_ref)  # the issue asks 0.5%; exact mode gives ~1e-7
-        assert ort_tokens == torch_tokens
+        # the issue asks 0.5%; exact mode gives ~1e-7 (~1e-6 with the int8 head)
+        assert abs(p_ort / p_ref - 1) < (2e-3 if int8_linears else 1e-4), (ops, p_ort, p_ref)
+        if int8_linears:  # the onnxruntime graphs agree among themselves exactly
+            first = first or (p_ort, ort_tokens)
+            assert (p_ort, ort_tokens) == first
+        else:
+            assert ort_tokens == torch_tokens
         if importlib.util.find_spec("onnxruntime_genai"):
             assert list(genai_stream(out, prompt, 32)) == ort_tokens
 
