@@ -133,14 +133,16 @@ void AttendChunk(const attn::Kernels& kern, const Dims& d, int64_t window, const
 }
 
 // Runs body(task) for task in [0, count): on onnxruntime's threads, or on this one when `work` (the
-// multiply-adds or values involved) is below kSerialWork and not worth waking the others.
+// multiply-adds or values involved) is below kSerialWork and not worth waking the others. One batch
+// per task, so the threads claim tasks as they finish: causal prefill chunks differ in cost (the last
+// query chunk sees every key), and onnxruntime's default batches are equal contiguous ranges.
 template <typename Body>
 void ParallelTasks(OrtKernelContext* ctx, int64_t count, int64_t work, Body body) {
   if (count == 1 || work < kSerialWork) {
     for (int64_t i = 0; i < count; ++i) body(i);
   } else if (count > 1) {
     auto run = [](void* data, size_t u) { (*static_cast<Body*>(data))(static_cast<int64_t>(u)); };
-    Ort::KernelContext(ctx).ParallelFor(run, static_cast<size_t>(count), 0, &body);
+    Ort::KernelContext(ctx).ParallelFor(run, static_cast<size_t>(count), static_cast<size_t>(count), &body);
   }
 }
 

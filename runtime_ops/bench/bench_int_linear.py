@@ -1,10 +1,11 @@
 """Microbenchmark of baseq.IntLinear against onnxruntime's MatMulNBits on the same shapes.
 
     python runtime_ops/bench/bench_int_linear.py [--shapes 1x576x576,512x576x1536] [--threads 2]
-        [--isa best|avx2|...] [--repeats 50] [--json OUT]
+        [--isa best|avx2|...] [--bits 4] [--group-size 0] [--repeats 50] [--json OUT]
 
 Each shape M x K x N is run as one-node (or three-node) graphs in onnxruntime, all in this
-process, interleaved: IntLinear (4-bit activations, per-channel weights), the chain it replaces
+process, interleaved: IntLinear (4-bit activations, per-channel weights; --bits / --group-size for
+others, e.g. 8-bit levels on groups of 32 as an exact int8 lm_head would be), the chain it replaces
 (QuantLevels -> MatMulNBits accuracy_level 0 with unit scales -> ScaleSums), and float-input
 MatMulNBits at accuracy_level 0 and 4 (int8 activations: onnxruntime-genai's int4 choice).
 Reports medians of `repeats` timed runs after warm-up, and the CPU's idle share during half a
@@ -35,21 +36,22 @@ def _model(nodes, inits, outputs=("y",)):
     return model.SerializeToString()
 
 
-def weights(n: int, k: int, seed: int = 0):
+def weights(n: int, k: int, seed: int = 0, groups: int = 1):
     rng = np.random.default_rng(seed)
     codes = rng.integers(0, 16, (n, k)).astype(np.uint8)
-    zero = rng.integers(0, 16, (n, 1)).astype(np.uint8)
-    scale = (rng.random((n, 1)) * 0.01 + 0.001).astype(np.float32)
+    zero = rng.integers(0, 16, (n, groups)).astype(np.uint8)
+    scale = (rng.random((n, groups)) * 0.01 + 0.001).astype(np.float32)
     padded = np.pad(codes, ((0, 0), (0, k % 2)))
     packed = (padded[:, 0::2] | (padded[:, 1::2] << 4)).astype(np.uint8)
     return codes, packed, zero, scale
 
 
-def int_linear_model(n: int, k: int) -> bytes:
-    _, packed, zero, scale = weights(n, k)
+def int_linear_model(n: int, k: int, bits: int = 4, group_size: int = 0) -> bytes:
+    _, packed, zero, scale = weights(n, k, groups=-(-k // group_size) if group_size else 1)
     inits = [numpy_helper.from_array(np.array([0.9], np.float32), "clip"), numpy_helper.from_array(packed, "B"),
              numpy_helper.from_array(zero, "Z"), numpy_helper.from_array(scale, "S")]
-    node = helper.make_node("IntLinear", ["x", "clip", "", "", "B", "Z", "S"], ["y"], domain="baseq", bits=4, group_size=0)
+    node = helper.make_node("IntLinear", ["x", "clip", "", "", "B", "Z", "S"], ["y"], domain="baseq", bits=bits,
+                            group_size=group_size)
     return _model([node], inits)
 
 
@@ -91,7 +93,7 @@ def _cpu_times():
     return v[3] + v[4], sum(v)  # idle + iowait, total
 
 
-def bench(shapes, threads: int, repeats: int, isa: str | None):
+def bench(shapes, threads: int, repeats: int, isa: str | None, bits: int = 4, group_size: int = 0):
     if isa:
         os.environ["BASEQ_INT_LINEAR_ISA"] = isa
     opts = runtime_ops.session_options(threads)
@@ -102,7 +104,7 @@ def bench(shapes, threads: int, repeats: int, isa: str | None):
         time.sleep(0.5)  # how idle the machine is without us (before our sessions' threads exist)
         idle1, total1 = _cpu_times()
         idle = (idle1 - idle0) / max(1, total1 - total0)
-        variants = {"IntLinear": int_linear_model(n, k), "QuantLevels+MatMulNBits0+ScaleSums": chain_model(n, k),
+        variants = {"IntLinear": int_linear_model(n, k, bits, group_size), "QuantLevels+MatMulNBits0+ScaleSums": chain_model(n, k),
                     "MatMulNBits acc4": matmul_nbits_model(n, k, 4), "MatMulNBits acc0": matmul_nbits_model(n, k, 0)}
         sess = {name: ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"]) for name, model in variants.items()}
         x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
@@ -127,10 +129,12 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--isa", default=None, help="force an IntLinear kernel (BASEQ_INT_LINEAR_ISA)")
+    p.add_argument("--bits", type=int, default=4, help="IntLinear's activation bits (the chain stays 4-bit)")
+    p.add_argument("--group-size", type=int, default=0, help="IntLinear's weight group size (0: per channel)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
-    rows = bench(shapes, a.threads, a.repeats, a.isa)
+    rows = bench(shapes, a.threads, a.repeats, a.isa, a.bits, a.group_size)
     for r in rows:
         med = r["median_us"]
         base = med["MatMulNBits acc4"]
