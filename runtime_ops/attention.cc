@@ -319,6 +319,7 @@ struct AttentionKV4 {
 //   attributes: heads, kv_heads, rotate (0/1), window, bits (RopeAttention: KV fake-quant bits, 0 = none)
 struct RopeSplit {
   int64_t heads = 0, kv_heads = 0, rotate = 0, window = 0;
+  attn::Kernels kernels = attn::WidestKernels();  // R3's butterfly here, the attention loops in the ops below
 
   RopeSplit(const OrtApi* api, const OrtKernelInfo* info, const char* op)
       : heads(IntAttribute(api, info, "heads", 0)), kv_heads(IntAttribute(api, info, "kv_heads", 0)),
@@ -352,7 +353,7 @@ struct RopeSplit {
     v->resize(k->size());
     const float *in = qkv.Data(), *cs = cos.Data(), *sn = sin.Data();
     const double norm = 1.0 / std::sqrt(static_cast<double>(hd));
-    const attn::ButterflyFn butterfly = attn::WidestKernels().butterfly;
+    const attn::ButterflyFn butterfly = kernels.butterfly;
     ForRows(ctx, B * T, s[2] * 8, [&](int64_t first, int64_t end) {
       std::vector<double> work(static_cast<size_t>(hd));
       for (int64_t r = first; r < end; ++r) {
@@ -397,7 +398,6 @@ void FakeQuantRows(float* x, const Dims& d, const float* clip, bool per_head, in
 
 struct RopeAttention : RopeSplit {
   int64_t bits = 0;
-  attn::Kernels kernels = attn::WidestKernels();
 
   RopeAttention(const OrtApi* api, const OrtKernelInfo* info)
       : RopeSplit(api, info, "baseq.RopeAttention"), bits(IntAttribute(api, info, "bits", 0)) {
@@ -427,8 +427,6 @@ struct RopeAttention : RopeSplit {
 };
 
 struct RopeAttentionKV4 : RopeSplit {
-  attn::Kernels kernels = attn::WidestKernels();
-
   RopeAttentionKV4(const OrtApi* api, const OrtKernelInfo* info) : RopeSplit(api, info, "baseq.RopeAttentionKV4") {}
 
   Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& qkv, const Tensor<float>& cos, const Tensor<float>& sin,

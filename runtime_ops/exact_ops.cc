@@ -78,6 +78,8 @@ struct RmsNorm {
 // SwiGLU(G, U) -> float(silu(double(G)) * double(U)) of one shape; SwiGLU(GU) with one input takes G and U
 // as the two halves of GU's last axis (the stacked gate/up projection, no Split).
 struct SwiGLU {
+  attn::SwiGLUFn row = attn::WidestKernels().swiglu;  // float64 exp in 8 lanes (attention_rows.h)
+
   SwiGLU(const OrtApi*, const OrtKernelInfo*) {}
 
   Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& gate, std::optional<const Tensor<float>*> up,
@@ -99,7 +101,6 @@ struct SwiGLU {
     const float* g = gate.Data();
     const float* u = stacked ? g + width : (*up)->Data();
     const int64_t stride = stacked ? 2 * width : width;  // input row stride
-    const attn::SwiGLUFn row = attn::WidestKernels().swiglu;  // float64 exp in 8 lanes (attention_rows.h)
     ForRows(ctx, total / width, width, [&](int64_t first, int64_t end) {
       for (int64_t r = first; r < end; ++r) row(g + r * stride, u + r * stride, o + r * width, width);
     });

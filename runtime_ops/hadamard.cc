@@ -11,6 +11,7 @@ namespace {
 struct Hadamard {
   int64_t blocks = 1;
   int64_t size = 0;  // expected last dimension; 0 = any
+  attn::ButterflyFn butterfly = attn::WidestKernels().butterfly;  // the butterfly in float64 lanes
 
   Hadamard(const OrtApi* api, const OrtKernelInfo* info)
       : blocks(IntAttribute(api, info, "blocks", 1)), size(IntAttribute(api, info, "size", 0)) {
@@ -48,7 +49,6 @@ struct Hadamard {
     const float* in = x.Data();
     const double norm = 1.0 / std::sqrt(static_cast<double>(p));
     int64_t rows = total / n;
-    const attn::ButterflyFn butterfly = attn::WidestKernels().butterfly;  // Butterfly in float64 lanes
     ForRows(ctx, rows, n, [&](int64_t first, int64_t end) {
       std::vector<double> work(m * p), mixed(s ? m * p : 0);
       for (int64_t r = first; r < end; ++r) {

@@ -70,8 +70,6 @@ def rms_norm(c: _Ctx, x: str, weight: str | None) -> str:
     return c.g.op("RmsNorm", inputs, domain=OPS_DOMAIN)
 
 
-
-
 @dataclass(frozen=True)
 class QuantSite:
     """An activation site's input and its quantizer (clip, shift, gain initializers), not yet quantized: with
