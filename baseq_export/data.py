@@ -68,6 +68,8 @@ def read_text_file(path: str | Path) -> str:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{p} is not UTF-8 text ({e}); convert it to UTF-8 first") from e
+    if "\x00" in text:
+        raise ValueError(f"{p} holds NUL bytes, so it is a binary file, not text; pass a UTF-8 text file")
     if not text.strip():
         raise ValueError(f"{p} is empty; it needs text to calibrate or evaluate on")
     return text
@@ -99,7 +101,8 @@ def token_windows(tokens: torch.Tensor, ctx: int, max_windows: int | None = None
 def calibration_windows(tokens: torch.Tensor, n: int, ctx: int, seed: int = 0) -> torch.Tensor:
     """n windows [n, ctx] starting at seeded random offsets (the same seed gives the same windows)."""
     if tokens.numel() < ctx:
-        raise ValueError(f"calibration text has {tokens.numel()} tokens, fewer than one window of {ctx}")
+        raise ValueError(f"calibration text has {tokens.numel()} tokens, fewer than one window of {ctx}; "
+                         "use a longer --calib-text or a smaller --calib-ctx")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, tokens.numel() - ctx + 1, (n,), generator=gen)
     return torch.stack([tokens[s : s + ctx] for s in starts.tolist()])

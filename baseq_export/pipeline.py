@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .models import LoadedModel, source_info
 from .models.base import ACT_SITES, IDENTITY, SITE_LINEARS, ModelConfig, block_forward, layer_weights, rope_tables, site_width
-from .qmodel import BITS_PRESETS, Artifact, linear_tensors
+from .qmodel import BITS_PRESETS, Artifact, linear_tensors, save_tensors
 from .quant import GGML_BLOCK, WEIGHT_GRIDS, HessianAccumulator, QuantizedWeight, gptq_quantize, rtn_quantize
 from .rotate import head_mix, RotationHooks, rotate_model
 
@@ -75,6 +76,21 @@ class QuantSettings:
             raise ValueError("symmetric applies to the int grid only (q4_0 is llama.cpp's symmetric grid)")
         if self.weight_clip not in ("minmax", "mse"):
             raise ValueError(f"weight clip must be 'minmax' or 'mse', got {self.weight_clip!r}")
+
+        if self.seed < 0:
+            raise ValueError(f"seed must be 0 or more, got {self.seed}")
+
+    def check_model(self, cfg: ModelConfig) -> None:
+        """Refuse settings this model's dimensions cannot take, before any calibration work."""
+        from .models.base import LINEARS, linear_in_features
+
+        if self.group_size:
+            widths = {linear_in_features(cfg, n) for n in LINEARS}
+            bad = sorted(k for k in widths if k % self.group_size)
+            if bad:
+                fits = [g for g in (32, 64, 128) if all(k % g == 0 for k in widths)]
+                raise ValueError(f"--group-size {self.group_size} does not divide the input width(s) {bad} of this "
+                                 f"model's linears; use {' or '.join(map(str, fits)) if fits else 'per-channel weights (no --group-size)'}")
 
     @property
     def rotated(self) -> bool:
@@ -165,6 +181,37 @@ def run_block(cfg, lw: dict, layer: int, h: torch.Tensor, hooks, rope, chunk: in
     return torch.cat([block_forward(cfg, lw, layer, h[i : i + chunk], *rope, hooks) for i in range(0, h.shape[0], chunk)])
 
 
+class NonFiniteError(ValueError):
+    """A calibration stream holds NaN/Inf: the message names the block, the stream and the site."""
+
+
+def checked_block(cfg, lw: dict, layer: int, h: torch.Tensor, hooks, rope, stream: str, chunk: int = 8) -> torch.Tensor:
+    """run_block, refusing an output with NaN/Inf; the error names the block and the first site that held them."""
+    out = run_block(cfg, lw, layer, h, hooks, rope, chunk)
+    if torch.isfinite(out).all():
+        return out
+    sites: list[str] = []
+    run_block(cfg, lw, layer, h, TapHooks(hooks, lambda site, x: sites.append(site) if not torch.isfinite(x).all() else None),
+              rope, chunk)
+    where = f"first in the {sites[0]} activations" if sites else "in its output (after the MLP)"
+    raise NonFiniteError(f"block {layer} of the {stream} model produced NaN/Inf {where}: an overflow, e.g. a float16 "
+                         "checkpoint or huge weights. The finished blocks are kept; fix the model (load a float32 or "
+                         "bfloat16 copy) and run again")
+
+
+def save_block(work: Path, layer: int, tensors: dict[str, torch.Tensor], entry: dict) -> None:
+    """One finished block of a resumable run: its log entry, then its tensors (the tensors file marks it done),
+    each written to a temp file and renamed, so an interrupted write never leaves a block that looks finished."""
+    import json
+
+    log = work / f"block_{layer}.json"
+    log.with_suffix(".json.tmp").write_text(json.dumps(entry))
+    os.replace(log.with_suffix(".json.tmp"), log)
+    done = work / f"block_{layer}.safetensors"
+    save_tensors(tensors, done.with_suffix(".tmp"))
+    os.replace(done.with_suffix(".tmp"), done)
+
+
 def gptq_hessians(cfg, lw: dict, layer: int, h: torch.Tensor, hooks, rope, chunk: int = 8) -> dict[str, HessianAccumulator]:
     """Hessians of the four activation sites of one block, from its inputs h."""
     hessians = {site: HessianAccumulator(site_width(cfg, site)) for site in ACT_SITES}
@@ -198,7 +245,7 @@ def quantize_model(
             if gptq:
                 w[f"layers.{i}.{name}.weight"] = qw.dequantize()
         if gptq:
-            h = run_block(cfg, layer_weights(w, i), i, h, hooks, rope, chunk)
+            h = checked_block(cfg, layer_weights(w, i), i, h, hooks, rope, "quantized", chunk)
     tensors.update(float_tensors(cfg, w, settings))
     return Artifact(
         model=cfg.to_dict(),
@@ -416,7 +463,7 @@ def tune_blocks(
     import json
     from pathlib import Path
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from .qmodel import linear_from_tensors
 
@@ -450,7 +497,7 @@ def tune_blocks(
     for i in bar:
         t0 = time.time()
         fp_lw = layer_weights(w, i)
-        y = run_block(cfg, fp_lw, i, h_fp, hooks, rope)
+        y = checked_block(cfg, fp_lw, i, h_fp, hooks, rope, "full-precision")
         done = work / f"block_{i}.safetensors" if work else None
         if done is not None and done.is_file():
             bt = load_file(str(done))
@@ -478,10 +525,7 @@ def tune_blocks(
                 bt.update(linear_tensors(f"layers.{i}.{name}", qw, bias))
             entry = {"block": i, **{f"mse_{k}": v for k, v in losses.items()}, "kept": kept, "seconds": round(time.time() - t0, 2)}
             if done is not None:
-                tmp = done.with_suffix(".tmp")
-                save_file({k: v.contiguous() for k, v in bt.items()}, str(tmp))
-                os.replace(tmp, done)
-                (work / f"block_{i}.json").write_text(json.dumps(entry))
+                save_block(work, i, bt, entry)
         log.append(entry)
         tensors.update(bt)
         lw = {}
@@ -491,7 +535,7 @@ def tune_blocks(
                 lw[f"{name}.weight"] = linear_from_tensors(p, bt, site_width(cfg, site), settings.group_size).dequantize()
                 if f"{p}.bias" in bt:
                     lw[f"{name}.bias"] = bt[f"{p}.bias"]
-        h_q = run_block(cfg, lw, i, h_q, hooks, rope)
+        h_q = checked_block(cfg, lw, i, h_q, hooks, rope, "quantized")
         h_fp = y
         bar.set_postfix(block=i, kept=entry["kept"])
     tensors.update(float_tensors(cfg, w, settings, online=False))

@@ -49,6 +49,19 @@ class Artifact:
     calibration: dict | None = None
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, its I/O failures (a full disk, a file size limit) raised as the OSError they are."""
+    import re
+
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    except Exception as e:  # noqa: BLE001 - SafetensorError wraps the OS error in its message
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), f"{os.strerror(int(code.group(1)))} writing {path}") from e
+
+
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of a file, read in chunks."""
     h = hashlib.sha256()
@@ -96,7 +109,7 @@ def save_artifact(
     check_writable(path, overwrite)
     with staged_dir(path) as tmp:
         tensors = {k: v.detach().contiguous().cpu() for k, v in artifact.tensors.items()}
-        save_file(tensors, str(tmp / TENSORS))
+        save_tensors(tensors, tmp / TENSORS)
         if write_extra is not None:
             write_extra(tmp)
         if artifact.calibration is not None:

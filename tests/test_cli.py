@@ -37,8 +37,8 @@ def test_model_option_before_or_after_subcommand(tmp_path):
     assert p.parse_args(["eval"]).ctx == 512
 
 
-def tiny_checkpoint(tmp_path):
-    """A tiny random Llama with a real (word-level) tokenizer, saved as a HF checkpoint dir."""
+def tiny_checkpoint(tmp_path, **overrides):
+    """A tiny random Llama with a real (word-level) tokenizer, saved as a HF checkpoint dir (overrides: config)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -49,7 +49,7 @@ def tiny_checkpoint(tmp_path):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path)
-    tiny_hf_model("llama", dtype=torch.float32, vocab_size=len(vocab)).save_pretrained(tmp_path)
+    tiny_hf_model("llama", dtype=torch.float32, vocab_size=len(vocab), **overrides).save_pretrained(tmp_path)
     text = tmp_path / "eval.txt"
     gen = torch.Generator().manual_seed(0)
     text.write_text(" ".join(words[int(i)] for i in torch.randint(0, len(words), (200,), generator=gen)))

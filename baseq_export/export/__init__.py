@@ -14,6 +14,7 @@ A target module (``export/onnx.py``, ``export/gguf.py``) provides:
                              argparse names -> values, used where the command line left the default)
     default_out(stem)        the default export path for an artifact or model named stem
     describe(path)           one line saying what an export holds, for the main job's summary
+    diagnose(path)           raise an error naming the damage if path looks like its export but is unreadable
 
 A Backend has ``label``, ``logits(ids [B, T]) -> [B, T, vocab]`` (a fresh context per call) and
 ``greedy(prompt_ids, max_new_tokens=None) -> Iterator[int]`` (the argmax continuation; the
@@ -93,7 +94,9 @@ def backend_names() -> tuple[str, ...]:
 def open_backend(path: str | Path, backend: str | None = None, **options) -> Backend:
     """A runner for path: the torch reference for an artifact, the export's runtime for an export."""
     t = find_target(path)
-    if t is None:  # an artifact, or else load_artifact says what is wrong with it
+    if t is None:  # a damaged export (its target names the damage), an artifact, or else load_artifact says what is wrong
+        for candidate in all_targets():
+            candidate.diagnose(path)
         if not Path(path).exists():
             raise FileNotFoundError(f"{path} does not exist: pass a .baseq artifact or an export of ours "
                                     f"({', '.join(TARGETS)}), made by `baseq-export quantize` / `baseq-export export`")

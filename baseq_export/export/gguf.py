@@ -27,6 +27,7 @@ from ..qmodel import Artifact, is_online_param, load_artifact
 from ..quant import GGML_BLOCK
 from . import option_default
 from .gguf_meta import FORMAT_KEY, FORMAT_VALUE, add_hparams, add_tokenizer, context_length, rope_factors
+from .gguf_runtime import check_file
 from .gguf_tensors import ARCHS, HEAD_TYPES, QT, WEIGHT_TYPES, GGUFExportError, Plan, nbytes, plan_tensors
 
 NAME = "gguf"
@@ -164,8 +165,8 @@ def check_out(out: Path, force: bool) -> Path:
         if not force:
             raise FileExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
         if not is_export(out):
-            raise FileExistsError(f"{out} exists and is not a baseq GGUF export; refusing to replace it, "
-                                  "choose another --out")
+            raise FileExistsError(f"{out} exists and is not a baseq GGUF export; refusing to replace it (delete it "
+                                  "yourself if it is a damaged export), choose another --out")
     return out
 
 
@@ -211,6 +212,7 @@ def write_gguf(art: Artifact, out: str | Path, tok_dir: Path, force: bool = Fals
         w.close()
         with builtins.open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        validate_written(tmp, plan)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
@@ -220,6 +222,24 @@ def write_gguf(art: Artifact, out: str | Path, tok_dir: Path, force: bool = Fals
         raise
     plan.log.warn()
     return out
+
+
+def validate_written(path: Path, plan: Plan) -> None:
+    """Re-read a written file before it replaces anything: complete, and holding the planned tensors by name,
+    type and element count."""
+    check_file(path)
+    got = {t.name: (int(t.tensor_type), int(t.n_elements)) for t in gguf.GGUFReader(str(path)).tensors}
+    want = {p.name: (int(p.qtype), int(np.prod(p.shape))) for p in plan.tensors}
+    if got != want:
+        raise GGUFExportError(f"the written GGUF holds other tensors than planned ({len(got)} against {len(want)}); "
+                              "nothing was replaced")
+
+
+def diagnose(path: str | Path) -> None:
+    """Raise an error naming the damage when path looks like a GGUF but is no readable export of ours."""
+    path = Path(path)
+    if path.suffix == ".gguf" or path.is_file() and builtins.open(path, "rb").read(4) == b"GGUF":
+        check_file(path)
 
 
 def write(artifact: str | Path, out: str | Path, force: bool = False, weights: str = "auto", head: str = "auto",

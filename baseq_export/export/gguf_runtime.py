@@ -10,6 +10,7 @@ llama.cpp facts this relies on (checked against the build llama-cpp-python 0.3.3
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 from typing import Iterator
 
@@ -38,7 +39,7 @@ def check_file(path: str | Path) -> None:
         raise GGUFFileError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
     try:
         reader = gguf.GGUFReader(str(path))
-    except (ValueError, IndexError, KeyError, OverflowError, TypeError) as e:
+    except (ValueError, IndexError, KeyError, OverflowError, TypeError, struct.error) as e:
         raise GGUFFileError(f"{path} is truncated or damaged: its header cannot be read ({e}); export it again") from e
     end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
     if end > size:

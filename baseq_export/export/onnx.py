@@ -21,7 +21,8 @@ from ..qmodel import Artifact, load_artifact, staged_dir
 from . import option_default
 from .onnx_genai import GenaiBackend, write_genai_config
 from .onnx_model import KV_CACHE_CHOICES, build_model
-from .onnx_runtime import DATA_FILE, KV4_MODEL_FILE, MANIFEST, MODEL_FILE, OnnxModel
+from .onnx_runtime import (DATA_FILE, KV4_MODEL_FILE, MANIFEST, MODEL_FILE, OnnxModel, file_digests, open_session,
+                           read_manifest, verify_files)
 
 NAME = "onnx"
 BACKENDS = ("onnxruntime", "onnxruntime-genai")
@@ -69,6 +70,20 @@ def is_export(path: str | Path) -> bool:
         return json.loads((path / MANIFEST).read_text()).get("format", MANIFEST_FORMAT) == MANIFEST_FORMAT
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def diagnose(path: str | Path) -> None:
+    """Raise an error naming the damage when path looks like an ONNX export of ours but cannot be opened."""
+    path = Path(path)
+    if path.is_dir() and (path / MODEL_FILE).is_file() and not (path / MANIFEST).is_file():
+        raise FileNotFoundError(f"{path} holds {MODEL_FILE} but no {MANIFEST}: it is not an export of ours, or its "
+                                "manifest was lost; re-export it with `baseq-export export ARTIFACT`")
+    if path.is_dir() and (path / MANIFEST).is_file():
+        manifest = read_manifest(path)
+        if manifest.get("format", MANIFEST_FORMAT) == MANIFEST_FORMAT:
+            if not (path / MODEL_FILE).is_file():
+                raise FileNotFoundError(f"{path} lacks {MODEL_FILE}; copy the whole export directory again or re-export it")
+            verify_files(path, manifest)
 
 
 def resolve_ops(ops: str) -> tuple[str, Path | None]:
@@ -132,9 +147,25 @@ def write(artifact: str | Path, out: str | Path, force: bool = False, max_length
                            library.name if library is not None else None, runner["model"], share_buffer=ops == "custom")
         manifest = {"format": MANIFEST_FORMAT, "artifact": str(artifact.resolve()), "quant": art.quant,
                     "model": art.model, "max_length": max_length, "ops": ops, "kv_cache": kv_cache,
-                    "onnxruntime": runner, "files": files}
+                    "onnxruntime": runner, "files": files, "digests": file_digests(tmp, files)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        validate_written(tmp, manifest, model)
     return out
+
+
+def validate_written(tmp: Path, manifest: dict, built: onnx.ModelProto) -> None:
+    """Re-read a staged export before it replaces anything: the files as recorded, the graph's initializers
+    as built (names, types, shapes), and every graph opened by onnxruntime."""
+    verify_files(tmp, manifest)
+    saved = onnx.load(str(tmp / MODEL_FILE), load_external_data=False)
+    want = {t.name: (t.data_type, tuple(t.dims)) for t in built.graph.initializer}
+    got = {t.name: (t.data_type, tuple(t.dims)) for t in saved.graph.initializer}
+    if got != want:
+        raise ValueError(f"the written {MODEL_FILE} holds other initializers than the graph built "
+                         f"({len(got)} against {len(want)}); nothing was replaced")
+    graphs = [MODEL_FILE] + ([manifest["onnxruntime"]["model"]] if manifest["onnxruntime"]["model"] != MODEL_FILE else [])
+    for graph in graphs:
+        open_session(tmp, graph, manifest)
 
 
 def save_sharing_weights(model: onnx.ModelProto, path: Path, saved: Path) -> None:

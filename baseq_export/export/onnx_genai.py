@@ -88,7 +88,10 @@ class GenaiBackend:
     label = "onnxruntime-genai"
 
     def __init__(self, path: str | Path):
+        from .onnx_runtime import read_manifest, verify_files
+
         self.path = Path(path)
+        verify_files(self.path, read_manifest(self.path))
         if not (self.path / GENAI_CONFIG).is_file():
             raise ValueError(f"{path} has no {GENAI_CONFIG}: onnxruntime-genai cannot run it (the model has no "
                              "eos_token_id; export it again from an artifact whose tokenizer has one)")

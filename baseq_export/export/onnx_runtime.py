@@ -30,6 +30,52 @@ def read_manifest(path: str | Path) -> dict:
         raise ValueError(f"{f} is not valid JSON ({e}); export again") from e
 
 
+def file_digests(path: Path, files: list[str]) -> dict[str, dict]:
+    """Size and SHA-256 of each file of an export (written into its manifest, checked when it is opened)."""
+    from ..qmodel import sha256_file
+
+    return {f: {"bytes": (path / f).stat().st_size, "sha256": sha256_file(path / f)} for f in files}
+
+
+def verify_files(path: str | Path, manifest: dict) -> None:
+    """Every file the manifest lists is there with its recorded size and checksum, else an error naming it
+    (a copy cut short, a lost model.onnx.data, an op library from another build)."""
+    path = Path(path)
+    for name, want in manifest.get("digests", {}).items():
+        f = path / name
+        if not f.is_file():
+            raise FileNotFoundError(f"{path} lacks {name}, which the export needs; copy the whole export directory "
+                                    "again or re-export it")
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            raise ValueError(f"{f} has {size} bytes, the export wrote {want['bytes']}: it is truncated or replaced; "
+                             "copy it again or re-export")
+        from ..qmodel import sha256_file
+
+        if sha256_file(f) != want["sha256"]:
+            kind = "an op library from another build" if name.endswith(".so") else "damaged"
+            raise ValueError(f"{f} does not match the file the export wrote (checksum): it is {kind}; re-export it")
+
+
+def open_session(path: Path, model_file: str, manifest: dict, threads: int | None = None):
+    """An onnxruntime session on one graph of an export, with our op library registered where it was used."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    if manifest.get("ops") == "custom":
+        libs = [f for f in manifest["files"] if f.endswith(".so")]
+        if not libs or not (path / libs[0]).is_file():
+            raise FileNotFoundError(f"{path} was exported with custom ops but its op library is missing; "
+                                    "re-export it (or export with --ops standard)")
+        opts.register_custom_ops_library(str((path / libs[0]).resolve()))
+    try:
+        return ort.InferenceSession(str(path / model_file), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise ValueError(f"onnxruntime cannot open {path / model_file}: {e}") from e
+
+
 class OnnxModel:
     """An exported model in an onnxruntime session (an export.Backend): logits, decode steps, greedy."""
 
@@ -38,8 +84,6 @@ class OnnxModel:
     def __init__(self, path: str | Path, threads: int | None = None, kv_cache: str | None = None):
         """kv_cache: run the export's graph with this cache ("float": the genai graph; "int4": packed), default
         the export's onnxruntime graph (packed when the export carries one)."""
-        import onnxruntime as ort
-
         path = Path(path)
         manifest = read_manifest(path)
         self.config = ModelConfig.from_dict(manifest["model"])
@@ -51,16 +95,8 @@ class OnnxModel:
                 raise ValueError(f"{path} has no graph with a {kv_cache} KV cache; export it with --kv-cache {kv_cache}")
             runner = main
         self.kv_cache, self.model_file = runner["kv_cache"], runner["model"]
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        if manifest.get("ops") == "custom":
-            libs = [f for f in manifest["files"] if f.endswith(".so")]
-            if not libs or not (path / libs[0]).is_file():
-                raise FileNotFoundError(f"{path} was exported with custom ops but its op library is missing; "
-                                        "re-export it (or export with --ops standard)")
-            opts.register_custom_ops_library(str((path / libs[0]).resolve()))
-        self.session = ort.InferenceSession(str(path / self.model_file), opts, providers=["CPUExecutionProvider"])
+        verify_files(path, manifest)
+        self.session = open_session(path, self.model_file, manifest, threads)
 
     def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
         cfg = self.config

@@ -37,6 +37,7 @@ class LoadedModel:
     tokenizer: object
     source: str
     token_ids: dict[str, int] = field(default_factory=dict)  # bos / eos / pad ids
+    max_positions: int | None = None  # the context length the model was trained for, where its config says
 
 
 def source_info(model: "LoadedModel") -> dict:
@@ -87,7 +88,12 @@ def adapter_for(model_type: str):
 def from_hf_model(hf_model, tokenizer=None, source: str = "<in-memory>") -> LoadedModel:
     """Convert a transformers *ForCausalLM model (already loaded) to the canonical layout."""
     adapter = adapter_for(hf_model.config.model_type)
+    check_config(hf_model.config.to_dict())
     cfg = adapter.config_from_hf(hf_model.config)
+    head, embed = hf_model.get_output_embeddings(), hf_model.get_input_embeddings()
+    if cfg.tied_embeddings and head is not None and not torch.equal(head.weight, embed.weight):
+        raise ModelLoadError("config.json ties lm_head to the embedding (tie_word_embeddings true) but the checkpoint "
+                             "has its own, different lm_head.weight: set tie_word_embeddings false in config.json")
     scaling = adapter.rope_attention_scaling(hf_model)
     if scaling != 1.0:
         import dataclasses
@@ -123,14 +129,87 @@ def _resolve(spec: str) -> tuple[Path, str | None]:
     raise ModelLoadError(f"--model {spec!r}: no such file or directory. Supported: {SUPPORTED}")
 
 
+def check_weight_files(directory: Path, gguf: str | None) -> None:
+    """Every weight file the checkpoint needs is there and complete (a named error instead of a deep traceback)."""
+    import json
+
+    if gguf:
+        from ..export.gguf_runtime import check_file
+
+        check_file(directory / gguf)
+        return
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise ModelLoadError(f"{index} is not a safetensors index (no weight_map: {e}); restore it from the checkpoint") from e
+    else:
+        files = [p.name for p in directory.glob("*.safetensors")]
+    missing = [f for f in files if not (directory / f).is_file()]
+    if missing:
+        raise ModelLoadError(f"{directory} lacks the weight file(s) {', '.join(missing)} that {index.name} lists; "
+                             "download the complete checkpoint")
+    from safetensors import safe_open
+
+    for f in files:
+        try:
+            with safe_open(str(directory / f), framework="pt") as h:
+                h.keys()
+        except Exception as e:  # noqa: BLE001 - SafetensorError is not an OSError
+            raise ModelLoadError(f"{directory / f} is truncated or damaged ({e}); download it again") from e
+
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # fixed frequencies: inv_freq (+ attention scaling)
+
+
+def check_config(config: dict) -> None:
+    """Refuse config.json options the canonical forward would silently compute differently."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if kind not in SUPPORTED_ROPE_TYPES:
+        raise ModelLoadError(f"RoPE type {kind!r} is not supported (its frequencies change with the sequence length); "
+                             f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+
+
+def check_loading_info(info: dict, tied: bool) -> None:
+    """The checkpoint held exactly the tensors the config asks for: none made up at random, none dropped."""
+    missing = sorted(info.get("missing_keys") or ())
+    unexpected = sorted(k for k in info.get("unexpected_keys") or () if k.endswith((".weight", ".bias")))
+    if missing:
+        hint = (" config.json says tie_word_embeddings false but there is no lm_head.weight: set it to true if the head "
+                "is the embedding" if any(k.startswith("lm_head") for k in missing) else
+                " config.json asks for them (e.g. attention_bias / mlp_bias true): fix config.json or the checkpoint")
+        raise ModelLoadError(f"the checkpoint lacks {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''};{hint}")
+    if unexpected:
+        hint = (" config.json ties lm_head to the embedding (tie_word_embeddings true) but the checkpoint has its own "
+                "lm_head.weight: set tie_word_embeddings false" if tied and any(k.startswith("lm_head") for k in unexpected)
+                else " config.json does not use them (e.g. attention_bias false): fix config.json")
+        raise ModelLoadError(f"the checkpoint has tensors the model would ignore: {', '.join(unexpected[:5])};{hint}")
+
+
+def check_finite(weights: dict[str, torch.Tensor]) -> None:
+    """Name the first weight holding NaN or Inf (a damaged or overflowed checkpoint)."""
+    for name, t in weights.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise ModelLoadError(f"weight {name} holds {bad} NaN/Inf value(s); the checkpoint is damaged or overflowed "
+                                 "(e.g. float16 conversion): use a float32/bfloat16 copy")
+
+
 def load_model(spec: str = "default", dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load --model SPEC into the canonical layout (GGUF weights are dequantized to float)."""
     directory, gguf = _resolve(spec)
     if not gguf:
         import json
 
-        model_type = json.loads((directory / "config.json").read_text()).get("model_type")
-        adapter_for(str(model_type))
+        try:
+            config = json.loads((directory / "config.json").read_text())
+        except ValueError as e:
+            raise ModelLoadError(f"{directory / 'config.json'} is not valid JSON ({e}); restore it from the checkpoint") from e
+        adapter_for(str(config.get("model_type")))
+        check_config(config)
+    check_weight_files(directory, gguf)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -139,10 +218,15 @@ def load_model(spec: str = "default", dtype: torch.dtype = torch.float32) -> Loa
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True, **kwargs)
+        hf_model, info = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True,
+                                                              output_loading_info=True, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"could not load {spec!r}: {e}. Supported: {SUPPORTED}") from e
     finally:
         hf_logging.set_verbosity(verbosity)
-    return from_hf_model(hf_model, tokenizer, source=str(directory / gguf) if gguf else str(directory))
+    check_loading_info(info, bool(getattr(hf_model.config, "tie_word_embeddings", False)))
+    model = from_hf_model(hf_model, tokenizer, source=str(directory / gguf) if gguf else str(directory))
+    check_finite(model.weights)
+    model.max_positions = getattr(hf_model.config, "max_position_embeddings", None)
+    return model
