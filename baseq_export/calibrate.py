@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .models import LoadedModel, source_info
+from .models import LoadedModel, source_info, weights_digest
 from .models.base import ACT_SITES, SITE_LINEARS, ModelConfig, layer_weights, site_width
 from .pipeline import (QuantSettings, TapHooks, calib_rope, checked_block, float_tensors, gptq_hessians, round_layer,
                        run_block, save_block)
@@ -168,6 +168,7 @@ def settings_key(model: LoadedModel, q: QuantSettings, b: BaseqSettings, calib: 
     """A digest of everything that decides the result: a partial run resumes only if it matches."""
     h = hashlib.sha256(json.dumps([model.source, dataclasses.asdict(q), dataclasses.asdict(b)], sort_keys=True).encode())
     h.update(calib.numpy().tobytes())
+    h.update(weights_digest(model).encode())
     return h.hexdigest()
 
 
@@ -200,7 +201,8 @@ def calibrate_baseq(
         work.mkdir(parents=True, exist_ok=True)
         state = work / "state.json"
         if state.is_file() and json.loads(state.read_text()).get("key") != key:
-            raise ValueError(f"{work} holds a partial run with other settings or data; remove it or choose another --out")
+            raise ValueError(f"{work} holds a partial run with other settings, data or model weights; remove it to "
+                             "start over, or choose another --out")
         state.write_text(json.dumps({"key": key}))
     tensors: dict[str, torch.Tensor] = {}
     log = []

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .models import LoadedModel, source_info
+from .models import LoadedModel, source_info, weights_digest
 from .models.base import ACT_SITES, IDENTITY, SITE_LINEARS, ModelConfig, block_forward, layer_weights, rope_tables, site_width
 from .qmodel import BITS_PRESETS, Artifact, linear_tensors, save_tensors
 from .quant import GGML_BLOCK, WEIGHT_GRIDS, HessianAccumulator, QuantizedWeight, gptq_quantize, rtn_quantize
@@ -195,8 +195,8 @@ def checked_block(cfg, lw: dict, layer: int, h: torch.Tensor, hooks, rope, strea
               rope, chunk)
     where = f"first in the {sites[0]} activations" if sites else "in its output (after the MLP)"
     raise NonFiniteError(f"block {layer} of the {stream} model produced NaN/Inf {where}: an overflow, e.g. a float16 "
-                         "checkpoint or huge weights. The finished blocks are kept; fix the model (load a float32 or "
-                         "bfloat16 copy) and run again")
+                         "checkpoint or huge weights; use a float32 or bfloat16 copy of the model. The finished blocks "
+                         "are kept (a rerun on the same model resumes from them)")
 
 
 def save_block(work: Path, layer: int, tensors: dict[str, torch.Tensor], entry: dict) -> None:
@@ -486,10 +486,12 @@ def tune_blocks(
     if work:
         key = hashlib.sha256(json.dumps([model.source, dc.asdict(settings), dc.asdict(t)], sort_keys=True).encode())
         key.update(calib.numpy().tobytes())
+        key.update(weights_digest(model).encode())
         work.mkdir(parents=True, exist_ok=True)
         state = work / "state.json"
         if state.is_file() and json.loads(state.read_text()).get("key") != key.hexdigest():
-            raise ValueError(f"{work} holds a partial run with other settings or data; remove it or choose another --out")
+            raise ValueError(f"{work} holds a partial run with other settings, data or model weights; remove it to "
+                             "start over, or choose another --out")
         state.write_text(json.dumps({"key": key.hexdigest()}))
     tensors: dict[str, torch.Tensor] = {}
     log = []

@@ -263,6 +263,9 @@ def test_overflow_in_a_block_stops_there_naming_block_and_site_and_the_rerun_res
     err = refused(capsys, argv, "block 1 of the full-precision model")
     assert "resuming the partial run" in err
     assert tree_state(partial) == kept  # block 0 replayed, not recomputed or rewritten
+    shutil.copy(ckpt[0] / "model.safetensors", d / "model.safetensors")  # the checkpoint fixed in place
+    refused(capsys, argv, "holds a partial run with other settings, data or model weights", "remove it to start over",
+            keep=(partial,))
 
 
 def _cli(args: list[str], **kw) -> subprocess.Popen:

@@ -40,6 +40,19 @@ class LoadedModel:
     max_positions: int | None = None  # the context length the model was trained for, where its config says
 
 
+def weights_digest(model: "LoadedModel") -> str:
+    """SHA-256 of every weight (names, dtypes, shapes, bytes): a resumed run must be on the same numbers, not
+    only the same path (a checkpoint fixed in place is another model)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(model.weights):
+        t = model.weights[name].detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def source_info(model: "LoadedModel") -> dict:
     """Where a model came from and its special token ids (recorded in artifacts and exports)."""
     return {"model": model.source, **model.token_ids}

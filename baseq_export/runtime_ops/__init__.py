@@ -37,6 +37,9 @@ REQUIRED_HEADERS = ["onnxruntime_c_api.h", "onnxruntime_cxx_api.h", "onnxruntime
 CXXFLAGS = ["-std=c++17", "-O3", "-fPIC", "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-ffp-contract=off",
             "-fno-math-errno"]
 MANIFEST = "sources.txt"
+# BASEQ_SANITIZE=1 builds (and caches apart) the library with AddressSanitizer and UndefinedBehaviorSanitizer;
+# undefined behaviour aborts. Load it with the sanitizer runtimes preloaded: tools/sanitize_ops.py does.
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
 
 
 class BuildError(RuntimeError):
@@ -233,7 +236,7 @@ def library_path() -> Path:
         return lib
     include = include_dir()
     cxx = _compiler()
-    flags = CXXFLAGS + _arch_flags()
+    flags = CXXFLAGS + _arch_flags() + (SANITIZE_FLAGS if os.environ.get("BASEQ_SANITIZE") == "1" else [])
     out_dir = cache_dir() / "runtime_ops" / _build_key(cxx, include, flags)
     lib = out_dir / LIB_NAME
     if lib.is_file():
