@@ -6,7 +6,7 @@ Each case draws an op, attributes, input ranks, shapes and dtypes at random, oft
 (a wrong width, rank or dtype, an attribute out of range), and sometimes plants NaN/Inf, empty axes or a
 large (bounded) input. A case passes when the op returns the right result, checked against an independent
 numpy/torch reference wherever the inputs are valid, or when onnxruntime reports an error for invalid
-inputs; a crash ends the process, which is what the calling test (tests/test_fuzz_ops.py) and the
+inputs; a crash ends the process, which is what the calling test (tests/test_reliability_ops.py) and the
 sanitizer run (tools/sanitize_ops.py) look for. Inputs with NaN/Inf are checked where the reference
 defines them (the quantizers) and otherwise only for shape and for not crashing.
 Prints one line of counts per op and `fuzz: N cases ok`; exits 1 on a wrong result.
