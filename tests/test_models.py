@@ -110,3 +110,56 @@ def test_default_model_matches_transformers(default_model):
     ids = torch.tensor([default_model.tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(forward(cfg, default_model.weights, ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def save_word_tokenizer(path) -> None:
+    """A real (word-level) tokenizer of 96 entries next to a tiny checkpoint."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, 96)}}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")),
+                            unk_token="[UNK]").save_pretrained(path)
+
+
+def _assert_same_model(lazy, eager) -> None:
+    assert lazy.config == eager.config and lazy.token_ids == eager.token_ids and lazy.max_positions == eager.max_positions
+    assert set(lazy.weights) == set(eager.weights)
+    for name in eager.weights:
+        assert torch.equal(lazy.weights[name], eager.weights[name]), name
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lazy_loading_of_a_sharded_checkpoint_equals_eager_loading(arch, dtype, tmp_path):
+    """safe_open, one tensor per read, across shards: the values transformers loads (upcast to float32)."""
+    from baseq_export.models.lazy import LazyWeights
+
+    tiny_hf_model(arch, dtype=dtype).save_pretrained(tmp_path, max_shard_size="30KB")
+    save_word_tokenizer(tmp_path)
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("*.safetensors"))) > 2
+    lazy, eager = load_model(str(tmp_path), lazy=True), load_model(str(tmp_path))
+    assert isinstance(lazy.weights, LazyWeights) and lazy.weights["embed"].dtype == torch.float32
+    _assert_same_model(lazy, eager)
+    ids = torch.randint(0, 96, (1, 7), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(forward(lazy.config, dict(lazy.weights), ids), forward(eager.config, eager.weights, ids),
+                               rtol=0, atol=0)
+
+
+def test_lazy_loading_refuses_what_eager_loading_refuses(tmp_path):
+    hf = tiny_hf_model("llama", dtype=torch.float32, tie_word_embeddings=False)
+    hf.save_pretrained(tmp_path)  # a separate head saved, then the config edited to say "tied"
+    save_word_tokenizer(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    with pytest.raises(ModelLoadError, match="own, different lm_head.weight"):
+        load_model(str(tmp_path), lazy=True)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
+    with pytest.raises(ModelLoadError, match="lacks model.layers.2"):
+        load_model(str(tmp_path), lazy=True)
+
+
+@pytest.mark.real_model
+def test_lazy_loading_of_the_default_gguf_equals_transformers(default_model):
+    """gguf-py's reader, one tensor dequantized per read, q/k rows put back from llama.cpp's RoPE order."""
+    _assert_same_model(load_model("default", lazy=True), default_model)

@@ -210,8 +210,9 @@ def check_finite(weights: dict[str, torch.Tensor]) -> None:
                                  "(e.g. float16 conversion): use a float32/bfloat16 copy")
 
 
-def load_model(spec: str = "default", dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load --model SPEC into the canonical layout (GGUF weights are dequantized to float)."""
+def load_model(spec: str = "default", dtype: torch.dtype = torch.float32, lazy: bool = False) -> LoadedModel:
+    """Load --model SPEC into the canonical layout (GGUF weights are dequantized to float). lazy: weights are
+    read from the file one tensor at a time when used (models.lazy), nothing held; equal values."""
     directory, gguf = _resolve(spec)
     if not gguf:
         import json
@@ -228,6 +229,8 @@ def load_model(spec: str = "default", dtype: torch.dtype = torch.float32) -> Loa
     from transformers.utils import logging as hf_logging
 
     kwargs = {"gguf_file": gguf} if gguf else {}
+    if lazy:
+        return _load_lazy(spec, directory, gguf, dtype)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -243,3 +246,31 @@ def load_model(spec: str = "default", dtype: torch.dtype = torch.float32) -> Loa
     check_finite(model.weights)
     model.max_positions = getattr(hf_model.config, "max_position_embeddings", None)
     return model
+
+
+def _load_lazy(spec: str, directory: Path, gguf: str | None, dtype: torch.dtype) -> LoadedModel:
+    """load_model(lazy=True): the config and tokenizer through transformers, the weights through models.lazy."""
+    import dataclasses
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .lazy import gguf_weights, rope_tensors, safetensors_weights
+
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    try:
+        hf_config = AutoConfig.from_pretrained(directory, local_files_only=True, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"could not load {spec!r}: {e}. Supported: {SUPPORTED}") from e
+    adapter = adapter_for(hf_config.model_type)
+    check_config(hf_config.to_dict())
+    cfg = adapter.config_from_hf(hf_config)
+    inv_freq, scaling = rope_tensors(hf_config)
+    if scaling != 1.0:
+        cfg = dataclasses.replace(cfg, rope_attention_scaling=scaling)
+    weights = (gguf_weights(directory / gguf, cfg, dtype, inv_freq) if gguf
+               else safetensors_weights(directory, cfg, adapter, dtype, inv_freq))
+    check_finite(weights)
+    source = str(directory / gguf) if gguf else str(directory)
+    return LoadedModel(cfg, weights, tokenizer, source, special_token_ids(hf_config, tokenizer),
+                       getattr(hf_config, "max_position_embeddings", None))

@@ -8,6 +8,7 @@ from . import llama
 from .base import ModelConfig
 
 ARCH = "mistral"
+LINEAR_PATHS, NORM_PATHS = llama.LINEAR_PATHS, llama.NORM_PATHS  # the Llama layout
 weights_from_hf = llama.weights_from_hf
 rope_attention_scaling = llama.rope_attention_scaling
 

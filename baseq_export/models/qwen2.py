@@ -8,6 +8,7 @@ from . import llama
 from .base import ModelConfig
 
 ARCH = "qwen2"
+LINEAR_PATHS, NORM_PATHS = llama.LINEAR_PATHS, llama.NORM_PATHS  # the Llama layout
 weights_from_hf = llama.weights_from_hf  # picks up the q/k/v biases where the modules have them
 rope_attention_scaling = llama.rope_attention_scaling
 

@@ -1,0 +1,140 @@
+"""Lazy weights: a checkpoint read one tensor at a time, never materialised whole.
+
+A local Hugging Face checkpoint (one file or shards listed in model.safetensors.index.json) is read
+with safetensors' safe_open; a .gguf file with gguf-py's reader, dequantizing one tensor when it is
+asked for (q/k rows put back from llama.cpp's RoPE order). `LazyWeights` maps the canonical names of
+models.base to those reads, so code written for a weight dict reads a block's tensors when it needs
+them and holds nothing else. The values equal what transformers loads (tested).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .base import LINEARS, ModelConfig
+
+
+class LazyWeights(Mapping):
+    """Canonical weight name -> tensor, read from the checkpoint on every access (nothing is cached)."""
+
+    def __init__(self, readers: dict[str, Callable[[], torch.Tensor]]):
+        self._readers = readers
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._readers[name]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._readers)
+
+    def __len__(self) -> int:
+        return len(self._readers)
+
+
+def hf_names(cfg: ModelConfig, adapter) -> dict[str, str]:
+    """Canonical name -> transformers parameter name of every weight a checkpoint may hold (biases included)."""
+    names = {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight", "lm_head": "lm_head.weight"}
+    for i in range(cfg.num_layers):
+        for name, path in adapter.NORM_PATHS.items():
+            names[f"layers.{i}.{name}"] = f"model.layers.{i}.{path}.weight"
+        for name in LINEARS:
+            for kind in ("weight", "bias"):
+                names[f"layers.{i}.{name}.{kind}"] = f"model.layers.{i}.{adapter.LINEAR_PATHS[name]}.{kind}"
+    return names
+
+
+def rope_tensors(hf_config) -> tuple[torch.Tensor, float]:
+    """(inv_freq, attention scaling) exactly as the model's own rotary embedding computes them from its config."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        shell = AutoModelForCausalLM.from_config(hf_config)
+    rotary = type(shell.model.rotary_emb)(config=hf_config)
+    return rotary.inv_freq.detach().clone(), float(getattr(rotary, "attention_scaling", 1.0))
+
+
+def _checked(weights: dict, cfg: ModelConfig, present: set[str], names: dict[str, str]) -> None:
+    """The same refusals as the eager loader: tensors the config needs but the checkpoint lacks, a head that
+    contradicts tie_word_embeddings."""
+    from . import ModelLoadError
+
+    required = [c for c in names if not c.endswith(".bias") and not (c == "lm_head" and cfg.tied_embeddings)]
+    missing = [names[c] for c in required if names[c] not in present]
+    if missing:
+        hint = (" config.json says tie_word_embeddings false but there is no lm_head.weight: set it to true if the head "
+                "is the embedding" if "lm_head.weight" in missing else "")
+        raise ModelLoadError(f"the checkpoint lacks {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''};{hint}")
+    if cfg.tied_embeddings and names["lm_head"] in present and not torch.equal(weights["lm_head"](), weights["embed"]()):
+        raise ModelLoadError("config.json ties lm_head to the embedding (tie_word_embeddings true) but the checkpoint "
+                             "has its own, different lm_head.weight: set tie_word_embeddings false in config.json")
+
+
+def safetensors_weights(directory: Path, cfg: ModelConfig, adapter, dtype: torch.dtype,
+                        inv_freq: torch.Tensor) -> LazyWeights:
+    """Lazy weights of a safetensors checkpoint (one file, or the shards its index lists)."""
+    from safetensors import safe_open
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        where = {k: directory / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+    else:
+        where = {}
+        for f in sorted(directory.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as h:
+                where.update({k: f for k in h.keys()})
+    names = hf_names(cfg, adapter)
+
+    def reader(hf_name: str) -> Callable[[], torch.Tensor]:
+        def read() -> torch.Tensor:
+            with safe_open(str(where[hf_name]), framework="pt") as h:
+                return h.get_tensor(hf_name).to(dtype)
+        return read
+
+    readers = {c: reader(n) for c, n in names.items() if n in where}
+    _checked(readers, cfg, set(where), names)
+    if cfg.tied_embeddings:
+        readers["lm_head"] = readers["embed"]
+    readers["rope.inv_freq"] = lambda: inv_freq.clone()
+    return LazyWeights(readers)
+
+
+def gguf_weights(path: Path, cfg: ModelConfig, dtype: torch.dtype, inv_freq: torch.Tensor) -> LazyWeights:
+    """Lazy weights of a llama.cpp GGUF file: each tensor dequantized by gguf-py when read."""
+    import gguf
+
+    from ..export.gguf_tensors import GGUF_TENSORS, rope_permutation, tensor_name
+
+    reader = gguf.GGUFReader(str(path))
+    tensors = {t.name: t for t in reader.tensors}
+    names = {"embed": tensor_name(gguf.MODEL_TENSOR.TOKEN_EMBD), "norm": tensor_name(gguf.MODEL_TENSOR.OUTPUT_NORM),
+             "lm_head": tensor_name(gguf.MODEL_TENSOR.OUTPUT)}
+    norms = {"attn_norm": gguf.MODEL_TENSOR.ATTN_NORM, "mlp_norm": gguf.MODEL_TENSOR.FFN_NORM}
+    for i in range(cfg.num_layers):
+        for name, kind in norms.items():
+            names[f"layers.{i}.{name}"] = tensor_name(kind, bid=i)
+        for name in LINEARS:
+            for suffix in ("weight", "bias"):
+                names[f"layers.{i}.{name}.{suffix}"] = tensor_name(GGUF_TENSORS[name], suffix, i)
+    unpermute = {"q": np.argsort(rope_permutation(cfg.num_heads, cfg.head_dim)),
+                 "k": np.argsort(rope_permutation(cfg.num_kv_heads, cfg.head_dim))}
+
+    def read_tensor(canonical: str, gguf_name: str) -> Callable[[], torch.Tensor]:
+        def read() -> torch.Tensor:
+            t = tensors[gguf_name]
+            values = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(int(d) for d in reversed(t.shape)))
+            proj = canonical.split(".")[2] if canonical.startswith("layers.") else None
+            if proj in unpermute:  # llama.cpp rotates adjacent pairs: put q/k rows back in transformers' order
+                values = values[unpermute[proj]]
+            return torch.from_numpy(np.array(values, dtype=np.float32)).to(dtype)  # a writable copy
+        return read
+
+    readers = {c: read_tensor(c, n) for c, n in names.items() if n in tensors}
+    _checked(readers, cfg, set(tensors), names)
+    if cfg.tied_embeddings or names["lm_head"] not in tensors:
+        readers["lm_head"] = readers["embed"]
+    readers["rope.inv_freq"] = lambda: inv_freq.clone()
+    return LazyWeights(readers)
