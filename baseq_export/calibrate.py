@@ -30,11 +30,11 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .models import LoadedModel, source_info, weights_digest
-from .models.base import ACT_SITES, SITE_LINEARS, ModelConfig, layer_weights, site_width
-from .pipeline import (QuantSettings, TapHooks, calib_rope, checked_block, float_tensors, gptq_hessians, round_layer,
+from .models.base import ACT_SITES, SITE_LINEARS, ModelConfig, site_width
+from .pipeline import (BlockWeights, QuantSettings, TapHooks, calib_rope, checked_block, float_tensors, gptq_hessians, round_layer,
                        run_block, save_block)
 from .qmodel import KV_SITES, Artifact, QuantHooks, linear_tensors
-from .rotate import RotationHooks, rotate_model
+from .rotate import RotationHooks
 
 NORM_OF_SITE = {"attn_in": "attn_norm", "mlp_in": "mlp_norm"}  # sites whose gain is the norm weight
 
@@ -188,8 +188,8 @@ def calibrate_baseq(
         raise ValueError("BASE-Q learns activation-quantizer parameters: use --bits w4a4kv4 or w4a8kv8")
     t_start = time.time()
     torch.manual_seed(q.seed)
-    cfg, w = rotate_model(model.config, {k: v.to(torch.float64) for k, v in model.weights.items()}, q.seed)
-    w = {k: v.to(torch.float32) for k, v in w.items()}
+    src = BlockWeights(model, rotated=True, seed=q.seed, r4=True)
+    cfg, w = src.config, src.outside
     quant_cfg = dict(q.quant_config(), method="baseq", baseq=dataclasses.asdict(b))
     fp_hooks = RotationHooks(r3=False, r4=True)
     h_fp = torch.nn.functional.embedding(calib, w["embed"])
@@ -209,7 +209,7 @@ def calibrate_baseq(
     bar = tqdm(range(cfg.num_layers), desc="BASE-Q", unit="block")
     for i in bar:
         t0 = time.time()
-        fp_lw = layer_weights(w, i)
+        fp_lw = src.layer(i)
         y = checked_block(cfg, fp_lw, i, h_fp, fp_hooks, rope, "full-precision")
         done = work / f"block_{i}.safetensors" if work else None
         if done is not None and done.is_file():
@@ -245,7 +245,7 @@ def calibrate_baseq(
         h_q = checked_block(cfg, lw, i, h_q, QuantHooks(quant_cfg, online), rope, "quantized")
         h_fp = y
         bar.set_postfix(block=i, mse=f"{entry['mse_baseq']:.3g}", gptq=f"{entry['mse_gptq']:.3g}")
-    tensors.update(float_tensors(cfg, w, q, online=False))
+    tensors.update(float_tensors(cfg, src.outside_and_norms(), q, online=False))
     return Artifact(
         model=cfg.to_dict(),
         quant=quant_cfg,

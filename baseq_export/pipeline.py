@@ -20,7 +20,7 @@ from .models import LoadedModel, source_info, weights_digest
 from .models.base import ACT_SITES, IDENTITY, SITE_LINEARS, ModelConfig, block_forward, layer_weights, rope_tables, site_width
 from .qmodel import BITS_PRESETS, Artifact, linear_tensors, save_tensors
 from .quant import GGML_BLOCK, WEIGHT_GRIDS, HessianAccumulator, QuantizedWeight, gptq_quantize, rtn_quantize
-from .rotate import head_mix, RotationHooks, rotate_model
+from .rotate import RotationHooks, head_mix, rotate_layer, rotate_outside_layers
 
 METHODS = ("rtn", "gptq", "quarot-rtn", "quarot-gptq")
 
@@ -171,6 +171,35 @@ def round_layer(w: dict[str, torch.Tensor], s: QuantSettings, hessians: dict | N
     return out
 
 
+class BlockWeights:
+    """A model's weights as a method sees them, rotated (or not) and in float32, one block at a time: only the
+    tensors outside the blocks are held; `layer(i)` reads and rotates block i when asked (the same numbers as
+    rotating the whole model first), so with lazily loaded weights a block is all that is in memory."""
+
+    def __init__(self, model: LoadedModel, rotated: bool, seed: int = 0, r4: bool = True):
+        self.model, self.rotated, self.seed, self.r4 = model, rotated, seed, r4
+        cfg = model.config
+        outside = {k: model.weights[k].to(torch.float64) for k in model.weights if not k.startswith("layers.")}
+        if rotated:
+            cfg, outside = rotate_outside_layers(cfg, outside, seed)
+        self.config = cfg
+        self.outside = {k: v.to(torch.float32) for k, v in outside.items()}
+
+    def layer(self, i: int) -> dict[str, torch.Tensor]:
+        """Block i's weights (names as layer_weights gives them)."""
+        lw = {k: v.to(torch.float64) for k, v in layer_weights(self.model.weights, i).items()}
+        if self.rotated:
+            lw = rotate_layer(self.model.config, lw, self.seed, self.r4)
+        return {k: v.to(torch.float32) for k, v in lw.items()}
+
+    def outside_and_norms(self) -> dict[str, torch.Tensor]:
+        """The tensors float_tensors stores: outside the blocks, plus each block's norm gains where they were
+        not folded (an unrotated model)."""
+        w = self.model.weights
+        norms = {k: w[k].to(torch.float32) for k in w if not self.rotated and k.endswith(("attn_norm", "mlp_norm"))}
+        return {**self.outside, **norms}
+
+
 def calib_rope(cfg: ModelConfig, w: dict[str, torch.Tensor], h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables for calibration windows h [n, T, d]."""
     return rope_tables(w["rope.inv_freq"], torch.arange(h.shape[1]), cfg.rope_attention_scaling, h.dtype)
@@ -225,28 +254,27 @@ def quantize_model(
 ) -> Artifact:
     """Quantize `model` into an artifact. `calib` [n, T] token windows are needed for GPTQ."""
     t0 = time.time()
-    cfg, w = model.config, {k: v.to(torch.float64) for k, v in model.weights.items()}
-    if settings.rotated:
-        cfg, w = rotate_model(cfg, w, settings.seed, r4=settings.r4)
-    w = {k: v.to(torch.float32) for k, v in w.items()}
     gptq = settings.method.endswith("gptq")
     if gptq and calib is None:
         raise ValueError("GPTQ needs calibration windows")
+    src = BlockWeights(model, settings.rotated, settings.seed, settings.r4)
+    cfg = src.config
     hooks = RotationHooks(r3=False, r4=settings.r4) if settings.rotated else IDENTITY
-    h = torch.nn.functional.embedding(calib, w["embed"]) if gptq else None
-    rope = calib_rope(cfg, w, h) if gptq else None
+    h = torch.nn.functional.embedding(calib, src.outside["embed"]) if gptq else None
+    rope = calib_rope(cfg, src.outside, h) if gptq else None
     tensors: dict[str, torch.Tensor] = {}
     bar = tqdm(range(cfg.num_layers), desc=f"{settings.method} {settings.bits}", unit="block")
     for i in bar:
-        hessians = gptq_hessians(cfg, layer_weights(w, i), i, h, hooks, rope, chunk) if gptq else None
-        qlayer = round_layer(layer_weights(w, i), settings, hessians)
+        lw = src.layer(i)
+        hessians = gptq_hessians(cfg, lw, i, h, hooks, rope, chunk) if gptq else None
+        qlayer = round_layer(lw, settings, hessians)
         for name, qw in qlayer.items():
-            tensors.update(linear_tensors(f"layers.{i}.{name}", qw, w.get(f"layers.{i}.{name}.bias")))
+            tensors.update(linear_tensors(f"layers.{i}.{name}", qw, lw.get(f"{name}.bias")))
             if gptq:
-                w[f"layers.{i}.{name}.weight"] = qw.dequantize()
+                lw[f"{name}.weight"] = qw.dequantize()
         if gptq:
-            h = checked_block(cfg, layer_weights(w, i), i, h, hooks, rope, "quantized", chunk)
-    tensors.update(float_tensors(cfg, w, settings))
+            h = checked_block(cfg, lw, i, h, hooks, rope, "quantized", chunk)
+    tensors.update(float_tensors(cfg, src.outside_and_norms(), settings))
     return Artifact(
         model=cfg.to_dict(),
         quant=settings.quant_config(),
@@ -472,10 +500,8 @@ def tune_blocks(
     t = tune or TuneSettings()
     t_start = time.time()
     torch.manual_seed(settings.seed)
-    cfg, w = model.config, {k: v.to(torch.float64) for k, v in model.weights.items()}
-    if settings.rotated:
-        cfg, w = rotate_model(cfg, w, settings.seed, r4=settings.r4)
-    w = {k: v.to(torch.float32) for k, v in w.items()}
+    src = BlockWeights(model, settings.rotated, settings.seed, settings.r4)
+    cfg, w = src.config, src.outside
     hooks = RotationHooks(r3=False, r4=settings.r4) if settings.rotated else IDENTITY
     h_fp = torch.nn.functional.embedding(calib, w["embed"])
     h_q = h_fp.clone()
@@ -498,7 +524,7 @@ def tune_blocks(
     bar = tqdm(range(cfg.num_layers), desc=f"tune {settings.weight_grid}", unit="block")
     for i in bar:
         t0 = time.time()
-        fp_lw = layer_weights(w, i)
+        fp_lw = src.layer(i)
         y = checked_block(cfg, fp_lw, i, h_fp, hooks, rope, "full-precision")
         done = work / f"block_{i}.safetensors" if work else None
         if done is not None and done.is_file():
@@ -540,7 +566,7 @@ def tune_blocks(
         h_q = checked_block(cfg, lw, i, h_q, hooks, rope, "quantized")
         h_fp = y
         bar.set_postfix(block=i, kept=entry["kept"])
-    tensors.update(float_tensors(cfg, w, settings, online=False))
+    tensors.update(float_tensors(cfg, src.outside_and_norms(), settings, online=False))
     return Artifact(
         model=cfg.to_dict(), quant=quant, tensors=tensors, source=source_info(model),
         calibration={"seed": settings.seed, "windows": list(calib.shape), "blocks": log, "seconds": round(time.time() - t_start, 1)},

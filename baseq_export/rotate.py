@@ -27,18 +27,36 @@ def fold_norms(cfg: ModelConfig, w: dict[str, torch.Tensor]) -> tuple[ModelConfi
 
     Tied embeddings are untied: the head absorbs the final norm, the embedding does not.
     """
+    return dataclasses.replace(cfg, tied_embeddings=False), fold_final_norm(per_layer(cfg, w, fold_layer_norms))
+
+
+def fold_final_norm(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The final RMSNorm gain folded into lm_head's input columns; the gain dropped."""
     w = dict(w)
-    for i in range(cfg.num_layers):
-        for norm, linears in (("attn_norm", IN_ATTN), ("mlp_norm", IN_MLP)):
-            gain = w.pop(f"layers.{i}.{norm}", None)
-            if gain is not None:
-                for name in linears:
-                    key = f"layers.{i}.{name}.weight"
-                    w[key] = w[key] * gain
     gain = w.pop("norm", None)
     if gain is not None:
         w["lm_head"] = w["lm_head"] * gain
-    return dataclasses.replace(cfg, tied_embeddings=False), w
+    return w
+
+
+def per_layer(cfg: ModelConfig, w: dict[str, torch.Tensor], step) -> dict[str, torch.Tensor]:
+    """w with step(layer weights, names as models.base.layer_weights gives them) applied to every layer."""
+    out = {k: v for k, v in w.items() if not k.startswith("layers.")}
+    for i in range(cfg.num_layers):
+        prefix = f"layers.{i}."
+        out.update({prefix + k: v for k, v in step({k[len(prefix):]: v for k, v in w.items() if k.startswith(prefix)}).items()})
+    return out
+
+
+def fold_layer_norms(lw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One layer's RMSNorm gains folded into the input columns of q/k/v and gate/up; the gains dropped."""
+    lw = dict(lw)
+    for norm, linears in (("attn_norm", IN_ATTN), ("mlp_norm", IN_MLP)):
+        gain = lw.pop(norm, None)
+        if gain is not None:
+            for name in linears:
+                lw[f"{name}.weight"] = lw[f"{name}.weight"] * gain
+    return lw
 
 
 def head_mix(embed: torch.Tensor, lm_head: torch.Tensor, tol: float = 1e-4) -> torch.Tensor | None:
@@ -78,19 +96,24 @@ def rotate_r1(cfg: ModelConfig, w: dict[str, torch.Tensor], seed: int = 0) -> di
     if any(k.endswith("_norm") or k == "norm" for k in w):
         raise ValueError("rotate_r1 needs fold_norms first: RMSNorm gains do not commute with a rotation")
     signs = random_signs(cfg.hidden_size, seed)
-    w = dict(w)
-    w["embed"] = rotate_input_side(w["embed"], signs)
-    w["lm_head"] = rotate_input_side(w["lm_head"], signs)
-    for i in range(cfg.num_layers):
-        for name in IN_ATTN + IN_MLP:
-            key = f"layers.{i}.{name}.weight"
-            w[key] = rotate_input_side(w[key], signs)
-        for name in ("o", "down"):
-            key = f"layers.{i}.{name}.weight"
-            w[key] = rotate_output_side(w[key], signs)
-            if f"layers.{i}.{name}.bias" in w:
-                w[f"layers.{i}.{name}.bias"] = rotate_input_side(w[f"layers.{i}.{name}.bias"], signs)
-    return w
+    return rotate_head_r1(per_layer(cfg, w, lambda lw: rotate_layer_r1(lw, signs)), signs)
+
+
+def rotate_head_r1(w: dict[str, torch.Tensor], signs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """R1 on the embedding and lm_head (both read the residual stream's basis)."""
+    return {**w, "embed": rotate_input_side(w["embed"], signs), "lm_head": rotate_input_side(w["lm_head"], signs)}
+
+
+def rotate_layer_r1(lw: dict[str, torch.Tensor], signs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """R1 on one (norm-folded) layer: readers of the residual stream W R1, writers R1^T W and their biases."""
+    lw = dict(lw)
+    for name in IN_ATTN + IN_MLP:
+        lw[f"{name}.weight"] = rotate_input_side(lw[f"{name}.weight"], signs)
+    for name in ("o", "down"):
+        lw[f"{name}.weight"] = rotate_output_side(lw[f"{name}.weight"], signs)
+        if f"{name}.bias" in lw:
+            lw[f"{name}.bias"] = rotate_input_side(lw[f"{name}.bias"], signs)
+    return lw
 
 
 def random_orthogonal(n: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -128,24 +151,27 @@ def per_head_hadamard(x: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 def rotate_r2(cfg: ModelConfig, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per-head Hadamard on v's output and o's input: attention output per head is rotated, o undoes it."""
-    w = dict(w)
-    for i in range(cfg.num_layers):
-        v = f"layers.{i}.v"
-        w[f"{v}.weight"] = per_head_hadamard(w[f"{v}.weight"].T, cfg.head_dim).T.contiguous()
-        if f"{v}.bias" in w:
-            w[f"{v}.bias"] = per_head_hadamard(w[f"{v}.bias"], cfg.head_dim)
-        o = f"layers.{i}.o.weight"
-        w[o] = per_head_hadamard(w[o], cfg.head_dim)
-    return w
+    return per_layer(cfg, w, lambda lw: rotate_layer_r2(lw, cfg.head_dim))
+
+
+def rotate_layer_r2(lw: dict[str, torch.Tensor], head_dim: int) -> dict[str, torch.Tensor]:
+    """R2 on one layer: per-head Hadamard on v's output rows (and bias) and on o's input columns."""
+    lw = dict(lw)
+    lw["v.weight"] = per_head_hadamard(lw["v.weight"].T, head_dim).T.contiguous()
+    if "v.bias" in lw:
+        lw["v.bias"] = per_head_hadamard(lw["v.bias"], head_dim)
+    lw["o.weight"] = per_head_hadamard(lw["o.weight"], head_dim)
+    return lw
 
 
 def fold_r4(cfg: ModelConfig, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """down_proj weight W -> W H, so that the online transform g -> g H before it keeps the output."""
-    w = dict(w)
-    for i in range(cfg.num_layers):
-        key = f"layers.{i}.down.weight"
-        w[key] = apply_hadamard(w[key])
-    return w
+    return per_layer(cfg, w, fold_layer_r4)
+
+
+def fold_layer_r4(lw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One layer's down_proj W -> W H (the inverse of the online Hadamard before it)."""
+    return {**lw, "down.weight": apply_hadamard(lw["down.weight"])}
 
 
 def rotate_model(
@@ -157,6 +183,19 @@ def rotate_model(
     cfg, w = fold_norms(cfg, w)
     w = rotate_r2(cfg, rotate_r1(cfg, w, seed))
     return cfg, (fold_r4(cfg, w) if r4 else w)
+
+
+def rotate_layer(cfg: ModelConfig, lw: dict[str, torch.Tensor], seed: int = 0, r4: bool = True) -> dict[str, torch.Tensor]:
+    """rotate_model's steps on one block's weights alone (names as models.base.layer_weights gives them), the
+    same numbers: a model larger than memory is rotated a block at a time."""
+    lw = rotate_layer_r2(rotate_layer_r1(fold_layer_norms(lw), random_signs(cfg.hidden_size, seed)), cfg.head_dim)
+    return fold_layer_r4(lw) if r4 else lw
+
+
+def rotate_outside_layers(cfg: ModelConfig, w: dict[str, torch.Tensor], seed: int = 0) -> tuple[ModelConfig, dict]:
+    """rotate_model's steps on the tensors outside the blocks (embed, lm_head, norm, rope.inv_freq)."""
+    return (dataclasses.replace(cfg, tied_embeddings=False),
+            rotate_head_r1(fold_final_norm(w), random_signs(cfg.hidden_size, seed)))
 
 
 class RotationHooks:

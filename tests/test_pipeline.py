@@ -141,3 +141,56 @@ def test_gptq_beats_rtn_on_a_real_layer(default_model):
     target = held_out @ weight.T
     e_rtn, e_gptq = rel_err(held_out @ rtn.T, target), rel_err(held_out @ gptq.T, target)
     assert e_gptq < 0.9 * e_rtn, (e_gptq, e_rtn)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("r4", [True, False])
+def test_rotating_block_by_block_equals_rotating_the_whole_model(arch, r4):
+    from baseq_export.models.base import layer_weights
+    from baseq_export.rotate import rotate_layer, rotate_outside_layers
+
+    m = from_hf_model(tiny_hf_model(arch, dtype=torch.float32))
+    w64 = {k: v.double() for k, v in m.weights.items()}
+    cfg, whole = rotate_model(m.config, w64, seed=3, r4=r4)
+    cfg2, outside = rotate_outside_layers(m.config, {k: v for k, v in w64.items() if not k.startswith("layers.")}, seed=3)
+    assert cfg2 == cfg
+    blocks = {f"layers.{i}.{k}": v for i in range(cfg.num_layers)
+              for k, v in rotate_layer(m.config, layer_weights(w64, i), seed=3, r4=r4).items()}
+    assert {**outside, **blocks}.keys() == whole.keys()
+    assert all(torch.equal({**outside, **blocks}[k], whole[k]) for k in whole)
+
+
+def _saved_checkpoint(tmp_path, arch="llama"):
+    from test_models import save_word_tokenizer
+
+    tiny_hf_model(arch, dtype=torch.float32).save_pretrained(tmp_path, max_shard_size="40KB")
+    save_word_tokenizer(tmp_path)
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("method, bits", [("quarot-gptq", "w4a4kv4"), ("gptq", "w4a16"), ("baseq", "w4a4kv4"),
+                                          ("tune", "w4a16")])
+def test_streamed_lazy_weights_give_the_in_memory_artifact(tmp_path, method, bits):
+    """A model read tensor by tensor (models.lazy) and rotated block by block gives the artifact of the same
+    model loaded whole, bit for bit."""
+    from baseq_export.calibrate import PRESETS, calibrate_baseq
+    from baseq_export.models import load_model
+
+    path = _saved_checkpoint(tmp_path, "qwen2" if method == "gptq" else "llama")
+    lazy, eager = load_model(path, lazy=True), load_model(path)
+    ids = calib()
+    if method == "baseq":
+        import dataclasses
+
+        preset = dataclasses.replace(PRESETS["quick"], nsamples=16, calib_ctx=32, epochs=1)
+        make = lambda m: calibrate_baseq(m, QuantSettings(bits=bits), preset, ids)  # noqa: E731
+    elif method == "tune":
+        from baseq_export.pipeline import TuneSettings, profile_settings, tune_blocks
+
+        tune = TuneSettings(nsamples=8, ctx=32, nval=4, epochs=1)
+        make = lambda m: tune_blocks(m, profile_settings("gguf"), ids, tune)  # noqa: E731
+    else:
+        make = lambda m: quantize_model(m, QuantSettings(method=method, bits=bits, group_size=32), ids)  # noqa: E731
+    a, b = make(lazy), make(eager)
+    assert a.tensors.keys() == b.tensors.keys() and a.model == b.model and a.quant == b.quant
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in b.tensors)

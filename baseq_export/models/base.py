@@ -170,7 +170,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, exact: bool = False) -> torch.T
 def layer_weights(weights: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
     """The weights of layer i with the ``layers.i.`` prefix stripped."""
     prefix = f"layers.{i}."
-    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    return {k[len(prefix):]: weights[k] for k in weights if k.startswith(prefix)}  # reads only these (lazy weights)
 
 
 def attention_mask(t_new: int, t_total: int, window: int | None, device) -> torch.Tensor:
