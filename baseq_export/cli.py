@@ -264,7 +264,7 @@ def quantize(args: argparse.Namespace, out: str, model=None):
                              head_act_bits=args.head_act_bits, linear_act_bits=args.linear_act_bits, **extra)
     check_writable(out, args.force)  # fail before the long work, not after it
     t0 = time.time()
-    m = model or load_model(args.model)
+    m = model or load_model(args.model, lazy=True)  # read a block's tensors when calibration reaches it
     settings.check_model(m.config)
     workdir = Path(out).with_name(Path(out).name + ".partial")
     if method == "baseq":

@@ -7,6 +7,7 @@ windows, one block at a time, each block fed by the already-quantized blocks bef
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -178,12 +179,18 @@ class BlockWeights:
 
     def __init__(self, model: LoadedModel, rotated: bool, seed: int = 0, r4: bool = True):
         self.model, self.rotated, self.seed, self.r4 = model, rotated, seed, r4
-        cfg = model.config
-        outside = {k: model.weights[k].to(torch.float64) for k in model.weights if not k.startswith("layers.")}
-        if rotated:
-            cfg, outside = rotate_outside_layers(cfg, outside, seed)
-        self.config = cfg
-        self.outside = {k: v.to(torch.float32) for k, v in outside.items()}
+        self.config = dataclasses.replace(model.config, tied_embeddings=False) if rotated else model.config
+        self.outside = {}
+        names = [k for k in model.weights if not k.startswith("layers.")]
+        for k in sorted(names, key=lambda k: k in ("embed", "lm_head")):  # the two big tables last, one at a time
+            if k == "norm" and rotated:
+                continue  # folded into lm_head
+            part = {k: model.weights[k].to(torch.float64)}
+            if rotated and k == "lm_head" and "norm" in names:
+                part["norm"] = model.weights["norm"].to(torch.float64)
+            if rotated:
+                part = rotate_outside_layers(model.config, part, seed)[1]
+            self.outside[k] = part[k].to(torch.float32)
 
     def layer(self, i: int) -> dict[str, torch.Tensor]:
         """Block i's weights (names as layer_weights gives them)."""

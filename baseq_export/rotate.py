@@ -34,7 +34,7 @@ def fold_final_norm(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The final RMSNorm gain folded into lm_head's input columns; the gain dropped."""
     w = dict(w)
     gain = w.pop("norm", None)
-    if gain is not None:
+    if gain is not None and "lm_head" in w:
         w["lm_head"] = w["lm_head"] * gain
     return w
 
@@ -81,9 +81,18 @@ def random_signs(n: int, seed: int, dtype: torch.dtype = torch.float64) -> torch
     return (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).to(dtype)
 
 
+ROTATE_ROWS = 4096  # rows rotated at a time: a 50k-row embedding's float64 temporaries stay small
+
+
 def rotate_input_side(weight: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """W R1 for a layer reading the residual stream: its input x R1 then gives the same output."""
-    return apply_hadamard(weight * signs.to(weight.dtype))
+    """W R1 for a layer reading the residual stream: its input x R1 then gives the same output (row by row,
+    so a tall matrix is done in slices of ROTATE_ROWS rows into one output)."""
+    if weight.dim() != 2 or weight.shape[0] <= ROTATE_ROWS:
+        return apply_hadamard(weight * signs.to(weight.dtype))
+    out = torch.empty_like(weight)
+    for i in range(0, weight.shape[0], ROTATE_ROWS):
+        out[i : i + ROTATE_ROWS] = apply_hadamard(weight[i : i + ROTATE_ROWS] * signs.to(weight.dtype))
+    return out
 
 
 def rotate_output_side(weight: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
@@ -101,7 +110,7 @@ def rotate_r1(cfg: ModelConfig, w: dict[str, torch.Tensor], seed: int = 0) -> di
 
 def rotate_head_r1(w: dict[str, torch.Tensor], signs: torch.Tensor) -> dict[str, torch.Tensor]:
     """R1 on the embedding and lm_head (both read the residual stream's basis)."""
-    return {**w, "embed": rotate_input_side(w["embed"], signs), "lm_head": rotate_input_side(w["lm_head"], signs)}
+    return {**w, **{k: rotate_input_side(w[k], signs) for k in ("embed", "lm_head") if k in w}}
 
 
 def rotate_layer_r1(lw: dict[str, torch.Tensor], signs: torch.Tensor) -> dict[str, torch.Tensor]:
