@@ -178,6 +178,11 @@ def block_mse(cfg, lw, layer, x, y, hooks, rope) -> float:
 
 
 @torch.no_grad()
+def baseq_quant_config(q: QuantSettings, b: BaseqSettings) -> dict:
+    """The quant config a BASE-Q artifact records (what the main job compares before reusing one)."""
+    return dict(q.quant_config(), method="baseq", baseq=dataclasses.asdict(b))
+
+
 def calibrate_baseq(
     model: LoadedModel, q: QuantSettings, b: BaseqSettings, calib: torch.Tensor, workdir: str | Path | None = None
 ) -> Artifact:
@@ -190,7 +195,7 @@ def calibrate_baseq(
     torch.manual_seed(q.seed)
     src = BlockWeights(model, rotated=True, seed=q.seed, r4=True)
     cfg, w = src.config, src.outside
-    quant_cfg = dict(q.quant_config(), method="baseq", baseq=dataclasses.asdict(b))
+    quant_cfg = baseq_quant_config(q, b)
     fp_hooks = RotationHooks(r3=False, r4=True)
     h_fp = torch.nn.functional.embedding(calib, w["embed"])
     h_q = h_fp.clone()

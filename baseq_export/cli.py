@@ -250,26 +250,52 @@ def apply_profile(args: argparse.Namespace) -> dict:
     return {k: v for k, v in profile.items() if not hasattr(args, k)}
 
 
-def quantize(args: argparse.Namespace, out: str, model=None):
-    """Quantize --model as the arguments say and save the artifact at out; returns (path, model)."""
-    from .calibrate import PRESETS, calibrate_baseq
-    from .models import load_model
-    from .pipeline import QuantSettings, quantize_model
-    from .qmodel import check_writable, save_artifact
+def planned_settings(args: argparse.Namespace):
+    """The QuantSettings the options (and --profile) ask for."""
+    from .pipeline import QuantSettings
 
     extra = apply_profile(args)
+    return QuantSettings(method="quarot-gptq" if args.method == "baseq" else args.method, bits=args.bits,
+                         group_size=args.group_size, seed=args.seed, head_bits=args.head_bits,
+                         head_act_bits=args.head_act_bits, linear_act_bits=args.linear_act_bits, **extra)
+
+
+def planned_preset(args: argparse.Namespace, max_positions: int | None):
+    """BASE-Q's budget: --preset with --nsamples / --calib-ctx applied (calibration windows no longer than the
+    model's context unless asked for)."""
+    from .calibrate import PRESETS
+
+    preset = PRESETS[args.preset]
+    ctx = args.calib_ctx or min(preset.calib_ctx, max_positions or preset.calib_ctx)
+    return dataclasses.replace(preset, nsamples=args.nsamples or preset.nsamples, calib_ctx=ctx)
+
+
+def planned_quant_config(args: argparse.Namespace, max_positions: int | None) -> dict:
+    """The quant config an artifact made with these options records, as its config.json holds it."""
+    from .calibrate import baseq_quant_config
+
+    settings = planned_settings(args)
+    quant = (baseq_quant_config(settings, planned_preset(args, max_positions)) if args.method == "baseq"
+             else settings.quant_config())
+    return json.loads(json.dumps(quant))
+
+
+def quantize(args: argparse.Namespace, out: str, model=None):
+    """Quantize --model as the arguments say and save the artifact at out; returns (path, model)."""
+    from .calibrate import calibrate_baseq
+    from .models import load_model
+    from .pipeline import quantize_model
+    from .qmodel import check_writable, save_artifact
+
     method = args.method
-    settings = QuantSettings(method="quarot-gptq" if method == "baseq" else method, bits=args.bits,
-                             group_size=args.group_size, seed=args.seed, head_bits=args.head_bits,
-                             head_act_bits=args.head_act_bits, linear_act_bits=args.linear_act_bits, **extra)
+    settings = planned_settings(args)
     check_writable(out, args.force)  # fail before the long work, not after it
     t0 = time.time()
     m = model or load_model(args.model, lazy=True)  # read a block's tensors when calibration reaches it
     settings.check_model(m.config)
     workdir = Path(out).with_name(Path(out).name + ".partial")
     if method == "baseq":
-        preset = PRESETS[args.preset]
-        preset = dataclasses.replace(preset, nsamples=args.nsamples or preset.nsamples, calib_ctx=args.calib_ctx or min(preset.calib_ctx, m.max_positions or preset.calib_ctx))
+        preset = planned_preset(args, m.max_positions)
         check_context(m, preset.calib_ctx, "--calib-ctx")
         calib = calibration_windows(m.tokenizer, args, preset.nsamples, preset.calib_ctx)
         if workdir.exists():
@@ -323,11 +349,9 @@ def cmd_main_job(args: argparse.Namespace) -> int:
     model, fp = evaluate_fp(args)
     if is_artifact(artifact) and not args.force:
         quant = read_config(artifact)["quant"]
-        head_bits = 16 if quant.get("embed", "float") == "float" else 4
-        if (quant.get("method"), quant.get("bits"), (quant.get("baseq") or {}).get("name", args.preset), head_bits,
-                quant.get("head_act_bits", 16)) != (args.method, args.bits, args.preset, args.head_bits, args.head_act_bits):
-            raise ValueError(f"{artifact} holds another quantization ({quant.get('method')} {quant.get('bits')}); "
-                             "pass --force to replace it or --out to write elsewhere")
+        if quant != planned_quant_config(args, model.max_positions):
+            raise ValueError(f"{artifact} holds another quantization ({quant.get('method')} {quant.get('bits')}, or other "
+                             "settings than these options ask for); pass --force to replace it or --out to write elsewhere")
         print(f"reusing the finished artifact {artifact} (pass --force to calibrate again)", file=sys.stderr)
     else:
         quantize(args, str(artifact), model)

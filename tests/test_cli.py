@@ -112,6 +112,9 @@ def test_main_job_calibrates_baseq_and_reuses_the_artifact(tmp_path, capsys):
     assert "reusing the finished artifact" in capsys.readouterr().err
     assert main(args + ["--bits", "w4a8kv8"]) == 1
     assert "holds another quantization" in capsys.readouterr().err
+    for changed in (["--seed", "1"], ["--group-size", "32"], ["--preset", "standard"]):  # any setting, not only the bits
+        assert main(args + changed) == 1
+        assert "holds another quantization" in capsys.readouterr().err
 
 
 def test_main_job_with_the_fast_w4a16_onnx_profile(tmp_path, capsys):
