@@ -1,14 +1,19 @@
-"""BASE-Q against the QuaRot baselines on the default model, W4A4KV4, one run, shared windows.
+"""BASE-Q against the QuaRot baselines, one run, shared windows, over seeds and over two texts.
 
-    python tools/bench_baseq.py --json bench-baseq.json [--skip-standard]
+    python tools/bench_baseq.py --json bench-baseq.json [--seeds 3] [--eval-text /usr/share/common-licenses/GPL-3]
+                                [--model default|DIR] [--bits w4a4kv4,w4a8kv8] [--skip-standard] [--skip-ablations]
 
-All rows use the same evaluation windows (embedded evaluation split, ctx 512) and the same
-calibration windows (128 x 512 from the calibration split, seed 0): QuaRot-GPTQ uses all of
-them, each BASE-Q row the first `nsamples` cut to `calib_ctx` tokens of its preset (quick: 32 x
-256, standard: 64 x 512; the CLI draws its own windows of those sizes). Rows: FP,
-QuaRot-RTN, QuaRot-GPTQ, BASE-Q quick, BASE-Q standard, and ablations at the quick budget
-(bias correction only, asymmetric scaling only, both without LAC), plus the gap closure
-(PPL_QuaRot-GPTQ - PPL_BASE-Q) / (PPL_QuaRot-GPTQ - PPL_FP).
+For each seed s (0 .. N-1) the calibration windows (128 x 512 of the calibration split, drawn with seed
+s), the random R1 rotation and the training order all change; every quantized row of that seed uses
+them: QuaRot-RTN, QuaRot-GPTQ (all 128 windows), BASE-Q quick and standard (the first `nsamples` windows
+cut to `calib_ctx` tokens of the preset: quick 32 x 256, standard 64 x 512) and the ablations at the quick
+budget (bias correction only, asymmetric scaling only, no LAC). Every row is evaluated on the embedded
+evaluation split (ctx 512) and, with --eval-text, on a second text that calibration never saw (a
+license text on every Debian system is a good one: /usr/share/common-licenses/GPL-3). Gap closure
+(PPL_QuaRot-GPTQ - PPL_BASE-Q) / (PPL_QuaRot-GPTQ - PPL_FP) is taken against the QuaRot-GPTQ row of the
+same seed and bits, per text; the summary gives its mean, standard deviation, min and max over seeds.
+--bits adds rows at other bit widths (w4a8kv8: 8-bit per-token activations and KV cache).
+Results are written after every row; --resume skips the rows a previous run already wrote.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -46,53 +52,106 @@ def gap_closure(baseline: float, ours: float, fp: float) -> float:
     return (baseline - ours) / (baseline - fp)
 
 
+def spread(values: list[float]) -> dict:
+    """Mean, standard deviation (0 for one value), min and max."""
+    return {"mean": round(statistics.fmean(values), 4), "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+            "min": round(min(values), 4), "max": round(max(values), 4), "n": len(values)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", required=True)
+    ap.add_argument("--model", default="default", help="default, or a local checkpoint (e.g. tools/offgrid_copy.py's)")
+    ap.add_argument("--seeds", type=int, default=1, help="calibrate every quantized row with seeds 0 .. N-1")
+    ap.add_argument("--eval-text", default=None, help="a second UTF-8 evaluation text (e.g. /usr/share/common-licenses/GPL-3)")
+    ap.add_argument("--bits", default="w4a4kv4", help="comma-separated bit widths (w4a4kv4, w4a8kv8)")
     ap.add_argument("--max-windows", type=int, default=None, help="fewer evaluation windows (smoke runs)")
+    ap.add_argument("--calib-windows", type=int, default=128, help="calibration windows of 512 tokens per seed (default 128)")
+    ap.add_argument("--budget-scale", type=float, default=1.0,
+                    help="scale every preset's calibration windows and epochs down (smoke runs; 1 = the presets)")
     ap.add_argument("--skip-standard", action="store_true", help="leave out the (long) standard preset row")
     ap.add_argument("--skip-ablations", action="store_true")
+    ap.add_argument("--resume", action="store_true", help="keep the rows an earlier run wrote to --json")
     args = ap.parse_args()
 
     busy = require_idle()
-    m = load_model("default")
-    windows = data.token_windows(data.tokenize(m.tokenizer, data.embedded_text("eval")), 512, args.max_windows)
-    calib = data.calibration_windows(data.tokenize(m.tokenizer, data.embedded_text("calib")), 128, 512, 0)
-    q = QuantSettings(method="quarot-gptq", bits="w4a4kv4")
-    res = {"machine": machine(), "cpu_busy_before": round(busy, 3), "eval_windows": windows.shape[0],
-           "calib": list(calib.shape), "rows": {}}
+    m = load_model(args.model)
+    texts = {"embedded": data.embedded_text("eval")}
+    if args.eval_text:
+        texts[Path(args.eval_text).name] = data.read_text_file(args.eval_text)
+    windows = {k: data.token_windows(data.tokenize(m.tokenizer, t), 512, args.max_windows) for k, t in texts.items()}
+    calib_tokens = data.tokenize(m.tokenizer, data.embedded_text("calib"))
+    out = Path(args.json)
+    res = json.loads(out.read_text()) if args.resume and out.is_file() else {}
+    res.update({"machine": machine(), "model": args.model, "cpu_busy_before": round(busy, 3),
+                "eval_windows": {k: int(w.shape[0]) for k, w in windows.items()}, "calib": [args.calib_windows, 512],
+                "seeds": args.seeds, "budget_scale": args.budget_scale})
+    rows = res.setdefault("rows", {})
 
-    def row(name: str, logits_fn, seconds: float | None, extra: dict | None = None) -> float:
+    def save() -> None:
+        out.write_text(json.dumps(res, indent=2) + "\n")  # partial results survive an interruption
+
+    def measure(key: str, make) -> dict:
+        """One row: make() -> (logits function, quantize seconds, extra); perplexity on every text."""
+        if key in rows:
+            print(f"{key:60s} (kept from the earlier run)", flush=True)
+            return rows[key]
+        logits, seconds, extra = make()
+        entry = {"quantize_s": seconds, "ppl": {}, **extra}
         t0 = time.time()
         with torch.inference_mode():
-            ppl = perplexity(logits_fn, windows, desc=name[:30]).ppl
-        res["rows"][name] = {"ppl": round(ppl, 4), "quantize_s": seconds, "eval_s": round(time.time() - t0, 1),
-                             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), **(extra or {})}
-        print(f"{name:45s} ppl {ppl:9.4f}   quantize {seconds or 0:7.1f} s", flush=True)
-        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")  # partial results survive an interruption
-        return ppl
+            for name, w in windows.items():
+                entry["ppl"][name] = round(perplexity(logits, w, desc=key[:30]).ppl, 4)
+        entry.update(eval_s=round(time.time() - t0, 1), peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+        rows[key] = entry
+        save()
+        print(f"{key:60s} ppl {entry['ppl']}   quantize {seconds or 0:7.1f} s", flush=True)
+        return entry
 
-    def timed(fn):
+    def budget(b):
+        if args.budget_scale == 1.0:
+            return b
+        return dataclasses.replace(b, nsamples=max(2, int(b.nsamples * args.budget_scale)),
+                                   epochs=max(1, int(b.epochs * args.budget_scale)))
+
+    def artifact_row(fn):
         t0 = time.time()
         art = fn()
-        return art, round(time.time() - t0, 1)
+        extra = {}
+        if "blocks" in art.calibration:
+            extra["blocks_kept_trained"] = sum(x["kept"] == "trained" for x in art.calibration["blocks"])
+        return reference_model(art).logits, round(time.time() - t0, 1), extra
 
-    fp = row("FP32", lambda ids: forward(m.config, m.weights, ids), None)
-    art, s = timed(lambda: quantize_model(m, QuantSettings(method="quarot-rtn", bits="w4a4kv4")))
-    row("QuaRot-RTN", reference_model(art).logits, s)
-    art, s = timed(lambda: quantize_model(m, q, calib))
-    gptq = row("QuaRot-GPTQ", reference_model(art).logits, s)
-    runs = [("BASE-Q quick", QUICK)]
+    fp = measure("FP32", lambda: (lambda ids: forward(m.config, m.weights, ids), None, {}))
+    baseq_runs = [("BASE-Q quick", QUICK)]
     if not args.skip_standard:
-        runs.append(("BASE-Q standard", PRESETS["standard"]))
+        baseq_runs.append(("BASE-Q standard", PRESETS["standard"]))
     if not args.skip_ablations:
-        runs += ABLATIONS
-    for name, b in runs:
-        art, s = timed(lambda: calibrate_baseq(m, q, b, calib[: b.nsamples, : b.calib_ctx]))
-        ppl = row(name, reference_model(art).logits, s, {"blocks_kept_trained": sum(x["kept"] == "trained" for x in art.calibration["blocks"])})
-        res["rows"][name]["gap_closure_vs_quarot_gptq"] = round(gap_closure(gptq, ppl, fp), 4)
+        baseq_runs += ABLATIONS
+    closures: dict[str, dict[str, list[float]]] = {}
+    for bits in args.bits.split(","):
+        for seed in range(args.seeds):
+            calib = data.calibration_windows(calib_tokens, args.calib_windows, 512, seed)
+            q = QuantSettings(method="quarot-gptq", bits=bits, seed=seed)
+            tag = f"{bits}, seed {seed}"
+            measure(f"QuaRot-RTN {tag}", lambda: artifact_row(
+                lambda: quantize_model(m, dataclasses.replace(q, method="quarot-rtn"))))
+            gptq = measure(f"QuaRot-GPTQ {tag}", lambda: artifact_row(lambda: quantize_model(m, q, calib)))
+            for name, b in baseq_runs:
+                b = budget(b)
+                e = measure(f"{name} {tag}", lambda: artifact_row(
+                    lambda: calibrate_baseq(m, q, b, calib[: b.nsamples, : b.calib_ctx])))
+                e["gap_closure_vs_quarot_gptq"] = {t: round(gap_closure(gptq["ppl"][t], e["ppl"][t], fp["ppl"][t]), 4)
+                                                   for t in windows}
+                for t, g in e["gap_closure_vs_quarot_gptq"].items():
+                    closures.setdefault(f"{name} {bits}", {}).setdefault(t, []).append(g)
+                save()
+    res["summary"] = {row: {t: spread(v) for t, v in per_text.items()} for row, per_text in closures.items()}
     res["cpu_busy_after"] = round(require_idle(), 3)
-    Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    save()
+    for row, per_text in res["summary"].items():
+        print(f"{row:50s} gap closure " + ", ".join(f"{t}: {s['mean']:.3f} +- {s['std']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"
+                                                    for t, s in per_text.items()))
     print(f"wrote {args.json}")
 
 
