@@ -1,4 +1,5 @@
 import importlib.util
+import itertools
 import json
 
 import numpy as np
@@ -328,3 +329,31 @@ def test_packed_kv_cache_needs_custom_ops_and_4bit_kv(tmp_path):
     with pytest.raises(ValueError, match="4-bit KV cache"):
         export_onnx(art, tmp_path / "o", kv_cache="int4")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("kv_cache", ["float", "int4"])
+def test_decoding_in_one_shared_kv_buffer_equals_the_growing_cache(tmp_path, kv_cache):
+    """OnnxModel.greedy with custom ops binds past and present to one buffer per layer (the attention ops write
+    the new rows in place): every step's logits equal the growing cache's bit for bit."""
+    from baseq_export.export.onnx_runtime import buffer_stepper
+    from baseq_export.generate import greedy_tokens, onnx_stepper
+
+    m = from_hf_model(tiny_hf_model("llama", dtype=torch.float32))
+    calib = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))
+    art_path = save_artifact(tmp_path / "m.baseq", ARTIFACTS["w4a4kv4-baseq"](m, calib))
+    om = OnnxModel(export_onnx(art_path, tmp_path / "x", ops="custom", kv_cache=kv_cache), threads=1, kv_cache=kv_cache)
+    assert om.shares_buffer and om.kv_cache == kv_cache
+    prompt = [3, 17, 42, 5, 9]
+    grow, shared = onnx_stepper(om), buffer_stepper(om, len(prompt) + 20)
+    ids = prompt
+    for _ in range(20):  # the prompt, then one token a step
+        a, b = grow(ids), shared(ids)
+        assert torch.equal(a, b)
+        ids = [int(torch.argmax(a))]
+    assert greedy_tokens(buffer_stepper(om, 30), prompt, 12) == greedy_tokens(onnx_stepper(om), prompt, 12)
+    assert list(itertools.islice(om.greedy(prompt, 12), 12)) == greedy_tokens(onnx_stepper(om), prompt, 12)
+    with pytest.raises(ValueError, match="the KV buffer holds 6 tokens"):
+        small = buffer_stepper(om, 6)
+        small(prompt)
+        small([1])
+        small([2])

@@ -95,6 +95,8 @@ class OnnxModel:
                 raise ValueError(f"{path} has no graph with a {kv_cache} KV cache; export it with --kv-cache {kv_cache}")
             runner = main
         self.kv_cache, self.model_file = runner["kv_cache"], runner["model"]
+        self.shares_buffer = manifest.get("ops") == "custom"  # our attention ops write into a longer past in place
+        self.max_length = int(manifest.get("max_length") or 0)
         verify_files(path, manifest)
         self.session = open_session(path, self.model_file, manifest, threads)
 
@@ -121,4 +123,42 @@ class OnnxModel:
     def greedy(self, prompt_ids: list[int], max_new_tokens: int | None = None) -> Iterator[int]:
         from ..generate import greedy_stream, onnx_stepper
 
-        return greedy_stream(onnx_stepper(self), prompt_ids)
+        if not self.shares_buffer:
+            return greedy_stream(onnx_stepper(self), prompt_ids)
+        room = max_new_tokens if max_new_tokens is not None else max(1, self.max_length - len(prompt_ids))
+        return greedy_stream(buffer_stepper(self, len(prompt_ids) + room), prompt_ids)
+
+
+def buffer_stepper(model: OnnxModel, capacity: int):
+    """Decode steps on one KV buffer per layer of `capacity` rows that the attention ops write in place: the past
+    input and the present output are bound to the same memory (onnxruntime IO binding, as onnxruntime-genai's
+    shared past/present buffer), so no step copies the cache. The same logits as the growing cache."""
+    import onnxruntime as ort
+
+    cfg = model.config
+    dtype = np.float32 if model.kv_cache == "float" else np.uint8
+    shape = (1, cfg.num_kv_heads, capacity, kv_row_width(cfg, model.kv_cache))
+    binding = model.session.io_binding()
+    binding.bind_output("logits")  # output 0 of the binding (outputs come back in binding order)
+    buffers = []
+    for i in range(cfg.num_layers):
+        for kind in ("key", "value"):
+            buf = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype))
+            binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buf)
+            binding.bind_ortvalue_output(f"present.{i}.{kind}", buf)
+            buffers.append(buf)  # kept alive as long as the stepper
+    seen = [0]
+
+    def step(ids: list[int]) -> torch.Tensor:
+        if seen[0] + len(ids) > capacity:
+            raise ValueError(f"the KV buffer holds {capacity} tokens; generate fewer tokens or export with a larger "
+                             "--max-length")
+        seen[0] += len(ids)
+        binding.bind_cpu_input("input_ids", np.array([ids], dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", np.ones((1, seen[0]), dtype=np.int64))
+        binding.bind_output("logits")  # re-bound every step: its length follows the step's tokens
+        model.session.run_with_iobinding(binding)
+        return torch.from_numpy(binding.get_outputs()[0].numpy()[0, -1])
+
+    step.buffers = buffers
+    return step
