@@ -347,14 +347,16 @@ def cmd_main_job(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{out} exists and is not a {fmt.NAME} export of ours; pass another --out")
     artifact = Path(f"{out}.baseq") if args.out else Path(default_out(args.model, f"{args.method}-{args.bits}-{args.preset}.baseq"))
     model, fp = evaluate_fp(args)
+    max_positions = model.max_positions
+    del model  # quantize reads the model again lazily, a block at a time: the whole model is not held twice
     if is_artifact(artifact) and not args.force:
         quant = read_config(artifact)["quant"]
-        if quant != planned_quant_config(args, model.max_positions):
+        if quant != planned_quant_config(args, max_positions):
             raise ValueError(f"{artifact} holds another quantization ({quant.get('method')} {quant.get('bits')}, or other "
                              "settings than these options ask for); pass --force to replace it or --out to write elsewhere")
         print(f"reusing the finished artifact {artifact} (pass --force to calibrate again)", file=sys.stderr)
     else:
-        quantize(args, str(artifact), model)
+        quantize(args, str(artifact))
     q = eval_artifact(artifact, args)
     path = export(artifact, args.format, out, force=True, options=fmt.options(args))  # derived from the artifact: refresh it
     e = eval_artifact(path, args)
