@@ -177,12 +177,12 @@ def block_mse(cfg, lw, layer, x, y, hooks, rope) -> float:
         return float(torch.nn.functional.mse_loss(run_block(cfg, lw, layer, x, hooks, rope), y))
 
 
-@torch.no_grad()
 def baseq_quant_config(q: QuantSettings, b: BaseqSettings) -> dict:
     """The quant config a BASE-Q artifact records (what the main job compares before reusing one)."""
     return dict(q.quant_config(), method="baseq", baseq=dataclasses.asdict(b))
 
 
+@torch.no_grad()
 def calibrate_baseq(
     model: LoadedModel, q: QuantSettings, b: BaseqSettings, calib: torch.Tensor, workdir: str | Path | None = None
 ) -> Artifact:
@@ -201,8 +201,8 @@ def calibrate_baseq(
     h_q = h_fp.clone()
     rope = calib_rope(cfg, w, h_fp)
     work = Path(workdir) if workdir else None
-    key = settings_key(model, q, b, calib)
     if work:
+        key = settings_key(model, q, b, calib)  # reads every weight once: only for a resumable run
         work.mkdir(parents=True, exist_ok=True)
         state = work / "state.json"
         if state.is_file() and json.loads(state.read_text()).get("key") != key:
