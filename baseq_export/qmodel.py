@@ -12,16 +12,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 if TYPE_CHECKING:
     from .models.base import ModelConfig
@@ -44,7 +46,7 @@ class Artifact:
 
     model: dict
     quant: dict
-    tensors: dict[str, torch.Tensor]
+    tensors: MutableMapping[str, torch.Tensor]  # a dict, or a TensorStore reading from files on disk
     source: dict = field(default_factory=dict)
     calibration: dict | None = None
 
@@ -54,12 +56,139 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     import re
 
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
     except Exception as e:  # noqa: BLE001 - SafetensorError wraps the OS error in its message
         code = re.search(r"os error (\d+)", str(e))
         if code is None:
             raise
         raise OSError(int(code.group(1)), f"{os.strerror(int(code.group(1)))} writing {path}") from e
+
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+"""torch dtype -> the safetensors header's dtype name (the file format's spelling)."""
+DTYPE_OF_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+class TensorStore(MutableMapping):
+    """Named tensors held in memory or in safetensors files on disk, a file's tensor read only when asked: the
+    artifact of a model larger than memory is written and read one block's file at a time, never whole.
+
+    `put(tensors, file)` with a spool directory writes the tensors to spool/file (atomically) and keeps only their
+    names; `attach(path)` adds an existing file's tensors. Assigning a name keeps that tensor in memory."""
+
+    def __init__(self, spool: Path | None = None):
+        self.spool = spool
+        self._memory: dict[str, torch.Tensor] = {}
+        self._file_of: dict[str, Path] = {}
+        self._handles: dict[Path, object] = {}
+
+    def _handle(self, path: Path):
+        if path not in self._handles:
+            self._handles[path] = safe_open(str(path), framework="pt")
+        return self._handles[path]
+
+    def attach(self, path: str | Path) -> None:
+        """Add every tensor of the safetensors file at path (read lazily)."""
+        path = Path(path)
+        for name in self._handle(path).keys():
+            self._memory.pop(name, None)
+            self._file_of[name] = path
+
+    def put(self, tensors: Mapping[str, torch.Tensor], file: str) -> None:
+        """Add tensors: written to spool/file and dropped from memory when the store has a spool, else kept."""
+        if self.spool is None:
+            self.update(tensors)
+            return
+        self.spool.mkdir(parents=True, exist_ok=True)
+        path = self.spool / file
+        self._handles.pop(path, None)
+        save_tensors(dict(tensors), path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+        self.attach(path)
+
+    def meta(self, name: str) -> tuple[str, list[int]]:
+        """(safetensors dtype name, shape) of a tensor, without reading it."""
+        if name in self._memory:
+            t = self._memory[name]
+            return SAFETENSORS_DTYPES[t.dtype], list(t.shape)
+        part = self._handle(self._file_of[name]).get_slice(name)
+        return part.get_dtype(), list(part.get_shape())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self._memory:
+            return self._memory[name]
+        if name not in self._file_of:
+            raise KeyError(name)
+        return self._handle(self._file_of[name]).get_tensor(name)
+
+    def __setitem__(self, name: str, tensor: torch.Tensor) -> None:
+        self._file_of.pop(name, None)
+        self._memory[name] = tensor
+
+    def __delitem__(self, name: str) -> None:
+        if self._memory.pop(name, None) is None and self._file_of.pop(name, None) is None:
+            raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._memory
+        yield from (k for k in self._file_of if k not in self._memory)
+
+    def __len__(self) -> int:
+        return len(self._memory) + len(self._file_of)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._memory or name in self._file_of
+
+
+def tensor_meta(tensors: Mapping[str, torch.Tensor], name: str) -> tuple[str, list[int]]:
+    """(safetensors dtype name, shape) of one tensor of a dict or a TensorStore (read from the header, not the data)."""
+    if isinstance(tensors, TensorStore):
+        return tensors.meta(name)
+    t = tensors[name]
+    return SAFETENSORS_DTYPES[t.dtype], list(t.shape)
+
+
+def tensor_index_entry(tensors: Mapping[str, torch.Tensor], name: str) -> dict:
+    """config.json's entry for one tensor: torch's dtype name and the shape."""
+    dtype, shape = tensor_meta(tensors, name)
+    return {"dtype": str(DTYPE_OF_SAFETENSORS[dtype]).removeprefix("torch."), "shape": shape}
+
+
+SAFETENSORS_ALIGN = 8
+"""The safetensors header is padded with spaces to a multiple of this, so the data that follows is aligned."""
+
+
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> str:
+    """Write tensors (a dict or a TensorStore) as one safetensors file, one tensor in memory at a time: the header
+    from each tensor's dtype and shape, then the data in name order. Returns the file's hex SHA-256."""
+    names = sorted(tensors)
+    header, offset = {}, 0
+    for name in names:
+        dtype, shape = tensor_meta(tensors, name)
+        size = math.prod(shape) * DTYPE_OF_SAFETENSORS[dtype].itemsize
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % SAFETENSORS_ALIGN)
+    digest = hashlib.sha256()
+    try:
+        with open(path, "wb") as f:
+            for chunk in (len(text).to_bytes(8, "little"), text):
+                f.write(chunk)
+                digest.update(chunk)
+            for name in names:
+                t = tensors[name].detach().cpu().contiguous()
+                raw = t.reshape(-1).view(torch.uint8).numpy()
+                if raw.nbytes != header[name]["data_offsets"][1] - header[name]["data_offsets"][0]:
+                    raise ValueError(f"tensor {name} changed size while being written")
+                f.write(memoryview(raw))
+                digest.update(memoryview(raw))
+    except OSError as e:
+        raise OSError(e.errno, f"{e.strerror} writing {path}") from e
+    return digest.hexdigest()
 
 
 def sha256_file(path: Path) -> str:
@@ -108,8 +237,8 @@ def save_artifact(
     path = Path(path).expanduser()
     check_writable(path, overwrite)
     with staged_dir(path) as tmp:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in artifact.tensors.items()}
-        save_tensors(tensors, tmp / TENSORS)
+        tensors = artifact.tensors
+        checksum = write_safetensors(tensors, tmp / TENSORS)
         if write_extra is not None:
             write_extra(tmp)
         if artifact.calibration is not None:
@@ -120,8 +249,8 @@ def save_artifact(
             "model": artifact.model,
             "quant": artifact.quant,
             "source": artifact.source,
-            "tensors": {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)} for k, v in sorted(tensors.items())},
-            "checksums": {TENSORS: sha256_file(tmp / TENSORS)},
+            "tensors": {k: tensor_index_entry(tensors, k) for k in sorted(tensors)},
+            "checksums": {TENSORS: checksum},
         }
         _write_json(tmp / CONFIG, config)
     return path
@@ -191,8 +320,9 @@ def read_config(path: str | Path) -> dict:
     return config
 
 
-def load_artifact(path: str | Path, map_location: str = "cpu") -> Artifact:
-    """Load and verify an artifact: version, checksum of the tensor file, and every indexed tensor."""
+def load_artifact(path: str | Path, map_location: str = "cpu", lazy: bool = False) -> Artifact:
+    """Load and verify an artifact: version, checksum of the tensor file, and every indexed tensor's dtype and
+    shape. lazy: the tensors stay in the file (a TensorStore reads each when asked), for exporters of big models."""
     path = Path(path).expanduser()
     config = read_config(path)
     tensor_file = path / TENSORS
@@ -206,17 +336,22 @@ def load_artifact(path: str | Path, map_location: str = "cpu") -> Artifact:
             "truncated; quantize again or restore it from a copy"
         )
     try:
-        tensors = load_file(str(tensor_file), device=map_location)
-    except (SafetensorError, OSError, ValueError) as e:
+        tensors = TensorStore()
+        tensors.attach(tensor_file)
+        index = config.get("tensors", {})
+        missing = sorted(set(index) - set(tensors))
+        if missing:
+            raise ArtifactError(f"{tensor_file} is missing tensors listed in {CONFIG}: {', '.join(missing[:8])}")
+        for name, meta in index.items():
+            got = tensor_index_entry(tensors, name)
+            if got != {"dtype": meta["dtype"], "shape": meta["shape"]}:
+                raise ArtifactError(f"tensor {name} is {got['dtype']} {got['shape']}, {CONFIG} says {meta['dtype']} {meta['shape']}")
+        if not lazy:
+            tensors = {name: tensors[name].to(map_location) for name in tensors}
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        if isinstance(e, ArtifactError):
+            raise
         raise ArtifactError(f"{tensor_file} cannot be read ({e}); quantize again") from e
-    index = config.get("tensors", {})
-    missing = sorted(set(index) - set(tensors))
-    if missing:
-        raise ArtifactError(f"{tensor_file} is missing tensors listed in {CONFIG}: {', '.join(missing[:8])}")
-    for name, meta in index.items():
-        t = tensors[name]
-        if list(t.shape) != meta["shape"] or str(t.dtype).removeprefix("torch.") != meta["dtype"]:
-            raise ArtifactError(f"tensor {name} is {t.dtype} {list(t.shape)}, {CONFIG} says {meta['dtype']} {meta['shape']}")
     calibration = None
     if (path / CALIBRATION).is_file():
         calibration = json.loads((path / CALIBRATION).read_text())
@@ -362,19 +497,24 @@ class QuantizedModel:
     hooks: QuantHooks
     artifact: Artifact
 
+    @property
+    def device(self) -> torch.device:
+        return self.weights["embed"].device
+
     def logits(self, ids: torch.Tensor, cache: list | None = None) -> torch.Tensor:
         from .models.base import forward
 
         return forward(self.config, self.weights, ids, self.hooks, cache, exact=self.hooks.exact)
 
 
-def reference_model(artifact: Artifact, dtype: torch.dtype = torch.float32, exact: bool = True) -> QuantizedModel:
+def reference_model(artifact: Artifact, dtype: torch.dtype = torch.float32, exact: bool = True,
+                    device: torch.device | None = None) -> QuantizedModel:
     """The PyTorch reference forward of an artifact: exactly what the exporters must compute.
 
     exact (default): the order-independent forward of models.base.forward(exact=True); with 4-bit
     activations and per-channel weights every linear holds integer levels (codes - zero) and its
     per-channel scales instead of a dequantized weight. exact=False: the float32 forward that
-    calibration trains (same values up to rounding).
+    calibration trains (same values up to rounding). device: where it runs (default CPU).
     """
     from .models.base import ModelConfig, linear_in_features
 
@@ -404,6 +544,9 @@ def reference_model(artifact: Artifact, dtype: torch.dtype = torch.float32, exac
             weights[f"{prefix}.scales"] = qw.scale[:, 0]
         else:
             weights[f"{prefix}.weight"] = qw.dequantize().to(dtype)
+    if device is not None and torch.device(device).type != "cpu":
+        weights = {k: v.to(device) for k, v in weights.items()}
+        online = {k: v.to(device) for k, v in online.items()}
     if cfg.tied_embeddings or "head_mix" in t:  # the embedding table serves the head (after head_mix)
         weights["lm_head"] = weights["embed"]
     return QuantizedModel(cfg, weights, QuantHooks(artifact.quant, online, exact), artifact)

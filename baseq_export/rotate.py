@@ -55,7 +55,8 @@ def fold_layer_norms(lw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         gain = lw.pop(norm, None)
         if gain is not None:
             for name in linears:
-                lw[f"{name}.weight"] = lw[f"{name}.weight"] * gain
+                if f"{name}.weight" in lw:  # a part of a layer holds some of them
+                    lw[f"{name}.weight"] = lw[f"{name}.weight"] * gain
     return lw
 
 
@@ -114,11 +115,15 @@ def rotate_head_r1(w: dict[str, torch.Tensor], signs: torch.Tensor) -> dict[str,
 
 
 def rotate_layer_r1(lw: dict[str, torch.Tensor], signs: torch.Tensor) -> dict[str, torch.Tensor]:
-    """R1 on one (norm-folded) layer: readers of the residual stream W R1, writers R1^T W and their biases."""
+    """R1 on one (norm-folded) layer, or on some of its linears: readers of the residual stream W R1, writers
+    R1^T W and their biases."""
     lw = dict(lw)
     for name in IN_ATTN + IN_MLP:
-        lw[f"{name}.weight"] = rotate_input_side(lw[f"{name}.weight"], signs)
+        if f"{name}.weight" in lw:
+            lw[f"{name}.weight"] = rotate_input_side(lw[f"{name}.weight"], signs)
     for name in ("o", "down"):
+        if f"{name}.weight" not in lw:
+            continue
         lw[f"{name}.weight"] = rotate_output_side(lw[f"{name}.weight"], signs)
         if f"{name}.bias" in lw:
             lw[f"{name}.bias"] = rotate_input_side(lw[f"{name}.bias"], signs)
@@ -164,12 +169,15 @@ def rotate_r2(cfg: ModelConfig, w: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 
 def rotate_layer_r2(lw: dict[str, torch.Tensor], head_dim: int) -> dict[str, torch.Tensor]:
-    """R2 on one layer: per-head Hadamard on v's output rows (and bias) and on o's input columns."""
+    """R2 on one layer (or the part of it given): per-head Hadamard on v's output rows (and bias) and on o's
+    input columns."""
     lw = dict(lw)
-    lw["v.weight"] = per_head_hadamard(lw["v.weight"].T, head_dim).T.contiguous()
+    if "v.weight" in lw:
+        lw["v.weight"] = per_head_hadamard(lw["v.weight"].T, head_dim).T.contiguous()
     if "v.bias" in lw:
         lw["v.bias"] = per_head_hadamard(lw["v.bias"], head_dim)
-    lw["o.weight"] = per_head_hadamard(lw["o.weight"], head_dim)
+    if "o.weight" in lw:
+        lw["o.weight"] = per_head_hadamard(lw["o.weight"], head_dim)
     return lw
 
 
@@ -179,8 +187,9 @@ def fold_r4(cfg: ModelConfig, w: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def fold_layer_r4(lw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One layer's down_proj W -> W H (the inverse of the online Hadamard before it)."""
-    return {**lw, "down.weight": apply_hadamard(lw["down.weight"])}
+    """One layer's down_proj W -> W H (the inverse of the online Hadamard before it); a part of a layer
+    without down_proj is returned as it is."""
+    return {**lw, "down.weight": apply_hadamard(lw["down.weight"])} if "down.weight" in lw else dict(lw)
 
 
 def rotate_model(
@@ -196,7 +205,8 @@ def rotate_model(
 
 def rotate_layer(cfg: ModelConfig, lw: dict[str, torch.Tensor], seed: int = 0, r4: bool = True) -> dict[str, torch.Tensor]:
     """rotate_model's steps on one block's weights alone (names as models.base.layer_weights gives them), the
-    same numbers: a model larger than memory is rotated a block at a time."""
+    same numbers: a model larger than memory is rotated a block at a time. Each step acts on every linear
+    separately, so lw may also be one linear (its weight, bias and the norm gain before it)."""
     lw = rotate_layer_r2(rotate_layer_r1(fold_layer_norms(lw), random_signs(cfg.hidden_size, seed)), cfg.head_dim)
     return fold_layer_r4(lw) if r4 else lw
 

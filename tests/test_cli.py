@@ -263,3 +263,30 @@ def test_main_job_for_gguf_runs_the_profile_and_llama_cpp(tmp_path, capsys):
     assert (quant["method"], quant["bits"], quant["group_size"], quant["weight_grid"]) == ("quarot-gptq", "w4a16", 32, "q4_1")
     assert quant["rotation"]["r4"] is False and out.is_file() and f"GGUF export: {out}" in stdout
     assert abs(cpp / q - 1) < 0.01 and q != fp  # llama.cpp's 8-bit block activations: close, not equal
+
+
+def test_device_option(tmp_path, capsys):
+    """--device: auto is the CPU where PyTorch sees no GPU and gives the CPU's artifact bit for bit; cuda there is
+    refused up front, naming the fix, before anything is written; `python -m baseq_export` is the CLI."""
+    from baseq_export.device import resolve_device
+    from baseq_export.qmodel import load_artifact
+
+    out = subprocess.run([sys.executable, "-m", "baseq_export", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("baseq-export ")
+    with pytest.raises(ValueError, match="--device must be one of"):
+        resolve_device("tpu")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: the refusal cannot be shown")
+    assert resolve_device("auto") == torch.device("cpu")
+    ckpt, text = tiny_checkpoint(tmp_path)
+    base = ["quantize", "--model", str(ckpt), "--method", "quarot-gptq", "--calib-text", str(text), "--nsamples", "4",
+            "--calib-ctx", "16"]
+    assert main(base + ["--device", "cuda", "--out", str(tmp_path / "gpu.baseq")]) == 1
+    err = capsys.readouterr().err
+    assert "--device cuda" in err and "--device cpu" in err and not (tmp_path / "gpu.baseq").exists()
+    for device in ("cpu", "auto"):
+        assert main(base + ["--device", device, "--out", str(tmp_path / f"{device}.baseq")]) == 0
+    a, b = (load_artifact(tmp_path / f"{d}.baseq") for d in ("cpu", "auto"))
+    assert a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    assert main(["eval", str(tmp_path / "cpu.baseq"), "--eval-text", str(text), "--ctx", "16", "--device", "cuda"]) == 1
+    assert "--device cuda" in capsys.readouterr().err

@@ -204,6 +204,8 @@ def test_default_model_onnx_parity(default_model, tmp_path, kind):
     every linear and the head on the int8 kernels) with RTN weights: there a last-bit difference in one
     linear's float32 sum can move an int8 code of the next one, so torch agrees only to about 0.1% in
     perplexity and the tokens may part; the onnxruntime graphs (custom, standard, genai) agree exactly.
+    How far the flips carry depends on onnxruntime's summation order, which differs by instruction set:
+    0.1% was measured on an AVX-512 VNNI EPYC, 0.33% on an AVX2-only one (both 2 cores, same packages).
     """
     from baseq_export import data
     from baseq_export.evaluate import perplexity
@@ -235,7 +237,7 @@ def test_default_model_onnx_parity(default_model, tmp_path, kind):
         ort_tokens = greedy_tokens(onnx_stepper(om), prompt, 32)
         print(kind, ops, "ppl torch", p_ref, "ort", p_ort, "tokens equal", ort_tokens == torch_tokens)
         # the issue asks 0.5%; exact mode gives ~1e-7 (~1e-6 with the int8 head)
-        assert abs(p_ort / p_ref - 1) < (2e-3 if int8_linears else 1e-4), (ops, p_ort, p_ref)
+        assert abs(p_ort / p_ref - 1) < (5e-3 if int8_linears else 1e-4), (ops, p_ort, p_ref)
         if int8_linears:  # the onnxruntime graphs agree among themselves exactly
             first = first or (p_ort, ort_tokens)
             assert (p_ort, ort_tokens) == first
@@ -357,3 +359,45 @@ def test_decoding_in_one_shared_kv_buffer_equals_the_growing_cache(tmp_path, kv_
         small(prompt)
         small([1])
         small([2])
+
+
+def test_external_data_streams_weights_and_shares_identical_ones(tmp_path):
+    """Initializers go to an ExternalData file as they are made (the graph keeps a reference, small ones stay
+    inline); onnxruntime runs the saved graph to numpy's values; a second graph holding the same named bytes
+    points at the first copy, while other bytes are appended."""
+    from onnx import external_data_helper
+
+    from baseq_export.export.onnx_graph import EXTERNAL_THRESHOLD, ExternalData
+
+    gen = np.random.default_rng(0)
+    w, w2, b = (gen.standard_normal(s).astype(np.float32) for s in ((64, 64), (64, 64), (64,)))
+
+    def save(g: Graph, out: str, path):
+        g.nodes.append(helper.make_node("Identity", [out], ["y"]))
+        graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], g.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        model.ir_version = 9
+        onnx.save_model(model, str(path))
+        return model
+
+    with ExternalData(tmp_path / "w.data") as data:
+        g1 = Graph(data)
+        m1 = save(g1, g1.op("Add", [g1.op("MatMul", ["x", g1.init("w", w)]), g1.init("b", b)]), tmp_path / "one.onnx")
+        g2 = Graph(data)
+        m2 = save(g2, g2.op("MatMul", [g2.op("MatMul", ["x", g2.init("w", w)]), g2.init("w2", w2)]), tmp_path / "two.onnx")
+    assert b.nbytes < EXTERNAL_THRESHOLD <= w.nbytes
+    where = {}
+    for m in (m1, m2):
+        for t in m.graph.initializer:
+            external = external_data_helper.uses_external_data(t)
+            assert external == (t.name != "b") and (not external or not t.raw_data)
+            if external:
+                info = {e.key: e.value for e in t.external_data}
+                where.setdefault(t.name, set()).add((int(info["offset"]), int(info["length"])))
+    assert len(where["w"]) == 1 and where["w"] != where["w2"]  # one copy of w for both graphs
+    assert (tmp_path / "w.data").stat().st_size == max(o + n for s in where.values() for o, n in s)
+    x = gen.standard_normal((3, 64)).astype(np.float32)
+    for path, want in (("one.onnx", x @ w + b), ("two.onnx", (x @ w) @ w2)):
+        sess = ort.InferenceSession(str(tmp_path / path), providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(sess.run(None, {"x": x})[0], want, rtol=1e-5, atol=1e-4)

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -176,21 +178,28 @@ def test_streamed_lazy_weights_give_the_in_memory_artifact(tmp_path, method, bit
     from baseq_export.calibrate import PRESETS, calibrate_baseq
     from baseq_export.models import load_model
 
-    path = _saved_checkpoint(tmp_path, "qwen2" if method == "gptq" else "llama")
+    path = _saved_checkpoint(tmp_path / "model", "qwen2" if method == "gptq" else "llama")
     lazy, eager = load_model(path, lazy=True), load_model(path)
     ids = calib()
     if method == "baseq":
         import dataclasses
 
         preset = dataclasses.replace(PRESETS["quick"], nsamples=16, calib_ctx=32, epochs=1)
-        make = lambda m: calibrate_baseq(m, QuantSettings(bits=bits), preset, ids)  # noqa: E731
+        make = lambda m, spool: calibrate_baseq(m, QuantSettings(bits=bits), preset, ids, workdir=spool)  # noqa: E731
     elif method == "tune":
         from baseq_export.pipeline import TuneSettings, profile_settings, tune_blocks
 
         tune = TuneSettings(nsamples=8, ctx=32, nval=4, epochs=1)
-        make = lambda m: tune_blocks(m, profile_settings("gguf"), ids, tune)  # noqa: E731
+        make = lambda m, spool: tune_blocks(m, profile_settings("gguf"), ids, tune, workdir=spool)  # noqa: E731
     else:
-        make = lambda m: quantize_model(m, QuantSettings(method=method, bits=bits, group_size=32), ids)  # noqa: E731
-    a, b = make(lazy), make(eager)
+        make = lambda m, spool: quantize_model(m, QuantSettings(method=method, bits=bits, group_size=32), ids,  # noqa: E731
+                                               spool=spool)
+    a, b = make(lazy, tmp_path / "spool"), make(eager, None)
+    assert not a.tensors._memory and len(list((tmp_path / "spool").glob("block_*.safetensors"))) == lazy.config.num_layers
     assert a.tensors.keys() == b.tensors.keys() and a.model == b.model and a.quant == b.quant
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in b.tensors)
+    # the streamed artifact (blocks read back from their files, written one tensor at a time) is the same file
+    pa, pb = save_artifact(tmp_path / "a.baseq", a), save_artifact(tmp_path / "b.baseq", b)
+    assert (pa / "quant.safetensors").read_bytes() == (pb / "quant.safetensors").read_bytes()
+    ca, cb = (json.loads((p / "config.json").read_text()) for p in (pa, pb))
+    assert ca["tensors"] == cb["tensors"] and ca["checksums"] == cb["checksums"]

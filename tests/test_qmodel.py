@@ -141,3 +141,62 @@ def test_failed_write_leaves_old_artifact_intact(tmp_path):
         save_artifact(path, sample_artifact(), overwrite=True, write_extra=boom)
     assert (path / qmodel.TENSORS).read_bytes() == before
     assert not list(tmp_path.glob(".*tmp-*"))
+
+
+def test_streamed_safetensors_file_is_what_safetensors_reads(tmp_path):
+    """write_safetensors (one tensor in memory at a time) writes a file that safetensors' own reader loads to the
+    same tensors, for every dtype an artifact or a checkpoint uses, scalars and empty tensors included; the
+    returned digest is the file's."""
+    gen = torch.Generator().manual_seed(1)
+    tensors = {
+        "f64": torch.randn(3, 5, generator=gen, dtype=torch.float64), "f32": torch.randn(7, generator=gen),
+        "f16": torch.randn(2, 3, generator=gen).half(), "bf16": torch.randn(4, 4, generator=gen).bfloat16(),
+        "u8": torch.randint(0, 256, (9,), generator=gen, dtype=torch.uint8), "i8": torch.tensor([-3, 4], dtype=torch.int8),
+        "i32": torch.tensor([[1, -2]], dtype=torch.int32), "i64": torch.tensor(5), "bool": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 4), "strided": torch.arange(12.0).reshape(3, 4).T,
+    }
+    digest = qmodel.write_safetensors(tensors, tmp_path / "a.safetensors")
+    assert digest == qmodel.sha256_file(tmp_path / "a.safetensors")
+    back = load_file(str(tmp_path / "a.safetensors"))
+    assert back.keys() == tensors.keys()
+    for k, t in tensors.items():
+        assert back[k].dtype == t.dtype and torch.equal(back[k], t), k
+
+
+def test_tensor_store_spools_to_disk_and_reads_back(tmp_path):
+    """A TensorStore with a spool keeps only names in memory: each put goes to its own file; reading, metadata,
+    overriding and deleting behave as a dict of the same tensors; without a spool it is a dict."""
+    gen = torch.Generator().manual_seed(2)
+    a = {"x.weight": torch.randn(4, 8, generator=gen), "x.codes": torch.randint(0, 16, (4, 4), generator=gen, dtype=torch.uint8)}
+    b = {"y": torch.randn(3, generator=gen).half()}
+    spooled, memory = qmodel.TensorStore(tmp_path / "spool"), qmodel.TensorStore()
+    for store in (spooled, memory):
+        store.put(a, "block_0.safetensors")
+        store.put(b, "outside.safetensors")
+    assert sorted((tmp_path / "spool").iterdir()) == [tmp_path / "spool" / "block_0.safetensors", tmp_path / "spool" / "outside.safetensors"]
+    assert not spooled._memory and set(spooled) == set(memory) == {"x.weight", "x.codes", "y"} and len(spooled) == 3
+    for k, t in {**a, **b}.items():
+        assert torch.equal(spooled[k], t) and torch.equal(memory[k], t)
+        assert spooled.meta(k) == memory.meta(k) == (qmodel.SAFETENSORS_DTYPES[t.dtype], list(t.shape))
+    spooled["y"] = torch.ones(2)
+    del spooled["x.codes"]
+    assert torch.equal(spooled["y"], torch.ones(2)) and "x.codes" not in spooled and set(spooled) == {"x.weight", "y"}
+    with pytest.raises(KeyError):
+        spooled["x.codes"]
+
+
+def test_lazy_and_eager_loads_agree_and_both_check_the_index(tmp_path):
+    """load_artifact(lazy=True) reads tensors from the file when asked, equal to the eager load; a tensor whose
+    header disagrees with config.json is refused either way."""
+    a = sample_artifact()
+    path = save_artifact(tmp_path / "m.baseq", a)
+    lazy, eager = load_artifact(path, lazy=True), load_artifact(path)
+    assert isinstance(lazy.tensors, qmodel.TensorStore) and isinstance(eager.tensors, dict)
+    assert set(lazy.tensors) == set(eager.tensors) == set(a.tensors)
+    assert all(torch.equal(lazy.tensors[k], a.tensors[k]) and torch.equal(eager.tensors[k], a.tensors[k]) for k in a.tensors)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["tensors"]["embed"]["shape"] = [11, 64]
+    (path / "config.json").write_text(json.dumps(cfg))
+    for lazy_load in (True, False):
+        with pytest.raises(ArtifactError, match="tensor embed is float16 \\[10, 64\\], config.json says float16 \\[11, 64\\]"):
+            load_artifact(path, lazy=lazy_load)

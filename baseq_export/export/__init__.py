@@ -70,15 +70,16 @@ def find_target(path: str | Path) -> ModuleType | None:
 class TorchBackend:
     """A .baseq artifact in its PyTorch reference forward (the oracle every export is compared to)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, device: torch.device | None = None):
         from ..qmodel import load_artifact, reference_model
 
         art = load_artifact(path)
-        self.model = reference_model(art)
+        self.model = reference_model(art, device=device)
+        self.device = self.model.device
         self.label = f"{art.quant['method']} {art.quant['bits']} (torch reference)"
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.logits(ids)
+        return self.model.logits(ids.to(self.device)).cpu()
 
     def greedy(self, prompt_ids: list[int], max_new_tokens: int | None = None) -> Iterator[int]:
         from ..generate import greedy_stream, torch_stepper
@@ -103,10 +104,11 @@ def open_backend(path: str | Path, backend: str | None = None, **options) -> Bac
         if backend not in (None, "torch"):
             raise ValueError(f"{path} is a .baseq artifact, which runs in the torch reference; backend {backend!r} "
                              "runs exports: make one with `baseq-export export ARTIFACT --format ...`")
-        return TorchBackend(path)
+        return TorchBackend(path, options.get("device"))
     if backend == "torch":
         raise ValueError(f"{path} is a {t.NAME} export: use --backend {' or '.join(t.BACKENDS)}, "
                          "or pass the .baseq artifact for the torch reference")
     if backend is not None and backend not in t.BACKENDS:
         raise ValueError(f"{path} is a {t.NAME} export, which runs in {', '.join(t.BACKENDS)}, not {backend!r}")
+    options.pop("device", None)  # an export runs in its runtime's own place
     return t.open(path, backend, **options)

@@ -247,7 +247,7 @@ def write(artifact: str | Path, out: str | Path, force: bool = False, weights: s
           **_runtime_options) -> Path:
     """Write the .baseq artifact at `artifact` as one GGUF file at `out` (or out/model.gguf for a directory)."""
     artifact = Path(artifact)
-    return write_gguf(load_artifact(artifact), out, artifact, force, weights, head, embed, context_length,
+    return write_gguf(load_artifact(artifact, lazy=True), out, artifact, force, weights, head, embed, context_length,
                       tokenizer_pre)
 
 

@@ -13,13 +13,13 @@ import shutil
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from ..models.base import ModelConfig
 from ..qmodel import Artifact, load_artifact, staged_dir
 from . import option_default
 from .onnx_genai import GenaiBackend, write_genai_config
+from .onnx_graph import ExternalData
 from .onnx_model import KV_CACHE_CHOICES, build_model
 from .onnx_runtime import (DATA_FILE, KV4_MODEL_FILE, MANIFEST, MODEL_FILE, OnnxModel, file_digests, open_session,
                            read_manifest, verify_files)
@@ -116,7 +116,7 @@ def write(artifact: str | Path, out: str | Path, force: bool = False, max_length
     """Write model.onnx (+ model.onnx.data), the tokenizer, genai_config.json, a manifest and, with
     custom ops, a copy of our op library to `out`, atomically."""
     artifact, out = Path(artifact), Path(out).expanduser()
-    art = load_artifact(artifact)
+    art = load_artifact(artifact, lazy=True)  # read a tensor at a time while the graph is built
     if out.exists():
         if not force:
             raise FileExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
@@ -125,23 +125,22 @@ def write(artifact: str | Path, out: str | Path, force: bool = False, max_length
     if kv_cache == "int4" and ops == "auto":
         ops = "custom"  # a packed cache exists only as our ops: fail clearly rather than fall back
     ops, library = resolve_ops(ops)
-    model = build_model(art, max_length, ops, kv_cache)
     with staged_dir(out) as tmp:
-        onnx.save_model(model, str(tmp / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=DATA_FILE, size_threshold=1024)
-        onnx.checker.check_model(str(tmp / MODEL_FILE))
-        files = [MODEL_FILE, DATA_FILE]
+        with ExternalData(tmp / DATA_FILE) as data:  # weights stream to disk as the graphs are built
+            model = build_model(art, max_length, ops, kv_cache, data)
+            save_graph(model, tmp / MODEL_FILE)
+            files = [MODEL_FILE, DATA_FILE]
+            runner = {"model": MODEL_FILE, "kv_cache": kv_cache}
+            if kv_cache == "float" and ops == "custom" and art.quant.get("kv_bits") == 4:  # the packed cache all the same
+                save_graph(build_model(art, max_length, ops, "int4", data), tmp / KV4_MODEL_FILE)  # shares the weights
+                files.append(KV4_MODEL_FILE)
+                runner = {"model": KV4_MODEL_FILE, "kv_cache": "int4"}
         if library is not None:
             shutil.copy2(library, tmp / library.name)
             files.append(library.name)
         for f in artifact.iterdir():
             if is_tokenizer_file(f.name):
                 shutil.copy2(f, tmp / f.name)
-        runner = {"model": MODEL_FILE, "kv_cache": kv_cache}
-        if kv_cache == "float" and ops == "custom" and art.quant.get("kv_bits") == 4:  # the packed cache all the same
-            save_sharing_weights(build_model(art, max_length, ops, "int4"), tmp / KV4_MODEL_FILE, tmp / MODEL_FILE)
-            files.append(KV4_MODEL_FILE)
-            runner = {"model": KV4_MODEL_FILE, "kv_cache": "int4"}
         # genai runs the same graph as our runner; with our attention ops past and present share one buffer
         write_genai_config(tmp, ModelConfig.from_dict(art.model), art, max_length,
                            library.name if library is not None else None, runner["model"], share_buffer=ops == "custom")
@@ -168,28 +167,8 @@ def validate_written(tmp: Path, manifest: dict, built: onnx.ModelProto) -> None:
         open_session(tmp, graph, manifest)
 
 
-def save_sharing_weights(model: onnx.ModelProto, path: Path, saved: Path) -> None:
-    """Save model at path with every initializer that the saved model at `saved` holds identically pointing into
-    that model's external data file (no second copy on disk); the rest stays inside the graph file."""
-    from onnx import external_data_helper, numpy_helper
-
-    data = saved.parent / DATA_FILE
-    blob = np.memmap(data, dtype=np.uint8, mode="r") if data.is_file() else None
-    index = {}
-    for t in onnx.load(str(saved), load_external_data=False).graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            info = {e.key: e.value for e in t.external_data}
-            index[t.name] = (t.data_type, tuple(t.dims), int(info.get("offset", 0)), int(info["length"]))
-    for t in model.graph.initializer:
-        hit = index.get(t.name)
-        if hit is None or blob is None or (t.data_type, tuple(t.dims)) != hit[:2]:
-            continue
-        raw = numpy_helper.to_array(t).tobytes()
-        offset, length = hit[2:]
-        if len(raw) != length or blob[offset:offset + length].tobytes() != raw:
-            continue  # same name, other values: keep this graph's own copy
-        external_data_helper.set_external_data(t, DATA_FILE, offset, length)  # sets data_location EXTERNAL
-        t.ClearField("raw_data")
+def save_graph(model: onnx.ModelProto, path: Path) -> None:
+    """Save a graph whose weights are already in the external data file, and check it (from the file: any size)."""
     onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path))
 

@@ -8,19 +8,70 @@ reference's values, not just close ones.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 MS_DOMAIN = "com.microsoft"
 
+EXTERNAL_THRESHOLD = 1024
+"""Initializers of at least this many bytes go to the external data file; smaller ones stay in the graph."""
+EXTERNAL_ALIGN = 64
+PAGE_ALIGN = 4096  # tensors of a MiB or more start on a page, so a runtime can map them from the file
+PAGE_ALIGN_FROM = 1 << 20
+
+
+class ExternalData:
+    """The external data file of one or more graphs, written while the graphs are built: an initializer's bytes
+    are appended as soon as it is made and only a reference stays in the graph, so a model of any size (past
+    protobuf's 2 GB) is exported with one tensor in memory. A tensor with the same name and bytes as one already
+    written (a second graph of the same weights) points at the first copy."""
+
+    def __init__(self, path: Path):
+        self.path, self.location = Path(path), Path(path).name
+        self._file = open(self.path, "wb")
+        self._written: dict[tuple[str, str], tuple[int, int]] = {}
+
+    def tensor(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+        """A TensorProto of array whose data lies in this file."""
+        raw = np.ascontiguousarray(array).tobytes()
+        key = (name, hashlib.sha256(raw).hexdigest() + array.dtype.str + str(array.shape))
+        if key not in self._written:
+            align = PAGE_ALIGN if len(raw) >= PAGE_ALIGN_FROM else EXTERNAL_ALIGN
+            offset = self._file.seek(0, 2)
+            if offset % align:
+                self._file.write(b"\0" * (align - offset % align))
+                offset += align - offset % align
+            self._file.write(raw)
+            self._written[key] = (offset, len(raw))
+        offset, length = self._written[key]
+        t = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape,
+                             data_location=onnx.TensorProto.EXTERNAL)
+        for k, v in (("location", self.location), ("offset", str(offset)), ("length", str(length))):
+            t.external_data.add(key=k, value=v)
+        return t
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "ExternalData":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 class Graph:
-    """Nodes and initializers being collected, with unique names."""
+    """Nodes and initializers being collected, with unique names; initializers go to `external` (an
+    ExternalData file) as they are made when it is given, else they stay inside the graph."""
 
-    def __init__(self):
+    def __init__(self, external: ExternalData | None = None):
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
+        self.external = external
         self._n = 0
         self._consts: dict[tuple, str] = {}
 
@@ -37,7 +88,11 @@ class Graph:
         return outs[0] if n_out == 1 else outs
 
     def init(self, name: str, array: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.ascontiguousarray(array)
+        if self.external is not None and array.nbytes >= EXTERNAL_THRESHOLD:
+            self.inits.append(self.external.tensor(name, array))
+        else:
+            self.inits.append(numpy_helper.from_array(array, name))
         return name
 
     def const(self, value, dtype=np.float32) -> str:

@@ -24,7 +24,7 @@ from onnx import TensorProto, helper
 from ..models.base import ModelConfig, linear_in_features, rope_tables, site_width
 from ..qmodel import Artifact, head_from_tensors, linear_from_tensors
 from ..quant import QuantizedWeight, pack_int4
-from .onnx_graph import (MS_DOMAIN, OPS_DOMAIN, Graph, emit_fake_quant, emit_hadamard, emit_hadamard_op,
+from .onnx_graph import (MS_DOMAIN, OPS_DOMAIN, ExternalData, Graph, emit_fake_quant, emit_hadamard, emit_hadamard_op,
                          emit_quant_dequant_op, emit_quant_levels, emit_quant_levels_op, emit_rms_norm,
                          emit_swiglu, matmul_nbits_inputs, to_double, to_float)
 
@@ -406,14 +406,16 @@ def kv_row_width(cfg: ModelConfig, kv_cache: str) -> int:
     return cfg.head_dim if kv_cache == "float" else cfg.head_dim // 2 + 8
 
 
-def build_model(art: Artifact, max_length: int = 2048, ops: str = "standard", kv_cache: str = "float") -> onnx.ModelProto:
+def build_model(art: Artifact, max_length: int = 2048, ops: str = "standard", kv_cache: str = "float",
+                external: ExternalData | None = None) -> onnx.ModelProto:
     """The ONNX model of an artifact: MatMulNBits linears; online parts as our baseq ops (`ops="custom"`)
-    or as standard ONNX ops (`ops="standard"`); the KV cache as float32 or packed 4-bit (`kv_cache="int4"`)."""
+    or as standard ONNX ops (`ops="standard"`); the KV cache as float32 or packed 4-bit (`kv_cache="int4"`).
+    With `external` the weights are written to that data file while the graph is built (any model size)."""
     if ops not in OPS_CHOICES:
         raise ValueError(f"ops must be one of {OPS_CHOICES}, got {ops!r}")
     check_kv_cache(art, ops, kv_cache)
     cfg = ModelConfig.from_dict(art.model)
-    g = Graph()
+    g = Graph(external)
     c = _Ctx(g, cfg, art, ops, kv_cache)
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_seq"])]
