@@ -157,8 +157,10 @@ class TapHooks:
         return self.inner.head_in(x)
 
 
-def round_layer(w: dict[str, torch.Tensor], s: QuantSettings, hessians: dict | None) -> dict[str, QuantizedWeight]:
-    """Quantize the seven linears of one layer on s.weight_grid (GPTQ when Hessians are given, else RTN)."""
+def round_layer(w: dict[str, torch.Tensor], s: QuantSettings, hessians: dict | None,
+                release: bool = False) -> dict[str, QuantizedWeight]:
+    """Quantize the seven linears of one layer on s.weight_grid (GPTQ when Hessians are given, else RTN).
+    release: drop each site's Hessian from `hessians` once its linears are done (a 7B down_proj's is 1 GB)."""
     out = {}
     mse = s.weight_clip == "mse"
     for site, names in SITE_LINEARS.items():
@@ -169,6 +171,8 @@ def round_layer(w: dict[str, torch.Tensor], s: QuantSettings, hessians: dict | N
             else:
                 out[name] = gptq_quantize(weight, hessians[site].hessian, 4, s.group_size, s.symmetric, s.damp, s.act_order,
                                           mse_clip_search=mse, grid=s.weight_grid)
+        if release and hessians is not None:
+            del hessians[site]
     return out
 
 
@@ -186,12 +190,24 @@ class BlockWeights:
                         and not (k == "norm" and rotated)}  # the small ones (norm, rope); "norm" folds into lm_head
 
     def _outside_tensor(self, k: str) -> torch.Tensor:
-        part = {k: self.model.weights[k].to(torch.float64)}
-        if self.rotated and k == "lm_head" and "norm" in self._names:
-            part["norm"] = self.model.weights["norm"].to(torch.float64)
-        if self.rotated:
-            part = rotate_outside_layers(self.model.config, part, self.seed)[1]
-        return part[k].to(torch.float32)
+        """A tensor outside the blocks in float32, rotated in float64 a slice of rows at a time (every step acts
+        on rows separately), so a 7B embedding never has a whole float64 copy."""
+        from .rotate import ROTATE_ROWS
+
+        t = self.model.weights[k]
+        if not self.rotated:
+            return t.to(torch.float32)
+        norm = {"norm": self.model.weights["norm"].to(torch.float64)} if k == "lm_head" and "norm" in self._names else {}
+
+        def rotated(x: torch.Tensor) -> torch.Tensor:
+            return rotate_outside_layers(self.model.config, {k: x.to(torch.float64), **norm}, self.seed)[1][k].to(torch.float32)
+
+        if t.dim() < 2:
+            return rotated(t)
+        out = torch.empty(t.shape, dtype=torch.float32)
+        for i in range(0, t.shape[0], ROTATE_ROWS):
+            out[i : i + ROTATE_ROWS] = rotated(t[i : i + ROTATE_ROWS])
+        return out
 
     def embed(self) -> torch.Tensor:
         """The (rotated) float32 embedding table, made when asked and not kept: the model's biggest tensors are
@@ -297,7 +313,7 @@ def quantize_model(
     for i in bar:
         lw = src.layer(i)
         hessians = gptq_hessians(cfg, lw, i, h, hooks, rope, chunk) if gptq else None
-        qlayer = round_layer(lw, settings, hessians)
+        qlayer = round_layer(lw, settings, hessians, release=True)
         block = {}
         for name, qw in qlayer.items():
             block.update(linear_tensors(f"layers.{i}.{name}", qw, lw.get(f"{name}.bias")))

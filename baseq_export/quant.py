@@ -643,12 +643,14 @@ class HessianAccumulator:
 def _inverse_hessian_upper(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, raising damp tenfold on failure."""
     mean_diag = float(torch.diagonal(h).mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    for attempt in range(6):
-        hd = h + (damp * 10**attempt) * mean_diag * eye
+    for attempt in range(6):  # one [K, K] temporary at a time: at K = 11008 each is about 1 GB in float64
+        hd = h.clone()
+        hd.diagonal().add_((damp * 10**attempt) * mean_diag)  # H + lambda I
         chol, info = torch.linalg.cholesky_ex(hd)
+        del hd
         if int(info) == 0:
             hinv = torch.cholesky_inverse(chol)
+            del chol
             upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
             if int(info) == 0:
                 return upper
@@ -695,9 +697,11 @@ def _gptq_run(
     else:
         perm = torch.arange(k, device=device)
     wp = wf[:, perm].contiguous()
-    h = h[perm][:, perm]
+    h = h[perm]
+    h = h[:, perm]
     col_group = perm // gs  # group of each permuted column
     hinv = _inverse_hessian_upper(h, damp).to(torch.float32)
+    del h
 
     qmax = 2**bits - 1
     codes_p = torch.empty(n, k, dtype=torch.uint8, device=device)

@@ -203,3 +203,21 @@ def test_streamed_lazy_weights_give_the_in_memory_artifact(tmp_path, method, bit
     assert (pa / "quant.safetensors").read_bytes() == (pb / "quant.safetensors").read_bytes()
     ca, cb = (json.loads((p / "config.json").read_text()) for p in (pa, pb))
     assert ca["tensors"] == cb["tensors"] and ca["checksums"] == cb["checksums"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_block_weights_equal_rotating_the_whole_model(arch, monkeypatch):
+    """BlockWeights (one linear at a time, tables in slices of rows) gives rotate_model's float64 numbers rounded
+    to float32, bit for bit, for every block and the embedding and head."""
+    from baseq_export import rotate
+    from baseq_export.pipeline import BlockWeights
+
+    monkeypatch.setattr(rotate, "ROTATE_ROWS", 7)  # several slices of the tiny tables
+    m = from_hf_model(tiny_hf_model(arch, dtype=torch.float32))
+    _, whole = rotate_model(m.config, {k: v.double() for k, v in m.weights.items()}, seed=5, r4=True)
+    src = BlockWeights(m, rotated=True, seed=5, r4=True)
+    got = {**src.outside_and_norms(), **{f"layers.{i}.{k}": v for i in range(m.config.num_layers) for k, v in src.layer(i).items()}}
+    assert got.keys() == whole.keys()
+    for k, v in whole.items():
+        assert got[k].dtype == torch.float32 and torch.equal(got[k], v.float()), k
+    assert torch.equal(src.embed(), whole["embed"].float())

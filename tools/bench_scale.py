@@ -65,7 +65,7 @@ def vocab_words(n: int) -> list[str]:
 
     from baseq_export.data import embedded_text
 
-    words = collections.Counter(re.findall(r"\w+|[^\w\s]", embedded_text("calibration") + embedded_text("evaluation")))
+    words = collections.Counter(re.findall(r"\w+|[^\w\s]", embedded_text("calib") + embedded_text("eval")))
     vocab = ["[UNK]"] + [w for w, _ in words.most_common(n - 1)]
     return vocab + [f"<filler{i}>" for i in range(n - len(vocab))]
 
@@ -144,11 +144,13 @@ STAGES = {
     "quantize quarot-gptq w4a4kv4": ("quantize", ["--method", "quarot-gptq", "--bits", "w4a4kv4", *CALIB], None),
     "quantize baseq quick w4a4kv4": ("quantize", ["--method", "baseq", "--preset", "quick", "--bits", "w4a4kv4", *CALIB], None),
     "quantize gguf profile (w4a16 q4_1)": ("quantize", ["--profile", "gguf", *CALIB], None),
-    "quantize rtn w4a16 g32, float head": ("quantize", ["--method", "rtn", "--bits", "w4a16", "--group-size", "32"], None),
+    "quantize rtn w4a16 g32 float head": ("quantize", ["--method", "rtn", "--bits", "w4a16", "--group-size", "32"], None),
+    "quantize gguf profile rtn (w4a16 q4_1)": ("quantize", ["--profile", "gguf", "--method", "rtn"], None),
     "export onnx (baseq quick)": ("export", ["--format", "onnx"], "quantize baseq quick w4a4kv4"),
     "export onnx (quarot-gptq)": ("export", ["--format", "onnx"], "quantize quarot-gptq w4a4kv4"),
     "export gguf (gguf profile)": ("export", ["--format", "gguf"], "quantize gguf profile (w4a16 q4_1)"),
-    "export onnx (rtn w4a16 g32, float head)": ("export", ["--format", "onnx"], "quantize rtn w4a16 g32, float head"),
+    "export gguf (gguf profile rtn)": ("export", ["--format", "gguf"], "quantize gguf profile rtn (w4a16 q4_1)"),
+    "export onnx (rtn w4a16 g32 float head)": ("export", ["--format", "onnx"], "quantize rtn w4a16 g32 float head"),
 }
 
 
@@ -198,7 +200,7 @@ def main() -> int:
             print(f"  {stage}: {r['seconds']} s, peak RSS {r['peak_rss_mib']:.0f} MiB, output {r['output_bytes'] / 2**30:.2f} GiB", flush=True)
             Path(args.json).write_text(json.dumps(results, indent=2))
         if n == max(layers):  # the big export must load in onnxruntime (external data past protobuf's 2 GB)
-            big = made.get("export onnx (rtn w4a16 g32, float head)")
+            big = made.get("export onnx (rtn w4a16 g32 float head)")
             if big is not None:
                 r = run_stage([sys.executable, "-c", LOAD_CHECK, str(big)], root / f"{n}L-load-check.log")
                 r["data_bytes"] = (big / "model.onnx.data").stat().st_size
