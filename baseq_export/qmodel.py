@@ -83,19 +83,17 @@ class TensorStore(MutableMapping):
         self.spool = spool
         self._memory: dict[str, torch.Tensor] = {}
         self._file_of: dict[str, Path] = {}
-        self._handles: dict[Path, object] = {}
-
-    def _handle(self, path: Path):
-        if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="pt")
-        return self._handles[path]
+        self._meta: dict[str, tuple[str, list[int]]] = {}
 
     def attach(self, path: str | Path) -> None:
-        """Add every tensor of the safetensors file at path (read lazily)."""
+        """Add every tensor of the safetensors file at path (read lazily; names, dtypes and shapes read now)."""
         path = Path(path)
-        for name in self._handle(path).keys():
-            self._memory.pop(name, None)
-            self._file_of[name] = path
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                part = f.get_slice(name)
+                self._memory.pop(name, None)
+                self._file_of[name] = path
+                self._meta[name] = (part.get_dtype(), list(part.get_shape()))
 
     def put(self, tensors: Mapping[str, torch.Tensor], file: str) -> None:
         """Add tensors: written to spool/file and dropped from memory when the store has a spool, else kept."""
@@ -104,7 +102,6 @@ class TensorStore(MutableMapping):
             return
         self.spool.mkdir(parents=True, exist_ok=True)
         path = self.spool / file
-        self._handles.pop(path, None)
         save_tensors(dict(tensors), path.with_suffix(".tmp"))
         os.replace(path.with_suffix(".tmp"), path)
         self.attach(path)
@@ -114,15 +111,17 @@ class TensorStore(MutableMapping):
         if name in self._memory:
             t = self._memory[name]
             return SAFETENSORS_DTYPES[t.dtype], list(t.shape)
-        part = self._handle(self._file_of[name]).get_slice(name)
-        return part.get_dtype(), list(part.get_shape())
+        return self._meta[name]
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name in self._memory:
             return self._memory[name]
         if name not in self._file_of:
             raise KeyError(name)
-        return self._handle(self._file_of[name]).get_tensor(name)
+        # opened for this read only: a mapping kept open would leave every page read resident, so reading a
+        # large artifact through would hold all of it
+        with safe_open(str(self._file_of[name]), framework="pt") as f:
+            return f.get_tensor(name)
 
     def __setitem__(self, name: str, tensor: torch.Tensor) -> None:
         self._file_of.pop(name, None)

@@ -206,9 +206,13 @@ def main() -> int:
                 r["data_bytes"] = (big / "model.onnx.data").stat().st_size
                 results["onnx_load_check"] = r
                 print(f"  onnxruntime loaded {big} ({r['data_bytes'] / 2**30:.2f} GiB of weights) in {r['seconds']} s", flush=True)
-        if not args.keep:
+        if not args.keep:  # only what this depth wrote: an artifact or ONNX directory, a GGUF file and its directory
             for p in made.values():
-                shutil.rmtree(p if p.is_dir() else p.parent, ignore_errors=True)
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.is_file():
+                    p.unlink()
+                    p.parent.rmdir()
     growth = {}
     lo, hi = min(layers), max(layers)
     for stage, by_n in results["stages"].items():
