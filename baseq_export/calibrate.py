@@ -227,8 +227,7 @@ def calibrate_baseq(
         else:
             x = h_q if b.input_stream == "quant" else h_fp
             hessians = gptq_hessians(cfg, fp_lw, i, x, fp_hooks, rope)
-            qweights = round_layer(fp_lw, q, hessians, release=True)
-            del hessians  # a 7B block's four float64 Hessians are over 1 GB
+            qweights = round_layer(fp_lw, q, hessians, release=True)  # each Hessian dropped once used
             qdeq = {f"{n}.weight": qw.dequantize() for n, qw in qweights.items()}
             qlw = {**qdeq, **{k: v for k, v in fp_lw.items() if k.endswith(".bias")}}
             means = _site_means(cfg, qlw, i, x, fp_hooks, rope) if b.shift_init == "mean" else None

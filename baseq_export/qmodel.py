@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 if TYPE_CHECKING:
     from .models.base import ModelConfig
@@ -345,8 +345,8 @@ def load_artifact(path: str | Path, map_location: str = "cpu", lazy: bool = Fals
             got = tensor_index_entry(tensors, name)
             if got != {"dtype": meta["dtype"], "shape": meta["shape"]}:
                 raise ArtifactError(f"tensor {name} is {got['dtype']} {got['shape']}, {CONFIG} says {meta['dtype']} {meta['shape']}")
-        if not lazy:
-            tensors = {name: tensors[name].to(map_location) for name in tensors}
+        if not lazy:  # one read of the whole file, not an open per tensor
+            tensors = load_file(str(tensor_file), device=map_location)
     except (SafetensorError, OSError, ValueError, KeyError) as e:
         if isinstance(e, ArtifactError):
             raise

@@ -37,7 +37,7 @@ class ExternalData:
 
     def tensor(self, name: str, array: np.ndarray) -> onnx.TensorProto:
         """A TensorProto of array whose data lies in this file."""
-        raw = np.ascontiguousarray(array).tobytes()
+        raw = memoryview(np.ascontiguousarray(array)).cast("B")  # the array's own bytes, not a copy
         key = (name, hashlib.sha256(raw).hexdigest() + array.dtype.str + str(array.shape))
         if key not in self._written:
             align = PAGE_ALIGN if len(raw) >= PAGE_ALIGN_FROM else EXTERNAL_ALIGN
