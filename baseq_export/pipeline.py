@@ -168,9 +168,9 @@ def round_layer(w: dict[str, torch.Tensor], s: QuantSettings, hessians: dict | N
             weight = w[f"{name}.weight"].to(torch.float32)
             if hessians is None:
                 out[name] = rtn_quantize(weight, 4, s.group_size, s.symmetric, mse_clip_search=mse, grid=s.weight_grid)
-            else:
+            else:  # the site's last linear may factor a released Hessian in place rather than copy it
                 out[name] = gptq_quantize(weight, hessians[site].hessian, 4, s.group_size, s.symmetric, s.damp, s.act_order,
-                                          mse_clip_search=mse, grid=s.weight_grid)
+                                          mse_clip_search=mse, grid=s.weight_grid, scratch=release and name == names[-1])
         if release and hessians is not None:
             del hessians[site]
     return out

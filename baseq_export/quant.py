@@ -640,20 +640,47 @@ class HessianAccumulator:
         self.nsamples = total
 
 
-def _inverse_hessian_upper(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, raising damp tenfold on failure."""
-    mean_diag = float(torch.diagonal(h).mean())
-    for attempt in range(6):  # one [K, K] temporary at a time: at K = 11008 each is about 1 GB in float64
-        hd = h.clone()
-        hd.diagonal().add_((damp * 10**attempt) * mean_diag)  # H + lambda I
-        chol, info = torch.linalg.cholesky_ex(hd)
-        del hd
+HESSIAN_ROWS = 1024  # rows of a [K, K] Hessian moved at a time when it is reordered in place
+
+
+def _act_order_hessian_(h: torch.Tensor, perm: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """h[perm][:, perm] with dead (zero-diagonal) inputs' diagonal set to 1, computed in h's own memory and
+    returned as a column-major view whose lower triangle is copied into its upper one: LAPACK then works in
+    place (a 7B down_proj's Hessian is 1 GB) and reads the same lower triangle a copy would."""
+    k = h.shape[0]
+    h.diagonal()[dead] = 1.0
+    for i in range(0, k, HESSIAN_ROWS):  # columns in act order, a slice of rows at a time
+        h[i : i + HESSIAN_ROWS] = h[i : i + HESSIAN_ROWS].index_select(1, perm)
+    ht = h.t()
+    for i in range(0, k, HESSIAN_ROWS):  # then rows: the same step on the transposed view moves rows
+        ht[i : i + HESSIAN_ROWS] = ht[i : i + HESSIAN_ROWS].index_select(1, perm)
+    for i in range(0, k, HESSIAN_ROWS):  # lower triangle mirrored, so the column-major view holds the same matrix
+        j = min(i + HESSIAN_ROWS, k)
+        h[i:j, j:] = h[j:, i:j].t()
+        block = h[i:j, i:j]
+        block.copy_(block.tril() + block.tril(-1).t())
+    return h.mT  # logical value h[perm][:, perm] (symmetrised from its lower triangle), column-major storage
+
+
+def _inverse_hessian_upper(make_h, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1 in float32, raising damp tenfold on failure.
+
+    make_h() returns the [K, K] float64 matrix H to factor, column-major; the factorisation overwrites it
+    (LAPACK works in place on column-major storage), so a retry asks for a fresh one."""
+    mean_diag = None
+    for attempt in range(6):
+        h = make_h()
+        if mean_diag is None:
+            mean_diag = float(torch.diagonal(h).mean())
+        h.diagonal().add_((damp * 10**attempt) * mean_diag)  # H + lambda I
+        info = torch.empty((), dtype=torch.int32, device=h.device)
+        torch.linalg.cholesky_ex(h, out=(h, info))
         if int(info) == 0:
-            hinv = torch.cholesky_inverse(chol)
-            del chol
-            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            torch.cholesky_inverse(h, out=h)
+            torch.linalg.cholesky_ex(h, upper=True, out=(h, info))
             if int(info) == 0:
-                return upper
+                return h.to(torch.float32, memory_format=torch.contiguous_format)
+        del h
     raise RuntimeError("gptq: Hessian is not positive definite even with heavy dampening")
 
 
@@ -670,8 +697,11 @@ def _gptq_run(
     clip_ratio: float,
     grid: str = "int",
     weighted_clip: bool = False,
-) -> tuple[QuantizedWeight, torch.Tensor]:
-    """GPTQ core; also returns the float32 [N, K] weights used in the error feedback (natural order)."""
+    scratch: bool = False,
+    return_used: bool = True,
+) -> tuple[QuantizedWeight, torch.Tensor | None]:
+    """GPTQ core; also returns the float32 [N, K] weights used in the error feedback (natural order) when
+    return_used. scratch: the (float64, same device) hessian may be overwritten, so no copy of it is made."""
     _check_bits(bits)
     if w.dim() != 2:
         raise ValueError(f"gptq_quantize expects a [N, K] weight, got {tuple(w.shape)}")
@@ -681,48 +711,59 @@ def _gptq_run(
     gs = _grid_group_size(k, group_size, grid)
     device = w.device
     wf = w.detach().to(torch.float32).clone()
-    h = hessian.detach().to(device=device, dtype=torch.float64).clone()
-
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
+    diag = torch.diagonal(hessian.detach()).to(device=device, dtype=torch.float64).clone()
+    dead = diag == 0
+    diag[dead] = 1.0  # a dead input (never active) gets diag 1 and weight 0
     wf[:, dead] = 0.0
 
     # Static groups: every contiguous group's params come from the original weights (the clip search
     # weighted by diag H when weighted_clip); each column is then rounded with its block's fixed params.
-    importance = torch.diagonal(h).to(torch.float32) if weighted_clip else None
+    importance = diag.to(torch.float32) if weighted_clip else None
     scale, zero, minimum = _weight_qparams(wf, bits, gs, symmetric, clip_ratio, mse_clip_search_, grid, importance)
 
     if act_order:
-        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        perm = torch.argsort(diag, descending=True, stable=True)
     else:
         perm = torch.arange(k, device=device)
     wp = wf[:, perm].contiguous()
-    h = h[perm]
-    h = h[:, perm]
+    del wf
     col_group = perm // gs  # group of each permuted column
-    hinv = _inverse_hessian_upper(h, damp).to(torch.float32)
-    del h
+    copies = 0
+
+    def act_order_h() -> torch.Tensor:
+        nonlocal copies
+        copies += 1
+        if scratch and hessian.dtype == torch.float64 and hessian.device == device:
+            if copies > 1:  # its only copy was factored in place by the failed attempt
+                raise RuntimeError(f"gptq: the damped Hessian (damp={damp}) is not positive definite; with a "
+                                   "finite Hessian that takes a larger damp (QuantSettings.damp)")
+            return _act_order_hessian_(hessian.detach(), perm, dead)
+        return _act_order_hessian_(hessian.detach().to(device=device, dtype=torch.float64).clone(), perm, dead)
+
+    hinv = _inverse_hessian_upper(act_order_h, damp)
 
     qmax = 2**bits - 1
     codes_p = torch.empty(n, k, dtype=torch.uint8, device=device)
-    deq_p = torch.empty(n, k, dtype=torch.float32, device=device)
-    scale_cols = scale[:, col_group]  # [N, K] in permuted order
-    zero_cols = None if zero is None else zero[:, col_group].to(torch.float32)
-    min_cols = None if minimum is None else minimum[:, col_group]
+    deq_p = torch.empty(n, k, dtype=torch.float32, device=device) if return_used else None
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         w1 = wp[:, i1:i2].clone()
         err1 = torch.empty_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
+        groups = col_group[i1:i2]
+        scale_cols = scale[:, groups]  # [N, block] in permuted order
+        zero_cols = None if zero is None else zero[:, groups].to(torch.float32)
+        min_cols = None if minimum is None else minimum[:, groups]
         for i in range(i2 - i1):
             col = w1[:, i]
-            s = scale_cols[:, i1 + i]
-            z = None if zero_cols is None else zero_cols[:, i1 + i]
-            m = None if min_cols is None else min_cols[:, i1 + i]
+            s = scale_cols[:, i]
+            z = None if zero_cols is None else zero_cols[:, i]
+            m = None if min_cols is None else min_cols[:, i]
             q = quant_values(col, s, z, qmax, m)
             dq = dequant_values(q, s, z, m)  # identical arithmetic to dequantize()
             codes_p[:, i1 + i] = q.to(torch.uint8)
-            deq_p[:, i1 + i] = dq
+            if deq_p is not None:
+                deq_p[:, i1 + i] = dq
             e = (col - dq) / hinv1[i, i]
             w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
             err1[:, i] = e
@@ -730,8 +771,10 @@ def _gptq_run(
 
     codes = torch.empty_like(codes_p)
     codes[:, perm] = codes_p
-    deq = torch.empty_like(deq_p)
-    deq[:, perm] = deq_p
+    deq = None
+    if deq_p is not None:
+        deq = torch.empty_like(deq_p)
+        deq[:, perm] = deq_p
     qw = QuantizedWeight(codes=codes, scale=scale, zero=zero, group_size=gs, bits=bits, minimum=minimum, grid=grid)
     return qw, deq
 
@@ -749,6 +792,7 @@ def gptq_quantize(
     clip_ratio: float = 1.0,
     grid: str = "int",
     weighted_clip: bool = False,
+    scratch: bool = False,
 ) -> QuantizedWeight:
     """GPTQ of a [N, K] weight with Hessian [K, K] on a grid; static contiguous groups so act_order stays exportable.
 
@@ -756,10 +800,11 @@ def gptq_quantize(
     mse_clip_search, searched, weighted by diag H if weighted_clip); columns are then quantized in
     act order (descending diag H) with their own group's fixed params (q4_1: the block's d and m).
     Dead inputs (diag H == 0) get weight 0 and diag 1; dampening adds damp * mean(diag H).
+    scratch: the hessian (float64) is the caller's to lose: it is factored in place instead of copied.
     """
     qw, _ = _gptq_run(
         w, hessian, bits, group_size, symmetric, damp, act_order, block_size,
-        mse_clip_search, clip_ratio, grid, weighted_clip,
+        mse_clip_search, clip_ratio, grid, weighted_clip, scratch=scratch, return_used=False,
     )
     return qw
 

@@ -395,6 +395,40 @@ def test_gptq_codes_are_what_error_feedback_used(layer, act_order):
     assert int(qw.codes.max()) <= 15 and int(qw.zero.max()) <= 15
 
 
+def test_gptq_in_place_inverse_equals_plain_linear_algebra(layer, monkeypatch):
+    """The act-order Hessian is permuted, symmetrised and factored in its own memory; the result must be what the
+    plain out-of-place chain gives on h[perm][:, perm] (torch reads its lower triangle), bit for bit, even though
+    an accumulated Hessian is not exactly symmetric."""
+    _, _, h = layer
+    monkeypatch.setattr(quant, "HESSIAN_ROWS", 37)  # several uneven slices, so the slicing itself is exercised
+    assert not torch.equal(h, h.T)
+    dead = torch.zeros(h.shape[0], dtype=torch.bool)
+    dead[[3, 100]] = True  # inputs never active: zero rows and columns
+    h = h.clone()
+    h[dead] = 0.0
+    h[:, dead] = 0.0
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+    ref = h.clone()
+    ref[dead, dead] = 1.0
+    ref = ref[perm][:, perm]
+    lam = 0.01 * float(torch.diagonal(ref).mean())
+    plain = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(ref + lam * torch.eye(h.shape[0], dtype=h.dtype))), upper=True)
+    got = quant._inverse_hessian_upper(lambda: quant._act_order_hessian_(h.clone(), perm, dead), 0.01)
+    assert got.dtype == torch.float32 and got.is_contiguous()
+    assert torch.equal(got, plain.to(torch.float32))
+
+
+@pytest.mark.parametrize("group_size, grid", [(None, "int"), (32, "q4_1")])
+def test_gptq_scratch_hessian_gives_the_same_codes(layer, group_size, grid):
+    """scratch=True factors the caller's Hessian in place (no 1 GB copy at 7B): same codes, and the buffer is used."""
+    _, w, h = layer
+    ref = gptq_quantize(w, h, 4, group_size, act_order=True, grid=grid)
+    buf = h.clone()
+    got = gptq_quantize(w, buf, 4, group_size, act_order=True, grid=grid, scratch=True)
+    assert torch.equal(got.codes, ref.codes) and torch.equal(got.scale, ref.scale)
+    assert not torch.equal(buf, h)  # it was the working memory
+
+
 def test_gptq_mse_clip_and_8bit(layer):
     x, w, h = layer
     for bits in (4, 8):
