@@ -166,12 +166,12 @@ def evaluate_fp(args: argparse.Namespace):
     t0 = time.time()
     print(f"loading model {args.model!r} ...", file=sys.stderr)
     device = resolve_device(getattr(args, "device", "cpu"))
-    m = load_model(args.model)
+    m = load_model(args.model, lazy=True)  # read straight from the file: no transformers model next to ours
+    weights = {k: v.to(device) for k, v in m.weights.read_all().items()}
     print(f"loaded {m.config.arch} ({m.config.num_layers} layers, hidden {m.config.hidden_size}) in {time.time() - t0:.1f} s", file=sys.stderr)
     check_context(m, args.ctx, "--ctx")
     windows = eval_windows(m.tokenizer, args)
     t0 = time.time()
-    weights = {k: v.to(device) for k, v in m.weights.items()} if device.type != "cpu" else m.weights
     with torch.inference_mode():
         result = perplexity(lambda ids: forward(m.config, weights, ids.to(device)).cpu(), windows, args.batch_size,
                             desc="FP perplexity")

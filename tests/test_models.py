@@ -144,6 +144,9 @@ def test_lazy_loading_of_a_sharded_checkpoint_equals_eager_loading(arch, dtype, 
     ids = torch.randint(0, 96, (1, 7), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(forward(lazy.config, dict(lazy.weights), ids), forward(eager.config, eager.weights, ids),
                                rtol=0, atol=0)
+    held = lazy.weights.read_all()  # what the FP evaluation holds: each tensor read once, a tied head not twice
+    assert set(held) == set(eager.weights) and all(torch.equal(held[k], eager.weights[k]) for k in held)
+    assert (held["lm_head"] is held["embed"]) == lazy.config.tied_embeddings
 
 
 def test_lazy_loading_refuses_what_eager_loading_refuses(tmp_path):

@@ -98,6 +98,17 @@ def adapter_for(model_type: str):
     return ADAPTERS[model_type]
 
 
+TIED_HEAD_DIFFERS = ("config.json ties lm_head to the embedding (tie_word_embeddings true) but the checkpoint has "
+                     "its own, different lm_head.weight: set tie_word_embeddings false in config.json")
+UNTIED_WITHOUT_HEAD = (" config.json says tie_word_embeddings false but there is no lm_head.weight: set it to true if the "
+                       "head is the embedding")
+
+
+def lacks_error(missing: list[str], hint: str) -> ModelLoadError:
+    """The refusal of a checkpoint without tensors its config needs (the first five named)."""
+    return ModelLoadError(f"the checkpoint lacks {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''};{hint}")
+
+
 def from_hf_model(hf_model, tokenizer=None, source: str = "<in-memory>") -> LoadedModel:
     """Convert a transformers *ForCausalLM model (already loaded) to the canonical layout."""
     adapter = adapter_for(hf_model.config.model_type)
@@ -105,8 +116,7 @@ def from_hf_model(hf_model, tokenizer=None, source: str = "<in-memory>") -> Load
     cfg = adapter.config_from_hf(hf_model.config)
     head, embed = hf_model.get_output_embeddings(), hf_model.get_input_embeddings()
     if cfg.tied_embeddings and head is not None and not torch.equal(head.weight, embed.weight):
-        raise ModelLoadError("config.json ties lm_head to the embedding (tie_word_embeddings true) but the checkpoint "
-                             "has its own, different lm_head.weight: set tie_word_embeddings false in config.json")
+        raise ModelLoadError(TIED_HEAD_DIFFERS)
     scaling = adapter.rope_attention_scaling(hf_model)
     if scaling != 1.0:
         import dataclasses
@@ -190,10 +200,9 @@ def check_loading_info(info: dict, tied: bool) -> None:
     missing = sorted(info.get("missing_keys") or ())
     unexpected = sorted(k for k in info.get("unexpected_keys") or () if k.endswith((".weight", ".bias")))
     if missing:
-        hint = (" config.json says tie_word_embeddings false but there is no lm_head.weight: set it to true if the head "
-                "is the embedding" if any(k.startswith("lm_head") for k in missing) else
+        hint = (UNTIED_WITHOUT_HEAD if any(k.startswith("lm_head") for k in missing) else
                 " config.json asks for them (e.g. attention_bias / mlp_bias true): fix config.json or the checkpoint")
-        raise ModelLoadError(f"the checkpoint lacks {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''};{hint}")
+        raise lacks_error(missing, hint)
     if unexpected:
         hint = (" config.json ties lm_head to the embedding (tie_word_embeddings true) but the checkpoint has its own "
                 "lm_head.weight: set tie_word_embeddings false" if tied and any(k.startswith("lm_head") for k in unexpected)
@@ -254,7 +263,7 @@ def _load_lazy(spec: str, directory: Path, gguf: str | None, dtype: torch.dtype)
 
     from transformers import AutoConfig, AutoTokenizer
 
-    from .lazy import gguf_weights, rope_tensors, safetensors_weights
+    from .lazy import gguf_weights, meta_model, rope_tensors, safetensors_weights
 
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
@@ -263,13 +272,15 @@ def _load_lazy(spec: str, directory: Path, gguf: str | None, dtype: torch.dtype)
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"could not load {spec!r}: {e}. Supported: {SUPPORTED}") from e
     adapter = adapter_for(hf_config.model_type)
-    check_config(hf_config.to_dict())
+    if gguf:  # a checkpoint directory's config.json was checked by load_model already
+        check_config(hf_config.to_dict())
     cfg = adapter.config_from_hf(hf_config)
-    inv_freq, scaling = rope_tensors(hf_config)
+    shell = meta_model(hf_config)
+    inv_freq, scaling = rope_tensors(shell, hf_config)
     if scaling != 1.0:
         cfg = dataclasses.replace(cfg, rope_attention_scaling=scaling)
-    weights = (gguf_weights(directory / gguf, cfg, dtype, inv_freq) if gguf
-               else safetensors_weights(directory, cfg, adapter, dtype, inv_freq))
+    weights = (gguf_weights(directory / gguf, cfg, dtype, inv_freq, shell, adapter) if gguf
+               else safetensors_weights(directory, cfg, adapter, dtype, inv_freq, shell))
     check_finite(weights)
     source = str(directory / gguf) if gguf else str(directory)
     return LoadedModel(cfg, weights, tokenizer, source, special_token_ids(hf_config, tokenizer),

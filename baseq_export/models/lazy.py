@@ -34,6 +34,15 @@ class LazyWeights(Mapping):
     def __len__(self) -> int:
         return len(self._readers)
 
+    def read_all(self) -> dict[str, torch.Tensor]:
+        """Every tensor read once into memory, for work that reads them all many times (a full-precision
+        evaluation); names with one reader (a tied head and the embedding) share one tensor."""
+        read: dict[int, torch.Tensor] = {}
+        for r in self._readers.values():
+            if id(r) not in read:
+                read[id(r)] = r()
+        return {name: read[id(r)] for name, r in self._readers.items()}
+
 
 def hf_names(cfg: ModelConfig, adapter) -> dict[str, str]:
     """Canonical name -> transformers parameter name of every weight a checkpoint may hold (biases included)."""
@@ -47,34 +56,47 @@ def hf_names(cfg: ModelConfig, adapter) -> dict[str, str]:
     return names
 
 
-def rope_tensors(hf_config) -> tuple[torch.Tensor, float]:
-    """(inv_freq, attention scaling) exactly as the model's own rotary embedding computes them from its config."""
+def meta_model(hf_config):
+    """The transformers model of hf_config on the meta device: its parameter names and rotary embedding, no memory."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        shell = AutoModelForCausalLM.from_config(hf_config)
+        return AutoModelForCausalLM.from_config(hf_config)
+
+
+def rope_tensors(shell, hf_config) -> tuple[torch.Tensor, float]:
+    """(inv_freq, attention scaling) exactly as the model's own rotary embedding computes them from its config."""
     rotary = type(shell.model.rotary_emb)(config=hf_config)
     return rotary.inv_freq.detach().clone(), float(getattr(rotary, "attention_scaling", 1.0))
 
 
-def _checked(weights: dict, cfg: ModelConfig, present: set[str], names: dict[str, str]) -> None:
-    """The same refusals as the eager loader: tensors the config needs but the checkpoint lacks, a head that
-    contradicts tie_word_embeddings."""
-    from . import ModelLoadError
+def expected_names(shell, names: dict[str, str]) -> set[str]:
+    """The canonical names of the tensors transformers' model of this config has (a bias only where it has one)."""
+    params = set(shell.state_dict())
+    return {c for c, n in names.items() if n in params}
 
-    required = [c for c in names if not c.endswith(".bias") and not (c == "lm_head" and cfg.tied_embeddings)]
+
+def _checked(weights: dict, cfg: ModelConfig, present: set[str], names: dict[str, str], expected: set[str]) -> None:
+    """The same refusals as the eager loader: tensors the config needs but the checkpoint lacks (a bias the config
+    asks for included), tensors it would ignore, a head that contradicts tie_word_embeddings."""
+    from . import TIED_HEAD_DIFFERS, UNTIED_WITHOUT_HEAD, ModelLoadError, lacks_error
+
+    required = [c for c in names if c in expected and not (c == "lm_head" and cfg.tied_embeddings)]
     missing = [names[c] for c in required if names[c] not in present]
     if missing:
-        hint = (" config.json says tie_word_embeddings false but there is no lm_head.weight: set it to true if the head "
-                "is the embedding" if "lm_head.weight" in missing else "")
-        raise ModelLoadError(f"the checkpoint lacks {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''};{hint}")
+        hint = (UNTIED_WITHOUT_HEAD if names["lm_head"] in missing else
+                " config.json asks for them (e.g. attention_bias / mlp_bias true): fix config.json or the checkpoint")
+        raise lacks_error(missing, hint)
+    ignored = [names[c] for c in names if c not in expected and names[c] in present]
+    if ignored:
+        raise ModelLoadError(f"the checkpoint has tensors the model would ignore: {', '.join(ignored[:5])}; config.json "
+                             "does not use them (e.g. attention_bias false): fix config.json")
     if cfg.tied_embeddings and names["lm_head"] in present and not torch.equal(weights["lm_head"](), weights["embed"]()):
-        raise ModelLoadError("config.json ties lm_head to the embedding (tie_word_embeddings true) but the checkpoint "
-                             "has its own, different lm_head.weight: set tie_word_embeddings false in config.json")
+        raise ModelLoadError(TIED_HEAD_DIFFERS)
 
 
 def safetensors_weights(directory: Path, cfg: ModelConfig, adapter, dtype: torch.dtype,
-                        inv_freq: torch.Tensor) -> LazyWeights:
+                        inv_freq: torch.Tensor, shell) -> LazyWeights:
     """Lazy weights of a safetensors checkpoint (one file, or the shards its index lists)."""
     from safetensors import safe_open
 
@@ -95,14 +117,14 @@ def safetensors_weights(directory: Path, cfg: ModelConfig, adapter, dtype: torch
         return read
 
     readers = {c: reader(n) for c, n in names.items() if n in where}
-    _checked(readers, cfg, set(where), names)
+    _checked(readers, cfg, set(where), names, expected_names(shell, names))
     if cfg.tied_embeddings:
         readers["lm_head"] = readers["embed"]
     readers["rope.inv_freq"] = lambda: inv_freq.clone()
     return LazyWeights(readers)
 
 
-def gguf_weights(path: Path, cfg: ModelConfig, dtype: torch.dtype, inv_freq: torch.Tensor) -> LazyWeights:
+def gguf_weights(path: Path, cfg: ModelConfig, dtype: torch.dtype, inv_freq: torch.Tensor, shell, adapter) -> LazyWeights:
     """Lazy weights of a llama.cpp GGUF file: each tensor dequantized by gguf-py when read."""
     import gguf
 
@@ -133,8 +155,8 @@ def gguf_weights(path: Path, cfg: ModelConfig, dtype: torch.dtype, inv_freq: tor
         return read
 
     readers = {c: read_tensor(c, n) for c, n in names.items() if n in tensors}
-    _checked(readers, cfg, set(tensors), names)
-    if cfg.tied_embeddings or names["lm_head"] not in tensors:
+    _checked(readers, cfg, set(tensors), names, expected_names(shell, hf_names(cfg, adapter)))
+    if cfg.tied_embeddings:  # (an untied model without output.weight was refused by _checked)
         readers["lm_head"] = readers["embed"]
     readers["rope.inv_freq"] = lambda: inv_freq.clone()
     return LazyWeights(readers)
