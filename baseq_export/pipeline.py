@@ -192,7 +192,7 @@ class BlockWeights:
     def _outside_tensor(self, k: str) -> torch.Tensor:
         """A tensor outside the blocks in float32, rotated in float64 a slice of rows at a time (every step acts
         on rows separately), so a 7B embedding never has a whole float64 copy."""
-        from .rotate import ROTATE_ROWS
+        from .rotate import slice_rows
 
         t = self.model.weights[k]
         if not self.rotated:
@@ -205,8 +205,9 @@ class BlockWeights:
         if t.dim() < 2:
             return rotated(t)
         out = torch.empty(t.shape, dtype=torch.float32)
-        for i in range(0, t.shape[0], ROTATE_ROWS):
-            out[i : i + ROTATE_ROWS] = rotated(t[i : i + ROTATE_ROWS])
+        step = slice_rows(t.shape[1])
+        for i in range(0, t.shape[0], step):
+            out[i : i + step] = rotated(t[i : i + step])
         return out
 
     def embed(self) -> torch.Tensor:

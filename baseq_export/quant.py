@@ -662,6 +662,23 @@ def _act_order_hessian_(h: torch.Tensor, perm: torch.Tensor, dead: torch.Tensor)
     return h.mT  # logical value h[perm][:, perm] (symmetrised from its lower triangle), column-major storage
 
 
+def _float32_upper_in_place(u: torch.Tensor) -> torch.Tensor:
+    """The upper-triangular float64 u (a column-major view, as LAPACK leaves it) as a row-major float32 matrix in
+    the first half of u's own memory: no second [K, K] matrix (3.3 GB at a 70B down_proj). Result rows i:j read
+    storage rows >= i only, and the rows written before them end at byte 4*K*i, inside storage row i/2."""
+    k = u.shape[0]
+    stored = u.mT  # row-major storage holding u^T (lower triangular)
+    out = stored.reshape(-1).view(torch.float32)[: k * k].view(k, k)
+    i = 0
+    while i < k:
+        j = min(k, i + HESSIAN_ROWS)
+        rows = stored[i:, i:j].t().to(torch.float32)  # u[i:j, i:], read before its own rows are written
+        out[i:j, i:] = rows
+        out[i:j, :i] = 0.0
+        i = j
+    return out
+
+
 def _inverse_hessian_upper(make_h, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1 in float32, raising damp tenfold on failure.
 
@@ -679,7 +696,7 @@ def _inverse_hessian_upper(make_h, damp: float) -> torch.Tensor:
             torch.cholesky_inverse(h, out=h)
             torch.linalg.cholesky_ex(h, upper=True, out=(h, info))
             if int(info) == 0:
-                return h.to(torch.float32, memory_format=torch.contiguous_format)
+                return _float32_upper_in_place(h)
         del h
     raise RuntimeError("gptq: Hessian is not positive definite even with heavy dampening")
 

@@ -82,23 +82,41 @@ def random_signs(n: int, seed: int, dtype: torch.dtype = torch.float64) -> torch
     return (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).to(dtype)
 
 
-ROTATE_ROWS = 4096  # rows rotated at a time: a 50k-row embedding's float64 temporaries stay small
+ROTATE_ELEMENTS = 2**23  # a rotation works on slices of rows of about this many entries (64 MB in float64)
+
+
+def slice_rows(cols: int) -> int:
+    """Rows per slice when a [rows, cols] matrix is rotated row by row: a 7B down_proj or a 50k-row embedding
+    never has whole-matrix float64 temporaries (every rotation here acts on rows separately)."""
+    return max(1, ROTATE_ELEMENTS // max(1, cols))
+
+
+def _by_row_slices(fn, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """fn applied to slices of rows of weight, written into out (a new tensor unless given; it may be a view)."""
+    if weight.dim() != 2 or weight.shape[0] <= slice_rows(weight.shape[1]):
+        if out is None:
+            return fn(weight)
+        out.copy_(fn(weight))
+        return out
+    out = torch.empty_like(weight) if out is None else out
+    step = slice_rows(weight.shape[1])
+    for i in range(0, weight.shape[0], step):
+        out[i : i + step] = fn(weight[i : i + step])
+    return out
 
 
 def rotate_input_side(weight: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """W R1 for a layer reading the residual stream: its input x R1 then gives the same output (row by row,
-    so a tall matrix is done in slices of ROTATE_ROWS rows into one output)."""
-    if weight.dim() != 2 or weight.shape[0] <= ROTATE_ROWS:
-        return apply_hadamard(weight * signs.to(weight.dtype))
-    out = torch.empty_like(weight)
-    for i in range(0, weight.shape[0], ROTATE_ROWS):
-        out[i : i + ROTATE_ROWS] = apply_hadamard(weight[i : i + ROTATE_ROWS] * signs.to(weight.dtype))
-    return out
+    """W R1 for a layer reading the residual stream: its input x R1 then gives the same output."""
+    return _by_row_slices(lambda w: apply_hadamard(w * signs.to(w.dtype)), weight)
 
 
 def rotate_output_side(weight: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """R1^T W for a layer writing the residual stream ([out, in] weight): outputs come out rotated."""
-    return rotate_input_side(weight.T, signs).T.contiguous()
+    if weight.dim() != 2:
+        return rotate_input_side(weight.T, signs).T.contiguous()
+    out = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    _by_row_slices(lambda w: apply_hadamard(w * signs.to(w.dtype)), weight.T, out=out.T)
+    return out
 
 
 def rotate_r1(cfg: ModelConfig, w: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
@@ -189,7 +207,7 @@ def fold_r4(cfg: ModelConfig, w: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 def fold_layer_r4(lw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """One layer's down_proj W -> W H (the inverse of the online Hadamard before it); a part of a layer
     without down_proj is returned as it is."""
-    return {**lw, "down.weight": apply_hadamard(lw["down.weight"])} if "down.weight" in lw else dict(lw)
+    return {**lw, "down.weight": _by_row_slices(apply_hadamard, lw["down.weight"])} if "down.weight" in lw else dict(lw)
 
 
 def rotate_model(

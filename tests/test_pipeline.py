@@ -212,9 +212,9 @@ def test_block_weights_equal_rotating_the_whole_model(arch, monkeypatch):
     from baseq_export import rotate
     from baseq_export.pipeline import BlockWeights
 
-    monkeypatch.setattr(rotate, "ROTATE_ROWS", 7)  # several slices of the tiny tables
     m = from_hf_model(tiny_hf_model(arch, dtype=torch.float32))
-    _, whole = rotate_model(m.config, {k: v.double() for k, v in m.weights.items()}, seed=5, r4=True)
+    _, whole = rotate_model(m.config, {k: v.double() for k, v in m.weights.items()}, seed=5, r4=True)  # unsliced
+    monkeypatch.setattr(rotate, "ROTATE_ELEMENTS", 7 * 64)  # BlockWeights: every matrix in slices of a few rows
     src = BlockWeights(m, rotated=True, seed=5, r4=True)
     got = {**src.outside_and_norms(), **{f"layers.{i}.{k}": v for i in range(m.config.num_layers) for k, v in src.layer(i).items()}}
     assert got.keys() == whole.keys()
