@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 
 from .models import LoadedModel, source_info, weights_digest
 from .models.base import ACT_SITES, SITE_LINEARS, ModelConfig, site_width
-from .pipeline import (BlockWeights, QuantSettings, TapHooks, calib_rope, checked_block, float_tensors, gptq_hessians, round_layer,
-                       run_block, save_block)
+from .pipeline import (BlockWeights, QuantSettings, TapHooks, calib_rope, checked_block, float_tensors, gptq_layer,
+                       release_free_memory, run_block, save_block)
 from .qmodel import KV_SITES, Artifact, QuantHooks, TensorStore, linear_tensors
 from .rotate import RotationHooks
 
@@ -226,8 +226,7 @@ def calibrate_baseq(
             qdeq = _dequantized_linears(bt, cfg, q, i)
         else:
             x = h_q if b.input_stream == "quant" else h_fp
-            hessians = gptq_hessians(cfg, fp_lw, i, x, fp_hooks, rope)
-            qweights = round_layer(fp_lw, q, hessians, release=True)  # each Hessian dropped once used
+            qweights = gptq_layer(cfg, fp_lw, i, x, fp_hooks, rope, q)  # each Hessian dropped once used
             qdeq = {f"{n}.weight": qw.dequantize() for n, qw in qweights.items()}
             qlw = {**qdeq, **{k: v for k, v in fp_lw.items() if k.endswith(".bias")}}
             means = _site_means(cfg, qlw, i, x, fp_hooks, rope) if b.shift_init == "mean" else None
@@ -264,18 +263,6 @@ def calibrate_baseq(
         source=source_info(model),
         calibration={"seed": q.seed, "windows": list(calib.shape), "blocks": log, "seconds": round(time.time() - t_start, 1)},
     )
-
-
-def release_free_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc malloc_trim), so fragmentation left by one block's
-    temporaries does not add up over the blocks; a no-op where glibc is absent."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def memory_now() -> dict[str, float]:

@@ -159,20 +159,36 @@ class TapHooks:
 
 def round_layer(w: dict[str, torch.Tensor], s: QuantSettings, hessians: dict | None,
                 release: bool = False) -> dict[str, QuantizedWeight]:
-    """Quantize the seven linears of one layer on s.weight_grid (GPTQ when Hessians are given, else RTN).
-    release: drop each site's Hessian from `hessians` once its linears are done (a 7B down_proj's is 1 GB)."""
+    """Quantize one layer's linears on s.weight_grid: GPTQ for the sites `hessians` holds (only those), else RTN
+    for all seven. release: drop each site's Hessian from `hessians` once its linears are done (a 7B down_proj's
+    is 1 GB), and let the site's last linear factor it in place."""
     out = {}
     mse = s.weight_clip == "mse"
     for site, names in SITE_LINEARS.items():
+        if hessians is not None and site not in hessians:
+            continue
         for name in names:
             weight = w[f"{name}.weight"].to(torch.float32)
             if hessians is None:
                 out[name] = rtn_quantize(weight, 4, s.group_size, s.symmetric, mse_clip_search=mse, grid=s.weight_grid)
-            else:  # the site's last linear may factor a released Hessian in place rather than copy it
+            else:
                 out[name] = gptq_quantize(weight, hessians[site].hessian, 4, s.group_size, s.symmetric, s.damp, s.act_order,
                                           mse_clip_search=mse, grid=s.weight_grid, scratch=release and name == names[-1])
         if release and hessians is not None:
             del hessians[site]
+    return out
+
+
+HESSIAN_PASSES = (("attn_in", "o_in", "mlp_in"), ("down_in",))  # down_in's Hessian (ffn^2) is as big as the rest
+
+
+def gptq_layer(cfg, lw: dict, layer: int, h: torch.Tensor, hooks, rope, s: QuantSettings, chunk: int = 8) -> dict[str, QuantizedWeight]:
+    """GPTQ of one block's linears from its inputs h, with at most one pass's Hessians in memory: the small
+    sites' are gathered, used and dropped before down_proj's is gathered in a second forward pass (the same
+    numbers as one pass: every site's Hessian comes from the unquantized block's activations)."""
+    out = {}
+    for sites in HESSIAN_PASSES:
+        out.update(round_layer(lw, s, gptq_hessians(cfg, lw, layer, h, hooks, rope, chunk, sites), release=True))
     return out
 
 
@@ -272,6 +288,18 @@ def checked_block(cfg, lw: dict, layer: int, h: torch.Tensor, hooks, rope, strea
                          "are kept (a rerun on the same model resumes from them)")
 
 
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc malloc_trim), so fragmentation left by one block's
+    temporaries does not add up over the blocks; a no-op where glibc is absent."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def save_block(work: Path, layer: int, tensors: dict[str, torch.Tensor], entry: dict) -> None:
     """One finished block of a resumable run: its log entry, then its tensors (the tensors file marks it done),
     each written to a temp file and renamed, so an interrupted write never leaves a block that looks finished."""
@@ -285,10 +313,12 @@ def save_block(work: Path, layer: int, tensors: dict[str, torch.Tensor], entry: 
     os.replace(done.with_suffix(".tmp"), done)
 
 
-def gptq_hessians(cfg, lw: dict, layer: int, h: torch.Tensor, hooks, rope, chunk: int = 8) -> dict[str, HessianAccumulator]:
-    """Hessians of the four activation sites of one block, from its inputs h."""
-    hessians = {site: HessianAccumulator(site_width(cfg, site), h.device) for site in ACT_SITES}
-    run_block(cfg, lw, layer, h, TapHooks(hooks, lambda site, x: hessians[site].add(x)), rope, chunk)
+def gptq_hessians(cfg, lw: dict, layer: int, h: torch.Tensor, hooks, rope, chunk: int = 8,
+                  sites: tuple[str, ...] = ACT_SITES) -> dict[str, HessianAccumulator]:
+    """Hessians of the activation sites `sites` (default all four) of one block, from its inputs h."""
+    hessians = {site: HessianAccumulator(site_width(cfg, site), h.device) for site in sites}
+    run_block(cfg, lw, layer, h, TapHooks(hooks, lambda site, x: hessians[site].add(x) if site in hessians else None),
+              rope, chunk)
     return hessians
 
 
@@ -313,18 +343,18 @@ def quantize_model(
     bar = tqdm(range(cfg.num_layers), desc=f"{settings.method} {settings.bits}", unit="block")
     for i in bar:
         lw = src.layer(i)
-        hessians = gptq_hessians(cfg, lw, i, h, hooks, rope, chunk) if gptq else None
-        qlayer = round_layer(lw, settings, hessians, release=True)
+        qlayer = gptq_layer(cfg, lw, i, h, hooks, rope, settings, chunk) if gptq else round_layer(lw, settings, None)
         block = {}
         for name, qw in qlayer.items():
             block.update(linear_tensors(f"layers.{i}.{name}", qw, lw.get(f"{name}.bias")))
             if gptq:
                 lw[f"{name}.weight"] = qw.dequantize()
         tensors.put(block, f"block_{i}.safetensors")
-        del qlayer, block, hessians
+        del qlayer, block
         if gptq:
             h = checked_block(cfg, lw, i, h, hooks, rope, "quantized", chunk)
         del lw
+        release_free_memory()
     tensors.put(float_tensors(cfg, src.outside_and_norms(), settings), "outside.safetensors")
     return Artifact(
         model=cfg.to_dict(),
