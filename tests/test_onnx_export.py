@@ -164,6 +164,23 @@ def test_export_refuses_to_clobber(tmp_path):
     assert (mine / "keep.txt").read_text() == "x"
 
 
+def test_large_export_is_checked_without_a_session(tmp_path, monkeypatch, capsys):
+    """Above SESSION_CHECK_BYTES of weights the write is not opened in onnxruntime (which would load every
+    weight); it is still checked against what was built, and runs with the reference's logits."""
+    from baseq_export.export import onnx as onnx_export
+
+    m = from_hf_model(tiny_hf_model("llama", dtype=torch.float32))
+    art = quantize_model(m, QuantSettings(method="rtn", bits="w4a16"))
+    monkeypatch.setattr(onnx_export, "SESSION_CHECK_BYTES", 0)
+    opened = []
+    monkeypatch.setattr(onnx_export, "open_session", lambda *a, **k: opened.append(a))
+    out = export_onnx(save_artifact(tmp_path / "m.baseq", art), tmp_path / "onnx")
+    assert not opened and "not opened in onnxruntime" in capsys.readouterr().err
+    monkeypatch.undo()
+    ids = torch.randint(0, 96, (1, 9), generator=torch.Generator().manual_seed(2))
+    assert_parity(OnnxModel(out, threads=1).logits(ids), reference_model(art).logits(ids))
+
+
 @pytest.mark.parametrize("ops", ["custom", "standard"])
 def test_onnxruntime_genai_runs_the_export(tmp_path, ops):
     og = pytest.importorskip("onnxruntime_genai", reason="install the [genai] extra")

@@ -151,6 +151,7 @@ STAGES = {
     "export gguf (gguf profile)": ("export", ["--format", "gguf"], "quantize gguf profile (w4a16 q4_1)"),
     "export gguf (gguf profile rtn)": ("export", ["--format", "gguf"], "quantize gguf profile rtn (w4a16 q4_1)"),
     "export onnx (rtn w4a16 g32 float head)": ("export", ["--format", "onnx"], "quantize rtn w4a16 g32 float head"),
+    "export gguf (rtn w4a16 g32 float head)": ("export", ["--format", "gguf"], "quantize rtn w4a16 g32 float head"),
 }
 
 
