@@ -20,7 +20,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +28,11 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from .memory import memory_now, release_free_memory
 from .models import LoadedModel, source_info, weights_digest
 from .models.base import ACT_SITES, SITE_LINEARS, ModelConfig, site_width
 from .pipeline import (BlockWeights, QuantSettings, TapHooks, calib_rope, checked_block, float_tensors, gptq_layer,
-                       release_free_memory, run_block, save_block)
+                       run_block, save_block)
 from .qmodel import KV_SITES, Artifact, QuantHooks, TensorStore, linear_tensors
 from .rotate import RotationHooks
 
@@ -263,19 +263,6 @@ def calibrate_baseq(
         source=source_info(model),
         calibration={"seed": q.seed, "windows": list(calib.shape), "blocks": log, "seconds": round(time.time() - t_start, 1)},
     )
-
-
-def memory_now() -> dict[str, float]:
-    """Resident and peak memory of this process in MiB, logged per block to show it does not grow with depth."""
-    import resource
-
-    out = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        out["rss_mib"] = round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
-    except (OSError, ValueError, IndexError):
-        pass  # not Linux: the peak alone
-    return out
 
 
 def _dequantized_linears(bt: dict, cfg: ModelConfig, q: QuantSettings, layer: int) -> dict[str, torch.Tensor]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import __version__
 from .export import TARGETS, backend_names, option_default
+from .memory import map_big_allocations
 
 PRESETS = ("quick", "standard")
 
@@ -492,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     install_signal_handlers()
+    map_big_allocations()  # resident memory stays flat over a long run's blocks (memory.py)
     try:
         check_text_files(args)
         if args.command is None:

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .models import LoadedModel, source_info, weights_digest
+from .memory import release_free_memory
 from .models.base import ACT_SITES, IDENTITY, SITE_LINEARS, ModelConfig, block_forward, rope_tables, site_width
 from .qmodel import BITS_PRESETS, Artifact, TensorStore, linear_tensors, save_tensors
 from .quant import GGML_BLOCK, WEIGHT_GRIDS, HessianAccumulator, QuantizedWeight, gptq_quantize, rtn_quantize
@@ -180,14 +181,17 @@ def round_layer(w: dict[str, torch.Tensor], s: QuantSettings, hessians: dict | N
 
 
 HESSIAN_PASSES = (("attn_in", "o_in", "mlp_in"), ("down_in",))  # down_in's Hessian (ffn^2) is as big as the rest
+SPLIT_HESSIANS_BYTES = 2**28  # above this a down_proj Hessian is gathered in a pass of its own
 
 
 def gptq_layer(cfg, lw: dict, layer: int, h: torch.Tensor, hooks, rope, s: QuantSettings, chunk: int = 8) -> dict[str, QuantizedWeight]:
-    """GPTQ of one block's linears from its inputs h, with at most one pass's Hessians in memory: the small
-    sites' are gathered, used and dropped before down_proj's is gathered in a second forward pass (the same
-    numbers as one pass: every site's Hessian comes from the unquantized block's activations)."""
+    """GPTQ of one block's linears from its inputs h. Where down_proj's Hessian is big (8 * ffn^2 bytes over
+    SPLIT_HESSIANS_BYTES: 1 GB at 7B) the other sites' are gathered, used and dropped before it is gathered in a
+    second forward pass, so one pass's Hessians are held; the same numbers either way (every site's Hessian
+    comes from the unquantized block's activations), one forward pass fewer for small models."""
+    split = 8 * site_width(cfg, "down_in") ** 2 > SPLIT_HESSIANS_BYTES
     out = {}
-    for sites in HESSIAN_PASSES:
+    for sites in HESSIAN_PASSES if split else (ACT_SITES,):
         out.update(round_layer(lw, s, gptq_hessians(cfg, lw, layer, h, hooks, rope, chunk, sites), release=True))
     return out
 
@@ -286,18 +290,6 @@ def checked_block(cfg, lw: dict, layer: int, h: torch.Tensor, hooks, rope, strea
     raise NonFiniteError(f"block {layer} of the {stream} model produced NaN/Inf {where}: an overflow, e.g. a float16 "
                          "checkpoint or huge weights; use a float32 or bfloat16 copy of the model. The finished blocks "
                          "are kept (a rerun on the same model resumes from them)")
-
-
-def release_free_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc malloc_trim), so fragmentation left by one block's
-    temporaries does not add up over the blocks; a no-op where glibc is absent."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def save_block(work: Path, layer: int, tensors: dict[str, torch.Tensor], entry: dict) -> None:

@@ -221,3 +221,26 @@ def test_block_weights_equal_rotating_the_whole_model(arch, monkeypatch):
     for k, v in whole.items():
         assert got[k].dtype == torch.float32 and torch.equal(got[k], v.float()), k
     assert torch.equal(src.embed(), whole["embed"].float())
+
+
+def test_hessians_gathered_in_two_passes_give_the_same_artifact(tiny, monkeypatch):
+    """A big down_proj Hessian is gathered in a forward pass of its own after the other sites' are used and
+    dropped (memory at 7B); the codes, scales and every other tensor are those of the one-pass run."""
+    from baseq_export import pipeline
+
+    s = QuantSettings(method="quarot-gptq", bits="w4a4kv4")
+    one = quantize_model(tiny, s, calib())
+    passes = []
+    real = pipeline.gptq_hessians
+
+    def recorded(*args, **kwargs):
+        hessians = real(*args, **kwargs)
+        passes.append(tuple(hessians))
+        return hessians
+
+    monkeypatch.setattr(pipeline, "gptq_hessians", recorded)
+    monkeypatch.setattr(pipeline, "SPLIT_HESSIANS_BYTES", 0)
+    two = quantize_model(tiny, s, calib())
+    assert passes[:2] == list(pipeline.HESSIAN_PASSES)
+    assert set(one.tensors) == set(two.tensors)
+    assert all(torch.equal(one.tensors[k], two.tensors[k]) for k in one.tensors)
