@@ -212,7 +212,7 @@ class BlockWeights:
     def _outside_tensor(self, k: str) -> torch.Tensor:
         """A tensor outside the blocks in float32, rotated in float64 a slice of rows at a time (every step acts
         on rows separately), so a 7B embedding never has a whole float64 copy."""
-        from .rotate import slice_rows
+        from .rotate import by_row_slices
 
         t = self.model.weights[k]
         if not self.rotated:
@@ -224,11 +224,7 @@ class BlockWeights:
 
         if t.dim() < 2:
             return rotated(t)
-        out = torch.empty(t.shape, dtype=torch.float32)
-        step = slice_rows(t.shape[1])
-        for i in range(0, t.shape[0], step):
-            out[i : i + step] = rotated(t[i : i + step])
-        return out
+        return by_row_slices(rotated, t, out=torch.empty(t.shape, dtype=torch.float32))
 
     def embed(self) -> torch.Tensor:
         """The (rotated) float32 embedding table, made when asked and not kept: the model's biggest tensors are

@@ -669,13 +669,11 @@ def _float32_upper_in_place(u: torch.Tensor) -> torch.Tensor:
     k = u.shape[0]
     stored = u.mT  # row-major storage holding u^T (lower triangular)
     out = stored.reshape(-1).view(torch.float32)[: k * k].view(k, k)
-    i = 0
-    while i < k:
+    for i in range(0, k, HESSIAN_ROWS):
         j = min(k, i + HESSIAN_ROWS)
         rows = stored[i:, i:j].t().to(torch.float32)  # u[i:j, i:], read before its own rows are written
         out[i:j, i:] = rows
         out[i:j, :i] = 0.0
-        i = j
     return out
 
 
@@ -745,17 +743,18 @@ def _gptq_run(
     wp = wf[:, perm].contiguous()
     del wf
     col_group = perm // gs  # group of each permuted column
-    copies = 0
+    in_place = scratch and hessian.dtype == torch.float64 and hessian.device == device
+    attempts = 0
 
     def act_order_h() -> torch.Tensor:
-        nonlocal copies
-        copies += 1
-        if scratch and hessian.dtype == torch.float64 and hessian.device == device:
-            if copies > 1:  # its only copy was factored in place by the failed attempt
-                raise RuntimeError(f"gptq: the damped Hessian (damp={damp}) is not positive definite; with a "
-                                   "finite Hessian that takes a larger damp (QuantSettings.damp)")
-            return _act_order_hessian_(hessian.detach(), perm, dead)
-        return _act_order_hessian_(hessian.detach().to(device=device, dtype=torch.float64).clone(), perm, dead)
+        nonlocal attempts
+        attempts += 1
+        if not in_place:
+            return _act_order_hessian_(hessian.detach().to(device=device, dtype=torch.float64).clone(), perm, dead)
+        if attempts > 1:  # its only copy was factored in place by the failed attempt
+            raise RuntimeError(f"gptq: the damped Hessian (damp={damp}) is not positive definite; with a "
+                               "finite Hessian that takes a larger damp (QuantSettings.damp)")
+        return _act_order_hessian_(hessian.detach(), perm, dead)
 
     hinv = _inverse_hessian_upper(act_order_h, damp)
 

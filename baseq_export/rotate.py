@@ -91,7 +91,7 @@ def slice_rows(cols: int) -> int:
     return max(1, ROTATE_ELEMENTS // max(1, cols))
 
 
-def _by_row_slices(fn, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def by_row_slices(fn, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """fn applied to slices of rows of weight, written into out (a new tensor unless given; it may be a view)."""
     if weight.dim() != 2 or weight.shape[0] <= slice_rows(weight.shape[1]):
         if out is None:
@@ -107,7 +107,7 @@ def _by_row_slices(fn, weight: torch.Tensor, out: torch.Tensor | None = None) ->
 
 def rotate_input_side(weight: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """W R1 for a layer reading the residual stream: its input x R1 then gives the same output."""
-    return _by_row_slices(lambda w: apply_hadamard(w * signs.to(w.dtype)), weight)
+    return by_row_slices(lambda w: apply_hadamard(w * signs.to(w.dtype)), weight)
 
 
 def rotate_output_side(weight: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
@@ -115,7 +115,7 @@ def rotate_output_side(weight: torch.Tensor, signs: torch.Tensor) -> torch.Tenso
     if weight.dim() != 2:
         return rotate_input_side(weight.T, signs).T.contiguous()
     out = torch.empty_like(weight, memory_format=torch.contiguous_format)
-    _by_row_slices(lambda w: apply_hadamard(w * signs.to(w.dtype)), weight.T, out=out.T)
+    by_row_slices(lambda w: apply_hadamard(w * signs.to(w.dtype)), weight.T, out=out.T)
     return out
 
 
@@ -207,7 +207,7 @@ def fold_r4(cfg: ModelConfig, w: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 def fold_layer_r4(lw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """One layer's down_proj W -> W H (the inverse of the online Hadamard before it); a part of a layer
     without down_proj is returned as it is."""
-    return {**lw, "down.weight": _by_row_slices(apply_hadamard, lw["down.weight"])} if "down.weight" in lw else dict(lw)
+    return {**lw, "down.weight": by_row_slices(apply_hadamard, lw["down.weight"])} if "down.weight" in lw else dict(lw)
 
 
 def rotate_model(
