@@ -241,6 +241,7 @@ def calibrate_baseq(
             if not loss1 < loss0:  # never make a block worse than its GPTQ start
                 lw1, on1, loss1, kept = lw0, on0, loss0, "untrained"
             bt = block_tensors(qweights, lw1, on1, i)
+            del qweights, qlw, lw0, lw1, on0, on1, params, means, x  # the block's float copies: not kept into the next one
             release_free_memory()
             entry = {"block": i, "mse_gptq": loss0, "mse_baseq": loss1, "kept": kept, "seconds": round(time.time() - t0, 2),
                      **memory_now()}
@@ -254,6 +255,7 @@ def calibrate_baseq(
         lw, online = block_from_tensors(bt, qdeq, i)
         h_q = checked_block(cfg, lw, i, h_q, QuantHooks(quant_cfg, online), rope, "quantized")
         h_fp = y
+        del fp_lw, qdeq, lw, online, y  # a 7B block's float weights are 0.8 GB a copy: none is held into the next block
         bar.set_postfix(block=i, mse=f"{entry['mse_baseq']:.3g}", gptq=f"{entry['mse_gptq']:.3g}")
     tensors.put(float_tensors(cfg, src.outside_and_norms(), q, online=False), "outside.safetensors")
     return Artifact(

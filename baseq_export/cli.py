@@ -19,7 +19,6 @@ from pathlib import Path
 
 from . import __version__
 from .export import TARGETS, backend_names, option_default
-from .memory import map_big_allocations
 
 PRESETS = ("quick", "standard")
 
@@ -413,8 +412,14 @@ def export(artifact, fmt: str, out: str, force: bool, options: dict | None = Non
     from .export import target
     from .qmodel import load_artifact
 
+    from .memory import map_big_allocations
+    from .models.base import ModelConfig
+    from .pipeline import block_bytes
+
     t = target(fmt)
-    t.check_artifact(load_artifact(artifact, lazy=True))
+    art = load_artifact(artifact, lazy=True)
+    t.check_artifact(art)
+    map_big_allocations(block_bytes(ModelConfig.from_dict(art.model)))  # as quantize does, for a 7B model (memory.py)
     t0 = time.time()
     path = t.write(artifact, out, force=force, **(options or {}))
     print(f"exported {artifact} to {path} in {time.time() - t0:.1f} s", file=sys.stderr)
@@ -493,7 +498,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     install_signal_handlers()
-    map_big_allocations()  # resident memory stays flat over a long run's blocks (memory.py)
     try:
         check_text_files(args)
         if args.command is None:

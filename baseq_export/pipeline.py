@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .models import LoadedModel, source_info, weights_digest
-from .memory import release_free_memory
+from .memory import map_big_allocations, release_free_memory
 from .models.base import ACT_SITES, IDENTITY, SITE_LINEARS, ModelConfig, block_forward, rope_tables, site_width
 from .qmodel import BITS_PRESETS, Artifact, TensorStore, linear_tensors, save_tensors
 from .quant import GGML_BLOCK, WEIGHT_GRIDS, HessianAccumulator, QuantizedWeight, gptq_quantize, rtn_quantize
@@ -203,6 +203,7 @@ class BlockWeights:
 
     def __init__(self, model: LoadedModel, rotated: bool, seed: int = 0, r4: bool = True, device: torch.device | None = None):
         self.model, self.rotated, self.seed, self.r4 = model, rotated, seed, r4
+        map_big_allocations(block_bytes(model.config))  # a 7B model's blocks: resident memory flat over them (memory.py)
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self.config = dataclasses.replace(model.config, tied_embeddings=False) if rotated else model.config
         self._names = [k for k in model.weights if not k.startswith("layers.")]
@@ -258,6 +259,12 @@ class BlockWeights:
         norms = {k: w[k].to(torch.float32) for k in w if not self.rotated and k.endswith(("attn_norm", "mlp_norm"))}
         tables = {k: self._outside_tensor(k) for k in ("embed", "lm_head") if k in self._names}
         return {**self.outside, **tables, **norms}
+
+
+def block_bytes(cfg: ModelConfig) -> int:
+    """Bytes of one block's linear weights in float32 (attention q/k/v/o and the gated MLP)."""
+    d, kv = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim
+    return 4 * (d * (cfg.num_heads * cfg.head_dim) * 2 + 2 * d * kv + 3 * d * cfg.intermediate_size)
 
 
 def calib_rope(cfg: ModelConfig, w: dict[str, torch.Tensor], h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -478,6 +478,11 @@ def _candidates(w, grid, bits, gs, symmetric, ratios, refine, importance):
             yield (*choose_qparams(w, bits, gs, symmetric, p), None)
 
 
+SEARCH_ELEMENTS = 2**21
+"""A clip search works on slices of rows of about this many weights: its candidates' temporaries (several
+copies of the weight each) stay small for a 50k-row embedding table."""
+
+
 def search_weight_qparams(
     w: torch.Tensor,
     grid: str = "int",
@@ -511,6 +516,11 @@ def search_weight_qparams(
         importance = importance.detach().to(device=wf.device, dtype=torch.float32)
         if importance.shape != (k,):
             raise ValueError(f"search_weight_qparams: importance must be [{k}], got {tuple(importance.shape)}")
+    if wf.dim() == 2 and wf.numel() > SEARCH_ELEMENTS:  # rows are independent: a slice at a time (same numbers)
+        step = max(1, SEARCH_ELEMENTS // k)
+        parts = [search_weight_qparams(wf[i : i + step], grid, bits, gs, symmetric, steps, max_shrink, norm, importance, refine)
+                 for i in range(0, wf.shape[0], step)]
+        return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))
     ratios = [1.0] + [1.0 - i / steps for i in range(1, int(max_shrink * steps))]
     best = best_err = None
     for cand in _candidates(wf, grid, bits, gs, symmetric, ratios, refine, importance):

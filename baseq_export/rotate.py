@@ -65,15 +65,33 @@ def head_mix(embed: torch.Tensor, lm_head: torch.Tensor, tol: float = 1e-4) -> t
 
     Folding the final norm gain g into a rotated tied head makes lm_head = E diag(g) R1 while the embedding
     is E R1: lm_head = (E R1)(R1^T diag(g) R1). With M ([hidden, hidden], least squares in float64, exact up
-    to rounding) one 4-bit table serves the embedding and, after h -> h M^T, the head.
+    to rounding) one 4-bit table serves the embedding and, after h -> h M^T, the head. The least squares
+    solve reads both tables in slices of rows (normal equations, then one refinement step on the residual),
+    so no float64 copy of a 50k-row table is ever whole.
     """
+    if embed.shape != lm_head.shape or embed.shape[0] <= embed.shape[1]:  # a square table spans everything
+        return None
+    step = slice_rows(embed.shape[1])
+
+    def rows(t: torch.Tensor):
+        return (t[i : i + step].to(torch.float64) for i in range(0, t.shape[0], step))
+
+    gram = sum(e.T @ e for e in rows(embed))
+    chol, info = torch.linalg.cholesky_ex(gram)
+    if info:  # a rank-deficient table: no unique M through the normal equations
+        return _head_mix_dense(embed, lm_head, tol)
+    m = torch.cholesky_solve(sum(e.T @ l for e, l in zip(rows(embed), rows(lm_head))), chol)
+    m += torch.cholesky_solve(sum(e.T @ (l - e @ m) for e, l in zip(rows(embed), rows(lm_head))), chol)
+    err = sum(float(((e @ m - l) ** 2).sum()) for e, l in zip(rows(embed), rows(lm_head)))
+    ref = sum(float((l**2).sum()) for l in rows(lm_head))
+    return m.to(torch.float32) if err**0.5 <= tol * max(ref**0.5, 1e-30) else None
+
+
+def _head_mix_dense(embed: torch.Tensor, lm_head: torch.Tensor, tol: float) -> torch.Tensor | None:
+    """head_mix by one dense least-squares solve (float64 copies of both tables), for a rank-deficient embedding."""
     e, l = embed.to(torch.float64), lm_head.to(torch.float64)
-    if e.shape != l.shape or e.shape[0] <= e.shape[1]:  # a square table spans everything: nothing to find
-        return None
     m = torch.linalg.lstsq(e, l).solution
-    if float((e @ m - l).norm() / l.norm().clamp_min(1e-30)) > tol:
-        return None
-    return m.to(torch.float32)
+    return m.to(torch.float32) if float((e @ m - l).norm() / l.norm().clamp_min(1e-30)) <= tol else None
 
 
 def random_signs(n: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -82,7 +100,7 @@ def random_signs(n: int, seed: int, dtype: torch.dtype = torch.float64) -> torch
     return (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).to(dtype)
 
 
-ROTATE_ELEMENTS = 2**23  # a rotation works on slices of rows of about this many entries (64 MB in float64)
+ROTATE_ELEMENTS = 2**21  # a rotation works on slices of rows of about this many entries (16 MB in float64)
 
 
 def slice_rows(cols: int) -> int:
@@ -105,9 +123,14 @@ def by_row_slices(fn, weight: torch.Tensor, out: torch.Tensor | None = None) -> 
     return out
 
 
+def signed_hadamard(signs: torch.Tensor):
+    """The row map x -> (x * signs) H, i.e. x R1 for R1 = diag(signs) H."""
+    return lambda x: apply_hadamard(x * signs.to(x.dtype))
+
+
 def rotate_input_side(weight: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """W R1 for a layer reading the residual stream: its input x R1 then gives the same output."""
-    return by_row_slices(lambda w: apply_hadamard(w * signs.to(w.dtype)), weight)
+    return by_row_slices(signed_hadamard(signs), weight)
 
 
 def rotate_output_side(weight: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
@@ -115,7 +138,7 @@ def rotate_output_side(weight: torch.Tensor, signs: torch.Tensor) -> torch.Tenso
     if weight.dim() != 2:
         return rotate_input_side(weight.T, signs).T.contiguous()
     out = torch.empty_like(weight, memory_format=torch.contiguous_format)
-    by_row_slices(lambda w: apply_hadamard(w * signs.to(w.dtype)), weight.T, out=out.T)
+    by_row_slices(signed_hadamard(signs), weight.T, out=out.T)
     return out
 
 

@@ -21,10 +21,10 @@ def test_perplexity_matches_numpy_reference():
     def logits_fn(ids):  # a bigram "model": logits depend on the current token only
         return table[ids]
 
-    windows = torch.randint(0, 50, (7, 20), generator=gen)
-    for batch in (1, 3):
+    for n, t, batch in ((7, 20, 1), (7, 20, 3), (3, 150, 2)):  # the last scores more rows than NLL_ROWS at a time
+        windows = torch.randint(0, 50, (n, t), generator=gen)
         r = perplexity(logits_fn, windows, batch_size=batch)
-        assert r.tokens == 7 * 19 and r.windows == 7
+        assert r.tokens == n * (t - 1) and r.windows == n
         assert math.isclose(r.ppl, numpy_ppl(table[windows].numpy(), windows.numpy()), rel_tol=1e-12)
 
 

@@ -244,3 +244,25 @@ def test_hessians_gathered_in_two_passes_give_the_same_artifact(tiny, monkeypatc
     assert passes[:2] == list(pipeline.HESSIAN_PASSES)
     assert set(one.tensors) == set(two.tensors)
     assert all(torch.equal(one.tensors[k], two.tensors[k]) for k in one.tensors)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_block_bytes_counts_a_blocks_linears_and_sets_the_mmap_threshold_only_for_big_blocks(arch, monkeypatch):
+    """block_bytes equals 4 bytes times the numel of block 0's linear weights; map_big_allocations fixes glibc's
+    threshold (mallopt M_MMAP_THRESHOLD) only from BIG_BLOCK_BYTES on, so small models keep glibc's default."""
+    from baseq_export import memory
+    from baseq_export.models.base import LINEARS
+    from baseq_export.pipeline import block_bytes
+
+    m = from_hf_model(tiny_hf_model(arch))
+    assert block_bytes(m.config) == 4 * sum(m.weights[f"layers.0.{n}.weight"].numel() for n in LINEARS)
+    calls = []
+
+    class Libc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(memory, "_libc", Libc)
+    assert not memory.map_big_allocations(memory.BIG_BLOCK_BYTES - 1) and calls == []
+    assert memory.map_big_allocations(memory.BIG_BLOCK_BYTES) and calls == [(-3, memory.MMAP_THRESHOLD)]

@@ -596,6 +596,21 @@ def test_grid_search_never_worse_than_rtn_and_fp16_exact(grid):
     assert float(block_err(weighted, v).sum()) < float(block_err(searched, v).sum())
 
 
+@pytest.mark.parametrize("grid,symmetric", [("int", False), ("int", True), ("q4_1", False), ("q4_0", False)])
+def test_clip_search_in_row_slices_equals_one_pass(grid, symmetric, monkeypatch):
+    """A big table is searched a slice of rows at a time (SEARCH_ELEMENTS); rows are independent, so the
+    qparams and codes equal one pass over the whole weight, bit for bit, with and without importance."""
+    w = heavy_weight(37, 64, seed=11)
+    v = torch.rand(64, generator=torch.Generator().manual_seed(3)) + 0.1
+    whole = [quant.rtn_quantize(w, 4, 32, symmetric, mse_clip_search=True, grid=grid, importance=imp) for imp in (None, v)]
+    monkeypatch.setattr(quant, "SEARCH_ELEMENTS", 5 * 64)  # slices of 5 rows; the last one holds 2
+    sliced = [quant.rtn_quantize(w, 4, 32, symmetric, mse_clip_search=True, grid=grid, importance=imp) for imp in (None, v)]
+    for a, b in zip(whole, sliced):
+        for name in ("codes", "scale", "zero", "minimum"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert (x is None and y is None) or torch.equal(x, y), name
+
+
 def test_fit_q4_1_is_least_squares():
     w = heavy_weight(8, 64, seed=4)
     scale, minimum = quant.choose_qparams_q4_1(w, 0.8)

@@ -5,8 +5,8 @@ kernel's accounting of that child (ru_maxrss).
     python tools/bench_scale.py --json tools/results/bench-scale.json [--layers 2,4,8] [--dir /work/bench/scale]
 
 The checkpoints are sharded float16 safetensors (one shard per layer) with random weights, a few large-magnitude
-channels in the embedding and the norm gains (the outliers that make rotation matter), and a word-level
-tokenizer of 32000 entries. A checkpoint of n layers holds the first n layers of the bigger ones (same seeds).
+channels in the embedding and the norm gains (the outliers that make rotation matter), and a byte-level
+BPE tokenizer trained on the embedded texts. A checkpoint of n layers holds the first n layers of the bigger ones (same seeds).
 Targets (issue 20): the peak RSS of each stage grows by less than 10% from 2 to 8 layers and stays below the
 8-layer checkpoint's size on disk.
 """
@@ -27,6 +27,12 @@ from benchutil import machine, require_idle  # noqa: E402
 
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                 vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0)
+LLAMA3_8B = dict(LLAMA_7B, intermediate_size=14336, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0)
+SHAPES = {"llama2-7b": LLAMA_7B, "llama3-8b": LLAMA3_8B}
+TARGETS = {  # models the measured per-block figures are extrapolated to: dims and depth
+    "Llama-3-8B": dict(LLAMA3_8B, layers=32),
+    "Llama-3-70B": dict(LLAMA3_8B, hidden_size=8192, intermediate_size=28672, num_attention_heads=64, layers=80),
+}
 OUTLIER_CHANNELS = 8  # residual channels with large embedding values and norm gains
 OUTLIER_GAIN = 20.0
 
@@ -58,25 +64,21 @@ def layer_tensors(i: int, dims: dict, outliers) -> dict:
     return out
 
 
-def vocab_words(n: int) -> list[str]:
-    """n tokenizer entries: the embedded texts' words by frequency, then filler entries."""
-    import collections
-    import re
+def write_tokenizer(path: Path, vocab_size: int) -> None:
+    """A GPT-2-style byte-level BPE trained on the embedded texts (what the GGUF export can carry), with at most
+    vocab_size entries; the model's ids beyond it are never produced (the GGUF export pads them as unused)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
     from baseq_export.data import embedded_text
 
-    words = collections.Counter(re.findall(r"\w+|[^\w\s]", embedded_text("calib") + embedded_text("eval")))
-    vocab = ["[UNK]"] + [w for w, _ in words.most_common(n - 1)]
-    return vocab + [f"<filler{i}>" for i in range(n - len(vocab))]
-
-
-def write_tokenizer(path: Path, vocab_size: int) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab_words(vocab_size))}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(str(path))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"], show_progress=False)
+    tok.train_from_iterator([embedded_text("calib"), embedded_text("eval")], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(str(path))
 
 
 def write_checkpoint(path: Path, layers: int, dims: dict = LLAMA_7B) -> int:
@@ -134,6 +136,43 @@ def run_stage(cmd: list[str], log: Path) -> dict:
     return {"seconds": round(time.time() - t0, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
 
 
+def block_linears(dims: dict) -> list[tuple[int, int]]:
+    """(out, in) of one Llama block's seven linears."""
+    d, f = dims["hidden_size"], dims["intermediate_size"]
+    kv = d // dims["num_attention_heads"] * dims["num_key_value_heads"]
+    return [(d, d), (kv, d), (kv, d), (d, d), (f, d), (f, d), (d, f)]
+
+
+def block_work(dims: dict, kind: str) -> float:
+    """A block's work in the model that scales its time: GPTQ's column updates and Hessian factorisations
+    (sum of N K^2 + K^3) for GPTQ-based stages, the weights' size (sum of N K) for RTN and exports."""
+    if kind == "gptq":
+        return float(sum(n * k * k + k**3 for n, k in block_linears(dims)))
+    return float(sum(n * k for n, k in block_linears(dims)))
+
+
+def extrapolate(results: dict) -> dict:
+    """Per stage: the measured time per block (slope from the smallest to the largest depth) and the rest, scaled
+    to TARGETS by block_work (per block) and vocab x hidden (the rest: embedding and head). Wall-time estimates at
+    the bench's calibration size on this machine, not measurements."""
+    dims, out = results["dims"], {}
+    for stage, by_n in results["stages"].items():
+        seconds = {int(n): r["seconds"] for n, r in by_n.items()}  # (JSON keys are strings)
+        if len(seconds) < 2:
+            continue
+        lo, hi = min(seconds), max(seconds)
+        t_lo, per_block = seconds[lo], (seconds[hi] - seconds[lo]) / (hi - lo)
+        rest = max(0.0, t_lo - lo * per_block)
+        kind = "gptq" if ("gptq" in stage or "baseq" in stage) else "size"
+        row = {"seconds_per_block": round(per_block, 1), "seconds_rest": round(rest, 1)}
+        for name, t in TARGETS.items():
+            block = per_block * block_work(t, kind) / block_work(dims, kind)
+            table = rest * (t["vocab_size"] * t["hidden_size"]) / (dims["vocab_size"] * dims["hidden_size"])
+            row[name] = {"seconds_per_block": round(block, 1), "hours": round((t["layers"] * block + table) / 3600, 2)}
+        out[stage] = row
+    return out
+
+
 def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
@@ -161,6 +200,7 @@ def main() -> int:
     ap.add_argument("--layers", default="2,4,8", help="checkpoint depths (default 2,4,8)")
     ap.add_argument("--dir", default="/work/bench/scale", help="checkpoints, artifacts and exports (several GB)")
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated stage names (default: all)")
+    ap.add_argument("--shape", choices=list(SHAPES), default="llama2-7b", help="dimensions of the checkpoints (default llama2-7b)")
     ap.add_argument("--keep", action="store_true", help="keep artifacts and exports (default: removed after each depth)")
     args = ap.parse_args()
     layers = [int(n) for n in args.layers.split(",")]
@@ -171,11 +211,12 @@ def main() -> int:
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
     exe = [sys.executable, "-m", "baseq_export"]
-    results = {"machine": machine(), "cpu_busy_before": require_idle(), "dims": LLAMA_7B, "checkpoints": {}, "stages": {}}
+    dims = SHAPES[args.shape]
+    results = {"machine": machine(), "cpu_busy_before": require_idle(), "shape": args.shape, "dims": dims, "checkpoints": {}, "stages": {}}
     for n in layers:
-        ckpt = root / f"llama7b-{n}L"
+        ckpt = root / (f"llama7b-{n}L" if args.shape == "llama2-7b" else f"{args.shape}-{n}L")
         t0 = time.time()
-        size = write_checkpoint(ckpt, n)
+        size = write_checkpoint(ckpt, n, dims)
         results["checkpoints"][n] = {"bytes": size, "seconds": round(time.time() - t0, 1)}
         print(f"{n} layers: checkpoint {size / 2**30:.2f} GiB", flush=True)
         made = {}
@@ -225,6 +266,10 @@ def main() -> int:
                   f"({g:+.1%} from {lo} to {hi} layers), {'below' if below else 'ABOVE'} the {hi}-layer checkpoint "
                   f"({results['checkpoints'][hi]['bytes'] / 2**30:.2f} GiB)")
     results["growth"] = growth
+    results["extrapolation"] = extrapolate(results)
+    for stage, row in results["extrapolation"].items():
+        print(f"{stage}: {row['seconds_per_block']} s a block here; estimated "
+              + ", ".join(f"{name} {row[name]['hours']} h" for name in TARGETS))
     Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
 
