@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -124,6 +125,18 @@ def write_checkpoint(path: Path, layers: int, dims: dict = LLAMA_7B) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
+def write_checkpoint_in_child(path: Path, layers: int, shape: str) -> int:
+    """write_checkpoint in a child process. A child's ru_maxrss counts the memory of the process it was started
+    from (Linux records the old address space's high-water mark at exec, and Python starts children by vfork), so
+    this process never makes big tensors itself: otherwise every stage after writing a checkpoint would read at
+    least this process's peak (an earlier version of this bench reported 1728 MiB for exports that peak at 753)."""
+    code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import bench_scale as b; "
+            "print(b.write_checkpoint(Path(sys.argv[2]), int(sys.argv[3]), b.SHAPES[sys.argv[4]]))")
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent), str(path), str(layers), shape],
+                         check=True, capture_output=True, text=True).stdout
+    return int(out.split()[-1])
+
+
 def run_stage(cmd: list[str], log: Path) -> dict:
     """Run one baseq-export command as a child process; its wall time and peak RSS (ru_maxrss of that child)."""
     t0 = time.time()
@@ -216,7 +229,7 @@ def main() -> int:
     for n in layers:
         ckpt = root / (f"llama7b-{n}L" if args.shape == "llama2-7b" else f"{args.shape}-{n}L")
         t0 = time.time()
-        size = write_checkpoint(ckpt, n, dims)
+        size = write_checkpoint_in_child(ckpt, n, args.shape)
         results["checkpoints"][n] = {"bytes": size, "seconds": round(time.time() - t0, 1)}
         print(f"{n} layers: checkpoint {size / 2**30:.2f} GiB", flush=True)
         made = {}
@@ -267,6 +280,7 @@ def main() -> int:
                   f"({results['checkpoints'][hi]['bytes'] / 2**30:.2f} GiB)")
     results["growth"] = growth
     results["extrapolation"] = extrapolate(results)
+    results["bench_process_peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # every stage's floor
     for stage, row in results["extrapolation"].items():
         print(f"{stage}: {row['seconds_per_block']} s a block here; estimated "
               + ", ".join(f"{name} {row[name]['hours']} h" for name in TARGETS))
