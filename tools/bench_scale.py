@@ -176,7 +176,7 @@ def extrapolate(results: dict) -> dict:
         lo, hi = min(seconds), max(seconds)
         t_lo, per_block = seconds[lo], (seconds[hi] - seconds[lo]) / (hi - lo)
         rest = max(0.0, t_lo - lo * per_block)
-        kind = "gptq" if ("gptq" in stage or "baseq" in stage) else "size"
+        kind = "gptq" if stage.startswith("quantize") and ("gptq" in stage or "baseq" in stage) else "size"
         row = {"seconds_per_block": round(per_block, 1), "seconds_rest": round(rest, 1)}
         for name, t in TARGETS.items():
             block = per_block * block_work(t, kind) / block_work(dims, kind)
