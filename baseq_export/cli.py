@@ -410,11 +410,10 @@ def print_run_commands(path) -> None:
 def export(artifact, fmt: str, out: str, force: bool, options: dict | None = None):
     """Export an artifact to a format; returns the export's path."""
     from .export import target
-    from .qmodel import load_artifact
-
     from .memory import map_big_allocations
     from .models.base import ModelConfig
     from .pipeline import block_bytes
+    from .qmodel import load_artifact
 
     t = target(fmt)
     art = load_artifact(artifact, lazy=True)

@@ -76,21 +76,24 @@ def head_mix(embed: torch.Tensor, lm_head: torch.Tensor, tol: float = 1e-4) -> t
     def rows(t: torch.Tensor):
         return (t[i : i + step].to(torch.float64) for i in range(0, t.shape[0], step))
 
-    gram = sum(e.T @ e for e in rows(embed))
+    gram = cross = 0
+    for e, l in zip(rows(embed), rows(lm_head)):
+        gram, cross = gram + e.T @ e, cross + e.T @ l
     chol, info = torch.linalg.cholesky_ex(gram)
     if info:  # a rank-deficient table: no unique M through the normal equations
         return _head_mix_dense(embed, lm_head, tol)
-    m = torch.cholesky_solve(sum(e.T @ l for e, l in zip(rows(embed), rows(lm_head))), chol)
+    m = torch.cholesky_solve(cross, chol)
     m += torch.cholesky_solve(sum(e.T @ (l - e @ m) for e, l in zip(rows(embed), rows(lm_head))), chol)
-    err = sum(float(((e @ m - l) ** 2).sum()) for e, l in zip(rows(embed), rows(lm_head)))
-    ref = sum(float((l**2).sum()) for l in rows(lm_head))
+    err = ref = 0.0
+    for e, l in zip(rows(embed), rows(lm_head)):
+        err, ref = err + float(((e @ m - l) ** 2).sum()), ref + float((l**2).sum())
     return m.to(torch.float32) if err**0.5 <= tol * max(ref**0.5, 1e-30) else None
 
 
 def _head_mix_dense(embed: torch.Tensor, lm_head: torch.Tensor, tol: float) -> torch.Tensor | None:
     """head_mix by one dense least-squares solve (float64 copies of both tables), for a rank-deficient embedding."""
     e, l = embed.to(torch.float64), lm_head.to(torch.float64)
-    m = torch.linalg.lstsq(e, l).solution
+    m = torch.linalg.lstsq(e, l, driver="gelsd").solution  # SVD: the minimum-norm M of a rank-deficient table
     return m.to(torch.float32) if float((e @ m - l).norm() / l.norm().clamp_min(1e-30)) <= tol else None
 
 

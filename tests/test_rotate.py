@@ -80,3 +80,19 @@ def test_head_mix_ties_a_rotated_head_to_the_embedding():
     assert torch.allclose(via_mix, direct, rtol=1e-5, atol=1e-5 * float(direct.abs().max()))
     untied = from_hf_model(tiny_hf_model("qwen2")).weights
     assert head_mix(untied["embed"], untied["lm_head"]) is None
+
+
+def test_head_mix_of_a_rank_deficient_embedding_solves_it_densely():
+    """An embedding with a dead column has a singular Gram matrix: head_mix falls back to one dense least-squares
+    solve, and embed @ M still reproduces the head; a head outside the embedding's span gives None."""
+    from baseq_export.rotate import head_mix
+
+    gen = torch.Generator().manual_seed(4)
+    embed = torch.randn(300, 16, generator=gen)
+    embed[:, 5] = 0.0
+    mix = torch.randn(16, 16, generator=gen)
+    lm_head = embed @ mix
+    got = head_mix(embed, lm_head)
+    assert got is not None
+    assert torch.allclose(embed.double() @ got.double(), lm_head.double(), rtol=1e-5, atol=1e-5 * float(lm_head.abs().max()))
+    assert head_mix(embed, lm_head + torch.randn(300, 16, generator=gen)) is None

@@ -45,16 +45,21 @@ def tensor_seed(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
+def block_shapes(dims: dict) -> dict[str, tuple[int, int]]:
+    """(out, in) of one Llama block's seven linears, by HF name within the layer."""
+    d, f = dims["hidden_size"], dims["intermediate_size"]
+    kv = d // dims["num_attention_heads"] * dims["num_key_value_heads"]
+    return {"self_attn.q_proj": (d, d), "self_attn.k_proj": (kv, d), "self_attn.v_proj": (kv, d),
+            "self_attn.o_proj": (d, d), "mlp.gate_proj": (f, d), "mlp.up_proj": (f, d), "mlp.down_proj": (d, f)}
+
+
 def layer_tensors(i: int, dims: dict, outliers) -> dict:
     """The float16 tensors of one Llama block (HF names), random normal at a 1/sqrt(fan-in) scale."""
     import torch
 
-    d, f = dims["hidden_size"], dims["intermediate_size"]
-    kv = d // dims["num_attention_heads"] * dims["num_key_value_heads"]
-    shapes = {"self_attn.q_proj": (d, d), "self_attn.k_proj": (kv, d), "self_attn.v_proj": (kv, d),
-              "self_attn.o_proj": (d, d), "mlp.gate_proj": (f, d), "mlp.up_proj": (f, d), "mlp.down_proj": (d, f)}
+    d = dims["hidden_size"]
     out = {}
-    for name, shape in shapes.items():
+    for name, shape in block_shapes(dims).items():
         key = f"model.layers.{i}.{name}.weight"
         gen = torch.Generator().manual_seed(tensor_seed(key))
         out[key] = (torch.randn(shape, generator=gen) / shape[1] ** 0.5).half()
@@ -149,19 +154,12 @@ def run_stage(cmd: list[str], log: Path) -> dict:
     return {"seconds": round(time.time() - t0, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
 
 
-def block_linears(dims: dict) -> list[tuple[int, int]]:
-    """(out, in) of one Llama block's seven linears."""
-    d, f = dims["hidden_size"], dims["intermediate_size"]
-    kv = d // dims["num_attention_heads"] * dims["num_key_value_heads"]
-    return [(d, d), (kv, d), (kv, d), (d, d), (f, d), (f, d), (d, f)]
-
-
 def block_work(dims: dict, kind: str) -> float:
     """A block's work in the model that scales its time: GPTQ's column updates and Hessian factorisations
     (sum of N K^2 + K^3) for GPTQ-based stages, the weights' size (sum of N K) for RTN and exports."""
     if kind == "gptq":
-        return float(sum(n * k * k + k**3 for n, k in block_linears(dims)))
-    return float(sum(n * k for n, k in block_linears(dims)))
+        return float(sum(n * k * k + k**3 for n, k in block_shapes(dims).values()))
+    return float(sum(n * k for n, k in block_shapes(dims).values()))
 
 
 def extrapolate(results: dict) -> dict:
