@@ -585,3 +585,34 @@ def test_target_interface_options(tmp_path, tokenizer):
     assert r.get_field("llama.context_length").contents() == 64
     types = {t.name: t.tensor_type for t in r.tensors}
     assert types["token_embd.weight"] == gguf.GGMLQuantizationType.Q6_K and "output.weight" not in types  # tied
+
+
+@pytest.mark.parametrize("qtype", ["F16", "Q8_0", "Q4_0", "Q6_K"])
+def test_row_sliced_conversion_writes_the_bytes_of_a_whole_matrix(monkeypatch, qtype):
+    from baseq_export.export import gguf_tensors as T
+
+    qt = gguf.GGMLQuantizationType[qtype]
+    w = torch.randn(37, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    perm = np.random.default_rng(1).permutation(37)
+    whole = T.convert(w.float().numpy()[perm], qt)
+    monkeypatch.setattr(T, "CONVERT_ELEMENTS", 3 * 256 + 5)  # 3 rows a slice, the last slice short
+    np.testing.assert_array_equal(T.convert_rows(w, qt, perm), whole)
+    np.testing.assert_array_equal(T.convert_rows(w, qt), T.convert(w.float().numpy(), qt))
+
+
+def test_a_plan_holds_no_weights_only_how_to_read_them(tmp_path, tokenizer):
+    """Planning reads each weight once to check it and keeps none: a plan holding them grew with the depth."""
+    from baseq_export.export.gguf_meta import rope_factors
+    from baseq_export.quant import QuantizedWeight
+
+    _, model = tiny("qwen2", tokenizer)
+    path = save(tmp_path, quantize_model(model, QuantSettings(method="rtn", bits="w4a16", group_size=32)), tokenizer)
+    art = load_artifact(path, lazy=True)
+    plan = G.plan_tensors(art, "auto", "f32", None, rope_factors(art))
+    held = [(p.name, type(c.cell_contents).__name__) for p in plan.tensors for c in (p.make.__closure__ or ())
+            if isinstance(c.cell_contents, (torch.Tensor, QuantizedWeight)) and c.cell_contents.numel() > 64]
+    assert not held
+    made = {p.name: p.make() for p in plan.tensors}
+    t = read_tensors(quiet_write(path, tmp_path / "p.gguf", head="f32"))
+    assert made.keys() == t.keys()
+    np.testing.assert_array_equal(made["token_embd.weight"], t["token_embd.weight"])
