@@ -42,6 +42,13 @@ def map_big_allocations(block_bytes: int) -> bool:
         return False
 
 
+def row_slices(rows: int, cols: int, elements: int) -> list[slice]:
+    """Slices of consecutive rows covering [0, rows), each of about `elements` entries (at least one row): the one
+    way a [rows, cols] matrix is worked on a part at a time (rotations, clip search, GGUF conversion)."""
+    step = max(1, elements // max(1, cols))
+    return [slice(i, min(rows, i + step)) for i in range(0, rows, step)]
+
+
 def release_free_memory() -> None:
     """Hand freed heap memory back to the OS (glibc malloc_trim), so fragmentation left by one block's
     temporaries does not add up over the blocks; a no-op where glibc is absent."""

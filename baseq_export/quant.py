@@ -11,6 +11,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .memory import row_slices
+
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """Pack uint8 codes in [0, 15] along the last dim, two per byte, low nibble = even element.
@@ -517,9 +519,8 @@ def search_weight_qparams(
         if importance.shape != (k,):
             raise ValueError(f"search_weight_qparams: importance must be [{k}], got {tuple(importance.shape)}")
     if wf.dim() == 2 and wf.numel() > SEARCH_ELEMENTS:  # rows are independent: a slice at a time (same numbers)
-        step = max(1, SEARCH_ELEMENTS // k)
-        parts = [search_weight_qparams(wf[i : i + step], grid, bits, gs, symmetric, steps, max_shrink, norm, importance, refine)
-                 for i in range(0, wf.shape[0], step)]
+        parts = [search_weight_qparams(wf[part], grid, bits, gs, symmetric, steps, max_shrink, norm, importance, refine)
+                 for part in row_slices(wf.shape[0], k, SEARCH_ELEMENTS)]
         return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))
     ratios = [1.0] + [1.0 - i / steps for i in range(1, int(max_shrink * steps))]
     best = best_err = None

@@ -16,6 +16,7 @@ import dataclasses
 import torch
 
 from .hadamard import apply_hadamard
+from .memory import row_slices
 from .models.base import ModelConfig
 
 IN_ATTN = ("q", "k", "v")
@@ -71,10 +72,10 @@ def head_mix(embed: torch.Tensor, lm_head: torch.Tensor, tol: float = 1e-4) -> t
     """
     if embed.shape != lm_head.shape or embed.shape[0] <= embed.shape[1]:  # a square table spans everything
         return None
-    step = slice_rows(embed.shape[1])
+    parts = row_slices(*embed.shape, ROTATE_ELEMENTS)
 
     def rows(t: torch.Tensor):
-        return (t[i : i + step].to(torch.float64) for i in range(0, t.shape[0], step))
+        return (t[part].to(torch.float64) for part in parts)
 
     gram = cross = 0
     for e, l in zip(rows(embed), rows(lm_head)):
@@ -106,23 +107,19 @@ def random_signs(n: int, seed: int, dtype: torch.dtype = torch.float64) -> torch
 ROTATE_ELEMENTS = 2**21  # a rotation works on slices of rows of about this many entries (16 MB in float64)
 
 
-def slice_rows(cols: int) -> int:
-    """Rows per slice when a [rows, cols] matrix is rotated row by row: a 7B down_proj or a 50k-row embedding
-    never has whole-matrix float64 temporaries (every rotation here acts on rows separately)."""
-    return max(1, ROTATE_ELEMENTS // max(1, cols))
-
-
 def by_row_slices(fn, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """fn applied to slices of rows of weight, written into out (a new tensor unless given; it may be a view)."""
-    if weight.dim() != 2 or weight.shape[0] <= slice_rows(weight.shape[1]):
+    """fn applied to slices of rows of weight, written into out (a new tensor unless given; it may be a view):
+    a 7B down_proj or a 50k-row embedding never has whole-matrix float64 temporaries (every rotation here acts
+    on rows separately)."""
+    parts = row_slices(*weight.shape, ROTATE_ELEMENTS) if weight.dim() == 2 else [slice(None)]
+    if len(parts) == 1:
         if out is None:
             return fn(weight)
         out.copy_(fn(weight))
         return out
     out = torch.empty_like(weight) if out is None else out
-    step = slice_rows(weight.shape[1])
-    for i in range(0, weight.shape[0], step):
-        out[i : i + step] = fn(weight[i : i + step])
+    for part in parts:
+        out[part] = fn(weight[part])
     return out
 
 

@@ -266,3 +266,14 @@ def test_block_bytes_counts_a_blocks_linears_and_sets_the_mmap_threshold_only_fo
     monkeypatch.setattr(memory, "_libc", Libc)
     assert not memory.map_big_allocations(memory.BIG_BLOCK_BYTES - 1) and calls == []
     assert memory.map_big_allocations(memory.BIG_BLOCK_BYTES) and calls == [(-3, memory.MMAP_THRESHOLD)]
+
+
+@pytest.mark.parametrize("rows,cols,elements", [(10, 4, 12), (10, 4, 3), (7, 100, 1000), (1, 5, 5), (0, 3, 9)])
+def test_row_slices_cover_every_row_once_in_parts_of_the_given_size(rows, cols, elements):
+    from baseq_export.memory import row_slices
+
+    parts = row_slices(rows, cols, elements)
+    covered = [i for p in parts for i in range(rows)[p]]
+    assert covered == list(range(rows))
+    sizes = [len(range(rows)[p]) for p in parts]
+    assert all(s == max(1, elements // cols) for s in sizes[:-1]) and all(0 < s <= max(1, elements // cols) for s in sizes)

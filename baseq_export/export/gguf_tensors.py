@@ -16,6 +16,7 @@ import gguf
 import numpy as np
 import torch
 
+from ..memory import row_slices
 from ..models.base import LINEARS, ModelConfig, linear_in_features
 from ..qmodel import HEAD_TENSORS, Artifact, head_from_tensors, linear_from_tensors, tensor_meta
 from ..quant import GGML_BLOCK, Q4_0_ZERO, QuantizedWeight, fp16_round, ggml_q4_blocks
@@ -165,15 +166,12 @@ for Llama-3-8B) is never held in float32 whole, nor are gguf-py's temporaries of
 def convert_rows(t: torch.Tensor, qtype: "gguf.GGMLQuantizationType", perm: np.ndarray | None = None) -> np.ndarray:
     """convert() of a float [N, K] tensor (rows reordered by perm) a slice of rows at a time: every GGUF type
     quantizes rows independently, so the bytes equal one whole-matrix convert()."""
-    n, k = t.shape
-    step = max(1, CONVERT_ELEMENTS // k)
     out = None
-    for start in range(0, n, step):
-        rows = slice(start, min(n, start + step))
+    for rows in row_slices(*t.shape, CONVERT_ELEMENTS):
         src = t[torch.from_numpy(perm[rows])] if perm is not None else t[rows]
         piece = convert(_f32(src), qtype)
         if out is None:
-            out = np.empty((n, *piece.shape[1:]), piece.dtype)
+            out = np.empty((t.shape[0], *piece.shape[1:]), piece.dtype)
         out[rows] = piece
     return out
 
