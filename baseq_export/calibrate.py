@@ -1,6 +1,8 @@
 """BASE-Q blockwise calibration: GPTQ weights, then learned bias correction, scaling and clipping.
 
 One transformer block at a time, on top of the QuaRot rotations:
+  stage A  (when stage_a_epochs > 0) learned function-preserving v/o and up/down transforms of the float
+           weights, trained through RTN fake-quantized weights (stage_a.py), folded in before GPTQ;
   stage B  GPTQ asymmetric INT4 weights, Hessians from this block's quantized-stream inputs;
   stage C  weights frozen, learn per site (attn_in, o_in, mlp_in, down_in) a per-channel gain
            (asymmetric scaling), a per-channel shift (bias correction) and a clip (LAC,
@@ -30,11 +32,12 @@ from tqdm.auto import tqdm
 
 from .memory import memory_now, release_free_memory
 from .models import LoadedModel, source_info, weights_digest
-from .models.base import ACT_SITES, SITE_LINEARS, ModelConfig, site_width
+from .models.base import ACT_SITES, LINEARS, SITE_LINEARS, ModelConfig, site_width
 from .pipeline import (BlockWeights, QuantSettings, TapHooks, calib_rope, checked_block, float_tensors, gptq_layer,
                        run_block, save_block)
 from .qmodel import KV_SITES, Artifact, QuantHooks, TensorStore, linear_tensors
 from .rotate import RotationHooks
+from .stage_a import TRANSFORMED, init_transform, ste_weight, transform_block
 
 NORM_OF_SITE = {"attn_in": "attn_norm", "mlp_in": "mlp_norm"}  # sites whose gain is the norm weight
 
@@ -57,6 +60,11 @@ class BaseqSettings:
     learn_clip: bool = True
     shift_init: str = "mean"  # per-channel token mean of the site's input, or "zero"
     input_stream: str = "quant"  # block inputs for GPTQ and training: "quant" (previous quantized blocks) or "fp"
+    stage_a_epochs: int = 0  # stage A (stage_a.py) before GPTQ: 0 = off
+    lr_stage_a_scale: float = 2e-2  # the log-scales of the v/o and up/down pairs
+    lr_stage_a_rotation: float = 5e-3  # the skew generators of the per-KV-head v/o rotations
+    stage_a_scales: bool = True
+    stage_a_rotation: bool = True
 
 
 PRESETS = {
@@ -131,38 +139,101 @@ def block_from_tensors(tensors: dict, qweights_deq: dict, layer: int) -> tuple[d
     return lw, online
 
 
-def train_block(cfg, qlw, layer, x, y, quant_cfg, b: BaseqSettings, rope, params, seed: int, bar=None) -> dict:
-    """Stage C for one block: AdamW + cosine schedule on the MSE to the FP block output."""
-    groups = []
-    for kind, lr, on in (("gain", b.lr_gain, b.learn_gain), ("shift", b.lr_shift, b.learn_shift), ("beta", b.lr_clip, b.learn_clip)):
-        tensors = [v for k, v in params.items() if k.endswith("." + kind)]
-        for t in tensors:
-            t.requires_grad_(on)
-        if on:
-            groups.append({"params": tensors, "lr": lr})
-    if not groups:
-        return params
+def fit(groups: list[dict], loss_of, n: int, b: BaseqSettings, epochs: int, seed: int, bar=None, layer: int = 0) -> None:
+    """AdamW + cosine schedule over `epochs` shuffled passes of n windows in batches of b.batch_size;
+    loss_of(window indices) -> the loss of that batch."""
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    steps_per_epoch = math.ceil(x.shape[0] / b.batch_size)
-    total = b.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
+    steps_per_epoch = math.ceil(n / b.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(b.epochs):
-        order = torch.randperm(x.shape[0], generator=gen)
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
         for s in range(steps_per_epoch):
-            idx = order[s * b.batch_size : (s + 1) * b.batch_size]
-            lw, online = fold_block(qlw, params, layer)
-            out = run_block(cfg, lw, layer, x[idx], QuantHooks(quant_cfg, online), rope, chunk=b.batch_size)
-            loss = torch.nn.functional.mse_loss(out, y[idx])
+            loss = loss_of(order[s * b.batch_size : (s + 1) * b.batch_size])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             if bar is not None:
                 bar.set_postfix(block=layer, loss=f"{loss.item():.3g}")
+
+
+def online_groups(params: dict[str, torch.Tensor], b: BaseqSettings, kinds=("gain", "shift", "beta")) -> list[dict]:
+    """Optimizer groups of stage C's tensors of the given kinds that b learns (the others get no gradient)."""
+    groups = []
+    for kind, lr, on in (("gain", b.lr_gain, b.learn_gain), ("shift", b.lr_shift, b.learn_shift), ("beta", b.lr_clip, b.learn_clip)):
+        on = on and kind in kinds
+        tensors = [v for k, v in params.items() if k.endswith("." + kind)]
+        for t in tensors:
+            t.requires_grad_(on)
+        if on:
+            groups.append({"params": tensors, "lr": lr})
+    return groups
+
+
+def folded_mse(cfg, qlw: dict, params: dict, layer: int, x, y, quant_cfg: dict, rope, chunk: int = 8) -> torch.Tensor:
+    """The training loss: MSE of the block with params folded in (fold_block), on x, to the FP outputs y."""
+    lw, online = fold_block(qlw, params, layer)
+    return torch.nn.functional.mse_loss(run_block(cfg, lw, layer, x, QuantHooks(quant_cfg, online), rope, chunk), y)
+
+
+def train_block(cfg, qlw, layer, x, y, quant_cfg, b: BaseqSettings, rope, params, seed: int, bar=None) -> dict:
+    """Stage C for one block: AdamW + cosine schedule on the MSE to the FP block output."""
+    groups = online_groups(params, b)
+    if not groups:
+        return params
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        return folded_mse(cfg, qlw, params, layer, x[idx], y[idx], quant_cfg, rope, b.batch_size)
+
+    fit(groups, loss_of, x.shape[0], b, b.epochs, seed, bar, layer)
     for t in params.values():
         t.requires_grad_(False)
     return params
+
+
+def train_stage_a(cfg, fp_lw, layer, x, y, quant_cfg, q: QuantSettings, b: BaseqSettings, rope, params, r4: bool,
+                  seed: int, bar=None) -> tuple[dict, dict]:
+    """Stage A for one block: (its float weights with the learned transforms folded in, a log entry). Trained
+    with every linear RTN fake-quantized (straight-through) and the sites' shift and clip learned alongside;
+    kept only if the block's MSE with RTN weights drops (else the weights are returned unchanged)."""
+    t = init_transform(cfg, b.stage_a_scales, b.stage_a_rotation, x.device)
+    if not t:
+        return fp_lw, {}
+
+    def rtn(w: torch.Tensor) -> torch.Tensor:
+        return ste_weight(w, q.group_size, q.symmetric, q.weight_grid)
+
+    fixed = {f"{n}.weight": rtn(fp_lw[f"{n}.weight"]) for n in LINEARS if n not in TRANSFORMED}
+
+    def weights() -> dict:
+        tw = transform_block(fp_lw, t, cfg, r4)
+        return {k: fixed.get(k, rtn(v) if k.endswith(".weight") else v) for k, v in tw.items()}
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        return folded_mse(cfg, weights(), params, layer, x[idx], y[idx], quant_cfg, rope, b.batch_size)
+
+    def mse() -> float:
+        with torch.no_grad():
+            return float(folded_mse(cfg, weights(), params, layer, x, y, quant_cfg, rope))
+
+    before = mse()
+    start = {k: v.clone() for k, v in params.items()}
+    for v in t.values():
+        v.requires_grad_(True)
+    groups = [{"params": [v for k, v in t.items() if k.endswith("log_scale")], "lr": b.lr_stage_a_scale},
+              {"params": [v for k, v in t.items() if k.endswith("skew")], "lr": b.lr_stage_a_rotation}]
+    groups = [g for g in groups if g["params"]] + online_groups(params, b, kinds=("shift", "beta"))
+    fit(groups, loss_of, x.shape[0], b, b.stage_a_epochs, seed, bar, layer)
+    for v in [*t.values(), *params.values()]:
+        v.requires_grad_(False)
+    after = mse()
+    params.update(start)  # stage A's shift and clip only shaped the transforms; stage C starts afresh
+    entry = {"mse_stage_a_start": before, "mse_stage_a": after, "stage_a": "trained" if after < before else "untrained"}
+    if not after < before:
+        return fp_lw, entry
+    with torch.no_grad():
+        return transform_block(fp_lw, t, cfg, r4), entry
 
 
 def settings_key(model: LoadedModel, q: QuantSettings, b: BaseqSettings, calib: torch.Tensor) -> str:
@@ -226,6 +297,15 @@ def calibrate_baseq(
             qdeq = _dequantized_linears(bt, cfg, q, i)
         else:
             x = h_q if b.input_stream == "quant" else h_fp
+            a_entry = {}
+            if b.stage_a_epochs:
+                qlw = {k: v for k, v in fp_lw.items() if k.endswith(".bias")}  # site means of RTN weights as the start
+                qlw.update({f"{n}.weight": ste_weight(fp_lw[f"{n}.weight"], q.group_size, q.symmetric, q.weight_grid)
+                            for n in LINEARS})
+                means = _site_means(cfg, qlw, i, x, fp_hooks, rope) if b.shift_init == "mean" else None
+                with torch.enable_grad():
+                    fp_lw, a_entry = train_stage_a(cfg, fp_lw, i, x, y, quant_cfg, q, b, rope,
+                                                   init_params(cfg, b, means, src.device), src.r4, q.seed + i, bar)
             qweights = gptq_layer(cfg, fp_lw, i, x, fp_hooks, rope, q)  # each Hessian dropped once used
             qdeq = {f"{n}.weight": qw.dequantize() for n, qw in qweights.items()}
             qlw = {**qdeq, **{k: v for k, v in fp_lw.items() if k.endswith(".bias")}}
@@ -243,8 +323,8 @@ def calibrate_baseq(
             bt = block_tensors(qweights, lw1, on1, i)
             del qweights, qlw, lw0, lw1, on0, on1, params, means, x  # the block's float copies: not kept into the next one
             release_free_memory()
-            entry = {"block": i, "mse_gptq": loss0, "mse_baseq": loss1, "kept": kept, "seconds": round(time.time() - t0, 2),
-                     **memory_now()}
+            entry = {"block": i, **a_entry, "mse_gptq": loss0, "mse_baseq": loss1, "kept": kept,
+                     "seconds": round(time.time() - t0, 2), **memory_now()}
             if done is not None:
                 save_block(work, i, bt, entry)
         log.append(entry)

@@ -98,3 +98,40 @@ def test_partial_run_with_other_settings_is_refused(tiny, tmp_path):
 def test_baseq_needs_activation_quantization(tiny):
     with pytest.raises(ValueError, match="w4a4kv4 or w4a8kv8"):
         calibrate_baseq(tiny, QuantSettings(method="quarot-gptq", bits="w4a16"), B, calib())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_stage_a_transforms_keep_the_float_block_exact(arch):
+    """Random non-trivial scales and rotations: the transformed block computes the same output in float64 (v/o
+    per KV head with grouped-query heads, v and up biases, down_proj behind the online R4 Hadamard)."""
+    from baseq_export.rotate import RotationHooks, rotate_model
+    from baseq_export.stage_a import cayley, init_transform, transform_block
+
+    m = from_hf_model(tiny_hf_model(arch, num_hidden_layers=1, num_key_value_heads=2))
+    cfg, w = rotate_model(m.config, {k: v.double() for k, v in m.weights.items()})
+    lw = layer_weights(w, 0)
+    gen = torch.Generator().manual_seed(4)
+    t = {k: 0.3 * torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in init_transform(cfg).items()}
+    r = cayley(t["vo.skew"])
+    eye = torch.eye(cfg.head_dim, dtype=torch.float64)
+    assert torch.allclose(r @ r.transpose(-1, -2), eye.expand_as(r), atol=1e-12) and (r - eye).abs().max() > 0.1
+    tw = transform_block(lw, t, cfg, r4=True)
+    assert all(not torch.allclose(tw[f"{n}.weight"], lw[f"{n}.weight"]) for n in ("v", "o", "up", "down"))
+    h = torch.randn(2, 9, cfg.hidden_size, generator=gen, dtype=torch.float64)
+    rope = calib_rope(cfg, w, h)
+    hooks = RotationHooks(r3=False, r4=True)
+    torch.testing.assert_close(run_block(cfg, tw, 0, h, hooks, rope), run_block(cfg, lw, 0, h, hooks, rope),
+                               rtol=1e-10, atol=1e-10)
+
+
+def test_stage_a_lowers_the_rtn_block_error_and_keeps_the_function(tiny):
+    """Calibrating with stage A: each block's stage A MSE (RTN weights) drops, and the model it leaves to GPTQ and
+    stage C still quantizes to an artifact nearer the float model than GPTQ alone."""
+    b = BaseqSettings(nsamples=12, calib_ctx=24, epochs=3, batch_size=4, stage_a_epochs=3)
+    art = calibrate_baseq(tiny, Q, b, calib())
+    blocks = art.calibration["blocks"]
+    assert all(x["stage_a"] == "trained" and x["mse_stage_a"] < x["mse_stage_a_start"] for x in blocks)
+    ids = torch.randint(0, 96, (6, 24), generator=torch.Generator().manual_seed(9))
+    fp = forward(tiny.config, tiny.weights, ids)
+    err = lambda a: float((reference_model(a).logits(ids) - fp).norm() / fp.norm())  # noqa: E731
+    assert err(art) < err(quantize_model(tiny, Q, calib()))
