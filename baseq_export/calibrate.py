@@ -218,7 +218,6 @@ def train_stage_a(cfg, fp_lw, layer, x, y, quant_cfg, q: QuantSettings, b: Baseq
             return float(folded_mse(cfg, weights(), params, layer, x, y, quant_cfg, rope))
 
     before = mse()
-    start = {k: v.clone() for k, v in params.items()}
     for v in t.values():
         v.requires_grad_(True)
     groups = [{"params": [v for k, v in t.items() if k.endswith("log_scale")], "lr": b.lr_stage_a_scale},
@@ -227,8 +226,7 @@ def train_stage_a(cfg, fp_lw, layer, x, y, quant_cfg, q: QuantSettings, b: Baseq
     fit(groups, loss_of, x.shape[0], b, b.stage_a_epochs, seed, bar, layer)
     for v in [*t.values(), *params.values()]:
         v.requires_grad_(False)
-    after = mse()
-    params.update(start)  # stage A's shift and clip only shaped the transforms; stage C starts afresh
+    after = mse()  # stage A's shift and clip only shape the transforms: stage C starts afresh after GPTQ
     entry = {"mse_stage_a_start": before, "mse_stage_a": after, "stage_a": "trained" if after < before else "untrained"}
     if not after < before:
         return fp_lw, entry
