@@ -7,8 +7,8 @@ For each seed s (0 .. N-1) the calibration windows (128 x 512 of the calibration
 s), the random R1 rotation and the training order all change; every quantized row of that seed uses
 them: QuaRot-RTN, QuaRot-GPTQ (all 128 windows), BASE-Q quick and standard (the first `nsamples` windows
 cut to `calib_ctx` tokens of the preset: quick 32 x 256, standard 64 x 512) and the ablations at the quick
-budget (bias correction only, asymmetric scaling only, no LAC). Every row is evaluated on the embedded
-evaluation split (ctx 512) and, with --eval-text, on a second text that calibration never saw (a
+budget (bias correction only, asymmetric scaling only, no LAC, and with one epoch of stage A). Every row is
+evaluated on the embedded evaluation split (ctx 512) and, with --eval-text, on a second text that calibration never saw (a
 license text on every Debian system is a good one: /usr/share/common-licenses/GPL-3). Gap closure
 (PPL_QuaRot-GPTQ - PPL_BASE-Q) / (PPL_QuaRot-GPTQ - PPL_FP) is taken against the QuaRot-GPTQ row of the
 same seed and bits, per text; the summary gives its mean, standard deviation, min and max over seeds.
@@ -45,6 +45,7 @@ ABLATIONS = [
     ("BASE-Q quick, bias correction only", dataclasses.replace(QUICK, name="bias-only", learn_gain=False, learn_clip=False)),
     ("BASE-Q quick, asymmetric scaling only", dataclasses.replace(QUICK, name="scale-only", learn_shift=False, learn_clip=False)),
     ("BASE-Q quick, bias + scaling, no LAC", dataclasses.replace(QUICK, name="no-lac", learn_clip=False)),
+    ("BASE-Q quick + stage A (1 epoch)", dataclasses.replace(QUICK, name="quick-stage-a", stage_a_epochs=1)),
 ]
 
 
