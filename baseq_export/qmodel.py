@@ -51,12 +51,38 @@ class Artifact:
     calibration: dict | None = None
 
 
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT / SIGTERM until a safetensors call returns, then act on them as usual: raised inside its native
+    layer, the KeyboardInterrupt was swallowed (the run went on) or came out as an unrelated torch error."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    old = {sig: signal.signal(sig, lambda signum, frame: got.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if got:
+            handler = old[got[0]]
+            if callable(handler):
+                handler(got[0], None)  # Python's Ctrl-C handler or the CLI's SIGTERM one: raises here
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), got[0])
+
+
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """safetensors' save_file, its I/O failures (a full disk, a file size limit) raised as the OSError they are."""
     import re
 
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+        with signals_held():
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
     except Exception as e:  # noqa: BLE001 - SafetensorError wraps the OS error in its message
         code = re.search(r"os error (\d+)", str(e))
         if code is None:
@@ -88,7 +114,7 @@ class TensorStore(MutableMapping):
     def attach(self, path: str | Path) -> None:
         """Add every tensor of the safetensors file at path (read lazily; names, dtypes and shapes read now)."""
         path = Path(path)
-        with safe_open(str(path), framework="pt") as f:
+        with signals_held(), safe_open(str(path), framework="pt") as f:
             for name in f.keys():
                 part = f.get_slice(name)
                 self._memory.pop(name, None)
@@ -120,7 +146,7 @@ class TensorStore(MutableMapping):
             raise KeyError(name)
         # opened for this read only: a mapping kept open would leave every page read resident, so reading a
         # large artifact through would hold all of it
-        with safe_open(str(self._file_of[name]), framework="pt") as f:
+        with signals_held(), safe_open(str(self._file_of[name]), framework="pt") as f:
             return f.get_tensor(name)
 
     def __setitem__(self, name: str, tensor: torch.Tensor) -> None:

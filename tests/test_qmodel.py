@@ -200,3 +200,18 @@ def test_lazy_and_eager_loads_agree_and_both_check_the_index(tmp_path):
     for lazy_load in (True, False):
         with pytest.raises(ArtifactError, match="tensor embed is float16 \\[10, 64\\], config.json says float16 \\[11, 64\\]"):
             load_artifact(path, lazy=lazy_load)
+
+
+def test_a_signal_inside_a_safetensors_call_is_held_until_it_returns():
+    """Ctrl-C during signals_held: the block runs to its end, then KeyboardInterrupt is raised (not swallowed)."""
+    import os
+    import signal
+
+    from baseq_export.qmodel import signals_held
+
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            finished.append(True)
+    assert finished == [True] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
