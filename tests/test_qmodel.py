@@ -210,8 +210,12 @@ def test_a_signal_inside_a_safetensors_call_is_held_until_it_returns():
     from baseq_export.qmodel import signals_held
 
     finished = []
-    with pytest.raises(KeyboardInterrupt):
-        with signals_held():
-            os.kill(os.getpid(), signal.SIGINT)
-            finished.append(True)
-    assert finished == [True] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # ignored where pytest runs as a background job
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with signals_held():
+                os.kill(os.getpid(), signal.SIGINT)
+                finished.append(True)
+        assert finished == [True] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -268,9 +268,16 @@ def test_overflow_in_a_block_stops_there_naming_block_and_site_and_the_rerun_res
             keep=(partial,))
 
 
-def _cli(args: list[str], **kw) -> subprocess.Popen:
+def _cli(args: list[str], preexec_fn=None, **kw) -> subprocess.Popen:
+    """The CLI as a child process with Ctrl-C at its default: a shell's background job (`cmd &`) inherits SIGINT
+    ignored, and Python then keeps it ignored, so the SIGINT tests would test nothing."""
+    def setup() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if preexec_fn is not None:
+            preexec_fn()
+
     return subprocess.Popen([sys.executable, "-m", "baseq_export.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=setup, **kw)
 
 
 def _artifact_tensors(path: Path) -> dict[str, torch.Tensor]:
