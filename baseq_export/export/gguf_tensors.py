@@ -278,8 +278,7 @@ def _add_matrix(plan: Plan, name: str, art: Artifact, prefix: str, kind: str, pe
             del qw
 
             def make() -> np.ndarray:
-                w = quantized_matrix(art, prefix).dequantize().numpy()
-                return convert(w if perm is None else w[perm], qtype)
+                return convert_rows(quantized_matrix(art, prefix).dequantize(), qtype, perm)
 
         plan.add(name, qtype, shape, make)
         return
