@@ -192,11 +192,13 @@ def train_block(cfg, qlw, layer, x, y, quant_cfg, b: BaseqSettings, rope, params
     return params
 
 
-def train_stage_a(cfg, fp_lw, layer, x, y, quant_cfg, q: QuantSettings, b: BaseqSettings, rope, params, r4: bool,
+def train_stage_a(cfg, fp_lw, layer, x, y, quant_cfg, q: QuantSettings, b: BaseqSettings, rope, fp_hooks,
                   seed: int, bar=None) -> tuple[dict, dict]:
     """Stage A for one block: (its float weights with the learned transforms folded in, a log entry). Trained
-    with every linear RTN fake-quantized (straight-through) and the sites' shift and clip learned alongside;
-    kept only if the block's MSE with RTN weights drops (else the weights are returned unchanged)."""
+    with every linear RTN fake-quantized (straight-through) and the sites' shift and clip learned alongside
+    (started as stage C starts, from the RTN block's site means); kept only if the block's MSE with RTN weights
+    drops (else the weights are returned unchanged). fp_hooks: the FP block's online rotations (R4)."""
+    r4 = fp_hooks.r4
     t = init_transform(cfg, b.stage_a_scales, b.stage_a_rotation, x.device)
     if not t:
         return fp_lw, {}
@@ -217,6 +219,9 @@ def train_stage_a(cfg, fp_lw, layer, x, y, quant_cfg, q: QuantSettings, b: Baseq
         with torch.no_grad():
             return float(folded_mse(cfg, weights(), params, layer, x, y, quant_cfg, rope))
 
+    with torch.no_grad():
+        means = _site_means(cfg, weights(), layer, x, fp_hooks, rope) if b.shift_init == "mean" else None
+    params = init_params(cfg, b, means, x.device)
     before = mse()
     for v in t.values():
         v.requires_grad_(True)
@@ -297,13 +302,8 @@ def calibrate_baseq(
             x = h_q if b.input_stream == "quant" else h_fp
             a_entry = {}
             if b.stage_a_epochs:
-                qlw = {k: v for k, v in fp_lw.items() if k.endswith(".bias")}  # site means of RTN weights as the start
-                qlw.update({f"{n}.weight": ste_weight(fp_lw[f"{n}.weight"], q.group_size, q.symmetric, q.weight_grid)
-                            for n in LINEARS})
-                means = _site_means(cfg, qlw, i, x, fp_hooks, rope) if b.shift_init == "mean" else None
                 with torch.enable_grad():
-                    fp_lw, a_entry = train_stage_a(cfg, fp_lw, i, x, y, quant_cfg, q, b, rope,
-                                                   init_params(cfg, b, means, src.device), src.r4, q.seed + i, bar)
+                    fp_lw, a_entry = train_stage_a(cfg, fp_lw, i, x, y, quant_cfg, q, b, rope, fp_hooks, q.seed + i, bar)
             qweights = gptq_layer(cfg, fp_lw, i, x, fp_hooks, rope, q)  # each Hessian dropped once used
             qdeq = {f"{n}.weight": qw.dequantize() for n, qw in qweights.items()}
             qlw = {**qdeq, **{k: v for k, v in fp_lw.items() if k.endswith(".bias")}}
