@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .memory import memory_now, release_free_memory
@@ -38,6 +37,7 @@ from .pipeline import (BlockWeights, QuantSettings, TapHooks, calib_rope, checke
 from .qmodel import KV_SITES, Artifact, QuantHooks, TensorStore, linear_tensors
 from .rotate import RotationHooks
 from .stage_a import TRANSFORMED, init_transform, ste_weight, transform_block
+from .tensor_files import load_tensors
 
 NORM_OF_SITE = {"attn_in": "attn_norm", "mlp_in": "mlp_norm"}  # sites whose gain is the norm weight
 
@@ -295,7 +295,7 @@ def calibrate_baseq(
         y = checked_block(cfg, fp_lw, i, h_fp, fp_hooks, rope, "full-precision")
         done = work / f"block_{i}.safetensors" if work else None
         if done is not None and done.is_file():
-            bt = load_file(str(done), device=str(src.device))
+            bt = load_tensors(done, device=str(src.device))
             entry = json.loads((work / f"block_{i}.json").read_text())
             qdeq = _dequantized_linears(bt, cfg, q, i)
         else:

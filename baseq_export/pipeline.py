@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from .models import LoadedModel, source_info, weights_digest
 from .memory import map_big_allocations, release_free_memory
 from .models.base import ACT_SITES, IDENTITY, SITE_LINEARS, ModelConfig, block_forward, rope_tables, site_width
-from .qmodel import BITS_PRESETS, Artifact, TensorStore, linear_tensors, save_tensors
+from .qmodel import BITS_PRESETS, Artifact, TensorStore, linear_tensors
+from .tensor_files import load_tensors, save_tensors
 from .quant import GGML_BLOCK, WEIGHT_GRIDS, HessianAccumulator, QuantizedWeight, gptq_quantize, rtn_quantize
 from .rotate import RotationHooks, head_mix, rotate_layer, rotate_outside_layers
 
@@ -566,7 +567,6 @@ def tune_blocks(
     import hashlib
     import json
 
-    from safetensors.torch import load_file
 
     from .qmodel import linear_from_tensors
 
@@ -603,7 +603,7 @@ def tune_blocks(
         y = checked_block(cfg, fp_lw, i, h_fp, hooks, rope, "full-precision")
         done = work / f"block_{i}.safetensors" if work else None
         if done is not None and done.is_file():
-            bt = load_file(str(done), device=str(src.device))
+            bt = load_tensors(done, device=str(src.device))
             entry = json.loads((work / f"block_{i}.json").read_text())
         else:
             hessians = gptq_hessians(cfg, fp_lw, i, h_q, hooks, rope)

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+
+from .tensor_files import load_tensors, read_tensor, save_tensors, tensor_index
 
 if TYPE_CHECKING:
     from .models.base import ModelConfig
@@ -51,45 +52,6 @@ class Artifact:
     calibration: dict | None = None
 
 
-@contextlib.contextmanager
-def signals_held() -> Iterator[None]:
-    """Hold SIGINT / SIGTERM until a safetensors call returns, then act on them as usual: raised inside its native
-    layer, the KeyboardInterrupt was swallowed (the run went on) or came out as an unrelated torch error."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    got: list[int] = []
-    old = {sig: signal.signal(sig, lambda signum, frame: got.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-        if got:
-            handler = old[got[0]]
-            if callable(handler):
-                handler(got[0], None)  # Python's Ctrl-C handler or the CLI's SIGTERM one: raises here
-            elif handler == signal.SIG_DFL:
-                os.kill(os.getpid(), got[0])
-
-
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors' save_file, its I/O failures (a full disk, a file size limit) raised as the OSError they are."""
-    import re
-
-    try:
-        with signals_held():
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
-    except Exception as e:  # noqa: BLE001 - SafetensorError wraps the OS error in its message
-        code = re.search(r"os error (\d+)", str(e))
-        if code is None:
-            raise
-        raise OSError(int(code.group(1)), f"{os.strerror(int(code.group(1)))} writing {path}") from e
-
-
 SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
     torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
@@ -114,12 +76,10 @@ class TensorStore(MutableMapping):
     def attach(self, path: str | Path) -> None:
         """Add every tensor of the safetensors file at path (read lazily; names, dtypes and shapes read now)."""
         path = Path(path)
-        with signals_held(), safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                part = f.get_slice(name)
-                self._memory.pop(name, None)
-                self._file_of[name] = path
-                self._meta[name] = (part.get_dtype(), list(part.get_shape()))
+        for name, meta in tensor_index(path).items():
+            self._memory.pop(name, None)
+            self._file_of[name] = path
+            self._meta[name] = meta
 
     def put(self, tensors: Mapping[str, torch.Tensor], file: str) -> None:
         """Add tensors: written to spool/file and dropped from memory when the store has a spool, else kept."""
@@ -144,10 +104,7 @@ class TensorStore(MutableMapping):
             return self._memory[name]
         if name not in self._file_of:
             raise KeyError(name)
-        # opened for this read only: a mapping kept open would leave every page read resident, so reading a
-        # large artifact through would hold all of it
-        with signals_held(), safe_open(str(self._file_of[name]), framework="pt") as f:
-            return f.get_tensor(name)
+        return read_tensor(self._file_of[name], name)
 
     def __setitem__(self, name: str, tensor: torch.Tensor) -> None:
         self._file_of.pop(name, None)
@@ -372,7 +329,7 @@ def load_artifact(path: str | Path, map_location: str = "cpu", lazy: bool = Fals
             if got != {"dtype": meta["dtype"], "shape": meta["shape"]}:
                 raise ArtifactError(f"tensor {name} is {got['dtype']} {got['shape']}, {CONFIG} says {meta['dtype']} {meta['shape']}")
         if not lazy:  # one read of the whole file, not an open per tensor
-            tensors = load_file(str(tensor_file), device=map_location)
+            tensors = load_tensors(tensor_file, device=map_location)
     except (SafetensorError, OSError, ValueError, KeyError) as e:
         if isinstance(e, ArtifactError):
             raise

@@ -207,7 +207,7 @@ def test_a_signal_inside_a_safetensors_call_is_held_until_it_returns():
     import os
     import signal
 
-    from baseq_export.qmodel import signals_held
+    from baseq_export.tensor_files import signals_held
 
     finished = []
     before = signal.signal(signal.SIGINT, signal.default_int_handler)  # ignored where pytest runs as a background job

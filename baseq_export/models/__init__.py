@@ -173,12 +173,11 @@ def check_weight_files(directory: Path, gguf: str | None) -> None:
     if missing:
         raise ModelLoadError(f"{directory} lacks the weight file(s) {', '.join(missing)} that {index.name} lists; "
                              "download the complete checkpoint")
-    from safetensors import safe_open
+    from ..tensor_files import tensor_index
 
     for f in files:
         try:
-            with safe_open(str(directory / f), framework="pt") as h:
-                h.keys()
+            tensor_index(directory / f)
         except Exception as e:  # noqa: BLE001 - SafetensorError is not an OSError
             raise ModelLoadError(f"{directory / f} is truncated or damaged ({e}); download it again") from e
 

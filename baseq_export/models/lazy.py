@@ -98,7 +98,7 @@ def _checked(weights: dict, cfg: ModelConfig, present: set[str], names: dict[str
 def safetensors_weights(directory: Path, cfg: ModelConfig, adapter, dtype: torch.dtype,
                         inv_freq: torch.Tensor, shell) -> LazyWeights:
     """Lazy weights of a safetensors checkpoint (one file, or the shards its index lists)."""
-    from safetensors import safe_open
+    from ..tensor_files import read_tensor, tensor_index
 
     index = directory / "model.safetensors.index.json"
     if index.is_file():
@@ -106,14 +106,12 @@ def safetensors_weights(directory: Path, cfg: ModelConfig, adapter, dtype: torch
     else:
         where = {}
         for f in sorted(directory.glob("*.safetensors")):
-            with safe_open(str(f), framework="pt") as h:
-                where.update({k: f for k in h.keys()})
+            where.update({k: f for k in tensor_index(f)})
     names = hf_names(cfg, adapter)
 
     def reader(hf_name: str) -> Callable[[], torch.Tensor]:
         def read() -> torch.Tensor:
-            with safe_open(str(where[hf_name]), framework="pt") as h:
-                return h.get_tensor(hf_name).to(dtype)
+            return read_tensor(where[hf_name], hf_name).to(dtype)
         return read
 
     readers = {c: reader(n) for c, n in names.items() if n in where}
