@@ -132,6 +132,78 @@ void AttendChunk(const attn::Kernels& kern, const Dims& d, int64_t window, const
   }
 }
 
+constexpr int64_t kBlockKeys = 8;  // keys per transposed block of the prefill tiles (the kernels' lanes)
+
+int64_t KeyBlockCount(int64_t keys) { return (keys + kBlockKeys - 1) / kBlockKeys; }
+
+// Blocks [b0, b1) of kt = the key rows [S][hd] as blocks of 8 keys, each transposed:
+// kt[(j / 8) * hd * 8 + d * 8 + j % 8] = rows[j * hd + d]; a last block's missing keys are zeros.
+void TransposeKeyBlocks(const float* rows, int64_t S, int64_t hd, int64_t b0, int64_t b1, float* kt) {
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    float* dst = kt + blk * hd * kBlockKeys;
+    for (int64_t kk = 0; kk < kBlockKeys; ++kk) {
+      const int64_t j = blk * kBlockKeys + kk;
+      for (int64_t i = 0; i < hd; ++i) dst[i * kBlockKeys + kk] = j < S ? rows[j * hd + i] : 0.0f;
+    }
+  }
+}
+
+// A chunk of query rows [t0, t1) of heads [g0, g1) of KV head kvh in register tiles (BlockScores over
+// kt, the KV head's transposed key blocks, and the weighted sums of every row's heads at once over the
+// keys all rows see, then each row's own last keys). Returns false, computing nothing, where the
+// rows do not share their first visible key (a sliding window that cuts in, a padding query).
+bool AttendChunkTiled(const attn::Kernels& kern, const Dims& d, int64_t window, const float* q_all, const float* kt,
+                      const float* v_rows, const int64_t* mask_b, int64_t b, int64_t kvh, int64_t g0, int64_t g1,
+                      int64_t t0, int64_t t1, float* out_all) {
+  const int64_t hd = d.head_dim, G = g1 - g0, R = t1 - t0, nq = R * G;
+  const int64_t first = d.past_len + t0;  // the position of the chunk's first query
+  const int64_t common = first + 1, keys = d.past_len + t1;  // keys every row sees; keys any row sees
+  if (window > 0 && keys > window) return false;  // a row's window would start past key 0
+  thread_local std::vector<uint8_t> visible;
+  Reserve(&visible, keys);
+  bool any = false, all = true;
+  for (int64_t j = 0; j < keys; ++j) {
+    visible[j] = mask_b[j] != 0;
+    any |= j < common && visible[j];
+    all &= visible[j] != 0;
+  }
+  if (!any) return false;
+  const uint8_t* vis = all ? nullptr : visible.data();
+  const int64_t stride = KeyBlockCount(keys) * kBlockKeys;
+  thread_local std::vector<double> work;
+  Reserve(&work, nq * stride + 2 * nq * hd);
+  double* probs = work.data();        // [nq][stride]: the scores, then softmax's numerators in place
+  double* q64 = probs + nq * stride;  // [nq][hd], query i = row r's head g at i = r * G + g
+  double* acc = q64 + nq * hd;        // [nq][hd]
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qr = q_all + ((b * d.heads + kvh * d.groups + g0 + g) * d.new_len + t0 + r) * hd;
+      for (int64_t i = 0; i < hd; ++i) q64[(r * G + g) * hd + i] = static_cast<double>(qr[i]);
+    }
+  kern.block_scores(q64, nq, kt, hd, 0, KeyBlockCount(keys), 1.0 / std::sqrt(static_cast<double>(hd)), probs, stride);
+  thread_local std::vector<double> inv_sums;
+  Reserve(&inv_sums, nq);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t g = 0; g < G; ++g) {
+      double* row = probs + (r * G + g) * stride;
+      const int64_t n = common + r;  // causal: keys [0, first + r]
+      if (vis)
+        for (int64_t j = 0; j < n; ++j)
+          if (!vis[j]) row[j] = -INFINITY;
+      inv_sums[r * G + g] = 1.0 / kern.exp_sum(row, row, n);  // softmax's numerators: divided at the end
+    }
+  kern.weighted(probs, nq, v_rows, hd, 0, common, vis, acc, stride);
+  for (int64_t r = 1; r < R; ++r)  // each row's keys past the common ones, continuing its sums in order
+    kern.weighted_add(probs + r * G * stride, G, v_rows, hd, common, common + r, vis, acc + r * G * hd, stride);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t g = 0; g < G; ++g) {
+      float* o = out_all + (b * d.new_len + t0 + r) * (d.heads * hd) + (kvh * d.groups + g0 + g) * hd;
+      const double inv = inv_sums[r * G + g];
+      for (int64_t i = 0; i < hd; ++i) o[i] = static_cast<float>(acc[(r * G + g) * hd + i] * inv);
+    }
+  return true;
+}
+
 // Runs body(task) for task in [0, count): on onnxruntime's threads, or on this one when `work` (the
 // multiply-adds or values involved) is below kSerialWork and not worth waking the others. One batch
 // per task, so the threads claim tasks as they finish: causal prefill chunks differ in cost (the last
@@ -161,6 +233,35 @@ void ForChunks(OrtKernelContext* ctx, const Dims& d, Body body) {
   ParallelTasks(ctx, d.batch * d.kv_heads * splits * chunks, d.batch * d.heads * d.new_len * d.total_len * d.head_dim, task);
 }
 
+// The key rows of every (batch, KV head) bh (rows_of(bh): [total_len][hd] float32) as transposed blocks
+// for the prefill tiles, [B * kvH][blocks][hd][8] in the calling thread's scratch; null when every
+// chunk is a single query row (decoding), which the row kernels serve.
+template <typename RowsOf>
+const float* KeyBlocks(OrtKernelContext* ctx, const Dims& d, RowsOf rows_of) {
+  if (d.new_len < 2) return nullptr;
+  const int64_t hd = d.head_dim, blocks = KeyBlockCount(d.total_len), per_head = blocks * hd * kBlockKeys;
+  const int64_t heads = d.batch * d.kv_heads, tasks = (blocks + kUnpackRows / kBlockKeys - 1) / (kUnpackRows / kBlockKeys);
+  thread_local std::vector<float> scratch;  // the calling thread's; the tasks reach it through `kt` only
+  Reserve(&scratch, heads * per_head);
+  float* const kt = scratch.data();
+  ParallelTasks(ctx, heads * tasks, heads * per_head, [&](int64_t i) {
+    const int64_t bh = i / tasks, b0 = (i % tasks) * (kUnpackRows / kBlockKeys);
+    TransposeKeyBlocks(rows_of(bh), d.total_len, hd, b0, std::min(blocks, b0 + kUnpackRows / kBlockKeys), kt + bh * per_head);
+  });
+  return kt;
+}
+
+// One chunk of query rows: in register tiles where there are several rows and kt, else row by row.
+void AttendRows(const attn::Kernels& kern, const Dims& d, int64_t window, const float* q_all, const float* kt,
+                const float* k_rows, const float* v_rows, const int64_t* mask_b, int64_t b, int64_t kvh, int64_t g0,
+                int64_t g1, int64_t t0, int64_t t1, float* out_all) {
+  const float* kt_head = kt ? kt + (b * d.kv_heads + kvh) * KeyBlockCount(d.total_len) * d.head_dim * kBlockKeys : nullptr;
+  if (kt_head && t1 - t0 >= 2 &&
+      AttendChunkTiled(kern, d, window, q_all, kt_head, v_rows, mask_b, b, kvh, g0, g1, t0, t1, out_all))
+    return;
+  AttendChunk(kern, d, window, q_all, k_rows, v_rows, mask_b, b, kvh, g0, g1, t0, t1, out_all);
+}
+
 // present = the past rows, then the new ones (`row` elements per token, `fresh` rows made by
 // write_new(bh, t, dst)). A growing cache is copied; in a buffer the new rows go to rows P ..,
 // and the past rows are copied (and the rest zeroed) only when present is not the past's memory.
@@ -188,9 +289,10 @@ void RunFloatCache(OrtKernelContext* ctx, const attn::Kernels& kern, int64_t win
   Append(past_k, pk, d, hd, [&](int64_t bh, int64_t t, float* dst) { std::memcpy(dst, kd + (bh * d.new_len + t) * hd, bytes); });
   Append(past_v, pv, d, hd, [&](int64_t bh, int64_t t, float* dst) { std::memcpy(dst, vd + (bh * d.new_len + t) * hd, bytes); });
   if (d.new_len == 0) return;
+  const float* kt = KeyBlocks(ctx, d, [&](int64_t bh) { return pk + bh * d.present_rows * hd; });
   ForChunks(ctx, d, [&](int64_t b, int64_t kvh, int64_t g0, int64_t g1, int64_t t0, int64_t t1) {
-    const int64_t at = (b * d.kv_heads + kvh) * d.present_rows * hd;
-    AttendChunk(kern, d, window, qd, pk + at, pv + at, md + b * d.total_len, b, kvh, g0, g1, t0, t1, o);
+    const int64_t bh = b * d.kv_heads + kvh, at = bh * d.present_rows * hd;
+    AttendRows(kern, d, window, qd, kt, pk + at, pv + at, md + b * d.total_len, b, kvh, g0, g1, t0, t1, o);
   });
 }
 
@@ -224,9 +326,10 @@ void RunPackedCache(OrtKernelContext* ctx, const attn::Kernels& kern, int64_t wi
     }
   };
   ParallelTasks(ctx, heads * blocks, heads * S * hd, unpack);
+  const float* kt = KeyBlocks(ctx, d, [&](int64_t bh) { return rows + 2 * bh * S * hd; });
   ForChunks(ctx, d, [&](int64_t b, int64_t kvh, int64_t g0, int64_t g1, int64_t t0, int64_t t1) {
     const float* kr = rows + 2 * (b * d.kv_heads + kvh) * S * hd;
-    AttendChunk(kern, d, window, qd, kr, kr + S * hd, md + b * d.total_len, b, kvh, g0, g1, t0, t1, o);
+    AttendRows(kern, d, window, qd, kt, kr, kr + S * hd, md + b * d.total_len, b, kvh, g0, g1, t0, t1, o);
   });
 }
 

@@ -6,6 +6,9 @@ namespace baseq {
 namespace attn {
 namespace {
 
+// Register tiles (attention_rows.h) for 16 ymm registers, two per V: 6 score accumulators (12), the key block (2).
+constexpr int kTileQueries = 6, kTileKeyBlocks = 1, kWeightHeads = 2;
+
 struct V {
   __m256d lo, hi;
   static V Zero() { return {_mm256_setzero_pd(), _mm256_setzero_pd()}; }

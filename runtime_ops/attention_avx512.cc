@@ -6,6 +6,10 @@ namespace baseq {
 namespace attn {
 namespace {
 
+// Register tiles (attention_rows.h) for 32 zmm registers: 12 x 2 score accumulators and two key blocks;
+// 6 heads x 4 blocks of weighted sums and four value blocks.
+constexpr int kTileQueries = 12, kTileKeyBlocks = 2, kWeightHeads = 6;
+
 struct V {
   __m512d v;
   static V Zero() { return {_mm512_setzero_pd()}; }

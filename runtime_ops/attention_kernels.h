@@ -17,7 +17,13 @@ using ScoresFn = void (*)(const double* q, int64_t heads, const float* k_rows, i
                           const uint8_t* visible, double scale, double add, double* scores, int64_t stride);
 using WeightedFn = void (*)(const double* p, int64_t heads, const float* v_rows, int64_t hd, int64_t j0, int64_t j1,
                             const uint8_t* visible, double* acc, int64_t stride);
+// Prefill: nq query vectors (q [nq][hd]) against the key blocks [b0, b1) of kt, 8 keys a block stored
+// transposed (float32 [hd][8], the layout TransposeKeyBlocks makes): scores[i * stride + j] for every key of them.
+using BlockScoresFn = void (*)(const double* q, int64_t nq, const float* kt, int64_t hd, int64_t b0, int64_t b1,
+                               double scale, double* scores, int64_t stride);
 using SoftmaxFn = void (*)(const double* src, double* dst, int64_t n);
+// dst = softmax's numerators exp(src - max) (its masking), returning their sum.
+using ExpSumFn = double (*)(const double* src, double* dst, int64_t n);
 // out[i] = float(silu(double(g[i])) * double(u[i])) for i < n (baseq.SwiGLU's row).
 using SwiGLUFn = void (*)(const float* g, const float* u, float* out, int64_t n);
 // The butterfly of p = 2^k float64 values, in place (baseq.Hadamard and R3; attention_rows.h).
@@ -27,7 +33,10 @@ struct Kernels {
   const char* name;
   ScoresFn scores;
   WeightedFn weighted;
+  WeightedFn weighted_add;  // weighted, the sums going on from acc's values
+  BlockScoresFn block_scores;
   SoftmaxFn softmax;
+  ExpSumFn exp_sum;
   SwiGLUFn swiglu;
   ButterflyFn butterfly;
 };
@@ -41,7 +50,12 @@ Kernels WidestKernels();
                       double, double*, int64_t);                                                                  \
   void Weighted##Suffix(const double*, int64_t, const float*, int64_t, int64_t, int64_t, const uint8_t*, double*,  \
                         int64_t);                                                                                 \
+  void WeightedAdd##Suffix(const double*, int64_t, const float*, int64_t, int64_t, int64_t, const uint8_t*,       \
+                           double*, int64_t);                                                                     \
+  void BlockScores##Suffix(const double*, int64_t, const float*, int64_t, int64_t, int64_t, double, double*,      \
+                           int64_t);                                                                              \
   void Softmax##Suffix(const double*, double*, int64_t);                                                         \
+  double ExpSum##Suffix(const double*, double*, int64_t);                                                        \
   void SwiGLU##Suffix(const float*, const float*, float*, int64_t);                                              \
   void Butterfly##Suffix(double*, int64_t);
 BASEQ_ATTENTION_DECLARE(Scalar)

@@ -4,12 +4,17 @@
 //   Store(double*, V), StoreF(float*, V) (8 doubles rounded to float), Add, Sub, Mul, Div, Fma(a, b, c) = a * b + c rounded once,
 //   Round(v) (to nearest, ties to even), Pow2(n) = 2^n for integral n in [-1022, 1023],
 //   LessSelect(x, t, a, b) = x < t ? a : b per lane (false for NaN),
-//   Tree8(const V acc[8]): lane k = Tree(the lanes of acc[k]), in exactly Tree's order.
+//   Tree8(const V acc[8]): lane k = Tree(the lanes of acc[k]), in exactly Tree's order;
+// and the register tiles its registers hold: kTileQueries x kTileKeyBlocks accumulators for the prefill
+// scores, kWeightHeads x 4 for the weighted sums (no order depends on them).
 // Every copy then runs the same operations in the same order, so all give the same bits:
 //   dot(q, k)   lane l accumulates q[d] * k[d] for d = l (mod 8), increasing d, by fused multiply-add;
 //               then Tree(lanes) = ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)).
 //   softmax     e_i = Exp(s_i - max) (0 for a masked key when the row has an unmasked one), summed
-//               in 8 lanes (i mod 8) then Tree, p_i = e_i / sum.
+//               in 8 lanes (i mod 8) then Tree, p_i = e_i / sum (the prefill tiles instead divide the
+//               weighted sums of the e_i: out_d = (sum_j e_j v_jd) * (1 / sum)).
+//   block dot   (prefill, BlockScores) one chain of fused multiply-adds over d, increasing: another
+//               float64 order than dot's, each rounded once to float32 at the end all the same.
 //   weighted    acc[d] = sum over visible keys j, increasing j, of p_j * v_jd by fused multiply-add.
 //   swiglu      out = float(g / (1 + Exp(-g)) * u) in float64, Exp's argument capped at 709 (where e^x
 //               is still finite; past it g / (1 + e) rounds to a float32 zero either way) and +inf kept.
@@ -34,6 +39,14 @@ inline double Tree(const double* l) { return ((l[0] + l[4]) + (l[2] + l[6])) + (
 
 constexpr double Factorial(int k) { return k <= 1 ? 1.0 : k * Factorial(k - 1); }
 constexpr int kExpDegree = 13;
+// 1 / k! for k = 0 .. kExpDegree, folded at compile time (a loop calling Factorial ran it per call).
+struct ExpCoefficients {
+  double inv[kExpDegree + 1];
+  constexpr ExpCoefficients() : inv() {
+    for (int k = 0; k <= kExpDegree; ++k) inv[k] = 1.0 / Factorial(k);
+  }
+};
+constexpr ExpCoefficients kExpCoef{};
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2Hi = 6.93147180369123816490e-01;  // ln 2 with its low bits zero: n * kLn2Hi is exact
 constexpr double kLn2Lo = 1.90821492927058770002e-10;  // ln 2 - kLn2Hi
@@ -46,8 +59,8 @@ inline V Exp(V x) {
   const V n = Round(Mul(xc, V::Set(kLog2e)));
   V r = Fma(n, V::Set(-kLn2Hi), xc);
   r = Fma(n, V::Set(-kLn2Lo), r);
-  V p = V::Set(1.0 / Factorial(kExpDegree));
-  for (int k = kExpDegree - 1; k >= 0; --k) p = Fma(p, r, V::Set(1.0 / Factorial(k)));
+  V p = V::Set(kExpCoef.inv[kExpDegree]);
+  for (int k = kExpDegree - 1; k >= 0; --k) p = Fma(p, r, V::Set(kExpCoef.inv[k]));
   const V y = Mul(p, Pow2(n));
   return LessSelect(x, low, V::Zero(), y);
 }
@@ -85,9 +98,34 @@ inline void DotKeys8(const double* q, int64_t hd, const float* const* k, double 
   }
 }
 
-// Scores of NG heads for the visible keys of [j0, j1), eight keys at a time (a last partial group
-// reads the first key again in its unused lanes; those scores are not stored).
-template <int NG>
+// DotKeys8 for 8 consecutive key rows of a compile-time head size HD: every address a constant
+// offset from q and k (no row pointers to hold), so the 8 x NG accumulators stay in registers.
+template <int NG, int HD>
+inline void DotKeys8Rows(const double* q, const float* k, double (*out)[kLanes]) {
+  static_assert(HD % kLanes == 0, "whole blocks of 8 dimensions");
+  V acc[kLanes][NG];
+  for (int kk = 0; kk < kLanes; ++kk)
+    for (int g = 0; g < NG; ++g) acc[kk][g] = V::Zero();
+  for (int d = 0; d < HD; d += kLanes) {
+    V qd[NG];
+    for (int g = 0; g < NG; ++g) qd[g] = V::Load(q + g * HD + d);
+    for (int kk = 0; kk < kLanes; ++kk) {
+      const V kv = V::LoadF(k + kk * HD + d);
+      for (int g = 0; g < NG; ++g) acc[kk][g] = Fma(qd[g], kv, acc[kk][g]);
+    }
+  }
+  for (int g = 0; g < NG; ++g) {
+    V per_key[kLanes];
+    for (int kk = 0; kk < kLanes; ++kk) per_key[kk] = acc[kk][g];
+    Store(out[g], Tree8(per_key));
+  }
+}
+
+// Scores of NG heads for the visible keys of [j0, j1), eight keys at a time: eight consecutive
+// visible keys straight from the rows when the head size is HD (> 0), any others gathered (a
+// last partial group reads the first key again in its unused lanes; those scores are not stored).
+// The grouping does not change a score: each is its own dot product.
+template <int NG, int HD>
 inline void ScoresHeads(const double* q, const float* k_rows, int64_t hd, int64_t j0, int64_t j1,
                         const uint8_t* visible, double scale, double add, double* scores, int64_t stride) {
   int64_t keys[kLanes];
@@ -100,16 +138,42 @@ inline void ScoresHeads(const double* q, const float* k_rows, int64_t hd, int64_
     for (int g = 0; g < NG; ++g)
       for (int kk = 0; kk < count; ++kk) scores[g * stride + keys[kk]] = dots[g][kk] * scale + add;
   };
-  for (int64_t j = j0; j < j1; ++j) {
-    if (visible && !visible[j]) continue;
-    keys[have] = j;
-    rows[have] = k_rows + j * hd;
-    if (++have == kLanes) {
-      flush(kLanes);
-      have = 0;
+  auto all_visible = [&](int64_t j) {
+    if (!visible) return true;
+    for (int kk = 0; kk < kLanes; ++kk)
+      if (!visible[j + kk]) return false;
+    return true;
+  };
+  for (int64_t j = j0; j < j1;) {
+    if (HD > 0 && have == 0 && j + kLanes <= j1 && all_visible(j)) {
+      DotKeys8Rows<NG, (HD > 0 ? HD : kLanes)>(q, k_rows + j * hd, dots);
+      for (int g = 0; g < NG; ++g)
+        for (int kk = 0; kk < kLanes; ++kk) scores[g * stride + j + kk] = dots[g][kk] * scale + add;
+      j += kLanes;
+      continue;
     }
+    if (!visible || visible[j]) {
+      keys[have] = j;
+      rows[have] = k_rows + j * hd;
+      if (++have == kLanes) {
+        flush(kLanes);
+        have = 0;
+      }
+    }
+    ++j;
   }
   if (have) flush(have);
+}
+
+// ScoresHeads with the head size fixed at compile time where it is a common one.
+template <int NG>
+inline void ScoresHeadsAnySize(const double* q, const float* k_rows, int64_t hd, int64_t j0, int64_t j1,
+                               const uint8_t* visible, double scale, double add, double* scores, int64_t stride) {
+  switch (hd) {
+    case 64: ScoresHeads<NG, 64>(q, k_rows, hd, j0, j1, visible, scale, add, scores, stride); break;
+    case 128: ScoresHeads<NG, 128>(q, k_rows, hd, j0, j1, visible, scale, add, scores, stride); break;
+    default: ScoresHeads<NG, 0>(q, k_rows, hd, j0, j1, visible, scale, add, scores, stride); break;
+  }
 }
 
 // scores[g * stride + j] = dot(q_g, key j) * scale + add for each of `heads` query vectors and the
@@ -121,20 +185,64 @@ inline void ScoresRows(const double* q, int64_t heads, const float* k_rows, int6
     const double* qg = q + g0 * hd;
     double* sg = scores + g0 * stride;
     switch (ng) {
-      case 3: ScoresHeads<3>(qg, k_rows, hd, j0, j1, visible, scale, add, sg, stride); break;
-      case 2: ScoresHeads<2>(qg, k_rows, hd, j0, j1, visible, scale, add, sg, stride); break;
-      default: ScoresHeads<1>(qg, k_rows, hd, j0, j1, visible, scale, add, sg, stride); break;
+      case 3: ScoresHeadsAnySize<3>(qg, k_rows, hd, j0, j1, visible, scale, add, sg, stride); break;
+      case 2: ScoresHeadsAnySize<2>(qg, k_rows, hd, j0, j1, visible, scale, add, sg, stride); break;
+      default: ScoresHeadsAnySize<1>(qg, k_rows, hd, j0, j1, visible, scale, add, sg, stride); break;
     }
   }
 }
 
-// acc[g * hd + d0 ..] for NG heads and NB blocks of 8 dimensions from d0.
-template <int NG, int NB>
+// The prefill tile: NQ query vectors x NB blocks of 8 keys with the lanes over keys, from kt, the keys
+// of each block transposed (float32 [hd][8], block after block). Each score is one chain of fused
+// multiply-adds over d in increasing order, times scale: no lane tree, so no shuffles.
+template <int NQ, int NB>
+inline void ScoresTile(const double* q, int64_t hd, const float* kt, double scale, double* scores, int64_t stride) {
+  V acc[NQ][NB];
+  for (int i = 0; i < NQ; ++i)
+    for (int b = 0; b < NB; ++b) acc[i][b] = V::Zero();
+  for (int64_t d = 0; d < hd; ++d) {
+    V kv[NB];
+    for (int b = 0; b < NB; ++b) kv[b] = V::LoadF(kt + (b * hd + d) * kLanes);
+    for (int i = 0; i < NQ; ++i) {
+      const V qd = V::Set(q[i * hd + d]);
+      for (int b = 0; b < NB; ++b) acc[i][b] = Fma(qd, kv[b], acc[i][b]);
+    }
+  }
+  const V s = V::Set(scale);
+  for (int i = 0; i < NQ; ++i)
+    for (int b = 0; b < NB; ++b) Store(scores + i * stride + b * kLanes, Mul(acc[i][b], s));
+}
+
+// ScoresTile over the key blocks [b0, b1) for NQ (or, for the last ones, fewer) query vectors.
+template <int NQ>
+inline void ScoresTileRow(const double* q, int64_t nq, int64_t hd, const float* kt, int64_t b0, int64_t b1,
+                          double scale, double* scores, int64_t stride) {
+  if constexpr (NQ > 1) {
+    if (nq < NQ) return ScoresTileRow<NQ - 1>(q, nq, hd, kt, b0, b1, scale, scores, stride);
+  }
+  int64_t b = b0;
+  for (; b + kTileKeyBlocks <= b1; b += kTileKeyBlocks)
+    ScoresTile<NQ, kTileKeyBlocks>(q, hd, kt + b * hd * kLanes, scale, scores + b * kLanes, stride);
+  for (; b < b1; ++b) ScoresTile<NQ, 1>(q, hd, kt + b * hd * kLanes, scale, scores + b * kLanes, stride);
+}
+
+// scores[i * stride + j] = (sum over d, increasing, of q_i[d] * k_jd) * scale for the nq query vectors
+// q [nq][hd] and the keys j of blocks [b0, b1) of kt (8 keys each, transposed; see ScoresTile).
+inline void BlockScoresRows(const double* q, int64_t nq, const float* kt, int64_t hd, int64_t b0, int64_t b1,
+                            double scale, double* scores, int64_t stride) {
+  for (int64_t i = 0; i < nq; i += kTileQueries) {
+    const int64_t n = nq - i < kTileQueries ? nq - i : kTileQueries;
+    ScoresTileRow<kTileQueries>(q + i * hd, n, hd, kt, b0, b1, scale, scores + i * stride, stride);
+  }
+}
+
+// acc[g * hd + d0 ..] for NG heads and NB blocks of 8 dimensions from d0 (Add: continuing the sums in acc).
+template <int NG, int NB, bool Add>
 inline void WeightedBlock(const double* p, const float* v_rows, int64_t hd, int64_t d0, int64_t j0, int64_t j1,
                           const uint8_t* visible, double* acc, int64_t stride) {
   V a[NG][NB];
   for (int g = 0; g < NG; ++g)
-    for (int b = 0; b < NB; ++b) a[g][b] = V::Zero();
+    for (int b = 0; b < NB; ++b) a[g][b] = Add ? V::Load(acc + g * hd + d0 + b * kLanes) : V::Zero();
   for (int64_t j = j0; j < j1; ++j) {
     if (visible && !visible[j]) continue;
     V vv[NB];
@@ -148,17 +256,17 @@ inline void WeightedBlock(const double* p, const float* v_rows, int64_t hd, int6
     for (int b = 0; b < NB; ++b) Store(acc + g * hd + d0 + b * kLanes, a[g][b]);
 }
 
-template <int NG>
+template <int NG, bool Add>
 inline void WeightedHeads(const double* p, const float* v_rows, int64_t hd, int64_t j0, int64_t j1,
                           const uint8_t* visible, double* acc, int64_t stride) {
   const int64_t whole = hd - hd % kLanes;
   int64_t d0 = 0;
   for (; d0 + 4 * kLanes <= whole; d0 += 4 * kLanes)
-    WeightedBlock<NG, 4>(p, v_rows, hd, d0, j0, j1, visible, acc, stride);
-  for (; d0 < whole; d0 += kLanes) WeightedBlock<NG, 1>(p, v_rows, hd, d0, j0, j1, visible, acc, stride);
+    WeightedBlock<NG, 4, Add>(p, v_rows, hd, d0, j0, j1, visible, acc, stride);
+  for (; d0 < whole; d0 += kLanes) WeightedBlock<NG, 1, Add>(p, v_rows, hd, d0, j0, j1, visible, acc, stride);
   for (int64_t d = whole; d < hd; ++d)  // dimensions past the last whole block, in the same order
     for (int g = 0; g < NG; ++g) {
-      double s = 0.0;
+      double s = Add ? acc[g * hd + d] : 0.0;
       for (int64_t j = j0; j < j1; ++j)
         if (!visible || visible[j]) s = __builtin_fma(p[g * stride + j], static_cast<double>(v_rows[j * hd + d]), s);
       acc[g * hd + d] = s;
@@ -166,30 +274,51 @@ inline void WeightedHeads(const double* p, const float* v_rows, int64_t hd, int6
 }
 
 // For each head g: acc[g * hd + d] = sum over keys j in [j0, j1) with visible[j] (all if null),
-// increasing j, of p[g * stride + j] * v_jd.
+// increasing j, of p[g * stride + j] * v_jd; with Add the sums go on from acc's values (the same
+// chains as one call over both key ranges). Heads go kWeightHeads at a time (each V row load shared).
+template <bool Add>
 inline void WeightedRows(const double* p, int64_t heads, const float* v_rows, int64_t hd, int64_t j0, int64_t j1,
                          const uint8_t* visible, double* acc, int64_t stride) {
-  for (int64_t g0 = 0; g0 < heads; g0 += 2) {
+  int64_t g0 = 0;
+  for (; g0 + kWeightHeads <= heads; g0 += kWeightHeads)
+    WeightedHeads<kWeightHeads, Add>(p + g0 * stride, v_rows, hd, j0, j1, visible, acc + g0 * hd, stride);
+  for (; g0 < heads; g0 += 2) {
     if (heads - g0 >= 2)
-      WeightedHeads<2>(p + g0 * stride, v_rows, hd, j0, j1, visible, acc + g0 * hd, stride);
+      WeightedHeads<2, Add>(p + g0 * stride, v_rows, hd, j0, j1, visible, acc + g0 * hd, stride);
     else
-      WeightedHeads<1>(p + g0 * stride, v_rows, hd, j0, j1, visible, acc + g0 * hd, stride);
+      WeightedHeads<1, Add>(p + g0 * stride, v_rows, hd, j0, j1, visible, acc + g0 * hd, stride);
   }
 }
 
-// dst = softmax(src) over n entries; entries below kMaskedBelow are exactly 0 without computing
-// exp (as exp(-1e9) is) unless no entry is above, in which case the row is computed in full, as
-// the standard-op graph does. The maximum propagates NaN.
-inline void SoftmaxRow(const double* src, double* dst, int64_t n) {
-  double mx = -INFINITY;
-  bool any = false;
-  for (int64_t i = 0; i < n; ++i) {
-    any |= src[i] >= kMaskedBelow;
-    mx = src[i] > mx || __builtin_isnan(src[i]) ? src[i] : mx;
-  }
-  const V vmx = V::Set(mx), below = V::Set(any ? kMaskedBelow : -INFINITY), zero = V::Zero();
-  V sum = zero;
+// dst = e, the numerators of softmax(src) over n entries, and returns their sum: e_i = Exp(src_i - max);
+// entries below kMaskedBelow are exactly 0 without computing exp (as exp(-1e9) is) unless no entry
+// is above, in which case the row is computed in full, as the standard-op graph does. The maximum
+// propagates NaN (then every e_i of an entry not masked is NaN). The maximum is taken in lanes (exact
+// in any order); the sum in 8 lanes (i mod 8), then Tree.
+inline double ExpSumRow(const double* src, double* dst, int64_t n) {
+  const V inf = V::Set(INFINITY), zero = V::Zero(), one = V::Set(1.0);
+  V lane_max = V::Set(-INFINITY), nans = zero;
   int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const V s = V::Load(src + i);
+    lane_max = LessSelect(lane_max, s, s, lane_max);  // NaN never wins here; counted apart
+    nans = Add(nans, LessSelect(s, inf, zero, LessSelect(Sub(zero, s), inf, zero, one)));  // 1 where s is NaN
+  }
+  double lanes[kLanes], mx = -INFINITY;
+  bool nan = false;
+  Store(lanes, lane_max);
+  for (double l : lanes) mx = l > mx ? l : mx;
+  Store(lanes, nans);
+  for (double l : lanes) nan |= l != 0.0;
+  for (; i < n; ++i) {
+    mx = src[i] > mx ? src[i] : mx;
+    nan |= __builtin_isnan(src[i]);
+  }
+  const bool any = mx >= kMaskedBelow;  // an entry not masked (NaN entries aside, as >= is false for them)
+  if (nan) mx = NAN;
+  const V vmx = V::Set(mx), below = V::Set(any ? kMaskedBelow : -INFINITY);
+  V sum = zero;
+  i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     const V s = V::Load(src + i);
     const V e = LessSelect(s, below, zero, Exp(Sub(s, vmx)));
@@ -205,9 +334,13 @@ inline void SoftmaxRow(const double* src, double* dst, int64_t n) {
     sum = Add(sum, ev);
     for (int64_t l = 0; i + l < n; ++l) dst[i + l] = e[l];
   }
-  double lanes[kLanes];
   Store(lanes, sum);
-  const double total = Tree(lanes);
+  return Tree(lanes);
+}
+
+// dst = softmax(src) over n entries: ExpSumRow's numerators, each divided by their sum.
+inline void SoftmaxRow(const double* src, double* dst, int64_t n) {
+  const double total = ExpSumRow(src, dst, n);
   for (int64_t j = 0; j < n; ++j) dst[j] /= total;
 }
 
@@ -267,9 +400,18 @@ inline void SwiGLURow(const float* g, const float* u, float* out, int64_t n) {
   }                                                                                                             \
   void Weighted##Suffix(const double* p, int64_t heads, const float* v_rows, int64_t hd, int64_t j0, int64_t j1, \
                         const uint8_t* visible, double* acc, int64_t stride) {                                  \
-    WeightedRows(p, heads, v_rows, hd, j0, j1, visible, acc, stride);                                           \
+    WeightedRows<false>(p, heads, v_rows, hd, j0, j1, visible, acc, stride);                                    \
+  }                                                                                                             \
+  void WeightedAdd##Suffix(const double* p, int64_t heads, const float* v_rows, int64_t hd, int64_t j0, int64_t j1, \
+                           const uint8_t* visible, double* acc, int64_t stride) {                               \
+    WeightedRows<true>(p, heads, v_rows, hd, j0, j1, visible, acc, stride);                                     \
+  }                                                                                                             \
+  void BlockScores##Suffix(const double* q, int64_t nq, const float* kt, int64_t hd, int64_t b0, int64_t b1,     \
+                           double scale, double* scores, int64_t stride) {                                      \
+    BlockScoresRows(q, nq, kt, hd, b0, b1, scale, scores, stride);                                              \
   }                                                                                                             \
   void Softmax##Suffix(const double* src, double* dst, int64_t n) { SoftmaxRow(src, dst, n); }                  \
+  double ExpSum##Suffix(const double* src, double* dst, int64_t n) { return ExpSumRow(src, dst, n); }           \
   void SwiGLU##Suffix(const float* g, const float* u, float* out, int64_t n) { SwiGLURow(g, u, out, n); }        \
   void Butterfly##Suffix(double* y, int64_t p) { ButterflyLanes(y, p); }                                          \
   }                                                                                                             \

@@ -6,6 +6,9 @@ namespace baseq {
 namespace attn {
 namespace {
 
+// Register tiles (attention_rows.h): modest, the compiler keeps what it can.
+constexpr int kTileQueries = 4, kTileKeyBlocks = 1, kWeightHeads = 2;
+
 struct V {
   double x[8];
   static V Zero() { return Set(0.0); }
@@ -94,17 +97,17 @@ namespace attn {
 
 int AvailableKernels(Kernels* out, int capacity) {
   int n = 0;
-  auto add = [&](const char* name, ScoresFn s, WeightedFn w, SoftmaxFn m, SwiGLUFn g, ButterflyFn b) {
-    if (n < capacity) out[n++] = Kernels{name, s, w, m, g, b};
-  };
-  add("scalar", ScoresScalar, WeightedScalar, SoftmaxScalar, SwiGLUScalar, ButterflyScalar);
+#define BASEQ_ADD_KERNELS(name, Suffix)                                                                        \
+  if (n < capacity)                                                                                            \
+    out[n++] = Kernels{name, Scores##Suffix, Weighted##Suffix, WeightedAdd##Suffix, BlockScores##Suffix,        \
+                       Softmax##Suffix, ExpSum##Suffix, SwiGLU##Suffix, Butterfly##Suffix};
+  BASEQ_ADD_KERNELS("scalar", Scalar)
 #if defined(__x86_64__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    add("avx2", ScoresAvx2, WeightedAvx2, SoftmaxAvx2, SwiGLUAvx2, ButterflyAvx2);
-  if (__builtin_cpu_supports("avx512f"))
-    add("avx512", ScoresAvx512, WeightedAvx512, SoftmaxAvx512, SwiGLUAvx512, ButterflyAvx512);
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) BASEQ_ADD_KERNELS("avx2", Avx2)
+  if (__builtin_cpu_supports("avx512f")) BASEQ_ADD_KERNELS("avx512", Avx512)
 #endif
+#undef BASEQ_ADD_KERNELS
   return n;
 }
 

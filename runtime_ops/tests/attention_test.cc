@@ -73,6 +73,43 @@ int main() {
       }
     }
   }
+  // The prefill tiles: BlockScores over transposed 8-key blocks equals one fma chain over d per score (any
+  // number of query vectors, ragged head sizes, a last partial block), and WeightedAdd continues Weighted's
+  // sums exactly: Weighted over [3, 20) then WeightedAdd over [20, 35) equals Weighted over [3, 35).
+  for (int64_t hd : {64, 30, 7}) {
+    const int64_t S = 37, blocks = (S + 7) / 8, stride = blocks * 8;
+    for (int64_t nq : {1, 5, 12, 13, 48}) {
+      std::vector<double> q(nq * hd), p(nq * S), want(nq * stride, -1.0);
+      std::vector<float> kt(blocks * hd * 8, 0.0f), k(S * hd), v(S * hd);
+      for (auto& x : q) x = static_cast<double>(static_cast<float>(normal(rng)));
+      for (auto& x : k) x = static_cast<float>(normal(rng));
+      for (auto& x : v) x = static_cast<float>(normal(rng));
+      for (auto& x : p) x = std::fabs(normal(rng));
+      for (int64_t j = 0; j < S; ++j)
+        for (int64_t d = 0; d < hd; ++d) kt[(j / 8) * hd * 8 + d * 8 + j % 8] = k[j * hd + d];
+      for (int64_t i = 0; i < nq; ++i)
+        for (int64_t j = 0; j < S; ++j) {
+          double a = 0.0;
+          for (int64_t d = 0; d < hd; ++d) a = std::fma(q[i * hd + d], static_cast<double>(k[j * hd + d]), a);
+          want[i * stride + j] = a * 0.125;
+        }
+      for (int s = 0; s < n; ++s) {
+        std::vector<double> got(nq * stride, -1.0), whole(nq * hd), split(nq * hd);
+        sets[s].block_scores(q.data(), nq, kt.data(), hd, 0, blocks, 0.125, got.data(), stride);
+        bool ok = true;
+        for (int64_t i = 0; i < nq; ++i) ok = ok && std::memcmp(&got[i * stride], &want[i * stride], S * sizeof(double)) == 0;
+        sets[s].weighted(p.data(), nq, v.data(), hd, 3, 35, nullptr, whole.data(), S);
+        sets[s].weighted(p.data(), nq, v.data(), hd, 3, 20, nullptr, split.data(), S);
+        sets[s].weighted_add(p.data(), nq, v.data(), hd, 20, 35, nullptr, split.data(), S);
+        ok = ok && std::memcmp(whole.data(), split.data(), whole.size() * sizeof(double)) == 0;
+        if (!ok) {
+          std::printf("FAIL %-7s prefill tiles, head_dim %lld, %lld queries\n", sets[s].name, static_cast<long long>(hd),
+                      static_cast<long long>(nq));
+          ++failures;
+        }
+      }
+    }
+  }
   // Softmax: rows of ragged lengths with masked entries, NaN-free; every set equals the portable one
   // bit for bit and exp(x - max) / sum within 2e-14 relative (the masked entries exactly 0).
   for (int64_t len : {1, 7, 8, 9, 37, 1000}) {
@@ -84,16 +121,50 @@ int main() {
     for (double e : x) sum += e < -1e8 ? 0.0 : std::exp(e - mx);
     std::vector<double> first(len);
     for (int s = 0; s < n; ++s) {
-      std::vector<double> got(len);
+      std::vector<double> got(len), e(len);
       sets[s].softmax(x.data(), got.data(), len);
       if (s == 0) first = got;
       bool ok = std::memcmp(got.data(), first.data(), len * sizeof(double)) == 0;
+      const double total = sets[s].exp_sum(x.data(), e.data(), len);  // softmax = the numerators / their sum
+      for (int64_t i = 0; i < len; ++i) ok = ok && e[i] / total == got[i];
       for (int64_t i = 0; i < len; ++i) {
         const double want = x[i] < -1e8 ? 0.0 : std::exp(x[i] - mx) / sum;
         ok = ok && (x[i] < -1e8 ? got[i] == 0.0 : std::fabs(got[i] - want) <= 2e-14 * want);
       }
       if (!ok) {
         std::printf("FAIL %-7s softmax of %lld\n", sets[s].name, static_cast<long long>(len));
+        ++failures;
+      }
+    }
+  }
+  // NaN anywhere makes the maximum NaN: every numerator not masked is NaN, masked ones 0, and so every
+  // probability NaN (0 / NaN); a row of masked entries only is computed in full.
+  for (int64_t len : {3, 8, 19}) {
+    for (int64_t at : {int64_t{0}, len / 2, len - 1}) {
+      std::vector<double> x(len), got(len);
+      for (int64_t i = 0; i < len; ++i) x[i] = i % 3 == 1 ? -1e9 : normal(rng);
+      x[at] = NAN;
+      for (int s = 0; s < n; ++s) {
+        std::vector<double> e(len);
+        sets[s].softmax(x.data(), got.data(), len);
+        const double total = sets[s].exp_sum(x.data(), e.data(), len);
+        bool ok = std::isnan(total);
+        for (int64_t i = 0; i < len; ++i) ok = ok && std::isnan(got[i]) && (x[i] < -1e8 ? e[i] == 0.0 : std::isnan(e[i]));
+        if (!ok) {
+          std::printf("FAIL %-7s softmax of %lld with NaN at %lld\n", sets[s].name, static_cast<long long>(len),
+                      static_cast<long long>(at));
+          ++failures;
+        }
+      }
+    }
+  }
+  {
+    std::vector<double> x = {-1e9, -2e9, -1e9 - 3.0}, got(3);
+    for (int s = 0; s < n; ++s) {
+      sets[s].softmax(x.data(), got.data(), 3);
+      const double tail = std::exp(-3.0) / (1.0 + std::exp(-3.0));
+      if (!(std::fabs(got[0] - (1.0 - tail)) < 1e-15 && got[1] == 0.0 && std::fabs(got[2] - tail) < 1e-15)) {
+        std::printf("FAIL %-7s softmax of a fully masked row\n", sets[s].name);
         ++failures;
       }
     }
