@@ -300,8 +300,8 @@ def quantize(args: argparse.Namespace, out: str, model=None):
     from .pipeline import quantize_model
     from .qmodel import check_writable, save_artifact
 
+    settings = planned_settings(args)  # applies --profile first: a profile may set the method
     method = args.method
-    settings = planned_settings(args)
     device = resolve_device(getattr(args, "device", "cpu"))
     check_writable(out, args.force)  # fail before the long work, not after it
     t0 = time.time()

@@ -139,6 +139,20 @@ def test_main_job_with_the_fast_w4a16_onnx_profile(tmp_path, capsys):
     assert q != fp and abs(o / q - 1) < 1e-4
 
 
+def test_quantize_with_a_profile_uses_the_profiles_method(tmp_path, capsys):
+    """`quantize --profile onnx-w4a16` (the README's W4A16 command) quantizes with the profile's method and
+    bits, not BASE-Q's defaults (which refused weight-only bits)."""
+    from baseq_export.qmodel import load_artifact
+
+    ckpt, text = tiny_checkpoint(tmp_path)
+    out = tmp_path / "w.baseq"
+    assert main(["quantize", "--profile", "onnx-w4a16", "--model", str(ckpt), "--calib-text", str(text),
+                 "--nsamples", "4", "--calib-ctx", "16", "--out", str(out)]) == 0
+    assert "(quarot-gptq w4a16)" in capsys.readouterr().err
+    quant = load_artifact(out).quant
+    assert (quant["method"], quant["bits"], quant["group_size"], quant["head_act_bits"]) == ("quarot-gptq", "w4a16", 64, 8)
+
+
 def test_eval_of_a_damaged_artifact_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "x.baseq").mkdir()
     assert main(["eval", str(tmp_path / "x.baseq")]) == 1
