@@ -9,7 +9,8 @@ embeddings still tied), builds onnxruntime-genai's fp32 and int4 exports of it w
 --artifact with our custom ops (and the W4A4KV4 one with standard ops too), then measures every
 export with 2 threads, CPU idle-checked, medians of --repeats:
   decode tokens/s after a short prompt and after 1024 tokens of context (128 new tokens, greedy;
-  in onnxruntime-genai, and for ours also in plain onnxruntime, our runner), prefill tokens/s of a
+  in onnxruntime-genai, and for ours also in plain onnxruntime through our runner, OnnxModel, with
+  the KV buffer bound in place as `baseq-export run` does), prefill tokens/s of a
   512-token prompt, file size, KV-cache bytes per token, perplexity on the evaluation split (plain
   onnxruntime, full windows), and for ours the share of a decode step spent in our baseq ops
   (onnxruntime's profiler) and the graph's node count. Our exports run the graph their manifest names
@@ -156,16 +157,22 @@ class GraphRunner:
         return out["logits"], present
 
 
-def ort_generation(runner: GraphRunner, prompt: np.ndarray, new_tokens: int) -> tuple[float, float]:
-    """(prefill seconds, median seconds per decoded token) in plain onnxruntime."""
+def our_runner_generation(model, prompt: np.ndarray, new_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, median seconds per decoded token) in our runner (baseq_export's OnnxModel): the KV
+    buffer bound in place where the export's attention ops write into it (as `baseq-export run` does), else
+    the growing cache."""
+    from baseq_export.export.onnx_runtime import buffer_stepper
+    from baseq_export.generate import onnx_stepper
+
+    step = buffer_stepper(model, prompt.shape[1] + new_tokens) if model.shares_buffer else onnx_stepper(model)
     t0 = time.perf_counter()
-    logits, past = runner.step(prompt, runner.empty())
+    logits = step(prompt[0].tolist())
     prefill = time.perf_counter() - t0
     steps = []
     for _ in range(new_tokens):
-        token = np.array([[int(logits[0, -1].argmax())]])
+        token = int(logits.argmax())
         t0 = time.perf_counter()
-        logits, past = runner.step(token, past)
+        logits = step([token])
         steps.append(time.perf_counter() - t0)
     return prefill, statistics.median(steps) if steps else float("nan")
 
@@ -209,9 +216,10 @@ def perplexity_of(runner: GraphRunner, windows) -> float:
     return perplexity(logits, windows, desc="perplexity").ppl
 
 
-def op_share(path: Path, threads: int, head_dim: int, prompt: np.ndarray, steps: int = 16) -> dict:
+def op_share(path: Path, threads: int, head_dim: int, prompt: np.ndarray, steps: int = 16, warmup: int = 4) -> dict:
     """Share of decode-step kernel time per op type (onnxruntime's profiler) and the part in our baseq ops.
-    The prompt runs in an unprofiled session; its cache feeds the profiled decode steps."""
+    The prompt runs in an unprofiled session; its cache feeds the profiled decode steps, of which the first
+    `warmup` are not counted (a session's first runs pack weights and grow its buffers)."""
     import onnx
 
     graph = onnx.load(str(path / graph_file(path)), load_external_data=False).graph
@@ -221,12 +229,14 @@ def op_share(path: Path, threads: int, head_dim: int, prompt: np.ndarray, steps:
     with tempfile.TemporaryDirectory() as tmp:
         s = ort_session(path, threads, profile=str(Path(tmp) / "prof"))
         runner = GraphRunner(s, head_dim)
-        for _ in range(steps):
+        for _ in range(warmup + steps):
             logits, past = runner.step(np.array([[int(logits[0, -1].argmax())]]), past)
         events = json.loads(Path(s.end_profiling()).read_text())
+    runs = sorted(e["ts"] + e["dur"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    counted_from = runs[warmup - 1] if warmup and len(runs) >= warmup else 0
     by_op: dict[str, float] = {}
     for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= counted_from:
             op = e.get("args", {}).get("op_name", "?")
             by_op[op] = by_op.get(op, 0.0) + e["dur"]
     total = sum(by_op.values()) or 1.0
@@ -290,8 +300,10 @@ def main() -> None:
                                          "rows": rows}, indent=1) + "\n")
         return
     busy_before = require_idle()
+    from baseq_export.export.onnx_runtime import OnnxModel
+
     runners = {r["label"]: (genai_model(r["path"], args.threads) if (r["path"] / "genai_config.json").is_file() else None,
-                            GraphRunner(ort_session(r["path"], args.threads), head_dim)) for r in rows}
+                            OnnxModel(r["path"], threads=args.threads) if r["ours"] else None) for r in rows}
     timings: dict[str, dict[str, list[float]]] = {r["label"]: {} for r in rows}
     for rep in range(args.repeats + 1):  # the first round warms up and is not counted
         for r in rows:
@@ -302,9 +314,9 @@ def main() -> None:
                 runs["genai_decode_1024"] = genai_generation(genai, long, NEW_TOKENS)[1]
                 runs["genai_prefill_512"] = genai_generation(genai, prefill, 1)[0]
             if r["ours"]:
-                runs["ort_decode_short"] = ort_generation(runner, short, NEW_TOKENS)[1]
-                runs["ort_decode_1024"] = ort_generation(runner, long, NEW_TOKENS)[1]
-                runs["ort_prefill_512"] = ort_generation(runner, prefill, 0)[0]
+                runs["ort_decode_short"] = our_runner_generation(runner, short, NEW_TOKENS)[1]
+                runs["ort_decode_1024"] = our_runner_generation(runner, long, NEW_TOKENS)[1]
+                runs["ort_prefill_512"] = our_runner_generation(runner, prefill, 0)[0]
             if rep:
                 for k, v in runs.items():
                     timings[r["label"]].setdefault(k, []).append(v)

@@ -140,6 +140,11 @@ def buffer_stepper(model: OnnxModel, capacity: int):
     shape = (1, cfg.num_kv_heads, capacity, kv_row_width(cfg, model.kv_cache))
     binding = model.session.io_binding()
     binding.bind_output("logits")  # output 0 of the binding (outputs come back in binding order)
+    # A one-token step writes its logits into this array and reads the mask from a view of `ones`: no
+    # allocation and no copy of the output per decoded token.
+    logits_one = np.empty((1, 1, cfg.vocab_size), np.float32)
+    logits_value = ort.OrtValue.ortvalue_from_numpy(logits_one)
+    ones = np.ones((1, capacity), dtype=np.int64)
     buffers = []
     for i in range(cfg.num_layers):
         for kind in ("key", "value"):
@@ -155,8 +160,12 @@ def buffer_stepper(model: OnnxModel, capacity: int):
                              "--max-length")
         seen[0] += len(ids)
         binding.bind_cpu_input("input_ids", np.array([ids], dtype=np.int64))
-        binding.bind_cpu_input("attention_mask", np.ones((1, seen[0]), dtype=np.int64))
-        binding.bind_output("logits")  # re-bound every step: its length follows the step's tokens
+        binding.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(ones[:, : seen[0]]))
+        if len(ids) == 1:
+            binding.bind_ortvalue_output("logits", logits_value)
+            model.session.run_with_iobinding(binding)
+            return torch.from_numpy(logits_one[0, -1].copy())  # a copy: the array is the next step's output
+        binding.bind_output("logits")  # a prompt: its length follows the step's tokens
         model.session.run_with_iobinding(binding)
         return torch.from_numpy(binding.get_outputs()[0].numpy()[0, -1])
 
