@@ -28,6 +28,9 @@ using ExpSumFn = double (*)(const double* src, double* dst, int64_t n);
 using SwiGLUFn = void (*)(const float* g, const float* u, float* out, int64_t n);
 // The butterfly of p = 2^k float64 values, in place (baseq.Hadamard and R3; attention_rows.h).
 using ButterflyFn = void (*)(double* y, int64_t p);
+// mixed[i * p + j] = sum_k s[k * m + i] * work[k * p + j], plain products and sums in k order (baseq.Hadamard's
+// small dense factor S [m, m] across m butterflied blocks of p values).
+using MixFactorFn = void (*)(const double* s, int64_t m, const double* work, int64_t p, double* mixed);
 
 struct Kernels {
   const char* name;
@@ -39,6 +42,7 @@ struct Kernels {
   ExpSumFn exp_sum;
   SwiGLUFn swiglu;
   ButterflyFn butterfly;
+  MixFactorFn mix_factor;
 };
 
 // Every set this build has and this CPU runs, the portable one first; the last is the widest.
@@ -57,7 +61,8 @@ Kernels WidestKernels();
   void Softmax##Suffix(const double*, double*, int64_t);                                                         \
   double ExpSum##Suffix(const double*, double*, int64_t);                                                        \
   void SwiGLU##Suffix(const float*, const float*, float*, int64_t);                                              \
-  void Butterfly##Suffix(double*, int64_t);
+  void Butterfly##Suffix(double*, int64_t);                                                                     \
+  void MixFactor##Suffix(const double*, int64_t, const double*, int64_t, double*);
 BASEQ_ATTENTION_DECLARE(Scalar)
 BASEQ_ATTENTION_DECLARE(Avx2)
 BASEQ_ATTENTION_DECLARE(Avx512)

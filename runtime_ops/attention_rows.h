@@ -365,6 +365,26 @@ inline void ButterflyLanes(double* y, int64_t p) {
       }
 }
 
+// mixed[i * p + j] = sum over k = 0 .. m-1, increasing, of s[k * m + i] * work[k * p + j], each product
+// and each sum rounded (no fused multiply-add: the same bits as the plain loop), 8 values of j at a
+// time: the small dense factor of baseq.Hadamard applied across m blocks of p values.
+inline void MixFactorRows(const double* s, int64_t m, const double* work, int64_t p, double* mixed) {
+  for (int64_t i = 0; i < m; ++i) {
+    double* d = mixed + i * p;
+    int64_t j = 0;
+    for (; j + kLanes <= p; j += kLanes) {
+      V acc = V::Zero();
+      for (int64_t k = 0; k < m; ++k) acc = Add(acc, Mul(V::Set(s[k * m + i]), V::Load(work + k * p + j)));
+      Store(d + j, acc);
+    }
+    for (; j < p; ++j) {
+      double acc = 0.0;
+      for (int64_t k = 0; k < m; ++k) acc += s[k * m + i] * work[k * p + j];
+      d[j] = acc;
+    }
+  }
+}
+
 constexpr double kExpCap = 709.0;  // Exp's Pow2(n) needs n <= 1023
 
 inline V SiluTimes(V g, V u) {
@@ -414,5 +434,8 @@ inline void SwiGLURow(const float* g, const float* u, float* out, int64_t n) {
   double ExpSum##Suffix(const double* src, double* dst, int64_t n) { return ExpSumRow(src, dst, n); }           \
   void SwiGLU##Suffix(const float* g, const float* u, float* out, int64_t n) { SwiGLURow(g, u, out, n); }        \
   void Butterfly##Suffix(double* y, int64_t p) { ButterflyLanes(y, p); }                                          \
+  void MixFactor##Suffix(const double* s, int64_t m, const double* work, int64_t p, double* mixed) {            \
+    MixFactorRows(s, m, work, p, mixed);                                                                        \
+  }                                                                                                             \
   }                                                                                                             \
   }

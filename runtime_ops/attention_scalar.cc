@@ -100,7 +100,8 @@ int AvailableKernels(Kernels* out, int capacity) {
 #define BASEQ_ADD_KERNELS(name, Suffix)                                                                        \
   if (n < capacity)                                                                                            \
     out[n++] = Kernels{name, Scores##Suffix, Weighted##Suffix, WeightedAdd##Suffix, BlockScores##Suffix,        \
-                       Softmax##Suffix, ExpSum##Suffix, SwiGLU##Suffix, Butterfly##Suffix};
+                       Softmax##Suffix, ExpSum##Suffix, SwiGLU##Suffix, Butterfly##Suffix,        \
+                       MixFactor##Suffix};
   BASEQ_ADD_KERNELS("scalar", Scalar)
 #if defined(__x86_64__)
   __builtin_cpu_init();

@@ -4,6 +4,7 @@
 #include "ops.h"
 
 #include <cmath>
+#include <vector>
 
 namespace baseq {
 namespace {
@@ -11,7 +12,7 @@ namespace {
 struct Hadamard {
   int64_t blocks = 1;
   int64_t size = 0;  // expected last dimension; 0 = any
-  attn::ButterflyFn butterfly = attn::WidestKernels().butterfly;  // the butterfly in float64 lanes
+  attn::Kernels kernels = attn::WidestKernels();  // the butterfly and the dense factor in float64 lanes
 
   Hadamard(const OrtApi* api, const OrtKernelInfo* info)
       : blocks(IntAttribute(api, info, "blocks", 1)), size(IntAttribute(api, info, "size", 0)) {
@@ -49,26 +50,21 @@ struct Hadamard {
     const float* in = x.Data();
     const double norm = 1.0 / std::sqrt(static_cast<double>(p));
     int64_t rows = total / n;
+    const attn::Kernels& kern = kernels;
     ForRows(ctx, rows, n, [&](int64_t first, int64_t end) {
-      std::vector<double> work(m * p), mixed(s ? m * p : 0);
+      thread_local std::vector<double> scratch;  // per thread, grown as needed: no allocation per call
+      if (scratch.size() < static_cast<size_t>(2 * m * p)) scratch.resize(static_cast<size_t>(2 * m * p));
+      double *work = scratch.data(), *mixed = work + m * p;
       for (int64_t r = first; r < end; ++r) {
         for (int64_t b = 0; b < blocks; ++b) {
           const float* src = in + r * n + b * m * p;
           float* dst = out + r * n + b * m * p;
           for (int64_t i = 0; i < m * p; ++i) work[i] = static_cast<double>(src[i]) * norm;
-          for (int64_t i = 0; i < m; ++i) butterfly(work.data() + i * p, p);
-          const double* res = work.data();
+          for (int64_t i = 0; i < m; ++i) kern.butterfly(work + i * p, p);
+          const double* res = work;
           if (s) {  // mixed[i, :] = sum_k S[k, i] * work[k, :]
-            for (int64_t i = 0; i < m; ++i) {
-              double* d = mixed.data() + i * p;
-              for (int64_t j = 0; j < p; ++j) d[j] = 0.0;
-              for (int64_t k = 0; k < m; ++k) {
-                const double c = s[k * m + i];
-                const double* w = work.data() + k * p;
-                for (int64_t j = 0; j < p; ++j) d[j] += c * w[j];
-              }
-            }
-            res = mixed.data();
+            kern.mix_factor(s, m, work, p, mixed);
+            res = mixed;
           }
           for (int64_t i = 0; i < m * p; ++i) dst[i] = static_cast<float>(res[i]);
         }

@@ -30,18 +30,23 @@ constexpr const char* kOp = "baseq.IntLinear";
 constexpr int64_t kMaxK = 1 << 19;            // int32 partial sums stay exact below this (255 * 15 * K < 2^31)
 constexpr int64_t kRowChunk = 64;             // rows per task at prefill (a multiple of every kernel's tile)
 constexpr int64_t kTaskMacs = int64_t{1} << 18;  // multiply-adds per parallel task, roughly
+constexpr int64_t kMinTasks = 16;  // at least this many column tasks for a few rows (decoding), when there are blocks
 
 enum Input { kX, kClip, kShift, kGain, kB, kZeros, kScales, kBias, kResidual, kInputs };
 
 // Runs the tile kernel over rows x column blocks on onnxruntime's intra-op threads: tasks of up
 // to 64 rows times enough column blocks for ~2^18 multiply-adds; a task's blocks stay in cache
-// while its rows stream by.
+// while its rows stream by. A few rows (decoding) get at least kMinTasks column tasks, and the
+// threads claim tasks one by one: onnxruntime's default batches split the tasks into one
+// contiguous range per thread, so 3 tasks on 2 threads left one thread with two thirds of the
+// weights to stream.
 void RunTiles(OrtKernelContext* ctx, intlin::TileFn tiles, const intlin::Weights& w, const intlin::Rows& x,
               const intlin::Out& o, int64_t rows) {
   const int64_t row_chunk = rows < kRowChunk ? rows : kRowChunk;
   const int64_t row_tasks = (rows + row_chunk - 1) / row_chunk;
   const int64_t per_block = row_chunk * intlin::kCols * std::max<int64_t>(w.k, 1);
   int64_t blocks_per_task = std::clamp<int64_t>((kTaskMacs + per_block - 1) / per_block, 1, std::max<int64_t>(w.blocks, 1));
+  if (row_tasks == 1) blocks_per_task = std::min(blocks_per_task, std::max<int64_t>(1, w.blocks / kMinTasks));
   const int64_t block_tasks = (w.blocks + blocks_per_task - 1) / blocks_per_task;
   blocks_per_task = (w.blocks + block_tasks - 1) / block_tasks;  // even shares
   const int64_t tasks = row_tasks * block_tasks;
@@ -63,7 +68,7 @@ void RunTiles(OrtKernelContext* ctx, intlin::TileFn tiles, const intlin::Weights
     if (tasks == 1) run(&job, 0);
     return;
   }
-  Ort::KernelContext(ctx).ParallelFor(run, static_cast<size_t>(tasks), 0, &job);
+  Ort::KernelContext(ctx).ParallelFor(run, static_cast<size_t>(tasks), static_cast<size_t>(tasks), &job);
 }
 
 class IntLinearKernel : public RowQuantizer {

@@ -317,7 +317,8 @@ def test_cpp_kernel_test_native(tmp_path):
             syms = subprocess.run(["nm", "-C", "--defined-only", str(obj)], capture_output=True, text=True).stdout
             exported = [line for line in syms.splitlines() if line.split()[1:2] and line.split()[1] in "TWVuw"]
             names = sorted(line.split(" ", 2)[2].split("(")[0] for line in exported)
-            want = (["baseq::attn::BlockScores", "baseq::attn::Butterfly", "baseq::attn::ExpSum", "baseq::attn::Scores",
+            want = (["baseq::attn::BlockScores", "baseq::attn::Butterfly", "baseq::attn::ExpSum", "baseq::attn::MixFactor",
+                     "baseq::attn::Scores",
                      "baseq::attn::Softmax", "baseq::attn::SwiGLU", "baseq::attn::WeightedAdd", "baseq::attn::Weighted"]
                     if "attention" in obj.name
                     else ["baseq::intlin::Codes", "baseq::intlin::Tiles"])

@@ -212,6 +212,32 @@ int main() {
       }
     }
   }
+  // The dense factor of baseq.Hadamard: every set equals the plain loop (products and sums rounded, k in order).
+  for (int64_t m : {1, 3, 12, 20}) {
+    for (int64_t p : {1, 4, 8, 128}) {
+      std::vector<double> sm(m * m), work(m * p), want(m * p);
+      for (auto& e : sm) e = normal(rng);
+      for (auto& e : work) e = normal(rng);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < p; ++j) {
+          double acc = 0.0;
+          for (int64_t k = 0; k < m; ++k) {
+            const double prod = sm[k * m + i] * work[k * p + j];
+            acc = acc + prod;
+          }
+          want[i * p + j] = acc;
+        }
+      for (int s = 0; s < n; ++s) {
+        std::vector<double> got(m * p, NAN);
+        sets[s].mix_factor(sm.data(), m, work.data(), p, got.data());
+        if (std::memcmp(got.data(), want.data(), got.size() * sizeof(double)) != 0) {
+          std::printf("FAIL %-7s dense factor m %lld, p %lld\n", sets[s].name, static_cast<long long>(m),
+                      static_cast<long long>(p));
+          ++failures;
+        }
+      }
+    }
+  }
   for (int s = 0; s < n; ++s) std::printf("%s %s\n", failures ? "FAIL" : "ok  ", sets[s].name);
   return failures ? 1 : 0;
 }
