@@ -85,11 +85,40 @@ void Reserve(std::vector<T>* v, int64_t n) {
   if (static_cast<int64_t>(v->size()) < n) v->resize(static_cast<size_t>(n));
 }
 
+// One KV head's cache rows as float32 [rows][hd] for AttendChunk: float rows read in place (one chunk),
+// or packed rows unpacked kPackedChunk at a time into the calling thread's scratch (KVUnpack's values)
+// right before they are read, so decoding streams the packed cache once and writes no unpacked copy.
+struct FloatRows {
+  const float *k, *v;
+  int64_t chunk;  // the whole cache: one pass
+  const float* Keys(int64_t c0, int64_t, int64_t hd) const { return k + c0 * hd; }
+  const float* Values(int64_t c0, int64_t, int64_t hd) const { return v + c0 * hd; }
+};
+
+constexpr int64_t kPackedChunk = 256;  // packed rows unpacked at a time (64 KB of float32 at head_dim 64)
+
+struct PackedRows {
+  const uint8_t *k, *v;
+  int64_t row;  // bytes per packed row
+  int64_t chunk = kPackedChunk;
+  const float* Keys(int64_t c0, int64_t c1, int64_t hd) const { return Unpack(k, c0, c1, hd); }
+  const float* Values(int64_t c0, int64_t c1, int64_t hd) const { return Unpack(v, c0, c1, hd); }
+  const float* Unpack(const uint8_t* src, int64_t c0, int64_t c1, int64_t hd) const {
+    thread_local std::vector<float> buf;
+    Reserve(&buf, kPackedChunk * hd);
+    for (int64_t j = c0; j < c1; ++j) UnpackKvRow(src + j * row, hd, buf.data() + (j - c0) * hd);
+    return buf.data();
+  }
+};
+
 // Query rows [t0, t1) of heads [g0, g1) of KV head kvh of batch b (head kvh * G + g), against the
-// KV head's cache rows k_rows, v_rows (float32 [total_len][hd]); writes out rows of [B, T, H * hd].
-void AttendChunk(const attn::Kernels& kern, const Dims& d, int64_t window, const float* q_all, const float* k_rows,
-                 const float* v_rows, const int64_t* mask_b, int64_t b, int64_t kvh, int64_t g0, int64_t g1, int64_t t0,
-                 int64_t t1, float* out_all) {
+// KV head's cache rows (`rows`, [total_len][hd] as FloatRows or PackedRows), a chunk of keys at a
+// time: each score is its own dot product and the weighted sums go on across chunks in key order,
+// so chunking changes no bit. Writes out rows of [B, T, H * hd].
+template <typename Rows>
+void AttendChunk(const attn::Kernels& kern, const Dims& d, int64_t window, const float* q_all, const Rows& rows,
+                 const int64_t* mask_b, int64_t b, int64_t kvh, int64_t g0, int64_t g1, int64_t t0, int64_t t1,
+                 float* out_all) {
   const int64_t S = d.total_len, hd = d.head_dim, G = g1 - g0;
   thread_local std::vector<double> work;  // per thread, grown as needed: no allocation or zeroing per call
   thread_local std::vector<uint8_t> visible;
@@ -100,6 +129,19 @@ void AttendChunk(const attn::Kernels& kern, const Dims& d, int64_t window, const
   double* q64 = probs + G * S;     // [G][hd]
   double* acc = q64 + G * hd;      // [G][hd]
   const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
+  // scores, then weighted sums, over keys [j0, j1) a chunk at a time (vis: visibility by key, or null)
+  auto attend = [&](int64_t j0, int64_t j1, const uint8_t* vis, double add) {
+    for (int64_t c0 = j0; c0 < j1; c0 += rows.chunk) {
+      const int64_t c1 = std::min(j1, c0 + rows.chunk);
+      kern.scores(q64, G, rows.Keys(c0, c1, hd), hd, 0, c1 - c0, vis ? vis + c0 : nullptr, scale, add, scores + c0, S);
+    }
+    for (int64_t g = 0; g < G; ++g) kern.softmax(scores + g * S + j0, probs + g * S + j0, j1 - j0);
+    for (int64_t c0 = j0; c0 < j1; c0 += rows.chunk) {
+      const int64_t c1 = std::min(j1, c0 + rows.chunk);
+      (c0 == j0 ? kern.weighted : kern.weighted_add)(probs + c0, G, rows.Values(c0, c1, hd), hd, 0, c1 - c0,
+                                                     vis ? vis + c0 : nullptr, acc, S);
+    }
+  };
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t pos = d.past_len + t;
     // Visible keys lie in [j0, j1): causal, and inside the window. The heads of this KV head share them.
@@ -117,13 +159,9 @@ void AttendChunk(const attn::Kernels& kern, const Dims& d, int64_t window, const
       // The softmax over [j0, j1) only: outside it every entry is invisible and adds an exact 0.
       for (int64_t g = 0; g < G; ++g)
         for (int64_t j = j0; j < j1; ++j) scores[g * S + j] = -INFINITY;
-      kern.scores(q64, G, k_rows, hd, j0, j1, visible.data(), scale, 0.0, scores, S);
-      for (int64_t g = 0; g < G; ++g) kern.softmax(scores + g * S + j0, probs + g * S + j0, j1 - j0);
-      kern.weighted(probs, G, v_rows, hd, j0, j1, visible.data(), acc, S);
+      attend(j0, j1, visible.data(), 0.0);
     } else {  // no visible key (a padding query): every key, masked, as the chain computes it
-      kern.scores(q64, G, k_rows, hd, 0, S, nullptr, scale, kMaskValue, scores, S);
-      for (int64_t g = 0; g < G; ++g) kern.softmax(scores + g * S, probs + g * S, S);
-      kern.weighted(probs, G, v_rows, hd, 0, S, nullptr, acc, S);
+      attend(0, S, nullptr, kMaskValue);
     }
     for (int64_t g = 0; g < G; ++g) {
       float* o = out_all + (b * d.new_len + t) * (d.heads * hd) + (kvh * d.groups + g0 + g) * hd;
@@ -218,19 +256,19 @@ void ParallelTasks(OrtKernelContext* ctx, int64_t count, int64_t work, Body body
   }
 }
 
-// Runs body(b, kvh, g0, g1, t0, t1) over batch x KV heads x query chunks on onnxruntime's threads;
-// a few query rows (decoding) are split by head instead, so that the threads share the work.
+// Runs body(b, kvh, g0, g1, t0, t1) over batch x KV heads x query chunks on onnxruntime's threads, all
+// heads of a KV head in one task (they share each key and value row's load and conversion). Decoding
+// was split by query head (9 tasks for 3 KV heads) to balance 2 threads; whole KV heads (3 tasks) are
+// faster all the same: 0.20 -> 0.17 ms for a step at 1024 tokens (runtime_ops/bench/bench_attention.py).
 template <typename Body>
 void ForChunks(OrtKernelContext* ctx, const Dims& d, Body body) {
   const int64_t chunk = d.new_len <= kQueryChunk ? std::max<int64_t>(d.new_len, 1) : kQueryChunk;
   const int64_t chunks = (d.new_len + chunk - 1) / chunk;
-  const int64_t splits = chunks == 1 ? d.groups : 1, per_split = d.groups / splits;
   auto task = [&](int64_t i) {
-    const int64_t c = i % chunks, s = (i / chunks) % splits, kvh = (i / (chunks * splits)) % d.kv_heads;
-    const int64_t b = i / (chunks * splits * d.kv_heads);
-    body(b, kvh, s * per_split, (s + 1) * per_split, c * chunk, std::min(d.new_len, (c + 1) * chunk));
+    const int64_t c = i % chunks, kvh = (i / chunks) % d.kv_heads, b = i / (chunks * d.kv_heads);
+    body(b, kvh, 0, d.groups, c * chunk, std::min(d.new_len, (c + 1) * chunk));
   };
-  ParallelTasks(ctx, d.batch * d.kv_heads * splits * chunks, d.batch * d.heads * d.new_len * d.total_len * d.head_dim, task);
+  ParallelTasks(ctx, d.batch * d.kv_heads * chunks, d.batch * d.heads * d.new_len * d.total_len * d.head_dim, task);
 }
 
 // The key rows of every (batch, KV head) bh (rows_of(bh): [total_len][hd] float32) as transposed blocks
@@ -259,7 +297,7 @@ void AttendRows(const attn::Kernels& kern, const Dims& d, int64_t window, const 
   if (kt_head && t1 - t0 >= 2 &&
       AttendChunkTiled(kern, d, window, q_all, kt_head, v_rows, mask_b, b, kvh, g0, g1, t0, t1, out_all))
     return;
-  AttendChunk(kern, d, window, q_all, k_rows, v_rows, mask_b, b, kvh, g0, g1, t0, t1, out_all);
+  AttendChunk(kern, d, window, q_all, FloatRows{k_rows, v_rows, d.total_len}, mask_b, b, kvh, g0, g1, t0, t1, out_all);
 }
 
 // present = the past rows, then the new ones (`row` elements per token, `fresh` rows made by
@@ -311,6 +349,13 @@ void RunPackedCache(OrtKernelContext* ctx, const attn::Kernels& kern, int64_t wi
     PackKvRow(vd + (bh * d.new_len + t) * hd, hd, vc[v_per_head ? bh % d.kv_heads : 0], dst);
   });
   if (d.new_len == 0) return;
+  if (d.new_len == 1) {  // decoding: each task unpacks its KV head's rows as it reads them
+    ForChunks(ctx, d, [&](int64_t b, int64_t kvh, int64_t g0, int64_t g1, int64_t t0, int64_t t1) {
+      const int64_t at = (b * d.kv_heads + kvh) * d.present_rows * row;
+      AttendChunk(kern, d, window, qd, PackedRows{pk + at, pv + at, row}, md + b * d.total_len, b, kvh, g0, g1, t0, t1, o);
+    });
+    return;
+  }
   const int64_t S = d.total_len, heads = d.batch * d.kv_heads;
   const int64_t blocks = (S + kUnpackRows - 1) / kUnpackRows;
   thread_local std::vector<float> scratch;  // the calling thread's; the tasks below reach it through `rows` only

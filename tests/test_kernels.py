@@ -455,6 +455,8 @@ ATTN_CASES = [  # batch, heads, kv heads, new tokens, past, head_dim, left paddi
     (2, 4, 2, 13, 0, 32, 3),     # prefill from an empty cache, a padded batch row (queries with no visible key)
     (2, 6, 2, 5, 7, 16, 2),      # a chunk after a past, padding inside the past
     (1, 2, 2, 40, 3, 8, 0),      # more queries than one parallel chunk, no grouping
+    (1, 9, 3, 1, 600, 64, 0),    # decode over more keys than one unpacked chunk of the packed cache (256)
+    (2, 4, 2, 1, 520, 16, 7),    # the same with a padded batch row
 ]
 
 
