@@ -335,7 +335,7 @@ def calibrate_baseq(
         h_fp = y
         del fp_lw, qdeq, lw, online, y  # a 7B block's float weights are 0.8 GB a copy: none is held into the next block
         bar.set_postfix(block=i, mse=f"{entry['mse_baseq']:.3g}", gptq=f"{entry['mse_gptq']:.3g}")
-    tensors.put(float_tensors(cfg, src.outside_and_norms(), q, online=False), "outside.safetensors")
+    tensors.put(float_tensors(cfg, src.outside_and_norms(), q, online=False, head_inputs=h_q), "outside.safetensors")
     return Artifact(
         model=cfg.to_dict(),
         quant=quant_cfg,

@@ -117,6 +117,40 @@ def test_4bit_embedding_and_head(tmp_path, arch):
     assert 0 < rel_err(ref.logits(ids), float_head) < 0.2
 
 
+def test_gptq_head_lowers_the_logit_error_and_slices_give_the_whole_tables_codes(monkeypatch):
+    """gptq_head: on correlated inputs (as hidden states are) the head's output error (X (T - T_q)^T) is well
+    below the MSE-clipped RTN table's, on the same group-32 grid; slices of rows give the whole table's codes."""
+    from baseq_export import pipeline
+
+    g = torch.Generator().manual_seed(3)
+    table = torch.randn(300, 64, generator=g)
+    x = torch.randn(2000, 24, generator=g) @ torch.randn(24, 64, generator=g) + 0.1 * torch.randn(2000, 64, generator=g)
+    acc = HessianAccumulator(64)
+    acc.add(x)
+    whole = pipeline.gptq_head(table, acc.hessian)
+    rtn = rtn_quantize(table, 4, pipeline.HEAD_GROUP_SIZE, mse_clip_search=True)
+    assert whole.group_size == rtn.group_size == 32 and whole.zero is not None
+    err = {k: float((x @ (table - dequantize_weight(q)).T).norm()) for k, q in (("gptq", whole), ("rtn", rtn))}
+    assert err["gptq"] < 0.8 * err["rtn"], err
+    monkeypatch.setattr(pipeline, "HEAD_GPTQ_ELEMENTS", 64 * 70)  # five slices, the last one short
+    sliced = pipeline.gptq_head(table, acc.hessian)
+    assert all(torch.equal(getattr(sliced, f), getattr(whole, f)) for f in ("codes", "scale", "zero"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # tied and untied embeddings
+def test_calibrated_methods_gptq_the_table_the_head_reads(arch):
+    """With calibration windows the 4-bit table the head reads (the tied table, or an untied lm_head) is GPTQ'd
+    for the head and recorded as such; an untied embedding stays RTN; without calibration the head is RTN."""
+    m = from_hf_model(tiny_hf_model(arch, dtype=torch.float32))
+    rtn = quantize_model(m, QuantSettings(method="quarot-rtn", bits="w4a16", head_bits=4))
+    gptq = quantize_model(m, QuantSettings(method="quarot-gptq", bits="w4a16", head_bits=4), calib())
+    assert (rtn.quant["head_quant"], gptq.quant["head_quant"]) == ("rtn", "gptq")
+    head = "embed" if "head_mix" in gptq.tensors or m.config.tied_embeddings else "lm_head"
+    assert not torch.equal(gptq.tensors[f"{head}.qweight"], rtn.tensors[f"{head}.qweight"])
+    if head == "lm_head":  # the embedding is read row by row: RTN in both
+        assert torch.equal(gptq.tensors["embed.qweight"], rtn.tensors["embed.qweight"])
+
+
 @pytest.mark.real_model
 def test_gptq_beats_rtn_on_a_real_layer(default_model):
     """Layer 5 of the rotated default model: GPTQ's output error is below RTN's on held-out tokens."""
