@@ -111,15 +111,14 @@ struct PackedRows {
   }
 };
 
-// Query rows [t0, t1) of heads [g0, g1) of KV head kvh of batch b (head kvh * G + g), against the
+// Query rows [t0, t1) of every head of KV head kvh of batch b (head kvh * G + g), against the
 // KV head's cache rows (`rows`, [total_len][hd] as FloatRows or PackedRows), a chunk of keys at a
 // time: each score is its own dot product and the weighted sums go on across chunks in key order,
 // so chunking changes no bit. Writes out rows of [B, T, H * hd].
 template <typename Rows>
 void AttendChunk(const attn::Kernels& kern, const Dims& d, int64_t window, const float* q_all, const Rows& rows,
-                 const int64_t* mask_b, int64_t b, int64_t kvh, int64_t g0, int64_t g1, int64_t t0, int64_t t1,
-                 float* out_all) {
-  const int64_t S = d.total_len, hd = d.head_dim, G = g1 - g0;
+                 const int64_t* mask_b, int64_t b, int64_t kvh, int64_t t0, int64_t t1, float* out_all) {
+  const int64_t S = d.total_len, hd = d.head_dim, G = d.groups;
   thread_local std::vector<double> work;  // per thread, grown as needed: no allocation or zeroing per call
   thread_local std::vector<uint8_t> visible;
   Reserve(&work, 2 * G * S + 2 * G * hd);
@@ -152,7 +151,7 @@ void AttendChunk(const attn::Kernels& kern, const Dims& d, int64_t window, const
       any |= visible[j] != 0;
     }
     for (int64_t g = 0; g < G; ++g) {
-      const float* qr = q_all + ((b * d.heads + kvh * d.groups + g0 + g) * d.new_len + t) * hd;
+      const float* qr = q_all + ((b * d.heads + kvh * d.groups + g) * d.new_len + t) * hd;
       for (int64_t i = 0; i < hd; ++i) q64[g * hd + i] = static_cast<double>(qr[i]);
     }
     if (any) {  // invisible keys: probability exactly 0, never computed
@@ -164,7 +163,7 @@ void AttendChunk(const attn::Kernels& kern, const Dims& d, int64_t window, const
       attend(0, S, nullptr, kMaskValue);
     }
     for (int64_t g = 0; g < G; ++g) {
-      float* o = out_all + (b * d.new_len + t) * (d.heads * hd) + (kvh * d.groups + g0 + g) * hd;
+      float* o = out_all + (b * d.new_len + t) * (d.heads * hd) + (kvh * d.groups + g) * hd;
       for (int64_t i = 0; i < hd; ++i) o[i] = static_cast<float>(acc[g * hd + i]);
     }
   }
@@ -186,14 +185,14 @@ void TransposeKeyBlocks(const float* rows, int64_t S, int64_t hd, int64_t b0, in
   }
 }
 
-// A chunk of query rows [t0, t1) of heads [g0, g1) of KV head kvh in register tiles (BlockScores over
+// A chunk of query rows [t0, t1) of every head of KV head kvh in register tiles (BlockScores over
 // kt, the KV head's transposed key blocks, and the weighted sums of every row's heads at once over the
 // keys all rows see, then each row's own last keys). Returns false, computing nothing, where the
 // rows do not share their first visible key (a sliding window that cuts in, a padding query).
 bool AttendChunkTiled(const attn::Kernels& kern, const Dims& d, int64_t window, const float* q_all, const float* kt,
-                      const float* v_rows, const int64_t* mask_b, int64_t b, int64_t kvh, int64_t g0, int64_t g1,
-                      int64_t t0, int64_t t1, float* out_all) {
-  const int64_t hd = d.head_dim, G = g1 - g0, R = t1 - t0, nq = R * G;
+                      const float* v_rows, const int64_t* mask_b, int64_t b, int64_t kvh, int64_t t0, int64_t t1,
+                      float* out_all) {
+  const int64_t hd = d.head_dim, G = d.groups, R = t1 - t0, nq = R * G;
   const int64_t first = d.past_len + t0;  // the position of the chunk's first query
   const int64_t common = first + 1, keys = d.past_len + t1;  // keys every row sees; keys any row sees
   if (window > 0 && keys > window) return false;  // a row's window would start past key 0
@@ -215,7 +214,7 @@ bool AttendChunkTiled(const attn::Kernels& kern, const Dims& d, int64_t window, 
   double* acc = q64 + nq * hd;        // [nq][hd]
   for (int64_t r = 0; r < R; ++r)
     for (int64_t g = 0; g < G; ++g) {
-      const float* qr = q_all + ((b * d.heads + kvh * d.groups + g0 + g) * d.new_len + t0 + r) * hd;
+      const float* qr = q_all + ((b * d.heads + kvh * d.groups + g) * d.new_len + t0 + r) * hd;
       for (int64_t i = 0; i < hd; ++i) q64[(r * G + g) * hd + i] = static_cast<double>(qr[i]);
     }
   kern.block_scores(q64, nq, kt, hd, 0, KeyBlockCount(keys), 1.0 / std::sqrt(static_cast<double>(hd)), probs, stride);
@@ -235,7 +234,7 @@ bool AttendChunkTiled(const attn::Kernels& kern, const Dims& d, int64_t window, 
     kern.weighted_add(probs + r * G * stride, G, v_rows, hd, common, common + r, vis, acc + r * G * hd, stride);
   for (int64_t r = 0; r < R; ++r)
     for (int64_t g = 0; g < G; ++g) {
-      float* o = out_all + (b * d.new_len + t0 + r) * (d.heads * hd) + (kvh * d.groups + g0 + g) * hd;
+      float* o = out_all + (b * d.new_len + t0 + r) * (d.heads * hd) + (kvh * d.groups + g) * hd;
       const double inv = inv_sums[r * G + g];
       for (int64_t i = 0; i < hd; ++i) o[i] = static_cast<float>(acc[(r * G + g) * hd + i] * inv);
     }
@@ -256,7 +255,7 @@ void ParallelTasks(OrtKernelContext* ctx, int64_t count, int64_t work, Body body
   }
 }
 
-// Runs body(b, kvh, g0, g1, t0, t1) over batch x KV heads x query chunks on onnxruntime's threads, all
+// Runs body(b, kvh, t0, t1) over batch x KV heads x query chunks on onnxruntime's threads, all
 // heads of a KV head in one task (they share each key and value row's load and conversion). Decoding
 // was split by query head (9 tasks for 3 KV heads) to balance 2 threads; whole KV heads (3 tasks) are
 // faster all the same: 0.20 -> 0.17 ms for a step at 1024 tokens (runtime_ops/bench/bench_attention.py).
@@ -266,7 +265,7 @@ void ForChunks(OrtKernelContext* ctx, const Dims& d, Body body) {
   const int64_t chunks = (d.new_len + chunk - 1) / chunk;
   auto task = [&](int64_t i) {
     const int64_t c = i % chunks, kvh = (i / chunks) % d.kv_heads, b = i / (chunks * d.kv_heads);
-    body(b, kvh, 0, d.groups, c * chunk, std::min(d.new_len, (c + 1) * chunk));
+    body(b, kvh, c * chunk, std::min(d.new_len, (c + 1) * chunk));
   };
   ParallelTasks(ctx, d.batch * d.kv_heads * chunks, d.batch * d.heads * d.new_len * d.total_len * d.head_dim, task);
 }
@@ -291,13 +290,13 @@ const float* KeyBlocks(OrtKernelContext* ctx, const Dims& d, RowsOf rows_of) {
 
 // One chunk of query rows: in register tiles where there are several rows and kt, else row by row.
 void AttendRows(const attn::Kernels& kern, const Dims& d, int64_t window, const float* q_all, const float* kt,
-                const float* k_rows, const float* v_rows, const int64_t* mask_b, int64_t b, int64_t kvh, int64_t g0,
-                int64_t g1, int64_t t0, int64_t t1, float* out_all) {
+                const float* k_rows, const float* v_rows, const int64_t* mask_b, int64_t b, int64_t kvh, int64_t t0,
+                int64_t t1, float* out_all) {
   const float* kt_head = kt ? kt + (b * d.kv_heads + kvh) * KeyBlockCount(d.total_len) * d.head_dim * kBlockKeys : nullptr;
   if (kt_head && t1 - t0 >= 2 &&
-      AttendChunkTiled(kern, d, window, q_all, kt_head, v_rows, mask_b, b, kvh, g0, g1, t0, t1, out_all))
+      AttendChunkTiled(kern, d, window, q_all, kt_head, v_rows, mask_b, b, kvh, t0, t1, out_all))
     return;
-  AttendChunk(kern, d, window, q_all, FloatRows{k_rows, v_rows, d.total_len}, mask_b, b, kvh, g0, g1, t0, t1, out_all);
+  AttendChunk(kern, d, window, q_all, FloatRows{k_rows, v_rows, d.total_len}, mask_b, b, kvh, t0, t1, out_all);
 }
 
 // present = the past rows, then the new ones (`row` elements per token, `fresh` rows made by
@@ -328,9 +327,9 @@ void RunFloatCache(OrtKernelContext* ctx, const attn::Kernels& kern, int64_t win
   Append(past_v, pv, d, hd, [&](int64_t bh, int64_t t, float* dst) { std::memcpy(dst, vd + (bh * d.new_len + t) * hd, bytes); });
   if (d.new_len == 0) return;
   const float* kt = KeyBlocks(ctx, d, [&](int64_t bh) { return pk + bh * d.present_rows * hd; });
-  ForChunks(ctx, d, [&](int64_t b, int64_t kvh, int64_t g0, int64_t g1, int64_t t0, int64_t t1) {
+  ForChunks(ctx, d, [&](int64_t b, int64_t kvh, int64_t t0, int64_t t1) {
     const int64_t bh = b * d.kv_heads + kvh, at = bh * d.present_rows * hd;
-    AttendRows(kern, d, window, qd, kt, pk + at, pv + at, md + b * d.total_len, b, kvh, g0, g1, t0, t1, o);
+    AttendRows(kern, d, window, qd, kt, pk + at, pv + at, md + b * d.total_len, b, kvh, t0, t1, o);
   });
 }
 
@@ -350,9 +349,9 @@ void RunPackedCache(OrtKernelContext* ctx, const attn::Kernels& kern, int64_t wi
   });
   if (d.new_len == 0) return;
   if (d.new_len == 1) {  // decoding: each task unpacks its KV head's rows as it reads them
-    ForChunks(ctx, d, [&](int64_t b, int64_t kvh, int64_t g0, int64_t g1, int64_t t0, int64_t t1) {
+    ForChunks(ctx, d, [&](int64_t b, int64_t kvh, int64_t t0, int64_t t1) {
       const int64_t at = (b * d.kv_heads + kvh) * d.present_rows * row;
-      AttendChunk(kern, d, window, qd, PackedRows{pk + at, pv + at, row}, md + b * d.total_len, b, kvh, g0, g1, t0, t1, o);
+      AttendChunk(kern, d, window, qd, PackedRows{pk + at, pv + at, row}, md + b * d.total_len, b, kvh, t0, t1, o);
     });
     return;
   }
@@ -372,9 +371,9 @@ void RunPackedCache(OrtKernelContext* ctx, const attn::Kernels& kern, int64_t wi
   };
   ParallelTasks(ctx, heads * blocks, heads * S * hd, unpack);
   const float* kt = KeyBlocks(ctx, d, [&](int64_t bh) { return rows + 2 * bh * S * hd; });
-  ForChunks(ctx, d, [&](int64_t b, int64_t kvh, int64_t g0, int64_t g1, int64_t t0, int64_t t1) {
+  ForChunks(ctx, d, [&](int64_t b, int64_t kvh, int64_t t0, int64_t t1) {
     const float* kr = rows + 2 * (b * d.kv_heads + kvh) * S * hd;
-    AttendRows(kern, d, window, qd, kt, kr, kr + S * hd, md + b * d.total_len, b, kvh, g0, g1, t0, t1, o);
+    AttendRows(kern, d, window, qd, kt, kr, kr + S * hd, md + b * d.total_len, b, kvh, t0, t1, o);
   });
 }
 
