@@ -277,13 +277,14 @@ template <typename RowsOf>
 const float* KeyBlocks(OrtKernelContext* ctx, const Dims& d, RowsOf rows_of) {
   if (d.new_len < 2) return nullptr;
   const int64_t hd = d.head_dim, blocks = KeyBlockCount(d.total_len), per_head = blocks * hd * kBlockKeys;
-  const int64_t heads = d.batch * d.kv_heads, tasks = (blocks + kUnpackRows / kBlockKeys - 1) / (kUnpackRows / kBlockKeys);
+  const int64_t per_task = kUnpackRows / kBlockKeys;  // blocks a task transposes
+  const int64_t heads = d.batch * d.kv_heads, tasks = (blocks + per_task - 1) / per_task;
   thread_local std::vector<float> scratch;  // the calling thread's; the tasks reach it through `kt` only
   Reserve(&scratch, heads * per_head);
   float* const kt = scratch.data();
   ParallelTasks(ctx, heads * tasks, heads * per_head, [&](int64_t i) {
-    const int64_t bh = i / tasks, b0 = (i % tasks) * (kUnpackRows / kBlockKeys);
-    TransposeKeyBlocks(rows_of(bh), d.total_len, hd, b0, std::min(blocks, b0 + kUnpackRows / kBlockKeys), kt + bh * per_head);
+    const int64_t bh = i / tasks, b0 = (i % tasks) * per_task;
+    TransposeKeyBlocks(rows_of(bh), d.total_len, hd, b0, std::min(blocks, b0 + per_task), kt + bh * per_head);
   });
   return kt;
 }

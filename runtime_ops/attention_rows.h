@@ -65,10 +65,13 @@ inline V Exp(V x) {
   return LessSelect(x, low, V::Zero(), y);
 }
 
-// out[g][kk] = dot(q_g, k_kk) for NG query vectors (q + g * hd) and 8 key rows: 8 x NG chains of
-// fused multiply-adds, then Tree8 (the lane tree of 8 keys at once, in registers).
-template <int NG>
-inline void DotKeys8(const double* q, int64_t hd, const float* const* k, double (*out)[kLanes]) {
+// out[g][kk] = dot(q_g, k_kk) for NG query vectors (q + g * hd) and 8 key rows key(0) .. key(7): 8 x NG
+// chains of fused multiply-adds, then Tree8 (the lane tree of 8 keys at once, in registers). HD > 0 fixes
+// the head size at compile time (then hd == HD): with consecutive rows every address is a constant
+// offset and the accumulators stay in registers.
+template <int NG, int HD, typename KeyRow>
+inline void DotKeys8(const double* q, int64_t hd_given, KeyRow key, double (*out)[kLanes]) {
+  const int64_t hd = HD > 0 ? HD : hd_given;
   V acc[kLanes][NG];
   for (int kk = 0; kk < kLanes; ++kk)
     for (int g = 0; g < NG; ++g) acc[kk][g] = V::Zero();
@@ -77,7 +80,7 @@ inline void DotKeys8(const double* q, int64_t hd, const float* const* k, double 
     V qd[NG];
     for (int g = 0; g < NG; ++g) qd[g] = V::Load(q + g * hd + d);
     for (int kk = 0; kk < kLanes; ++kk) {
-      const V kv = V::LoadF(k[kk] + d);
+      const V kv = V::LoadF(key(kk) + d);
       for (int g = 0; g < NG; ++g) acc[kk][g] = Fma(qd[g], kv, acc[kk][g]);
     }
   }
@@ -92,32 +95,9 @@ inline void DotKeys8(const double* q, int64_t hd, const float* const* k, double 
       double l[kLanes];
       Store(l, acc[kk][g]);
       for (int64_t d = whole; d < hd; ++d)
-        l[d % kLanes] = __builtin_fma(q[g * hd + d], static_cast<double>(k[kk][d]), l[d % kLanes]);
+        l[d % kLanes] = __builtin_fma(q[g * hd + d], static_cast<double>(key(kk)[d]), l[d % kLanes]);
       out[g][kk] = Tree(l);
     }
-  }
-}
-
-// DotKeys8 for 8 consecutive key rows of a compile-time head size HD: every address a constant
-// offset from q and k (no row pointers to hold), so the 8 x NG accumulators stay in registers.
-template <int NG, int HD>
-inline void DotKeys8Rows(const double* q, const float* k, double (*out)[kLanes]) {
-  static_assert(HD % kLanes == 0, "whole blocks of 8 dimensions");
-  V acc[kLanes][NG];
-  for (int kk = 0; kk < kLanes; ++kk)
-    for (int g = 0; g < NG; ++g) acc[kk][g] = V::Zero();
-  for (int d = 0; d < HD; d += kLanes) {
-    V qd[NG];
-    for (int g = 0; g < NG; ++g) qd[g] = V::Load(q + g * HD + d);
-    for (int kk = 0; kk < kLanes; ++kk) {
-      const V kv = V::LoadF(k + kk * HD + d);
-      for (int g = 0; g < NG; ++g) acc[kk][g] = Fma(qd[g], kv, acc[kk][g]);
-    }
-  }
-  for (int g = 0; g < NG; ++g) {
-    V per_key[kLanes];
-    for (int kk = 0; kk < kLanes; ++kk) per_key[kk] = acc[kk][g];
-    Store(out[g], Tree8(per_key));
   }
 }
 
@@ -134,7 +114,7 @@ inline void ScoresHeads(const double* q, const float* k_rows, int64_t hd, int64_
   int have = 0;
   auto flush = [&](int count) {
     for (int kk = count; kk < kLanes; ++kk) rows[kk] = rows[0];
-    DotKeys8<NG>(q, hd, rows, dots);
+    DotKeys8<NG, 0>(q, hd, [&](int kk) { return rows[kk]; }, dots);
     for (int g = 0; g < NG; ++g)
       for (int kk = 0; kk < count; ++kk) scores[g * stride + keys[kk]] = dots[g][kk] * scale + add;
   };
@@ -146,7 +126,8 @@ inline void ScoresHeads(const double* q, const float* k_rows, int64_t hd, int64_
   };
   for (int64_t j = j0; j < j1;) {
     if (HD > 0 && have == 0 && j + kLanes <= j1 && all_visible(j)) {
-      DotKeys8Rows<NG, (HD > 0 ? HD : kLanes)>(q, k_rows + j * hd, dots);
+      const float* k = k_rows + j * hd;
+      DotKeys8<NG, HD>(q, hd, [k](int kk) { return k + kk * HD; }, dots);
       for (int g = 0; g < NG; ++g)
         for (int kk = 0; kk < kLanes; ++kk) scores[g * stride + j + kk] = dots[g][kk] * scale + add;
       j += kLanes;
