@@ -1,13 +1,13 @@
 """ONNX exports side by side in one run: onnxruntime-genai's own builder exports and ours.
 
     pip install -e ".[bench]"
-    python tools/bench_onnx.py --json OUT [--model default|DIR] [--artifact LABEL=X.baseq ...] [--repeats 3]
+    python tools/bench_onnx.py --json OUT [--model default|DIR] [--artifact LABEL=X.baseq ...] [--repeats 5]
 
 Makes a local Hugging Face checkpoint of --model (the default model's GGUF saved as safetensors,
 embeddings still tied), builds onnxruntime-genai's fp32 and int4 exports of it with
 `python -m onnxruntime_genai.models.builder -i DIR -o OUT -p fp32|int4 -e cpu` (offline), exports each
 --artifact with our custom ops (and the W4A4KV4 one with standard ops too), then measures every
-export with 2 threads, CPU idle-checked, medians of --repeats:
+export with 2 threads, CPU idle-checked, medians of --repeats rounds (each on fresh sessions):
   decode tokens/s after a short prompt and after 1024 tokens of context (128 new tokens, greedy;
   in onnxruntime-genai, and for ours also in plain onnxruntime through our runner, OnnxModel, with
   the KV buffer bound in place as `baseq-export run` does), prefill tokens/s of a
@@ -160,19 +160,18 @@ class GraphRunner:
 def our_runner_generation(model, prompt: np.ndarray, new_tokens: int) -> tuple[float, float]:
     """(prefill seconds, median seconds per decoded token) in our runner (baseq_export's OnnxModel): the KV
     buffer bound in place where the export's attention ops write into it (as `baseq-export run` does), else
-    the growing cache."""
+    the growing cache. A decode step is timed with its greedy choice, as genai's generate_next_token is."""
     from baseq_export.export.onnx_runtime import buffer_stepper
-    from baseq_export.generate import onnx_stepper
+    from baseq_export.generate import argmax_token, onnx_stepper
 
     step = buffer_stepper(model, prompt.shape[1] + new_tokens) if model.shares_buffer else onnx_stepper(model)
     t0 = time.perf_counter()
-    logits = step(prompt[0].tolist())
+    token = argmax_token(step(prompt[0].tolist()))
     prefill = time.perf_counter() - t0
     steps = []
     for _ in range(new_tokens):
-        token = int(logits.argmax())
         t0 = time.perf_counter()
-        logits = step([token])
+        token = argmax_token(step([token]))
         steps.append(time.perf_counter() - t0)
     return prefill, statistics.median(steps) if steps else float("nan")
 
@@ -256,7 +255,7 @@ def main() -> None:
                     "gets a standard-ops export")
     ap.add_argument("--work", type=Path, default=Path("bench-onnx-work"), help="where exports are made and kept")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="rounds, each on fresh sessions")
     ap.add_argument("--windows", type=int, default=None, help="evaluation windows (default: the whole split)")
     ap.add_argument("--accuracy-only", action="store_true", help="sizes, KV bytes and perplexity only (no timing)")
     ap.add_argument("--json", type=Path, required=True)
@@ -302,12 +301,22 @@ def main() -> None:
     busy_before = require_idle()
     from baseq_export.export.onnx_runtime import OnnxModel
 
-    runners = {r["label"]: (genai_model(r["path"], args.threads) if (r["path"] / "genai_config.json").is_file() else None,
-                            OnnxModel(r["path"], threads=args.threads) if r["ours"] else None) for r in rows}
+    def fresh_runners(r):
+        """New sessions for a round, warmed up by a few tokens (first-run weight packing). A session's speed
+        depends a few percent on where its weights land in memory, so each round opens its own and the medians
+        run over placements, not over one lucky or unlucky one."""
+        genai = genai_model(r["path"], args.threads) if (r["path"] / "genai_config.json").is_file() else None
+        runner = OnnxModel(r["path"], threads=args.threads) if r["ours"] else None
+        if genai is not None:
+            genai_generation(genai, short, 8)
+        if runner is not None:
+            our_runner_generation(runner, short, 8)
+        return genai, runner
+
     timings: dict[str, dict[str, list[float]]] = {r["label"]: {} for r in rows}
-    for rep in range(args.repeats + 1):  # the first round warms up and is not counted
+    for rep in range(args.repeats):
         for r in rows:
-            genai, runner = runners[r["label"]]
+            genai, runner = fresh_runners(r)
             runs = {}
             if genai is not None:
                 runs["genai_decode_short"] = genai_generation(genai, short, NEW_TOKENS)[1]
@@ -317,9 +326,9 @@ def main() -> None:
                 runs["ort_decode_short"] = our_runner_generation(runner, short, NEW_TOKENS)[1]
                 runs["ort_decode_1024"] = our_runner_generation(runner, long, NEW_TOKENS)[1]
                 runs["ort_prefill_512"] = our_runner_generation(runner, prefill, 0)[0]
-            if rep:
-                for k, v in runs.items():
-                    timings[r["label"]].setdefault(k, []).append(v)
+            for k, v in runs.items():
+                timings[r["label"]].setdefault(k, []).append(v)
+            del genai, runner
         print(f"round {rep} done (CPU busy {require_idle(seconds=0.5):.0%})", flush=True)
     busy_after = require_idle()
 

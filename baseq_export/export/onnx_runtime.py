@@ -140,8 +140,11 @@ def buffer_stepper(model: OnnxModel, capacity: int):
     shape = (1, cfg.num_kv_heads, capacity, kv_row_width(cfg, model.kv_cache))
     binding = model.session.io_binding()
     binding.bind_output("logits")  # output 0 of the binding (outputs come back in binding order)
-    # A one-token step writes its logits into this array and reads the mask from a view of `ones`: no
-    # allocation and no copy of the output per decoded token.
+    # A one-token step reads its id from `one_id`, its mask from a view of `ones` and writes its logits into
+    # `logits_one`: no allocation and no copy per decoded token. The returned logits share `logits_one`'s memory
+    # until the next step (generate.Step).
+    one_id = np.zeros((1, 1), np.int64)
+    one_id_value = ort.OrtValue.ortvalue_from_numpy(one_id)
     logits_one = np.empty((1, 1, cfg.vocab_size), np.float32)
     logits_value = ort.OrtValue.ortvalue_from_numpy(logits_one)
     ones = np.ones((1, capacity), dtype=np.int64)
@@ -159,12 +162,14 @@ def buffer_stepper(model: OnnxModel, capacity: int):
             raise ValueError(f"the KV buffer holds {capacity} tokens; generate fewer tokens or export with a larger "
                              "--max-length")
         seen[0] += len(ids)
-        binding.bind_cpu_input("input_ids", np.array([ids], dtype=np.int64))
         binding.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(ones[:, : seen[0]]))
         if len(ids) == 1:
+            one_id[0, 0] = ids[0]
+            binding.bind_ortvalue_input("input_ids", one_id_value)
             binding.bind_ortvalue_output("logits", logits_value)
             model.session.run_with_iobinding(binding)
-            return torch.from_numpy(logits_one[0, -1].copy())  # a copy: the array is the next step's output
+            return torch.from_numpy(logits_one[0, -1])
+        binding.bind_cpu_input("input_ids", np.array([ids], dtype=np.int64))
         binding.bind_output("logits")  # a prompt: its length follows the step's tokens
         model.session.run_with_iobinding(binding)
         return torch.from_numpy(binding.get_outputs()[0].numpy()[0, -1])
