@@ -367,14 +367,15 @@ HEAD_GPTQ_ELEMENTS = 2**24  # GPTQ of a head table works on slices of rows of ab
 
 
 def head_hessian(cfg: ModelConfig, w: dict[str, torch.Tensor], h: torch.Tensor, s: QuantSettings,
-                 mix: torch.Tensor | None) -> torch.Tensor:
+                 mix: torch.Tensor | None, chunk: int = 8) -> torch.Tensor:
     """The lm_head's input Hessian on the calibration windows: the quantized model's final stream h [n, T, d]
     normed as the forward does (with the gain where it was not folded into the head), times head_mix, rounded
-    to int8 blocks where the head runs onnxruntime's int8 kernels: what the 4-bit head multiplies."""
+    to int8 blocks where the head runs onnxruntime's int8 kernels: what the 4-bit head multiplies (a chunk of
+    windows at a time, as the blocks run)."""
     from .quant import fake_quant_int8_blocks
 
     acc = HessianAccumulator(cfg.hidden_size, h.device)
-    for part in h.split(8):
+    for part in h.split(chunk):
         x = rms_norm(part, w.get("norm"), cfg.rms_eps)
         if mix is not None:
             x = torch.nn.functional.linear(x, mix)
