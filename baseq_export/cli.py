@@ -66,6 +66,9 @@ def add_quant_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
     p.add_argument("--nsamples", type=int_at_least(1), default=option_default(None, sub), help="calibration windows (default: the preset's; 128 for GPTQ)")
     p.add_argument("--calib-ctx", type=int_at_least(2), default=option_default(None, sub), help="tokens per calibration window (default: the preset's; 512 for GPTQ)")
     p.add_argument("--seed", type=int_at_least(0), default=option_default(0, sub), help="seed for calibration sampling and the random rotation")
+    p.add_argument("--weight-clip", choices=("mse", "minmax"), default=option_default("mse", sub),
+                   help="each weight group's range: mse = the clip that minimises the group's squared rounding error "
+                   "(default; GPTQ's rounding then works on that grid), minmax = the full range")
     p.add_argument("--head-bits", type=int, choices=(4, 16), default=option_default(16, sub),
                    help="embedding and lm_head: 16 = float (default), 4 = 4-bit groups of 32 (smaller, faster, less accurate)")
     p.add_argument("--head-act-bits", type=int, choices=(8, 16), default=option_default(16, sub),
@@ -269,7 +272,8 @@ def planned_settings(args: argparse.Namespace):
     extra = apply_profile(args)
     return QuantSettings(method="quarot-gptq" if args.method == "baseq" else args.method, bits=args.bits,
                          group_size=args.group_size, seed=args.seed, head_bits=args.head_bits,
-                         head_act_bits=args.head_act_bits, linear_act_bits=args.linear_act_bits, **extra)
+                         head_act_bits=args.head_act_bits, linear_act_bits=args.linear_act_bits,
+                         weight_clip=args.weight_clip, **extra)
 
 
 def planned_preset(args: argparse.Namespace, max_positions: int | None):

@@ -50,7 +50,7 @@ class QuantSettings:
     head_act_bits: int = 16  # lm_head input: 16 = float, 8 = int8 per group (a 4-bit head on onnxruntime's int8 kernels)
     linear_act_bits: int = 16  # w4a16 linears' input: 16 = float, 8 = int8 per weight group (onnxruntime's int8 kernels)
     weight_grid: str = "int"  # quant.WEIGHT_GRIDS: "int" (integer zero points), "q4_0" / "q4_1" (llama.cpp's blocks)
-    weight_clip: str = "minmax"  # group params: "minmax" (full range) or "mse" (quant.search_weight_qparams)
+    weight_clip: str = "mse"  # group params: "mse" (quant.search_weight_qparams, QuaRot's recipe) or "minmax" (full range)
     r4: bool = True  # online Hadamard before down_proj (False: every rotation offline, as llama.cpp needs)
 
     def __post_init__(self):

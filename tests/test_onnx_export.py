@@ -91,6 +91,16 @@ def assert_parity(got: torch.Tensor, ref: torch.Tensor) -> None:
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
 
 
+def assert_parity_to_summation_order(got: torch.Tensor, ref: torch.Tensor) -> None:
+    """Weight-only linears on onnxruntime's int8 kernels agree with the reference to float32 summation order
+    (quant.fake_quant_int8_blocks): a linear's output may differ in its last bits, and where the next int8
+    rounding of such a value sits on a tie one input code flips, moving that token's logits by ~1e-3. So: most
+    positions equal to the parity tolerance, none off by more than such a flip."""
+    equal = torch.isclose(got, ref, rtol=1e-5, atol=2e-6).all(-1)
+    assert equal.float().mean() >= 0.9, f"{int((~equal).sum())} of {equal.numel()} positions differ"
+    torch.testing.assert_close(got, ref, rtol=0, atol=3e-3)
+
+
 ARTIFACTS = {
     "w4a16-rtn": lambda m, ids: quantize_model(m, QuantSettings(method="rtn", bits="w4a16")),
     "w4a8kv8-quarot-gptq": lambda m, ids: quantize_model(m, QuantSettings(method="quarot-gptq", bits="w4a8kv8"), ids),
@@ -139,7 +149,7 @@ def test_exported_model_matches_reference_forward(tmp_path, arch, dims, kind, op
     ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))
     ref = reference_model(art).logits(ids)
     full = om.logits(ids)
-    assert_parity(full, ref)
+    (assert_parity_to_summation_order if "a8" in kind and "w4a16" in kind else assert_parity)(full, ref)
     # incremental decoding with the past/present KV cache gives the same logits
     logits, past = om.step(ids[:, :11].numpy(), om.empty_cache(2))
     steps = [logits]
@@ -220,7 +230,8 @@ def test_default_model_onnx_parity(default_model, tmp_path, kind):
     range, perplexity to ~1e-6). w4a16-int8-kernels is the onnx-w4a16 profile's arithmetic (groups of 64,
     every linear and the head on the int8 kernels) with RTN weights: there a last-bit difference in one
     linear's float32 sum can move an int8 code of the next one, so torch agrees only to about 0.1% in
-    perplexity and the tokens may part; the onnxruntime graphs (custom, standard, genai) agree exactly.
+    perplexity and the tokens may part; the onnxruntime graphs (custom, standard, genai) give the same tokens and
+    perplexities within ~1e-8.
     How far the flips carry depends on onnxruntime's summation order, which differs by instruction set:
     0.1% was measured on an AVX-512 VNNI EPYC, 0.33% on an AVX2-only one (both 2 cores, same packages).
     """
@@ -255,9 +266,11 @@ def test_default_model_onnx_parity(default_model, tmp_path, kind):
         print(kind, ops, "ppl torch", p_ref, "ort", p_ort, "tokens equal", ort_tokens == torch_tokens)
         # the issue asks 0.5%; exact mode gives ~1e-7 (~1e-6 with the int8 head)
         assert abs(p_ort / p_ref - 1) < (5e-3 if int8_linears else 1e-4), (ops, p_ort, p_ref)
-        if int8_linears:  # the onnxruntime graphs agree among themselves exactly
+        if int8_linears:  # the onnxruntime graphs agree among themselves: the same tokens, perplexity to ~1e-8
+            # (bit for bit with min-max weights; with the searched clip a last-bit difference between the custom
+            # and the standard graph's float ops moved an int8 code of some linear's input: 3e-9 relative)
             first = first or (p_ort, ort_tokens)
-            assert (p_ort, ort_tokens) == first
+            assert ort_tokens == first[1] and abs(p_ort / first[0] - 1) < 1e-7, (p_ort, first[0])
         else:
             assert ort_tokens == torch_tokens
         if importlib.util.find_spec("onnxruntime_genai"):

@@ -7,7 +7,8 @@ For each seed s (0 .. N-1) the calibration windows (128 x 512 of the calibration
 s), the random R1 rotation and the training order all change; every quantized row of that seed uses
 them: QuaRot-RTN, QuaRot-GPTQ (all 128 windows), BASE-Q quick and standard (the first `nsamples` windows
 cut to `calib_ctx` tokens of the preset: quick 32 x 256, standard 64 x 512) and the ablations at the quick
-budget (bias correction only, asymmetric scaling only, no LAC, and with one epoch of stage A). Every row is
+budget (bias correction only, asymmetric scaling only, no LAC, with one epoch of stage A, and with each weight
+group's full min-max range instead of the MSE clip, with QuaRot-GPTQ's min-max row beside it). Every row is
 evaluated on the embedded evaluation split (ctx 512) and, with --eval-text, on a second text that calibration never saw (a
 license text on every Debian system is a good one: /usr/share/common-licenses/GPL-3). Gap closure
 (PPL_QuaRot-GPTQ - PPL_BASE-Q) / (PPL_QuaRot-GPTQ - PPL_FP) is taken against the QuaRot-GPTQ row of the
@@ -41,11 +42,13 @@ from baseq_export.pipeline import QuantSettings, quantize_model  # noqa: E402
 from baseq_export.qmodel import reference_model  # noqa: E402
 
 QUICK = PRESETS["quick"]
+# (row, BASE-Q budget and switches, QuantSettings fields that differ from the seed's defaults)
 ABLATIONS = [
-    ("BASE-Q quick, bias correction only", dataclasses.replace(QUICK, name="bias-only", learn_gain=False, learn_clip=False)),
-    ("BASE-Q quick, asymmetric scaling only", dataclasses.replace(QUICK, name="scale-only", learn_shift=False, learn_clip=False)),
-    ("BASE-Q quick, bias + scaling, no LAC", dataclasses.replace(QUICK, name="no-lac", learn_clip=False)),
-    ("BASE-Q quick + stage A (1 epoch)", dataclasses.replace(QUICK, name="quick-stage-a", stage_a_epochs=1)),
+    ("BASE-Q quick, bias correction only", dataclasses.replace(QUICK, name="bias-only", learn_gain=False, learn_clip=False), {}),
+    ("BASE-Q quick, asymmetric scaling only", dataclasses.replace(QUICK, name="scale-only", learn_shift=False, learn_clip=False), {}),
+    ("BASE-Q quick, bias + scaling, no LAC", dataclasses.replace(QUICK, name="no-lac", learn_clip=False), {}),
+    ("BASE-Q quick + stage A (1 epoch)", dataclasses.replace(QUICK, name="quick-stage-a", stage_a_epochs=1), {}),
+    ("BASE-Q quick, min-max weight range", QUICK, {"weight_clip": "minmax"}),
 ]
 
 
@@ -124,9 +127,9 @@ def main() -> None:
         return reference_model(art).logits, round(time.time() - t0, 1), extra
 
     fp = measure("FP32", lambda: (lambda ids: forward(m.config, m.weights, ids), None, {}))
-    baseq_runs = [("BASE-Q quick", QUICK)]
+    baseq_runs = [("BASE-Q quick", QUICK, {})]
     if not args.skip_standard:
-        baseq_runs.append(("BASE-Q standard", PRESETS["standard"]))
+        baseq_runs.append(("BASE-Q standard", PRESETS["standard"], {}))
     if not args.skip_ablations:
         baseq_runs += ABLATIONS
     closures: dict[str, dict[str, list[float]]] = {}
@@ -138,10 +141,13 @@ def main() -> None:
             measure(f"QuaRot-RTN {tag}", lambda: artifact_row(
                 lambda: quantize_model(m, dataclasses.replace(q, method="quarot-rtn"))))
             gptq = measure(f"QuaRot-GPTQ {tag}", lambda: artifact_row(lambda: quantize_model(m, q, calib)))
-            for name, b in baseq_runs:
-                b = budget(b)
+            if not args.skip_ablations:
+                measure(f"QuaRot-GPTQ, min-max weight range {tag}", lambda: artifact_row(
+                    lambda: quantize_model(m, dataclasses.replace(q, weight_clip="minmax"), calib)))
+            for name, b, q_fields in baseq_runs:
+                b, qb = budget(b), dataclasses.replace(q, **q_fields)
                 e = measure(f"{name} {tag}", lambda: artifact_row(
-                    lambda: calibrate_baseq(m, q, b, calib[: b.nsamples, : b.calib_ctx])))
+                    lambda: calibrate_baseq(m, qb, b, calib[: b.nsamples, : b.calib_ctx])))
                 e["gap_closure_vs_quarot_gptq"] = {t: round(gap_closure(gptq["ppl"][t], e["ppl"][t], fp["ppl"][t]), 4)
                                                    for t in windows}
                 for t, g in e["gap_closure_vs_quarot_gptq"].items():
