@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_baseq import evaluation_windows  # noqa: E402
 from benchutil import machine  # noqa: E402
 
 from baseq_export import data  # noqa: E402
@@ -48,10 +49,7 @@ def main() -> None:
     args = ap.parse_args()
 
     m = load_model(args.model)
-    texts = {"embedded": data.embedded_text("eval")}
-    if args.eval_text:
-        texts[Path(args.eval_text).name] = data.read_text_file(args.eval_text)
-    windows = {k: data.token_windows(data.tokenize(m.tokenizer, t), 512) for k, t in texts.items()}
+    windows = evaluation_windows(m.tokenizer, args.eval_text)
     t0 = time.time()
     if args.method == "fp":
         logits, row = (lambda ids: forward(m.config, m.weights, ids)), {}

@@ -52,6 +52,14 @@ ABLATIONS = [
 ]
 
 
+def evaluation_windows(tokenizer, eval_text: str | None = None, max_windows: int | None = None) -> dict[str, torch.Tensor]:
+    """512-token windows of the embedded evaluation split and, with eval_text, of that file (keyed by its name)."""
+    texts = {"embedded": data.embedded_text("eval")}
+    if eval_text:
+        texts[Path(eval_text).name] = data.read_text_file(eval_text)
+    return {k: data.token_windows(data.tokenize(tokenizer, t), 512, max_windows) for k, t in texts.items()}
+
+
 def gap_closure(baseline: float, ours: float, fp: float) -> float:
     return (baseline - ours) / (baseline - fp)
 
@@ -80,10 +88,7 @@ def main() -> None:
 
     busy = require_idle()
     m = load_model(args.model)
-    texts = {"embedded": data.embedded_text("eval")}
-    if args.eval_text:
-        texts[Path(args.eval_text).name] = data.read_text_file(args.eval_text)
-    windows = {k: data.token_windows(data.tokenize(m.tokenizer, t), 512, args.max_windows) for k, t in texts.items()}
+    windows = evaluation_windows(m.tokenizer, args.eval_text, args.max_windows)
     calib_tokens = data.tokenize(m.tokenizer, data.embedded_text("calib"))
     out = Path(args.json)
     res = json.loads(out.read_text()) if args.resume and out.is_file() else {}
