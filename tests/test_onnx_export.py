@@ -275,6 +275,8 @@ def test_default_model_onnx_parity(default_model, tmp_path, kind):
             assert ort_tokens == torch_tokens
         if importlib.util.find_spec("onnxruntime_genai"):
             assert list(genai_stream(out, prompt, 32)) == ort_tokens
+        if om.shares_buffer:  # `baseq-export run`'s decoder: the C++ loop on the shared KV buffer
+            assert list(itertools.islice(om.greedy(prompt, 32), 32)) == ort_tokens
 
 
 @pytest.mark.parametrize("arch, dims", [("llama", {}), ("qwen2", {"hidden_size": 96, "intermediate_size": 160}),
@@ -389,6 +391,85 @@ def test_decoding_in_one_shared_kv_buffer_equals_the_growing_cache(tmp_path, kv_
         small(prompt)
         small([1])
         small([2])
+
+
+@pytest.mark.parametrize("kv_cache", ["float", "int4"])
+def test_cpp_decoder_gives_the_python_steps_logits_and_tokens(tmp_path, kv_cache):
+    """The C++ greedy decoder (onnx_native, on the wheel's libonnxruntime) runs the export's graph on its own
+    shared KV buffer: each step's logits equal the Python session's bit for bit, its token is their argmax, a
+    reset sequence repeats the first, and OnnxModel.greedy (which uses it) gives the Python stepper's tokens."""
+    from baseq_export.export.onnx_runtime import buffer_stepper
+    from baseq_export.generate import argmax_token, greedy_tokens
+
+    m = from_hf_model(tiny_hf_model("llama", dtype=torch.float32))
+    calib = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))
+    art_path = save_artifact(tmp_path / "m.baseq", ARTIFACTS["w4a4kv4-baseq"](m, calib))
+    om = OnnxModel(export_onnx(art_path, tmp_path / "x", ops="custom", kv_cache=kv_cache), threads=1, kv_cache=kv_cache)
+    decoder = om.native_decoder(40)
+    assert decoder is not None, "the onnxruntime wheel's libonnxruntime or the op library's runner is missing"
+    assert decoder.capacity == 40 and decoder.vocab_size == om.config.vocab_size
+    prompt = [3, 17, 42, 5, 9]
+    python = buffer_stepper(om, 40)
+    logits = np.empty(decoder.vocab_size, np.float32)
+    ids, tokens = prompt, []
+    for _ in range(20):
+        token = decoder.step(ids, logits)
+        ref = python(ids)
+        np.testing.assert_array_equal(logits, ref.numpy())
+        assert token == argmax_token(ref)
+        tokens.append(token)
+        ids = [token]
+    assert om.native_decoder(30) is decoder  # reused, reset
+    again = [decoder.step(prompt)]
+    for _ in range(19):
+        again.append(decoder.step([again[-1]]))
+    assert again == tokens
+    assert list(itertools.islice(om.greedy(prompt, 12), 12)) == greedy_tokens(buffer_stepper(om, 20), prompt, 12)
+    assert list(itertools.islice(om.greedy(prompt, 12, native=False), 12)) == tokens[:12]
+
+
+def test_cpp_decoder_errors_name_the_problem(tmp_path):
+    """A full KV buffer, an id outside the vocabulary, a closed decoder and two generations read at once from one
+    model are errors that say what to do; the decoder stays usable after a refused step."""
+    m = from_hf_model(tiny_hf_model("llama", dtype=torch.float32))
+    calib = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))
+    art_path = save_artifact(tmp_path / "m.baseq", ARTIFACTS["w4a4kv4-baseq"](m, calib))
+    om = OnnxModel(export_onnx(art_path, tmp_path / "x", ops="custom"), threads=1)
+    decoder = om.native_decoder(6)
+    first = decoder.step([3, 17, 42, 5])
+    with pytest.raises(ValueError, match="the KV buffer holds 6 tokens and this step would make 7"):
+        decoder.step([1, 2, 3])
+    with pytest.raises(ValueError, match=r"token id 5000 is outside the vocabulary \[0, 96\)"):
+        decoder.step([5000])
+    assert decoder.step([first]) >= 0  # the refused steps changed nothing
+    with pytest.raises(ValueError, match="logits must be a contiguous float32 array"):
+        decoder.step([1], np.empty(3, np.float32))
+    a = om.greedy([3, 17, 42], 4)
+    next(a)
+    b = om.greedy([3, 17], 4)
+    next(b)
+    with pytest.raises(RuntimeError, match="another greedy"):
+        next(a)
+    decoder.close()
+    with pytest.raises(ValueError, match="closed"):
+        decoder.step([1])
+
+
+def test_cpp_greedy_choice_is_numpys_argmax():
+    """The decoder's greedy rule (baseq_greedy_argmax) against numpy.argmax: the first of equal maxima, and the
+    first NaN where there is one (as torch.argmax), on random vectors with ties, infinities and NaNs."""
+    from baseq_export.export.onnx_native import runner_symbols
+    from baseq_export.runtime_ops import library_path
+
+    lib = runner_symbols(library_path())
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        v = rng.integers(-4, 4, size=int(rng.integers(1, 200))).astype(np.float32)  # small integers: many ties
+        if trial % 3 == 1:
+            v[rng.integers(0, v.size)] = np.inf
+        if trial % 4 == 2:
+            v[rng.integers(0, v.size, size=2)] = np.nan
+        assert lib.baseq_greedy_argmax(v.ctypes.data, v.size) == int(np.argmax(v)) == int(torch.argmax(torch.from_numpy(v)))
 
 
 def test_external_data_streams_weights_and_shares_identical_ones(tmp_path):

@@ -9,8 +9,8 @@ embeddings still tied), builds onnxruntime-genai's fp32 and int4 exports of it w
 --artifact with our custom ops (and the W4A4KV4 one with standard ops too), then measures every
 export with 2 threads, CPU idle-checked, medians of --repeats rounds (each on fresh sessions):
   decode tokens/s after a short prompt and after 1024 tokens of context (128 new tokens, greedy;
-  in onnxruntime-genai, and for ours also in plain onnxruntime through our runner, OnnxModel, with
-  the KV buffer bound in place as `baseq-export run` does), prefill tokens/s of a
+  in onnxruntime-genai, and for ours also in plain onnxruntime through our runner, OnnxModel, as
+  `baseq-export run` decodes: the C++ loop with the KV buffer bound in place), prefill tokens/s of a
   512-token prompt, file size, KV-cache bytes per token, perplexity on the evaluation split (plain
   onnxruntime, full windows), and for ours the share of a decode step spent in our baseq ops
   (onnxruntime's profiler) and the graph's node count. Our exports run the graph their manifest names
@@ -158,20 +158,28 @@ class GraphRunner:
 
 
 def our_runner_generation(model, prompt: np.ndarray, new_tokens: int) -> tuple[float, float]:
-    """(prefill seconds, median seconds per decoded token) in our runner (baseq_export's OnnxModel): the KV
-    buffer bound in place where the export's attention ops write into it (as `baseq-export run` does), else
-    the growing cache. A decode step is timed with its greedy choice, as genai's generate_next_token is."""
-    from baseq_export.export.onnx_runtime import buffer_stepper
+    """(prefill seconds, median seconds per decoded token) in our runner (baseq_export's OnnxModel) as
+    `baseq-export run` decodes: the C++ decoder (export/onnx_native.py) where the export's attention ops write
+    the KV buffer in place, else Python steps on the growing cache. A decode step is timed with its greedy
+    choice, as genai's generate_next_token is."""
     from baseq_export.generate import argmax_token, onnx_stepper
 
-    step = buffer_stepper(model, prompt.shape[1] + new_tokens) if model.shares_buffer else onnx_stepper(model)
+    # one C++ session per model for every generation (as genai's one model), its buffer for the longest
+    decoder = model.native_decoder(LONG_CONTEXT + NEW_TOKENS) if model.shares_buffer else None
+    if decoder is not None:
+        step = decoder.step
+    else:
+        grow = onnx_stepper(model)
+
+        def step(ids):
+            return argmax_token(grow(ids))
     t0 = time.perf_counter()
-    token = argmax_token(step(prompt[0].tolist()))
+    token = step(prompt[0].tolist())
     prefill = time.perf_counter() - t0
     steps = []
     for _ in range(new_tokens):
         t0 = time.perf_counter()
-        token = argmax_token(step([token]))
+        token = step([token])
         steps.append(time.perf_counter() - t0)
     return prefill, statistics.median(steps) if steps else float("nan")
 

@@ -98,7 +98,16 @@ class OnnxModel:
         self.shares_buffer = manifest.get("ops") == "custom"  # our attention ops write into a longer past in place
         self.max_length = int(manifest.get("max_length") or 0)
         verify_files(path, manifest)
-        self.session = open_session(path, self.model_file, manifest, threads)
+        self.path, self.manifest, self.threads = path, manifest, threads
+        self._session = None
+        self._native = None  # the C++ decoder, opened on first greedy() and reused (native_decoder)
+
+    @property
+    def session(self):
+        """The Python onnxruntime session, opened on first use: greedy decoding in C++ needs none."""
+        if self._session is None:
+            self._session = open_session(self.path, self.model_file, self.manifest, self.threads)
+        return self._session
 
     def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
         cfg = self.config
@@ -120,13 +129,47 @@ class OnnxModel:
         out, _ = self.step(ids.numpy(), self.empty_cache(ids.shape[0]))
         return torch.from_numpy(out)
 
-    def greedy(self, prompt_ids: list[int], max_new_tokens: int | None = None) -> Iterator[int]:
+    def greedy(self, prompt_ids: list[int], max_new_tokens: int | None = None, native: bool = True) -> Iterator[int]:
+        """Greedy tokens after prompt_ids. Where the export's attention ops write the KV cache in place, the
+        C++ decoder (onnx_native) runs the loop unless native=False or it cannot load here; then Python steps
+        on the same shared buffer. All paths give the same tokens."""
         from ..generate import greedy_stream, onnx_stepper
 
         if not self.shares_buffer:
             return greedy_stream(onnx_stepper(self), prompt_ids)
         room = max_new_tokens if max_new_tokens is not None else max(1, self.max_length - len(prompt_ids))
+        if native:
+            decoder = self.native_decoder(len(prompt_ids) + room)
+            if decoder is not None:
+                return native_stream(decoder, prompt_ids)
         return greedy_stream(buffer_stepper(self, len(prompt_ids) + room), prompt_ids)
+
+    def native_decoder(self, capacity: int):
+        """This model's C++ greedy decoder (onnx_native.NativeGreedy), reset for a new sequence of up to
+        `capacity` tokens, or None where it cannot run here. One session serves every sequence; it is reopened
+        only for a longer KV buffer."""
+        from .onnx_native import open_native
+
+        if self._native is not None and self._native.capacity >= capacity:
+            self._native.reset()
+            return self._native
+        if self._native is not None:
+            self._native.close()
+        self._native = open_native(self.path, self.model_file, self.manifest, self.threads, capacity)
+        return self._native
+
+
+def native_stream(decoder, prompt_ids: list[int]) -> Iterator[int]:
+    """Greedy tokens from a C++ decoder, one graph run each; stops with an error if another sequence took the
+    decoder over (a second greedy() on the same model while this one is read)."""
+    sequence = decoder.sequence
+    token = decoder.step(prompt_ids)
+    while True:
+        yield token
+        if decoder.sequence != sequence:
+            raise RuntimeError("another greedy() on this model started a new sequence in its decoder; read one "
+                               "generation at a time per OnnxModel (or open a second OnnxModel)")
+        token = decoder.step([token])
 
 
 def buffer_stepper(model: OnnxModel, capacity: int):

@@ -1,0 +1,289 @@
+// A greedy decoder over onnxruntime's C API, for an export's graph with the shared past/present KV buffer
+// (baseq_export.export.onnx_native drives it through ctypes). Each step is one RunWithBinding plus the argmax
+// in C++: the id, the mask and the logits live in buffers bound once, the KV cache in one buffer per layer that
+// the attention ops write in place (as onnxruntime-genai's shared past/present buffer), so a decoded token
+// costs the graph and a few microseconds, with no Python between the runs.
+//
+// It runs on whichever onnxruntime the caller passes (OrtGetApiBase of the wheel's libonnxruntime.so, the
+// library onnxruntime-genai runs on), holds its API pointer itself and registers this library's ops into its own
+// session. The graph's inputs describe it: input_ids [1, T] int64, attention_mask [1, P + T] int64,
+// past_key_values.{i}.{key,value} [1, kv_heads, P, width] (float32 or packed uint8), outputs logits [1, T, V]
+// and present.* (bound to the past buffers).
+//
+//   void* baseq_runner_open(const OrtApiBase*, const char* model, int threads, int64_t capacity, char* err, size_t)
+//   int64_t baseq_runner_step(void*, const int64_t* ids, int64_t n, float* logits_out, char* err, size_t)
+//       -> the greedy token after the n ids (the first of equal maxima; a NaN counts as the maximum, as
+//          numpy's and torch's argmax), -1 on error (err says why); logits_out (nullable) gets the last
+//          position's logits
+//   void baseq_runner_reset(void*): start a new sequence in the same session and buffers
+//   int64_t baseq_runner_vocab(void*), int64_t baseq_runner_capacity(void*), void baseq_runner_close(void*)
+//   int64_t baseq_greedy_argmax(const float* v, int64_t n): the step's greedy rule on its own
+
+#include "onnxruntime_c_api.h"
+
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base);
+
+// The greedy token of one position: the first of equal maxima; a NaN is the maximum (its first occurrence), as
+// numpy.argmax and torch.argmax.
+extern "C" __attribute__((visibility("default"))) int64_t baseq_greedy_argmax(const float* v, int64_t n) {
+  int64_t best = 0;
+  float top = v[0];
+  if (top != top) return 0;
+  for (int64_t i = 1; i < n; ++i) {
+    if (v[i] > top) {
+      top = v[i];
+      best = i;
+    } else if (v[i] != v[i]) {
+      return i;
+    }
+  }
+  return best;
+}
+
+namespace {
+
+struct Failure : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+class Runner {
+ public:
+  Runner(const OrtApiBase* base, const char* model, int threads, int64_t capacity) : capacity_(capacity) {
+    api_ = base->GetApi(ORT_API_VERSION);
+    try {
+      Open(base, model, threads);
+    } catch (...) {
+      Release();  // a constructor that throws runs no destructor
+      throw;
+    }
+  }
+
+  ~Runner() { Release(); }
+
+  int64_t vocab() const { return vocab_; }
+  int64_t capacity() const { return capacity_; }
+  void Reset() { seen_ = 0; }  // rows past the mask are never read, so the old ones need no clearing
+
+ private:
+  void Open(const OrtApiBase* base, const char* model, int threads) {
+    if (api_ == nullptr) throw Failure("this onnxruntime is older than the headers the op library was built with");
+    if (capacity_ < 1) throw Failure("the KV buffer needs room for at least one token");
+    Check(api_->CreateEnv(ORT_LOGGING_LEVEL_WARNING, "baseq-runner", &env_));
+    OrtSessionOptions* options = nullptr;
+    Check(api_->CreateSessionOptions(&options));
+    std::unique_ptr<OrtSessionOptions, void (*)(OrtSessionOptions*)> hold(options, api_->ReleaseSessionOptions);
+    if (threads > 0) Check(api_->SetIntraOpNumThreads(options, threads));
+    Check(api_->SetInterOpNumThreads(options, 1));
+    Check(RegisterCustomOps(options, base));
+    Check(api_->CreateSession(env_, model, options, &session_));
+    Check(api_->CreateCpuMemoryInfo(OrtArenaAllocator, OrtMemTypeDefault, &cpu_));
+    Check(api_->CreateIoBinding(session_, &binding_));
+    BindCache();
+    ones_.assign(capacity_, 1);
+    logits_.resize(vocab_);
+    Check(api_->CreateTensorWithDataAsOrtValue(cpu_, one_id_, sizeof(one_id_), kOneShape, 2,
+                                               ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, &one_id_value_));
+    const int64_t logits_shape[3] = {1, 1, vocab_};
+    Check(api_->CreateTensorWithDataAsOrtValue(cpu_, logits_.data(), logits_.size() * sizeof(float), logits_shape, 3,
+                                               ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &logits_one_));
+  }
+
+  void Release() {
+    if (api_ == nullptr) return;
+    for (OrtValue* v : values_) api_->ReleaseValue(v);
+    if (one_id_value_) api_->ReleaseValue(one_id_value_);
+    if (logits_one_) api_->ReleaseValue(logits_one_);
+    if (binding_) api_->ReleaseIoBinding(binding_);
+    if (cpu_) api_->ReleaseMemoryInfo(cpu_);
+    if (session_) api_->ReleaseSession(session_);
+    if (env_) api_->ReleaseEnv(env_);
+  }
+
+ public:
+  int64_t Step(const int64_t* ids, int64_t n, float* logits_out) {
+    if (n < 1) throw Failure("a step needs at least one token id");
+    if (seen_ + n > capacity_)
+      throw Failure("the KV buffer holds " + std::to_string(capacity_) + " tokens and this step would make " +
+                    std::to_string(seen_ + n) + "; generate fewer tokens or export with a larger --max-length");
+    for (int64_t i = 0; i < n; ++i)
+      if (ids[i] < 0 || ids[i] >= vocab_)
+        throw Failure("token id " + std::to_string(ids[i]) + " is outside the vocabulary [0, " + std::to_string(vocab_) + ")");
+    const int64_t mask_shape[2] = {1, seen_ + n};
+    OrtValue* mask = nullptr;
+    Check(api_->CreateTensorWithDataAsOrtValue(cpu_, ones_.data(), (seen_ + n) * sizeof(int64_t), mask_shape, 2,
+                                               ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, &mask));
+    OrtStatus* status = api_->BindInput(binding_, "attention_mask", mask);
+    api_->ReleaseValue(mask);  // the binding keeps its own reference
+    Check(status);
+    const float* last = nullptr;
+    if (n == 1) {
+      one_id_[0] = ids[0];
+      if (!decoding_) {  // bound once for all one-token steps
+        Check(api_->BindInput(binding_, "input_ids", one_id_value_));
+        Check(api_->BindOutput(binding_, "logits", logits_one_));
+        decoding_ = true;
+      }
+      Check(api_->RunWithBinding(session_, nullptr, binding_));
+      last = logits_.data();
+    } else {
+      prompt_ids_.assign(ids, ids + n);
+      prompt_logits_.resize(static_cast<size_t>(n) * vocab_);
+      const int64_t ids_shape[2] = {1, n};
+      const int64_t logits_shape[3] = {1, n, vocab_};
+      OrtValue* ids_value = nullptr;
+      OrtValue* logits_value = nullptr;
+      Check(api_->CreateTensorWithDataAsOrtValue(cpu_, prompt_ids_.data(), n * sizeof(int64_t), ids_shape, 2,
+                                                 ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, &ids_value));
+      Check(api_->CreateTensorWithDataAsOrtValue(cpu_, prompt_logits_.data(), prompt_logits_.size() * sizeof(float),
+                                                 logits_shape, 3, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &logits_value));
+      OrtStatus* a = api_->BindInput(binding_, "input_ids", ids_value);
+      OrtStatus* b = a ? nullptr : api_->BindOutput(binding_, "logits", logits_value);
+      api_->ReleaseValue(ids_value);
+      api_->ReleaseValue(logits_value);
+      Check(a);
+      Check(b);
+      decoding_ = false;
+      Check(api_->RunWithBinding(session_, nullptr, binding_));
+      last = prompt_logits_.data() + static_cast<size_t>(n - 1) * vocab_;
+    }
+    seen_ += n;
+    if (logits_out) std::memcpy(logits_out, last, vocab_ * sizeof(float));
+    return baseq_greedy_argmax(last, vocab_);
+  }
+
+ private:
+  static constexpr int64_t kOneShape[2] = {1, 1};
+
+  void Check(OrtStatus* status) {
+    if (status == nullptr) return;
+    std::string msg = api_->GetErrorMessage(status);
+    api_->ReleaseStatus(status);
+    throw Failure(msg);
+  }
+
+  std::string Name(size_t i, bool input) {
+    OrtAllocator* alloc = nullptr;
+    Check(api_->GetAllocatorWithDefaultOptions(&alloc));
+    char* raw = nullptr;
+    Check(input ? api_->SessionGetInputName(session_, i, alloc, &raw) : api_->SessionGetOutputName(session_, i, alloc, &raw));
+    std::string name(raw);
+    Check(api_->AllocatorFree(alloc, raw));
+    return name;
+  }
+
+  // Element type and shape of input or output i.
+  std::pair<ONNXTensorElementDataType, std::vector<int64_t>> Info(size_t i, bool input) {
+    OrtTypeInfo* type = nullptr;
+    Check(input ? api_->SessionGetInputTypeInfo(session_, i, &type) : api_->SessionGetOutputTypeInfo(session_, i, &type));
+    std::unique_ptr<OrtTypeInfo, void (*)(OrtTypeInfo*)> hold(type, api_->ReleaseTypeInfo);
+    const OrtTensorTypeAndShapeInfo* tensor = nullptr;
+    Check(api_->CastTypeInfoToTensorInfo(type, &tensor));
+    if (tensor == nullptr) throw Failure("input or output " + Name(i, input) + " is not a tensor");
+    ONNXTensorElementDataType elem;
+    size_t rank = 0;
+    Check(api_->GetTensorElementType(tensor, &elem));
+    Check(api_->GetDimensionsCount(tensor, &rank));
+    std::vector<int64_t> dims(rank);
+    Check(api_->GetDimensions(tensor, dims.data(), rank));
+    return {elem, dims};
+  }
+
+  // One zeroed buffer of `capacity` rows per past_key_values input, bound as that past and as its present.
+  void BindCache() {
+    size_t inputs = 0, outputs = 0;
+    Check(api_->SessionGetInputCount(session_, &inputs));
+    Check(api_->SessionGetOutputCount(session_, &outputs));
+    const std::string past = "past_key_values.";
+    for (size_t i = 0; i < inputs; ++i) {
+      std::string name = Name(i, true);
+      if (name.compare(0, past.size(), past) != 0) continue;
+      auto [elem, dims] = Info(i, true);
+      if (dims.size() != 4 || dims[1] <= 0 || dims[3] <= 0)
+        throw Failure(name + " is not a [batch, kv_heads, past, width] cache with fixed kv_heads and width");
+      size_t item = elem == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? 4 : elem == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 ? 1 : 0;
+      if (item == 0) throw Failure(name + " is neither a float32 nor a packed uint8 cache");
+      const int64_t shape[4] = {1, dims[1], capacity_, dims[3]};
+      buffers_.emplace_back(static_cast<size_t>(dims[1] * capacity_ * dims[3]) * item, 0);
+      OrtValue* value = nullptr;
+      Check(api_->CreateTensorWithDataAsOrtValue(cpu_, buffers_.back().data(), buffers_.back().size(), shape, 4, elem, &value));
+      values_.push_back(value);
+      Check(api_->BindInput(binding_, name.c_str(), value));
+      Check(api_->BindOutput(binding_, ("present." + name.substr(past.size())).c_str(), value));
+    }
+    if (buffers_.empty()) throw Failure("the graph has no past_key_values inputs: it is not a decoder with a KV cache");
+    for (size_t i = 0; i < outputs; ++i)
+      if (Name(i, false) == "logits") {
+        auto [elem, dims] = Info(i, false);
+        if (elem != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || dims.size() != 3 || dims[2] <= 0)
+          throw Failure("the graph's logits are not float32 [batch, tokens, vocab] with a fixed vocab");
+        vocab_ = dims[2];
+      }
+    if (vocab_ == 0) throw Failure("the graph has no logits output");
+  }
+
+  const OrtApi* api_ = nullptr;
+  OrtEnv* env_ = nullptr;
+  OrtSession* session_ = nullptr;
+  OrtMemoryInfo* cpu_ = nullptr;
+  OrtIoBinding* binding_ = nullptr;
+  OrtValue* one_id_value_ = nullptr;
+  OrtValue* logits_one_ = nullptr;
+  std::vector<std::vector<uint8_t>> buffers_;  // one per past input; never resized after binding
+  std::vector<OrtValue*> values_;
+  std::vector<int64_t> ones_, prompt_ids_;
+  std::vector<float> logits_, prompt_logits_;
+  int64_t one_id_[1] = {0};
+  int64_t capacity_ = 0, seen_ = 0, vocab_ = 0;
+  bool decoding_ = false;
+};
+
+void Report(const std::exception& e, char* err, size_t len) {
+  if (err && len) std::snprintf(err, len, "%s", e.what());
+}
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) void* baseq_runner_open(const OrtApiBase* base, const char* model,
+                                                                        int threads, int64_t capacity, char* err,
+                                                                        size_t err_len) {
+  try {
+    return new Runner(base, model, threads, capacity);
+  } catch (const std::exception& e) {
+    Report(e, err, err_len);
+    return nullptr;
+  }
+}
+
+extern "C" __attribute__((visibility("default"))) int64_t baseq_runner_step(void* runner, const int64_t* ids, int64_t n,
+                                                                          float* logits_out, char* err, size_t err_len) {
+  try {
+    return static_cast<Runner*>(runner)->Step(ids, n, logits_out);
+  } catch (const std::exception& e) {
+    Report(e, err, err_len);
+    return -1;
+  }
+}
+
+extern "C" __attribute__((visibility("default"))) int64_t baseq_runner_vocab(void* runner) {
+  return static_cast<Runner*>(runner)->vocab();
+}
+
+extern "C" __attribute__((visibility("default"))) int64_t baseq_runner_capacity(void* runner) {
+  return static_cast<Runner*>(runner)->capacity();
+}
+
+extern "C" __attribute__((visibility("default"))) void baseq_runner_reset(void* runner) {
+  static_cast<Runner*>(runner)->Reset();
+}
+
+extern "C" __attribute__((visibility("default"))) void baseq_runner_close(void* runner) {
+  delete static_cast<Runner*>(runner);
+}
