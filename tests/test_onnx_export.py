@@ -453,6 +453,13 @@ def test_cpp_decoder_errors_name_the_problem(tmp_path):
     decoder.close()
     with pytest.raises(ValueError, match="closed"):
         decoder.step([1])
+    from baseq_export.export.onnx_native import open_native
+
+    with pytest.warns(RuntimeWarning, match="room for at least one token; decoding with Python steps instead"):
+        assert open_native(om.path, om.model_file, om.manifest, 1, 0) is None
+    standard = OnnxModel(export_onnx(art_path, tmp_path / "s", ops="standard"), threads=1)
+    assert standard.native_decoder(20) is None  # no op library: Python steps, the same tokens as the custom graph
+    assert list(itertools.islice(standard.greedy([3, 17, 42], 6), 6)) == list(itertools.islice(om.greedy([3, 17, 42], 6), 6))
 
 
 def test_cpp_greedy_choice_is_numpys_argmax():

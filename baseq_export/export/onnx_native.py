@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,12 @@ def onnxruntime_api_base() -> int | None:
 
 def runner_symbols(op_library: Path) -> ctypes.CDLL | None:
     """The export's op library with the runner's functions typed, or None for a library built before it had
-    them (an older export: the Python stepper decodes it)."""
-    lib = ctypes.CDLL(str(Path(op_library).resolve()))
+    them (an older export: the Python stepper decodes it) or that does not load here (the Python session then
+    says why)."""
+    try:
+        lib = ctypes.CDLL(str(Path(op_library).resolve()))
+    except OSError:
+        return None
     if not all(hasattr(lib, name) for name in RUNNER_SYMBOLS):
         return None
     lib.baseq_runner_open.restype = ctypes.c_void_p
@@ -116,4 +121,8 @@ def open_native(path: Path, model_file: str, manifest: dict, threads: int | None
     base = onnxruntime_api_base()
     if lib is None or base is None:
         return None
-    return NativeGreedy(lib, base, path / model_file, threads, capacity)
+    try:
+        return NativeGreedy(lib, base, path / model_file, threads, capacity)
+    except ValueError as e:  # e.g. a wheel older than the library's headers: Python steps instead, same tokens
+        warnings.warn(f"{e}; decoding with Python steps instead", RuntimeWarning, stacklevel=3)
+        return None
