@@ -32,20 +32,61 @@
 extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base);
 
 // The greedy token of one position: the first of equal maxima; a NaN is the maximum (its first occurrence), as
-// numpy.argmax and torch.argmax.
+// numpy.argmax and torch.argmax. A scalar loop with a branch per value cost 30-60 us on 49,152 logits (1% of a
+// decode step), so this takes two passes over 16 values at a time in GCC/Clang vector types (SSE2 on any
+// x86-64, NEON on aarch64): the maximum and whether any value is NaN, then the first index holding it.
+namespace {
+
+typedef float F4 __attribute__((vector_size(16)));
+typedef int32_t I4 __attribute__((vector_size(16)));
+
+inline F4 Load(const float* p) {
+  F4 x;
+  std::memcpy(&x, p, sizeof(x));
+  return x;
+}
+
+inline bool Any(I4 m) { return (m[0] | m[1] | m[2] | m[3]) != 0; }
+
+// The first index whose value satisfies `match` (elementwise on F4 and on float; there is one).
+template <typename VecMatch, typename Match>
+int64_t FirstIndex(const float* v, int64_t n, VecMatch vec_match, Match match) {
+  int64_t b = 0;
+  for (; b + 16 <= n; b += 16)
+    if (Any(vec_match(Load(v + b)) | vec_match(Load(v + b + 4)) | vec_match(Load(v + b + 8)) |
+            vec_match(Load(v + b + 12))))
+      break;
+  for (int64_t k = b; k < n; ++k)
+    if (match(v[k])) return k;
+  return 0;
+}
+
+}  // namespace
+
 extern "C" __attribute__((visibility("default"))) int64_t baseq_greedy_argmax(const float* v, int64_t n) {
-  int64_t best = 0;
   float top = v[0];
-  if (top != top) return 0;
-  for (int64_t i = 1; i < n; ++i) {
-    if (v[i] > top) {
-      top = v[i];
-      best = i;
-    } else if (v[i] != v[i]) {
-      return i;
-    }
+  bool nan = false;
+  int64_t i = 0;
+  if (n >= 16) {
+    F4 m[4] = {Load(v), Load(v + 4), Load(v + 8), Load(v + 12)};
+    I4 unordered = {0, 0, 0, 0};
+    for (; i + 16 <= n; i += 16)
+      for (int j = 0; j < 4; ++j) {
+        const F4 x = Load(v + i + 4 * j);
+        m[j] = x > m[j] ? x : m[j];
+        unordered |= x != x;
+      }
+    for (int j = 0; j < 4; ++j)
+      for (int l = 0; l < 4; ++l) top = m[j][l] > top ? m[j][l] : top;
+    nan = Any(unordered);
   }
-  return best;
+  for (; i < n; ++i) {
+    top = v[i] > top ? v[i] : top;
+    nan = nan || v[i] != v[i];
+  }
+  if (nan) return FirstIndex(v, n, [](F4 x) { return x != x; }, [](float x) { return x != x; });
+  const F4 t = {top, top, top, top};
+  return FirstIndex(v, n, [t](F4 x) { return x == t; }, [top](float x) { return x == top; });
 }
 
 namespace {

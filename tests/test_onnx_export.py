@@ -464,18 +464,24 @@ def test_cpp_decoder_errors_name_the_problem(tmp_path):
 
 def test_cpp_greedy_choice_is_numpys_argmax():
     """The decoder's greedy rule (baseq_greedy_argmax) against numpy.argmax: the first of equal maxima, and the
-    first NaN where there is one (as torch.argmax), on random vectors with ties, infinities and NaNs."""
+    first NaN where there is one (as torch.argmax), on random vectors with ties, signed zeros, infinities and
+    NaNs."""
     from baseq_export.export.onnx_native import runner_symbols
     from baseq_export.runtime_ops import library_path
 
     lib = runner_symbols(library_path())
     rng = np.random.default_rng(0)
-    for trial in range(300):
-        v = rng.integers(-4, 4, size=int(rng.integers(1, 200))).astype(np.float32)  # small integers: many ties
+    for trial in range(600):  # lengths below, at and past the 16-value blocks, and a vocabulary's
+        n = 49152 if trial % 50 == 0 else int(rng.integers(1, 300))
+        v = rng.integers(-4, 4, size=n).astype(np.float32)  # small integers: many ties
         if trial % 3 == 1:
             v[rng.integers(0, v.size)] = np.inf
         if trial % 4 == 2:
             v[rng.integers(0, v.size, size=2)] = np.nan
+        if trial % 5 == 3:
+            v[:] = np.where(v == v.max(), -0.0, v)  # -0.0 and 0.0 compare equal: the first one wins
+        if trial % 7 == 4:
+            v[:] = -np.inf
         assert lib.baseq_greedy_argmax(v.ctypes.data, v.size) == int(np.argmax(v)) == int(torch.argmax(torch.from_numpy(v)))
 
 
