@@ -95,6 +95,18 @@ struct Failure : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// An OrtValue released when it goes out of scope (a binding keeps its own reference).
+struct Value {
+  explicit Value(const OrtApi* api) : api(api) {}
+  ~Value() {
+    if (value) api->ReleaseValue(value);
+  }
+  Value(const Value&) = delete;
+  Value& operator=(const Value&) = delete;
+  const OrtApi* api;
+  OrtValue* value = nullptr;
+};
+
 class Runner {
  public:
   Runner(const OrtApiBase* base, const char* model, int threads, int64_t capacity) : capacity_(capacity) {
@@ -158,12 +170,10 @@ class Runner {
       if (ids[i] < 0 || ids[i] >= vocab_)
         throw Failure("token id " + std::to_string(ids[i]) + " is outside the vocabulary [0, " + std::to_string(vocab_) + ")");
     const int64_t mask_shape[2] = {1, seen_ + n};
-    OrtValue* mask = nullptr;
+    Value mask(api_);
     Check(api_->CreateTensorWithDataAsOrtValue(cpu_, ones_.data(), (seen_ + n) * sizeof(int64_t), mask_shape, 2,
-                                               ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, &mask));
-    OrtStatus* status = api_->BindInput(binding_, "attention_mask", mask);
-    api_->ReleaseValue(mask);  // the binding keeps its own reference
-    Check(status);
+                                               ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, &mask.value));
+    Check(api_->BindInput(binding_, "attention_mask", mask.value));
     const float* last = nullptr;
     if (n == 1) {
       one_id_[0] = ids[0];
@@ -175,25 +185,31 @@ class Runner {
       Check(api_->RunWithBinding(session_, nullptr, binding_));
       last = logits_.data();
     } else {
+      decoding_ = false;  // input_ids and logits are bound to this prompt's tensors until the run is done
+      // kept between prompts (the next prompt of that length touches no new pages), bound only for this run
       prompt_ids_.assign(ids, ids + n);
-      prompt_logits_.resize(static_cast<size_t>(n) * vocab_);
+      if (prompt_logits_.size() < static_cast<size_t>(n) * vocab_) prompt_logits_.resize(static_cast<size_t>(n) * vocab_);
       const int64_t ids_shape[2] = {1, n};
       const int64_t logits_shape[3] = {1, n, vocab_};
-      OrtValue* ids_value = nullptr;
-      OrtValue* logits_value = nullptr;
+      Value ids_value(api_), logits_value(api_);
       Check(api_->CreateTensorWithDataAsOrtValue(cpu_, prompt_ids_.data(), n * sizeof(int64_t), ids_shape, 2,
-                                                 ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, &ids_value));
-      Check(api_->CreateTensorWithDataAsOrtValue(cpu_, prompt_logits_.data(), prompt_logits_.size() * sizeof(float),
-                                                 logits_shape, 3, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &logits_value));
-      OrtStatus* a = api_->BindInput(binding_, "input_ids", ids_value);
-      OrtStatus* b = a ? nullptr : api_->BindOutput(binding_, "logits", logits_value);
-      api_->ReleaseValue(ids_value);
-      api_->ReleaseValue(logits_value);
-      Check(a);
-      Check(b);
-      decoding_ = false;
-      Check(api_->RunWithBinding(session_, nullptr, binding_));
-      last = prompt_logits_.data() + static_cast<size_t>(n - 1) * vocab_;
+                                                 ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, &ids_value.value));
+      Check(api_->CreateTensorWithDataAsOrtValue(cpu_, prompt_logits_.data(), static_cast<size_t>(n) * vocab_ * sizeof(float),
+                                                 logits_shape, 3, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &logits_value.value));
+      Check(api_->BindInput(binding_, "input_ids", ids_value.value));
+      Check(api_->BindOutput(binding_, "logits", logits_value.value));
+      OrtStatus* run = api_->RunWithBinding(session_, nullptr, binding_);
+      // back to the one-token tensors: the binding holds the prompt's buffers only while they are its
+      OrtStatus* rebind = api_->BindInput(binding_, "input_ids", one_id_value_);
+      if (rebind == nullptr) rebind = api_->BindOutput(binding_, "logits", logits_one_);
+      decoding_ = rebind == nullptr;
+      if (run != nullptr && rebind != nullptr) api_->ReleaseStatus(rebind);  // report the run's error
+      Check(run);
+      Check(rebind);
+      seen_ += n;
+      const float* row = prompt_logits_.data() + static_cast<size_t>(n - 1) * vocab_;
+      if (logits_out) std::memcpy(logits_out, row, vocab_ * sizeof(float));
+      return baseq_greedy_argmax(row, vocab_);
     }
     seen_ += n;
     if (logits_out) std::memcpy(logits_out, last, vocab_ * sizeof(float));
