@@ -8,7 +8,8 @@
 // library onnxruntime-genai runs on), holds its API pointer itself and registers this library's ops into its own
 // session. The graph's inputs describe it: input_ids [1, T] int64, attention_mask [1, P + T] int64,
 // past_key_values.{i}.{key,value} [1, kv_heads, P, width] (float32 or packed uint8), outputs logits [1, T, V]
-// and present.* (bound to the past buffers).
+// (or [1, 1, V]: the last position's only, as the export's *.last.onnx graph gives) and present.* (bound to the
+// past buffers).
 //
 //   void* baseq_runner_open(const OrtApiBase*, const char* model, int threads, int64_t capacity, char* err, size_t)
 //   int64_t baseq_runner_step(void*, const int64_t* ids, int64_t n, float* logits_out, char* err, size_t)
@@ -184,6 +185,22 @@ class Runner {
       }
       Check(api_->RunWithBinding(session_, nullptr, binding_));
       last = logits_.data();
+    } else if (last_only_) {  // the graph's logits are the last position's: the one-token buffer takes them
+      prompt_ids_.assign(ids, ids + n);
+      const int64_t ids_shape[2] = {1, n};
+      Value ids_value(api_);
+      Check(api_->CreateTensorWithDataAsOrtValue(cpu_, prompt_ids_.data(), n * sizeof(int64_t), ids_shape, 2,
+                                                 ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, &ids_value.value));
+      decoding_ = false;  // input_ids is bound to the prompt until the run is done
+      Check(api_->BindInput(binding_, "input_ids", ids_value.value));
+      Check(api_->BindOutput(binding_, "logits", logits_one_));
+      OrtStatus* run = api_->RunWithBinding(session_, nullptr, binding_);
+      OrtStatus* rebind = api_->BindInput(binding_, "input_ids", one_id_value_);
+      decoding_ = rebind == nullptr;
+      if (run != nullptr && rebind != nullptr) api_->ReleaseStatus(rebind);  // report the run's error
+      Check(run);
+      Check(rebind);
+      last = logits_.data();
     } else {
       decoding_ = false;  // input_ids and logits are bound to this prompt's tensors until the run is done
       // kept between prompts (the next prompt of that length touches no new pages), bound only for this run
@@ -282,6 +299,7 @@ class Runner {
         if (elem != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || dims.size() != 3 || dims[2] <= 0)
           throw Failure("the graph's logits are not float32 [batch, tokens, vocab] with a fixed vocab");
         vocab_ = dims[2];
+        last_only_ = dims[1] == 1;  // [batch, 1, vocab]: the last position's logits only, for any prompt
       }
     if (vocab_ == 0) throw Failure("the graph has no logits output");
   }
@@ -299,7 +317,7 @@ class Runner {
   std::vector<float> logits_, prompt_logits_;
   int64_t one_id_[1] = {0};
   int64_t capacity_ = 0, seen_ = 0, vocab_ = 0;
-  bool decoding_ = false;
+  bool decoding_ = false, last_only_ = false;
 };
 
 void Report(const std::exception& e, char* err, size_t len) {

@@ -395,9 +395,10 @@ def test_decoding_in_one_shared_kv_buffer_equals_the_growing_cache(tmp_path, kv_
 
 @pytest.mark.parametrize("kv_cache", ["float", "int4"])
 def test_cpp_decoder_gives_the_python_steps_logits_and_tokens(tmp_path, kv_cache):
-    """The C++ greedy decoder (onnx_native, on the wheel's libonnxruntime) runs the export's graph on its own
-    shared KV buffer: each step's logits equal the Python session's bit for bit, its token is their argmax, a
-    reset sequence repeats the first, and OnnxModel.greedy (which uses it) gives the Python stepper's tokens."""
+    """The C++ greedy decoder (onnx_native, on the wheel's libonnxruntime) runs the export's last-position graph
+    on its own shared KV buffer: each step's logits (the prompt's last position's too) equal the full graph's
+    in the Python session bit for bit, its token is their argmax, a reset sequence repeats the first, and
+    OnnxModel.greedy (which uses it) gives the Python stepper's tokens."""
     from baseq_export.export.onnx_runtime import buffer_stepper
     from baseq_export.generate import argmax_token, greedy_tokens
 
@@ -407,6 +408,9 @@ def test_cpp_decoder_gives_the_python_steps_logits_and_tokens(tmp_path, kv_cache
     om = OnnxModel(export_onnx(art_path, tmp_path / "x", ops="custom", kv_cache=kv_cache), threads=1, kv_cache=kv_cache)
     decoder = om.native_decoder(40)
     assert decoder is not None, "the onnxruntime wheel's libonnxruntime or the op library's runner is missing"
+    # it runs the export's last-position graph: logits [batch, 1, vocab], the same weights file
+    last = onnx.load(str(om.path / om.greedy_file), load_external_data=False).graph.output[0].type.tensor_type.shape
+    assert om.greedy_file == om.model_file.replace(".onnx", ".last.onnx") and last.dim[1].dim_value == 1
     assert decoder.capacity == 40 and decoder.vocab_size == om.config.vocab_size
     prompt = [3, 17, 42, 5, 9]
     python = buffer_stepper(om, 40)

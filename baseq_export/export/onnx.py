@@ -22,7 +22,8 @@ from . import option_default
 from .onnx_genai import GenaiBackend, write_genai_config
 from .onnx_graph import ExternalData
 from .onnx_model import KV_CACHE_CHOICES, build_model
-from .onnx_runtime import (DATA_FILE, KV4_MODEL_FILE, MANIFEST, MODEL_FILE, OnnxModel, file_digests, open_session,
+from .onnx_runtime import (DATA_FILE, KV4_MODEL_FILE, MANIFEST, MODEL_FILE, OnnxModel, file_digests,
+                           greedy_graph_file, open_session,
                            read_manifest, verify_files)
 
 NAME = "onnx"
@@ -136,6 +137,10 @@ def write(artifact: str | Path, out: str | Path, force: bool = False, max_length
                 save_graph(build_model(art, max_length, ops, "int4", data), tmp / KV4_MODEL_FILE)  # shares the weights
                 files.append(KV4_MODEL_FILE)
                 runner = {"model": KV4_MODEL_FILE, "kv_cache": "int4"}
+            if ops == "custom":  # for our runner's greedy decoder: each graph with the last position's logits only
+                for graph, cache in {MODEL_FILE: kv_cache, runner["model"]: runner["kv_cache"]}.items():
+                    save_graph(build_model(art, max_length, ops, cache, data, last_logits=True), tmp / greedy_graph_file(graph))
+                    files.append(greedy_graph_file(graph))
         if library is not None:
             shutil.copy2(library, tmp / library.name)
             files.append(library.name)
@@ -172,7 +177,7 @@ def validate_written(tmp: Path, manifest: dict, built: onnx.ModelProto) -> None:
         print(f"{weights / 2**30:.1f} GiB of weights: the export is checked against what was built but not opened in "
               f"onnxruntime here (that loads them all); `baseq-export eval` on it runs it", file=sys.stderr)
         return
-    graphs = [MODEL_FILE] + ([manifest["onnxruntime"]["model"]] if manifest["onnxruntime"]["model"] != MODEL_FILE else [])
+    graphs = [f for f in manifest["files"] if f.endswith(".onnx")]
     for graph in graphs:
         open_session(tmp, graph, manifest)
 

@@ -407,10 +407,12 @@ def kv_row_width(cfg: ModelConfig, kv_cache: str) -> int:
 
 
 def build_model(art: Artifact, max_length: int = 2048, ops: str = "standard", kv_cache: str = "float",
-                external: ExternalData | None = None) -> onnx.ModelProto:
+                external: ExternalData | None = None, last_logits: bool = False) -> onnx.ModelProto:
     """The ONNX model of an artifact: MatMulNBits linears; online parts as our baseq ops (`ops="custom"`)
     or as standard ONNX ops (`ops="standard"`); the KV cache as float32 or packed 4-bit (`kv_cache="int4"`).
-    With `external` the weights are written to that data file while the graph is built (any model size)."""
+    With `external` the weights are written to that data file while the graph is built (any model size).
+    last_logits: logits of the last position only ([batch, 1, vocab]), for greedy decoding: a prompt then
+    skips the head on every other position (the head is a fifth of the model's weights)."""
     if ops not in OPS_CHOICES:
         raise ValueError(f"ops must be one of {OPS_CHOICES}, got {ops!r}")
     check_kv_cache(art, ops, kv_cache)
@@ -419,7 +421,7 @@ def build_model(art: Artifact, max_length: int = 2048, ops: str = "standard", kv
     c = _Ctx(g, cfg, art, ops, kv_cache)
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_seq"])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", cfg.vocab_size])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1 if last_logits else "seq", cfg.vocab_size])]
     width = kv_row_width(cfg, kv_cache)
     kv_type = TensorProto.FLOAT if kv_cache == "float" else TensorProto.UINT8
     kv_shape = ["batch", cfg.num_kv_heads, "past_seq", width]
@@ -441,6 +443,8 @@ def build_model(art: Artifact, max_length: int = 2048, ops: str = "standard", kv
         for made, name in zip((k, v), present):
             if made != name:
                 g.nodes.append(helper.make_node("Identity", [made], [name]))
+    if last_logits:
+        h = g.op("Slice", [h, g.const([-1], np.int64), g.const([np.iinfo(np.int64).max], np.int64), g.const([1], np.int64)])
     h = rms_norm(c, h, c.tensor("norm"))
     logits = emit_lm_head(c, h)
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"]))

@@ -18,6 +18,11 @@ DATA_FILE = "model.onnx.data"
 MANIFEST = "manifest.json"
 
 
+def greedy_graph_file(model_file: str) -> str:
+    """The last-position-logits twin of a graph file (model.kv4.onnx -> model.kv4.last.onnx), for greedy decoding."""
+    return model_file[: -len(".onnx")] + ".last.onnx"
+
+
 def read_manifest(path: str | Path) -> dict:
     """manifest.json of an export directory, with a clear error when it is missing or damaged."""
     f = Path(path) / MANIFEST
@@ -95,6 +100,10 @@ class OnnxModel:
                 raise ValueError(f"{path} has no graph with a {kv_cache} KV cache; export it with --kv-cache {kv_cache}")
             runner = main
         self.kv_cache, self.model_file = runner["kv_cache"], runner["model"]
+        # the C++ decoder's graph: its last-position-logits twin where the export has one (a prompt then skips the
+        # head on every other position)
+        twin = greedy_graph_file(self.model_file)
+        self.greedy_file = twin if twin in manifest.get("files", []) else self.model_file
         self.shares_buffer = manifest.get("ops") == "custom"  # our attention ops write into a longer past in place
         self.max_length = int(manifest.get("max_length") or 0)
         verify_files(path, manifest)
@@ -155,7 +164,7 @@ class OnnxModel:
             return self._native
         if self._native is not None:
             self._native.close()
-        self._native = open_native(self.path, self.model_file, self.manifest, self.threads, capacity)
+        self._native = open_native(self.path, self.greedy_file, self.manifest, self.threads, capacity)
         return self._native
 
 
