@@ -1,3 +1,4 @@
+import gc
 import importlib.util
 import itertools
 import json
@@ -432,6 +433,7 @@ def test_cpp_decoder_gives_the_python_steps_logits_and_tokens(tmp_path, kv_cache
     assert list(itertools.islice(om.greedy(prompt, 12, native=False), 12)) == tokens[:12]
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # e.g. a __del__ failing after a refused open
 def test_cpp_decoder_errors_name_the_problem(tmp_path):
     """A full KV buffer, an id outside the vocabulary, a closed decoder and two generations read at once from one
     model are errors that say what to do; the decoder stays usable after a refused step."""
@@ -461,6 +463,7 @@ def test_cpp_decoder_errors_name_the_problem(tmp_path):
 
     with pytest.warns(RuntimeWarning, match="room for at least one token; decoding with Python steps instead"):
         assert open_native(om.path, om.model_file, om.manifest, 1, 0) is None
+    gc.collect()  # the refused decoder is collected cleanly
     standard = OnnxModel(export_onnx(art_path, tmp_path / "s", ops="standard"), threads=1)
     assert standard.native_decoder(20) is None  # no op library: Python steps, the same tokens as the custom graph
     assert list(itertools.islice(standard.greedy([3, 17, 42], 6), 6)) == list(itertools.islice(om.greedy([3, 17, 42], 6), 6))

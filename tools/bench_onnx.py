@@ -10,7 +10,8 @@ embeddings still tied), builds onnxruntime-genai's fp32 and int4 exports of it w
 export with 2 threads, CPU idle-checked, medians of --repeats rounds (each on fresh sessions):
   decode tokens/s after a short prompt and after 1024 tokens of context (128 new tokens, greedy;
   in onnxruntime-genai, and for ours also in plain onnxruntime through our runner, OnnxModel, as
-  `baseq-export run` decodes: the C++ loop with the KV buffer bound in place), prefill tokens/s of a
+  `baseq-export run` decodes: the C++ loop on the export's last-position graph with the KV buffer bound
+  in place), prefill tokens/s of a
   512-token prompt, file size, KV-cache bytes per token, perplexity on the evaluation split (plain
   onnxruntime, full windows), and for ours the share of a decode step spent in our baseq ops
   (onnxruntime's profiler) and the graph's node count. Our exports run the graph their manifest names

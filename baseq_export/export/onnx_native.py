@@ -67,6 +67,7 @@ class NativeGreedy:
     reset() starts the next in the same session and buffers (`sequence` counts them)."""
 
     def __init__(self, lib: ctypes.CDLL, api_base: int, graph: Path, threads: int | None, capacity: int):
+        self._handle = None  # set once the C++ side is open (close() and __del__ read it)
         self._lib = lib
         self._err = ctypes.create_string_buffer(ERROR_BYTES)
         handle = lib.baseq_runner_open(api_base, str(graph).encode(), int(threads or 0), int(capacity), self._err, ERROR_BYTES)
