@@ -185,36 +185,25 @@ class Runner {
       }
       Check(api_->RunWithBinding(session_, nullptr, binding_));
       last = logits_.data();
-    } else if (last_only_) {  // the graph's logits are the last position's: the one-token buffer takes them
-      prompt_ids_.assign(ids, ids + n);
-      const int64_t ids_shape[2] = {1, n};
-      Value ids_value(api_);
-      Check(api_->CreateTensorWithDataAsOrtValue(cpu_, prompt_ids_.data(), n * sizeof(int64_t), ids_shape, 2,
-                                                 ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, &ids_value.value));
-      decoding_ = false;  // input_ids is bound to the prompt until the run is done
-      Check(api_->BindInput(binding_, "input_ids", ids_value.value));
-      Check(api_->BindOutput(binding_, "logits", logits_one_));
-      OrtStatus* run = api_->RunWithBinding(session_, nullptr, binding_);
-      OrtStatus* rebind = api_->BindInput(binding_, "input_ids", one_id_value_);
-      decoding_ = rebind == nullptr;
-      if (run != nullptr && rebind != nullptr) api_->ReleaseStatus(rebind);  // report the run's error
-      Check(run);
-      Check(rebind);
-      last = logits_.data();
     } else {
-      decoding_ = false;  // input_ids and logits are bound to this prompt's tensors until the run is done
-      // kept between prompts (the next prompt of that length touches no new pages), bound only for this run
+      // A prompt. Its ids, and the logits of every position where the graph gives them all, live in buffers kept
+      // between prompts (a later prompt of that length touches no new pages) and bound only for this run; a
+      // last-position graph writes into the one-token logits buffer.
       prompt_ids_.assign(ids, ids + n);
-      if (prompt_logits_.size() < static_cast<size_t>(n) * vocab_) prompt_logits_.resize(static_cast<size_t>(n) * vocab_);
       const int64_t ids_shape[2] = {1, n};
-      const int64_t logits_shape[3] = {1, n, vocab_};
-      Value ids_value(api_), logits_value(api_);
+      Value ids_value(api_), all_logits(api_);
       Check(api_->CreateTensorWithDataAsOrtValue(cpu_, prompt_ids_.data(), n * sizeof(int64_t), ids_shape, 2,
                                                  ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, &ids_value.value));
-      Check(api_->CreateTensorWithDataAsOrtValue(cpu_, prompt_logits_.data(), static_cast<size_t>(n) * vocab_ * sizeof(float),
-                                                 logits_shape, 3, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &logits_value.value));
+      if (!last_only_) {
+        const size_t count = static_cast<size_t>(n) * vocab_;
+        if (prompt_logits_.size() < count) prompt_logits_.resize(count);
+        const int64_t logits_shape[3] = {1, n, vocab_};
+        Check(api_->CreateTensorWithDataAsOrtValue(cpu_, prompt_logits_.data(), count * sizeof(float), logits_shape, 3,
+                                                   ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &all_logits.value));
+      }
+      decoding_ = false;  // input_ids (and logits) are bound to this prompt's tensors until the run is done
       Check(api_->BindInput(binding_, "input_ids", ids_value.value));
-      Check(api_->BindOutput(binding_, "logits", logits_value.value));
+      Check(api_->BindOutput(binding_, "logits", last_only_ ? logits_one_ : all_logits.value));
       OrtStatus* run = api_->RunWithBinding(session_, nullptr, binding_);
       // back to the one-token tensors: the binding holds the prompt's buffers only while they are its
       OrtStatus* rebind = api_->BindInput(binding_, "input_ids", one_id_value_);
@@ -223,10 +212,7 @@ class Runner {
       if (run != nullptr && rebind != nullptr) api_->ReleaseStatus(rebind);  // report the run's error
       Check(run);
       Check(rebind);
-      seen_ += n;
-      const float* row = prompt_logits_.data() + static_cast<size_t>(n - 1) * vocab_;
-      if (logits_out) std::memcpy(logits_out, row, vocab_ * sizeof(float));
-      return baseq_greedy_argmax(row, vocab_);
+      last = last_only_ ? logits_.data() : prompt_logits_.data() + static_cast<size_t>(n - 1) * vocab_;
     }
     seen_ += n;
     if (logits_out) std::memcpy(logits_out, last, vocab_ * sizeof(float));

@@ -416,14 +416,25 @@ def test_cpp_decoder_gives_the_python_steps_logits_and_tokens(tmp_path, kv_cache
     prompt = [3, 17, 42, 5, 9]
     python = buffer_stepper(om, 40)
     logits = np.empty(decoder.vocab_size, np.float32)
-    ids, tokens = prompt, []
+    ids, tokens, refs = prompt, [], []
     for _ in range(20):
         token = decoder.step(ids, logits)
         ref = python(ids)
         np.testing.assert_array_equal(logits, ref.numpy())
         assert token == argmax_token(ref)
         tokens.append(token)
+        refs.append(ref.numpy().copy())  # the stepper reuses its logits buffer
         ids = [token]
+    # on a graph with every position's logits (an export without the twin) it reads the prompt's last row
+    from baseq_export.export.onnx_native import open_native
+
+    full = open_native(om.path, om.model_file, om.manifest, 1, 40)
+    ids = prompt
+    for token, ref in zip(tokens[:5], refs):
+        assert full.step(ids, logits) == token
+        np.testing.assert_array_equal(logits, ref)
+        ids = [token]
+    full.close()
     assert om.native_decoder(30) is decoder  # reused, reset
     again = [decoder.step(prompt)]
     for _ in range(19):

@@ -160,20 +160,23 @@ class GraphRunner:
 
 def our_runner_generation(model, prompt: np.ndarray, new_tokens: int) -> tuple[float, float]:
     """(prefill seconds, median seconds per decoded token) in our runner (baseq_export's OnnxModel) as
-    `baseq-export run` decodes: the C++ decoder (export/onnx_native.py) where the export's attention ops write
-    the KV buffer in place, else Python steps on the growing cache. A decode step is timed with its greedy
+    `baseq-export run` decodes (OnnxModel.greedy's choice of path): the C++ decoder (export/onnx_native.py)
+    where the export's attention ops write the KV buffer in place, Python steps on that buffer where the
+    decoder cannot load, else Python steps on the growing cache. A decode step is timed with its greedy
     choice, as genai's generate_next_token is."""
+    from baseq_export.export.onnx_runtime import buffer_stepper
     from baseq_export.generate import argmax_token, onnx_stepper
 
     # one C++ session per model for every generation (as genai's one model), its buffer for the longest
-    decoder = model.native_decoder(LONG_CONTEXT + NEW_TOKENS) if model.shares_buffer else None
+    capacity = LONG_CONTEXT + NEW_TOKENS
+    decoder = model.native_decoder(capacity) if model.shares_buffer else None
     if decoder is not None:
         step = decoder.step
     else:
-        grow = onnx_stepper(model)
+        python_step = buffer_stepper(model, capacity) if model.shares_buffer else onnx_stepper(model)
 
         def step(ids):
-            return argmax_token(grow(ids))
+            return argmax_token(python_step(ids))
     t0 = time.perf_counter()
     token = step(prompt[0].tolist())
     prefill = time.perf_counter() - t0
