@@ -684,7 +684,7 @@ def tune_blocks(
         h_q = checked_block(cfg, lw, i, h_q, hooks, rope, "quantized")
         h_fp = y
         bar.set_postfix(block=i, kept=entry["kept"])
-    tensors.put(float_tensors(cfg, src.outside_and_norms(), settings, online=False), "outside.safetensors")
+    tensors.put(float_tensors(cfg, src.outside_and_norms(), settings, online=False, head_inputs=h_q), "outside.safetensors")
     return Artifact(
         model=cfg.to_dict(), quant=quant, tensors=tensors, source=source_info(model),
         calibration={"seed": settings.seed, "windows": list(calib.shape), "blocks": log, "seconds": round(time.time() - t_start, 1)},

@@ -140,15 +140,21 @@ def test_gptq_head_lowers_the_logit_error_and_slices_give_the_whole_tables_codes
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # tied and untied embeddings
 def test_calibrated_methods_gptq_the_table_the_head_reads(arch):
     """With calibration windows the 4-bit table the head reads (the tied table, or an untied lm_head) is GPTQ'd
-    for the head and recorded as such; an untied embedding stays RTN; without calibration the head is RTN."""
+    for the head and recorded as such, by GPTQ and by the weight-only tuning alike; an untied embedding stays RTN;
+    without calibration the head is RTN."""
+    from baseq_export.pipeline import TuneSettings, tune_blocks
+
     m = from_hf_model(tiny_hf_model(arch, dtype=torch.float32))
     rtn = quantize_model(m, QuantSettings(method="quarot-rtn", bits="w4a16", head_bits=4))
     gptq = quantize_model(m, QuantSettings(method="quarot-gptq", bits="w4a16", head_bits=4), calib())
-    assert (rtn.quant["head_quant"], gptq.quant["head_quant"]) == ("rtn", "gptq")
+    tuned = tune_blocks(m, QuantSettings(method="quarot-gptq", bits="w4a16", head_bits=4), calib(),
+                        TuneSettings(nsamples=4, ctx=16, nval=2, epochs=1))
+    assert (rtn.quant["head_quant"], gptq.quant["head_quant"], tuned.quant["head_quant"]) == ("rtn", "gptq", "gptq")
     head = "embed" if "head_mix" in gptq.tensors or m.config.tied_embeddings else "lm_head"
-    assert not torch.equal(gptq.tensors[f"{head}.qweight"], rtn.tensors[f"{head}.qweight"])
-    if head == "lm_head":  # the embedding is read row by row: RTN in both
-        assert torch.equal(gptq.tensors["embed.qweight"], rtn.tensors["embed.qweight"])
+    for art in (gptq, tuned):
+        assert not torch.equal(art.tensors[f"{head}.qweight"], rtn.tensors[f"{head}.qweight"])
+        if head == "lm_head":  # the embedding is read row by row: RTN in all
+            assert torch.equal(art.tensors["embed.qweight"], rtn.tensors["embed.qweight"])
 
 
 @pytest.mark.real_model
