@@ -2,6 +2,7 @@ import gc
 import importlib.util
 import itertools
 import json
+import warnings
 
 import numpy as np
 import onnx
@@ -445,9 +446,10 @@ def test_cpp_decoder_gives_the_python_steps_logits_and_tokens(tmp_path, kv_cache
 
 
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # e.g. a __del__ failing after a refused open
-def test_cpp_decoder_errors_name_the_problem(tmp_path):
+def test_cpp_decoder_errors_name_the_problem(tmp_path, monkeypatch):
     """A full KV buffer, an id outside the vocabulary, a closed decoder and two generations read at once from one
-    model are errors that say what to do; the decoder stays usable after a refused step."""
+    model are errors that say what to do; the decoder stays usable after a refused step. A decoder that cannot
+    open is tried and warned about once per model; Python steps give the same tokens."""
     m = from_hf_model(tiny_hf_model("llama", dtype=torch.float32))
     calib = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))
     art_path = save_artifact(tmp_path / "m.baseq", ARTIFACTS["w4a4kv4-baseq"](m, calib))
@@ -478,6 +480,20 @@ def test_cpp_decoder_errors_name_the_problem(tmp_path):
     standard = OnnxModel(export_onnx(art_path, tmp_path / "s", ops="standard"), threads=1)
     assert standard.native_decoder(20) is None  # no op library: Python steps, the same tokens as the custom graph
     assert list(itertools.islice(standard.greedy([3, 17, 42], 6), 6)) == list(itertools.islice(om.greedy([3, 17, 42], 6), 6))
+    from baseq_export.export import onnx_native
+
+    refusing, opened = OnnxModel(om.path, threads=1), []
+
+    def refuse(*args):
+        opened.append(args)
+        raise ValueError("no decoder in this test")
+
+    monkeypatch.setattr(onnx_native, "NativeGreedy", refuse)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runs = [list(itertools.islice(refusing.greedy([3, 17, 42], 6), 6)) for _ in range(3)]
+    assert runs == [list(itertools.islice(standard.greedy([3, 17, 42], 6), 6))] * 3 and len(opened) == 1
+    assert [str(w.message) for w in caught] == ["no decoder in this test; decoding with Python steps instead"]
 
 
 def test_cpp_greedy_choice_is_numpys_argmax():

@@ -110,6 +110,7 @@ class OnnxModel:
         self.path, self.manifest, self.threads = path, manifest, threads
         self._session = None
         self._native = None  # the C++ decoder, opened on first greedy() and reused (native_decoder)
+        self._native_refused = False  # it could not open here: not tried (nor warned about) again
 
     @property
     def session(self):
@@ -155,16 +156,19 @@ class OnnxModel:
 
     def native_decoder(self, capacity: int):
         """This model's C++ greedy decoder (onnx_native.NativeGreedy), reset for a new sequence of up to
-        `capacity` tokens, or None where it cannot run here. One session serves every sequence; it is reopened
-        only for a longer KV buffer."""
+        `capacity` tokens, or None where it cannot run here (tried once: a refusal is remembered, so its warning
+        comes once). One session serves every sequence; it is reopened only for a longer KV buffer."""
         from .onnx_native import open_native
 
+        if self._native_refused:
+            return None
         if self._native is not None and self._native.capacity >= capacity:
             self._native.reset()
             return self._native
         if self._native is not None:
             self._native.close()
         self._native = open_native(self.path, self.greedy_file, self.manifest, self.threads, capacity)
+        self._native_refused = self._native is None
         return self._native
 
 
