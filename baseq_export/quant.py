@@ -253,6 +253,16 @@ class QuantizedWeight:
                        minimum=move(self.minimum))
 
 
+def rescale_rows(qw: QuantizedWeight, multiplier: torch.Tensor) -> QuantizedWeight:
+    """qw with each output row's scales (and q4_1 minimums) times multiplier [N], rounded to fp16: the same codes and
+    zero points on a stretched grid (BASE-Q's learned weight scales). A scale keeps its sign and stays >= 2**-24."""
+    mult = multiplier.detach().to(torch.float32).reshape(-1, 1)
+    scale = fp16_round(qw.scale * mult)
+    scale = torch.where(scale.abs() < FP16_TINY, FP16_TINY * torch.sign(qw.scale), scale)
+    minimum = None if qw.minimum is None else fp16_round(qw.minimum * mult)
+    return replace(qw, scale=scale, minimum=minimum)
+
+
 def dequantize_weight(qw: QuantizedWeight) -> torch.Tensor:
     """The float32 [N, K] weight of qw on its grid (groups along K)."""
     return qw.dequantize()

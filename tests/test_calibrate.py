@@ -135,3 +135,52 @@ def test_stage_a_lowers_the_rtn_block_error_and_keeps_the_function(tiny):
     fp = forward(tiny.config, tiny.weights, ids)
     err = lambda a: float((reference_model(a).logits(ids) - fp).norm() / fp.norm())  # noqa: E731
     assert err(art) < err(quantize_model(tiny, Q, calib()))
+
+
+def test_token_loss_weighs_every_token_by_its_own_target():
+    """output_loss: 'mse' is the plain mean square; 'token' is each token's squared error over its target's mean
+    square, averaged (numpy), so a token whose residual stream is 1000x larger counts like any other."""
+    import numpy as np
+
+    from baseq_export.calibrate import output_loss
+
+    gen = torch.Generator().manual_seed(5)
+    y = torch.randn(3, 7, 16, generator=gen)
+    out = y + 0.1 * torch.randn(3, 7, 16, generator=gen)
+    yn, on = y.numpy().astype(np.float64), out.numpy().astype(np.float64)
+    np.testing.assert_allclose(float(output_loss(out, y)), ((on - yn) ** 2).mean(), rtol=1e-6)
+    relative = ((on - yn) ** 2).mean(-1) / (yn**2).mean(-1)
+    np.testing.assert_allclose(float(output_loss(out, y, "token")), relative.mean(), rtol=1e-6)
+    sink_y, sink_out = y.clone(), out.clone()
+    sink_y[:, 0] *= 1000
+    sink_out[:, 0] *= 1000  # the same relative error on a huge token
+    torch.testing.assert_close(output_loss(sink_out, sink_y, "token"), output_loss(out, y, "token"))
+    assert float(output_loss(sink_out, sink_y)) > 1e4 * float(output_loss(out, y))
+
+
+def test_learned_weight_scales_keep_the_codes_and_the_artifact_computes_the_recorded_loss(tiny):
+    """learn_weight_scale: block 0 keeps GPTQ's codes and zero points (its input is the same with or without), its
+    scales are fp16 values that differ from GPTQ's; the saved block's output loss (reference forward, float32) is
+    the loss calibration recorded for it, below its GPTQ start."""
+    from baseq_export.calibrate import output_loss
+    from baseq_export.pipeline import BlockWeights
+    from baseq_export.rotate import RotationHooks
+
+    b = BaseqSettings(nsamples=12, calib_ctx=24, epochs=3, batch_size=4, learn_weight_scale=True, loss="token")
+    scaled = calibrate_baseq(tiny, Q, b, calib())
+    plain = calibrate_baseq(tiny, Q, BaseqSettings(nsamples=12, calib_ctx=24, epochs=3, batch_size=4, loss="token"), calib())
+    for name in ("q", "k", "v", "o", "gate", "up", "down"):
+        p = f"layers.0.{name}"
+        assert torch.equal(scaled.tensors[f"{p}.qweight"], plain.tensors[f"{p}.qweight"])
+        assert torch.equal(scaled.tensors[f"{p}.zeros"], plain.tensors[f"{p}.zeros"])
+        s = scaled.tensors[f"{p}.scales"]
+        assert torch.equal(s, s.half().float()) and (s > 0).all() and not torch.equal(s, plain.tensors[f"{p}.scales"])
+    entry = scaled.calibration["blocks"][0]
+    assert entry["kept"] == "trained" and entry["mse_baseq"] < entry["mse_gptq"]
+    src = BlockWeights(tiny, rotated=True, seed=Q.seed, r4=True)
+    h = torch.nn.functional.embedding(calib(), src.embed())
+    rope = calib_rope(src.config, src.outside, h)
+    y = run_block(src.config, src.layer(0), 0, h, RotationHooks(r3=False, r4=True), rope)
+    ref = reference_model(scaled, exact=False)
+    out = run_block(ref.config, layer_weights(ref.weights, 0), 0, h, ref.hooks, rope)
+    assert float(output_loss(out, y, "token")) == pytest.approx(entry["mse_baseq"], rel=1e-5)
