@@ -68,7 +68,8 @@ class BaseqSettings:
     stage_a_rotation: bool = True
     learn_weight_scale: bool = False  # stage C also learns a multiplier of each linear's per-row weight scales
     lr_weight_scale: float = 2e-3  # ... on their logs (the codes and zero points stay GPTQ's)
-    loss: str = "mse"  # block-output loss (output_loss): "mse", or "token": relative to each token's target
+    loss: str = "mse"  # block-output loss (output_loss): "mse", or "token": relative to each token's target (the
+    # blocks' mse_gptq / mse_baseq entries in calibration.json then hold this loss)
 
 
 PRESETS = {
@@ -346,8 +347,7 @@ def calibrate_baseq(
             kept = "trained"
             if not loss1 < loss0:  # never make a block worse than its GPTQ start
                 lw1, on1, loss1, kept, qweights = lw0, on0, loss0, "untrained", gptq_weights
-                qdeq = {f"{n}.weight": qw.dequantize() for n, qw in qweights.items()}
-            elif b.learn_weight_scale:
+            if qweights is not gptq_weights:  # the learned scales were kept: the stream goes on with them
                 qdeq = {f"{n}.weight": qw.dequantize() for n, qw in qweights.items()}
             bt = block_tensors(qweights, lw1, on1, i)
             del qweights, gptq_weights, qlw, lw0, lw1, on0, on1, params, means, x  # the block's float copies: not kept into the next one
