@@ -22,7 +22,7 @@ from .memory import map_big_allocations, release_free_memory, row_slices
 from .models.base import ACT_SITES, IDENTITY, SITE_LINEARS, ModelConfig, block_forward, rms_norm, rope_tables, site_width
 from .qmodel import BITS_PRESETS, Artifact, TensorStore, linear_tensors
 from .tensor_files import load_tensors, save_tensors
-from .quant import GGML_BLOCK, WEIGHT_GRIDS, HessianAccumulator, QuantizedWeight, gptq_quantize, rtn_quantize
+from .quant import GGML_BLOCK, WEIGHT_GRIDS, HessianAccumulator, QuantizedWeight, gptq_factor, gptq_quantize, rtn_quantize
 from .rotate import RotationHooks, head_mix, rotate_layer, rotate_outside_layers
 
 METHODS = ("rtn", "gptq", "quarot-rtn", "quarot-gptq")
@@ -386,8 +386,10 @@ def head_hessian(cfg: ModelConfig, w: dict[str, torch.Tensor], h: torch.Tensor, 
 def gptq_head(table: torch.Tensor, hessian: torch.Tensor) -> QuantizedWeight:
     """GPTQ of a 4-bit head table [vocab, d] (groups of HEAD_GROUP_SIZE, MSE clip) for the head's inputs: the
     logits' error, not each row's, is what it lowers. Rows are independent, so it works a slice of rows at a
-    time (the same numbers as the whole table) and a large vocabulary never has a whole working copy."""
-    parts = [gptq_quantize(table[p].to(torch.float32), hessian.clone(), 4, HEAD_GROUP_SIZE, mse_clip_search=True)
+    time (the same numbers as the whole table, from one factorisation of the Hessian) and a large vocabulary
+    never has a whole working copy."""
+    factor = gptq_factor(hessian, device=table.device)
+    parts = [gptq_quantize(table[p].to(torch.float32), None, 4, HEAD_GROUP_SIZE, mse_clip_search=True, factor=factor)
              for p in row_slices(*table.shape, HEAD_GPTQ_ELEMENTS)]
     return QuantizedWeight(codes=torch.cat([q.codes for q in parts]), scale=torch.cat([q.scale for q in parts]),
                            zero=torch.cat([q.zero for q in parts]), group_size=parts[0].group_size, bits=4)

@@ -720,50 +720,30 @@ def _inverse_hessian_upper(make_h, damp: float) -> torch.Tensor:
     raise RuntimeError("gptq: Hessian is not positive definite even with heavy dampening")
 
 
-def _gptq_run(
-    w: torch.Tensor,
-    hessian: torch.Tensor,
-    bits: int,
-    group_size: int | None,
-    symmetric: bool,
-    damp: float,
-    act_order: bool,
-    block_size: int,
-    mse_clip_search_: bool,
-    clip_ratio: float,
-    grid: str = "int",
-    weighted_clip: bool = False,
-    scratch: bool = False,
-    return_used: bool = True,
-) -> tuple[QuantizedWeight, torch.Tensor | None]:
-    """GPTQ core; also returns the float32 [N, K] weights used in the error feedback (natural order) when
-    return_used. scratch: the (float64, same device) hessian may be overwritten, so no copy of it is made."""
-    _check_bits(bits)
-    if w.dim() != 2:
-        raise ValueError(f"gptq_quantize expects a [N, K] weight, got {tuple(w.shape)}")
-    n, k = w.shape
-    if tuple(hessian.shape) != (k, k):
-        raise ValueError(f"gptq_quantize: Hessian {tuple(hessian.shape)} does not match K={k}")
-    gs = _grid_group_size(k, group_size, grid)
-    device = w.device
-    wf = w.detach().to(torch.float32).clone()
+@dataclass(frozen=True)
+class GptqFactor:
+    """What GPTQ derives from a [K, K] Hessian alone: diag H (dead inputs set to 1), the dead inputs, the
+    column order and the upper Cholesky factor of the damped inverse in that order. Every row of a weight
+    shares it, so slices of one table (gptq_head) factor the Hessian once."""
+
+    diag: torch.Tensor  # float64 [K]
+    dead: torch.Tensor  # bool [K]: diag H == 0, inputs that were never active
+    perm: torch.Tensor  # [K] column order (descending diag H with act_order, else natural)
+    hinv: torch.Tensor  # float32 [K, K] upper factor, rows and columns in perm's order
+
+
+def gptq_factor(hessian: torch.Tensor, damp: float = 0.01, act_order: bool = True, device: torch.device | None = None,
+                scratch: bool = False) -> GptqFactor:
+    """Factor a GPTQ Hessian once: dead inputs (diag H == 0) get diag 1; dampening adds damp * mean(diag H).
+    scratch: the (float64, same device) hessian is the caller's to lose: it is factored in place, not copied."""
+    if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise ValueError(f"gptq: the Hessian must be square [K, K], got {tuple(hessian.shape)}")
+    device = hessian.device if device is None else torch.device(device)
     diag = torch.diagonal(hessian.detach()).to(device=device, dtype=torch.float64).clone()
     dead = diag == 0
     diag[dead] = 1.0  # a dead input (never active) gets diag 1 and weight 0
-    wf[:, dead] = 0.0
-
-    # Static groups: every contiguous group's params come from the original weights (the clip search
-    # weighted by diag H when weighted_clip); each column is then rounded with its block's fixed params.
-    importance = diag.to(torch.float32) if weighted_clip else None
-    scale, zero, minimum = _weight_qparams(wf, bits, gs, symmetric, clip_ratio, mse_clip_search_, grid, importance)
-
-    if act_order:
-        perm = torch.argsort(diag, descending=True, stable=True)
-    else:
-        perm = torch.arange(k, device=device)
-    wp = wf[:, perm].contiguous()
-    del wf
-    col_group = perm // gs  # group of each permuted column
+    k = diag.shape[0]
+    perm = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(k, device=device)
     in_place = scratch and hessian.dtype == torch.float64 and hessian.device == device
     attempts = 0
 
@@ -777,7 +757,52 @@ def _gptq_run(
                                "finite Hessian that takes a larger damp (QuantSettings.damp)")
         return _act_order_hessian_(hessian.detach(), perm, dead)
 
-    hinv = _inverse_hessian_upper(act_order_h, damp)
+    return GptqFactor(diag=diag, dead=dead, perm=perm, hinv=_inverse_hessian_upper(act_order_h, damp))
+
+
+def _gptq_run(
+    w: torch.Tensor,
+    hessian: torch.Tensor | None,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    damp: float,
+    act_order: bool,
+    block_size: int,
+    mse_clip_search_: bool,
+    clip_ratio: float,
+    grid: str = "int",
+    weighted_clip: bool = False,
+    scratch: bool = False,
+    return_used: bool = True,
+    factor: GptqFactor | None = None,
+) -> tuple[QuantizedWeight, torch.Tensor | None]:
+    """GPTQ core; also returns the float32 [N, K] weights used in the error feedback (natural order) when
+    return_used. scratch: the (float64, same device) hessian may be overwritten, so no copy of it is made.
+    factor: the Hessian already factored (gptq_factor; then hessian, damp, act_order and scratch are not read)."""
+    _check_bits(bits)
+    if w.dim() != 2:
+        raise ValueError(f"gptq_quantize expects a [N, K] weight, got {tuple(w.shape)}")
+    n, k = w.shape
+    h_shape = tuple(factor.hinv.shape) if factor is not None else tuple(hessian.shape)
+    if h_shape != (k, k):
+        raise ValueError(f"gptq_quantize: Hessian {h_shape} does not match K={k}")
+    gs = _grid_group_size(k, group_size, grid)
+    device = w.device
+    if factor is None:
+        factor = gptq_factor(hessian, damp, act_order, device, scratch)
+    diag, dead, perm, hinv = factor.diag, factor.dead, factor.perm, factor.hinv
+    wf = w.detach().to(torch.float32).clone()
+    wf[:, dead] = 0.0
+
+    # Static groups: every contiguous group's params come from the original weights (the clip search
+    # weighted by diag H when weighted_clip); each column is then rounded with its block's fixed params.
+    importance = diag.to(torch.float32) if weighted_clip else None
+    scale, zero, minimum = _weight_qparams(wf, bits, gs, symmetric, clip_ratio, mse_clip_search_, grid, importance)
+
+    wp = wf[:, perm].contiguous()
+    del wf
+    col_group = perm // gs  # group of each permuted column
 
     qmax = 2**bits - 1
     codes_p = torch.empty(n, k, dtype=torch.uint8, device=device)
@@ -818,7 +843,7 @@ def _gptq_run(
 
 def gptq_quantize(
     w: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | None,
     bits: int = 4,
     group_size: int | None = None,
     symmetric: bool = False,
@@ -830,6 +855,7 @@ def gptq_quantize(
     grid: str = "int",
     weighted_clip: bool = False,
     scratch: bool = False,
+    factor: GptqFactor | None = None,
 ) -> QuantizedWeight:
     """GPTQ of a [N, K] weight with Hessian [K, K] on a grid; static contiguous groups so act_order stays exportable.
 
@@ -838,10 +864,11 @@ def gptq_quantize(
     act order (descending diag H) with their own group's fixed params (q4_1: the block's d and m).
     Dead inputs (diag H == 0) get weight 0 and diag 1; dampening adds damp * mean(diag H).
     scratch: the hessian (float64) is the caller's to lose: it is factored in place instead of copied.
+    factor: the Hessian already factored by gptq_factor (rows of one table in slices); hessian may then be None.
     """
     qw, _ = _gptq_run(
         w, hessian, bits, group_size, symmetric, damp, act_order, block_size,
-        mse_clip_search, clip_ratio, grid, weighted_clip, scratch=scratch, return_used=False,
+        mse_clip_search, clip_ratio, grid, weighted_clip, scratch=scratch, return_used=False, factor=factor,
     )
     return qw
 

@@ -7,6 +7,7 @@ from baseq_export.models import from_hf_model
 from baseq_export.models.base import forward
 from baseq_export.pipeline import QuantSettings, quantize_model
 from baseq_export.qmodel import load_artifact, reference_model, save_artifact
+from baseq_export import quant
 from baseq_export.quant import HessianAccumulator, dequantize_weight, fake_quant_per_token, gptq_quantize, rtn_quantize
 from baseq_export.rotate import RotationHooks, rotate_model
 from conftest import tiny_hf_model
@@ -132,9 +133,15 @@ def test_gptq_head_lowers_the_logit_error_and_slices_give_the_whole_tables_codes
     assert whole.group_size == rtn.group_size == 32 and whole.zero is not None
     err = {k: float((x @ (table - dequantize_weight(q)).T).norm()) for k, q in (("gptq", whole), ("rtn", rtn))}
     assert err["gptq"] < 0.8 * err["rtn"], err
+    plain = gptq_quantize(table, acc.hessian, 4, pipeline.HEAD_GROUP_SIZE, mse_clip_search=True)  # no shared factor
+    assert all(torch.equal(getattr(plain, f), getattr(whole, f)) for f in ("codes", "scale", "zero"))
     monkeypatch.setattr(pipeline, "HEAD_GPTQ_ELEMENTS", 64 * 70)  # five slices, the last one short
+    factored = []
+    inverse = quant._inverse_hessian_upper
+    monkeypatch.setattr(quant, "_inverse_hessian_upper", lambda *a: factored.append(1) or inverse(*a))
     sliced = pipeline.gptq_head(table, acc.hessian)
     assert all(torch.equal(getattr(sliced, f), getattr(whole, f)) for f in ("codes", "scale", "zero"))
+    assert len(factored) == 1  # one factorisation serves the five slices
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # tied and untied embeddings

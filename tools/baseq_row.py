@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_baseq import evaluation_windows  # noqa: E402
-from benchutil import machine  # noqa: E402
+from benchutil import machine, write_json  # noqa: E402
 
 from baseq_export import data  # noqa: E402
 from baseq_export.calibrate import PRESETS, calibrate_baseq  # noqa: E402
@@ -68,9 +68,7 @@ def main() -> None:
         row["ppl"] = {k: round(perplexity(logits, w, desc=k).ppl, 4) for k, w in windows.items()}
     res = json.loads(args.json.read_text()) if args.json.is_file() else {"machine": machine(), "rows": {}}
     res["rows"][args.name] = {**row, "args": {k: v for k, v in vars(args).items() if k != "json"}}
-    tmp = args.json.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1) + "\n")
-    tmp.replace(args.json)
+    write_json(args.json, res, indent=1)
     print(args.name, row["ppl"], f"quantize {row['quantize_s']} s", flush=True)
 
 

@@ -12,7 +12,8 @@ group's full min-max range instead of the MSE clip, with QuaRot-GPTQ's min-max r
 evaluated on the embedded evaluation split (ctx 512) and, with --eval-text, on a second text that calibration never saw (a
 license text on every Debian system is a good one: /usr/share/common-licenses/GPL-3). Gap closure
 (PPL_QuaRot-GPTQ - PPL_BASE-Q) / (PPL_QuaRot-GPTQ - PPL_FP) is taken against the QuaRot-GPTQ row of the
-same seed and bits, per text; the summary gives its mean, standard deviation, min and max over seeds.
+same seed and bits, per text; the summary gives its mean, standard deviation, min and max over seeds, and
+perplexity_summary the same for every row's perplexity.
 --bits adds rows at other bit widths (w4a8kv8: 8-bit per-token activations and KV cache).
 Results are written after every row; --resume skips the rows a previous run already wrote.
 """
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchutil import machine, require_idle  # noqa: E402
+from benchutil import machine, require_idle, write_json  # noqa: E402
 
 from baseq_export import data  # noqa: E402
 from baseq_export.calibrate import PRESETS, calibrate_baseq  # noqa: E402
@@ -70,6 +71,16 @@ def spread(values: list[float]) -> dict:
             "min": round(min(values), 4), "max": round(max(values), 4), "n": len(values)}
 
 
+def perplexity_spread(rows: dict[str, dict]) -> dict[str, dict[str, dict]]:
+    """Each row's perplexity per text over its seeds: rows named "NAME BITS, seed S" are grouped as "NAME BITS"."""
+    groups: dict[str, dict[str, list[float]]] = {}
+    for key, row in rows.items():
+        group = key.rsplit(", seed ", 1)[0]
+        for text, ppl in row["ppl"].items():
+            groups.setdefault(group, {}).setdefault(text, []).append(ppl)
+    return {g: {t: spread(v) for t, v in per_text.items()} for g, per_text in groups.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", required=True)
@@ -98,7 +109,7 @@ def main() -> None:
     rows = res.setdefault("rows", {})
 
     def save() -> None:
-        out.write_text(json.dumps(res, indent=2) + "\n")  # partial results survive an interruption
+        write_json(out, res, indent=2)  # partial results survive an interruption
 
     def measure(key: str, make) -> dict:
         """One row: make() -> (logits function, quantize seconds, extra); perplexity on every text."""
@@ -159,8 +170,12 @@ def main() -> None:
                     closures.setdefault(f"{name} {bits}", {}).setdefault(t, []).append(g)
                 save()
     res["summary"] = {row: {t: spread(v) for t, v in per_text.items()} for row, per_text in closures.items()}
+    res["perplexity_summary"] = perplexity_spread(rows)
     res["cpu_busy_after"] = round(require_idle(), 3)
     save()
+    for row, per_text in res["perplexity_summary"].items():
+        print(f"{row:50s} perplexity  " + ", ".join(f"{t}: {s['mean']:.3f} +- {s['std']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"
+                                                    for t, s in per_text.items()))
     for row, per_text in res["summary"].items():
         print(f"{row:50s} gap closure " + ", ".join(f"{t}: {s['mean']:.3f} +- {s['std']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"
                                                     for t, s in per_text.items()))

@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchutil import busy_fraction, machine, require_idle  # noqa: E402
+from benchutil import busy_fraction, machine, require_idle, write_json  # noqa: E402
 
 from baseq_export import data  # noqa: E402
 from baseq_export.evaluate import perplexity  # noqa: E402
@@ -246,7 +246,7 @@ def decode_again(previous: Path, out: Path, threads: int, repeats: int, new_toke
         e.pop("cpu_busy_before_decode", None)
         print(f"{e['name']}: {e['decode_tok_s']:.1f} tok/s", flush=True)
     results["cpu_busy_after"] = round(require_idle(), 3)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out, results, indent=2)
     print(f"wrote {out}")
 
 
@@ -359,10 +359,10 @@ def main() -> None:
         print(f"    ppl {entry['ppl']:.4f}  {size / 2**20:7.1f} MiB  {entry['bpw']:.3f} bpw  "
               f"{entry['decode_tok_s']:6.1f} tok/s  quantize {entry['quantize_s']} s", flush=True)
         results["rows"].append(entry)
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")  # partial results survive a crash
+        write_json(Path(args.json), results, indent=2)  # partial results survive a crash
     results["cpu_busy_after"] = round(require_idle(), 3)
     results["workdir"] = str(work)
-    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    write_json(Path(args.json), results, indent=2)
     print(f"wrote {args.json} (files in {work})")
 
 

@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchutil import machine, require_idle  # noqa: E402
+from benchutil import machine, require_idle, write_json  # noqa: E402
 
 SHORT_PROMPT = "def fibonacci(n):\n    "
 NEW_TOKENS = 128
@@ -307,8 +307,8 @@ def main() -> None:
     if args.accuracy_only:
         for r in rows:
             r["path"] = str(r["path"])
-        args.json.write_text(json.dumps({"machine": machine(), "model": args.model, "windows": int(windows.shape[0]),
-                                         "rows": rows}, indent=1) + "\n")
+        write_json(args.json, {"machine": machine(), "model": args.model, "windows": int(windows.shape[0]),
+                               "rows": rows}, indent=1)
         return
     busy_before = require_idle()
     from baseq_export.export.onnx_runtime import OnnxModel
@@ -359,9 +359,9 @@ def main() -> None:
         r["path"] = str(r["path"])
         cols = ", ".join(f"{k} {r[k]:.1f}" for k in r if "tok_s" in k and not k.endswith("int4"))
         print(f"{r['label']}: {r['bytes'] / 1e6:.1f} MB, ppl {r['ppl']:.4f}, {cols}")
-    args.json.write_text(json.dumps({"machine": machine(), "model": args.model, "threads": args.threads, "repeats": args.repeats,
-                                     "busy_before": busy_before, "busy_after": busy_after, "windows": int(windows.shape[0]),
-                                     "new_tokens": NEW_TOKENS, "rows": rows}, indent=1) + "\n")
+    write_json(args.json, {"machine": machine(), "model": args.model, "threads": args.threads, "repeats": args.repeats,
+                           "busy_before": busy_before, "busy_after": busy_after, "windows": int(windows.shape[0]),
+                           "new_tokens": NEW_TOKENS, "rows": rows}, indent=1)
 
 
 if __name__ == "__main__":

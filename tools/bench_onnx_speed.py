@@ -11,7 +11,6 @@ with ratios to the first export.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -21,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchutil import machine, require_idle  # noqa: E402
+from benchutil import machine, require_idle, write_json  # noqa: E402
 
 
 def run_once(model, prompt: np.ndarray, decode: int) -> tuple[float, float]:
@@ -73,9 +72,9 @@ def main() -> None:
               f"x{prefill / first[0]:.2f}); decode {decode * 1e3:.2f} ms/token ({1 / decode:.1f} tok/s, x{decode / first[1]:.2f})")
     busy_after = require_idle()
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "busy_before": busy, "busy_after": busy_after,
-                                         "prompt": args.prompt, "decode": args.decode, "repeats": args.repeats,
-                                         "rows": rows}, indent=1) + "\n")
+        write_json(args.json, {"machine": machine(), "busy_before": busy, "busy_after": busy_after,
+                               "prompt": args.prompt, "decode": args.decode, "repeats": args.repeats,
+                               "rows": rows}, indent=1)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ that is NOT a result: the default model's weights already lie on a group-32 Q4_1
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchutil import machine, require_idle  # noqa: E402
+from benchutil import machine, require_idle, write_json  # noqa: E402
 
 from baseq_export import data  # noqa: E402
 from baseq_export.evaluate import perplexity  # noqa: E402
@@ -74,7 +73,7 @@ def main() -> None:
         (results.setdefault("grid_check", row) if name is GRID_CHECK[0] else results["rows"].append(row))
     results["peak_rss_mib"] = round(peak_rss_mib())
     results["cpu_busy_after"] = round(require_idle(), 3)
-    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    write_json(Path(args.json), results, indent=2)
     print(f"wrote {args.json}")
 
 

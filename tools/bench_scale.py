@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchutil import machine, require_idle  # noqa: E402
+from benchutil import machine, require_idle, write_json  # noqa: E402
 
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                 vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0)
@@ -251,7 +251,7 @@ def main() -> int:
             results["stages"].setdefault(stage, {})[n] = r
             made[stage] = out
             print(f"  {stage}: {r['seconds']} s, peak RSS {r['peak_rss_mib']:.0f} MiB, output {r['output_bytes'] / 2**30:.2f} GiB", flush=True)
-            Path(args.json).write_text(json.dumps(results, indent=2))
+            write_json(Path(args.json), results, indent=2)
         if n == max(layers):  # the big export must load in onnxruntime (external data past protobuf's 2 GB)
             big = made.get("export onnx (rtn w4a16 g32 float head)")
             if big is not None:
@@ -282,7 +282,7 @@ def main() -> int:
     for stage, row in results["extrapolation"].items():
         print(f"{stage}: {row['seconds_per_block']} s a block here; estimated "
               + ", ".join(f"{name} {row[name]['hours']} h" for name in TARGETS))
-    Path(args.json).write_text(json.dumps(results, indent=2))
+    write_json(Path(args.json), results, indent=2)
     return 0
 
 

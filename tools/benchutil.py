@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
+from pathlib import Path
 
 
 def _cpu_times() -> tuple[int, int]:
@@ -42,3 +44,12 @@ def machine() -> dict:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__}
+
+
+def write_json(path, obj, indent: int = 1) -> None:
+    """Write a results file atomically (a temporary beside it, then a rename): an interrupted run leaves the previous
+    file whole, which the resumable benchmarks read back."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=indent) + "\n")
+    os.replace(tmp, path)

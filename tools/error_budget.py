@@ -14,7 +14,6 @@ windows.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_baseq import evaluation_windows  # noqa: E402
-from benchutil import machine  # noqa: E402
+from benchutil import machine, write_json  # noqa: E402
 
 from baseq_export.evaluate import perplexity  # noqa: E402
 from baseq_export.models import load_model  # noqa: E402
@@ -77,8 +76,8 @@ def main() -> None:
     for name, r in out.items():
         print(f"{name:48s} ppl {r['ppl']:8.3f}   share of the gap {r['share_of_gap']:6.3f}")
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "artifact": str(args.artifact), "quant": art.quant,
-                                         "windows": int(windows.shape[0]), "rows": out}, indent=1) + "\n")
+        write_json(args.json, {"machine": machine(), "artifact": str(args.artifact), "quant": art.quant,
+                               "windows": int(windows.shape[0]), "rows": out}, indent=1)
 
 
 if __name__ == "__main__":

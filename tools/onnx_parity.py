@@ -11,7 +11,6 @@ greedy tokens from a fixed prompt with torch, both exports in onnxruntime and in
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchutil import machine  # noqa: E402
+from benchutil import machine, write_json  # noqa: E402
 
 PROMPT = "def fibonacci(n):\n    "
 
@@ -75,7 +74,7 @@ def main() -> None:
                       f"== torch: {r['tokens_equal_torch']} (first {next((i for i, (a, b) in enumerate(zip(r['tokens'], t['tokens'])) if a != b), len(t['tokens']))} equal); "
                       f"genai == onnxruntime: {r['genai_tokens_equal']}")
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "prompt": PROMPT, "rows": rows}, indent=1) + "\n")
+        write_json(args.json, {"machine": machine(), "prompt": PROMPT, "rows": rows}, indent=1)
 
 
 if __name__ == "__main__":
