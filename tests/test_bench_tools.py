@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from bench_baseq import gap_closure, perplexity_spread  # noqa: E402
+from bench_baseq import gap_closure, markdown_table, perplexity_spread  # noqa: E402
 from benchutil import write_json  # noqa: E402
 
 
@@ -53,3 +53,18 @@ def test_perplexity_spread_groups_a_rows_seeds_and_matches_numpy():
         assert (g["min"], g["max"]) == (round(x.min(), 4), round(x.max(), 4))
     assert got["FP32"]["embedded"] == {"mean": 13.5, "std": 0.0, "min": 13.5, "max": 13.5, "n": 1}
     assert gap_closure(24.0, 19.0, 14.0) == pytest.approx(0.5)
+
+
+def test_markdown_table_reports_each_groups_seeds():
+    """One line per row group: its seed count, perplexity mean +- sample std, gap closure mean +- std [min, max] and
+    the median quantize time, computed from the rows (numpy here)."""
+    closures = [0.41, 0.47, 0.38]
+    rows = {"FP32": {"quantize_s": None, "ppl": {"embedded": 13.5}}}
+    for s, (ppl, c, t) in enumerate(zip([19.5, 19.3, 19.9], closures, [224.0, 230.0, 5000.0])):
+        rows[f"BASE-Q quick w4a4kv4, seed {s}"] = {"quantize_s": t, "ppl": {"embedded": ppl},
+                                                   "gap_closure_vs_quarot_gptq": {"embedded": c}}
+    lines = markdown_table(rows).splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| FP32 | 1 | 13.50 |")
+    x, c = np.array([19.5, 19.3, 19.9]), np.array(closures)
+    assert lines[3] == (f"| BASE-Q quick w4a4kv4 | 3 | {x.mean():.2f} +- {x.std(ddof=1):.2f} | "
+                        f"{c.mean():.3f} +- {c.std(ddof=1):.3f} [{c.min():.3f}, {c.max():.3f}] | 230 |")

@@ -15,7 +15,8 @@ license text on every Debian system is a good one: /usr/share/common-licenses/GP
 same seed and bits, per text; the summary gives its mean, standard deviation, min and max over seeds, and
 perplexity_summary the same for every row's perplexity.
 --bits adds rows at other bit widths (w4a8kv8: 8-bit per-token activations and KV cache).
-Results are written after every row; --resume skips the rows a previous run already wrote.
+Results are written after every row; --resume skips the rows a previous run already wrote; --table prints an
+earlier run's rows as a markdown table (mean +- std over seeds) and measures nothing.
 """
 
 from __future__ import annotations
@@ -71,14 +72,40 @@ def spread(values: list[float]) -> dict:
             "min": round(min(values), 4), "max": round(max(values), 4), "n": len(values)}
 
 
-def perplexity_spread(rows: dict[str, dict]) -> dict[str, dict[str, dict]]:
-    """Each row's perplexity per text over its seeds: rows named "NAME BITS, seed S" are grouped as "NAME BITS"."""
-    groups: dict[str, dict[str, list[float]]] = {}
+def seed_groups(rows: dict[str, dict]) -> dict[str, list[dict]]:
+    """Rows named "NAME BITS, seed S" grouped as "NAME BITS" (in the order they were measured)."""
+    groups: dict[str, list[dict]] = {}
     for key, row in rows.items():
-        group = key.rsplit(", seed ", 1)[0]
-        for text, ppl in row["ppl"].items():
-            groups.setdefault(group, {}).setdefault(text, []).append(ppl)
-    return {g: {t: spread(v) for t, v in per_text.items()} for g, per_text in groups.items()}
+        groups.setdefault(key.rsplit(", seed ", 1)[0], []).append(row)
+    return groups
+
+
+def perplexity_spread(rows: dict[str, dict]) -> dict[str, dict[str, dict]]:
+    """Each row's perplexity per text over its seeds."""
+    return {g: {t: spread([r["ppl"][t] for r in rs]) for t in rs[0]["ppl"]} for g, rs in seed_groups(rows).items()}
+
+
+def markdown_table(rows: dict[str, dict]) -> str:
+    """The README's table: per row group, perplexity and gap closure per text as mean +- std over seeds (closure with
+    its min and max), and the median quantize time."""
+    texts = list(next(iter(rows.values()))["ppl"])
+    head = (["configuration", "seeds"] + [f"perplexity, {t}" for t in texts] + [f"gap closure, {t}" for t in texts]
+            + ["quantize s (median)"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for group, rs in seed_groups(rows).items():
+        cells = [group, str(len(rs))]
+        for t in texts:
+            sp = spread([r["ppl"][t] for r in rs])
+            cells.append(f"{sp['mean']:.2f} +- {sp['std']:.2f}" if len(rs) > 1 else f"{sp['mean']:.2f}")
+        for t in texts:
+            g = [r["gap_closure_vs_quarot_gptq"][t] for r in rs if "gap_closure_vs_quarot_gptq" in r]
+            sp = spread(g) if g else None
+            cells.append("" if not g else f"{sp['mean']:.3f}" if len(g) == 1 else
+                         f"{sp['mean']:.3f} +- {sp['std']:.3f} [{sp['min']:.3f}, {sp['max']:.3f}]")
+        times = [r["quantize_s"] for r in rs if r.get("quantize_s") is not None]
+        cells.append(f"{statistics.median(times):.0f}" if times else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -95,7 +122,11 @@ def main() -> None:
     ap.add_argument("--skip-standard", action="store_true", help="leave out the (long) standard preset row")
     ap.add_argument("--skip-ablations", action="store_true")
     ap.add_argument("--resume", action="store_true", help="keep the rows an earlier run wrote to --json")
+    ap.add_argument("--table", action="store_true", help="only print --json's rows as the README's markdown table")
     args = ap.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(Path(args.json).read_text())["rows"]))
+        return
 
     busy = require_idle()
     m = load_model(args.model)
