@@ -784,6 +784,8 @@ def _gptq_run(
     if w.dim() != 2:
         raise ValueError(f"gptq_quantize expects a [N, K] weight, got {tuple(w.shape)}")
     n, k = w.shape
+    if factor is None and hessian is None:
+        raise ValueError("gptq_quantize needs the layer's Hessian, or its factor from gptq_factor")
     h_shape = tuple(factor.hinv.shape) if factor is not None else tuple(hessian.shape)
     if h_shape != (k, k):
         raise ValueError(f"gptq_quantize: Hessian {h_shape} does not match K={k}")

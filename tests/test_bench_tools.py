@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from bench_baseq import gap_closure, markdown_table, perplexity_spread  # noqa: E402
+from bench_baseq import closure_spread, gap_closure, markdown_table, perplexity_spread  # noqa: E402
 from benchutil import write_json  # noqa: E402
 
 
@@ -52,6 +52,12 @@ def test_perplexity_spread_groups_a_rows_seeds_and_matches_numpy():
         assert g["std"] == pytest.approx(x.std(ddof=1), abs=1e-4)
         assert (g["min"], g["max"]) == (round(x.min(), 4), round(x.max(), 4))
     assert got["FP32"]["embedded"] == {"mean": 13.5, "std": 0.0, "min": 13.5, "max": 13.5, "n": 1}
+    assert closure_spread(rows) == {}  # no row carries a gap closure
+    for s, c in enumerate([0.41, 0.47, 0.38]):
+        rows[f"BASE-Q quick, no LAC w4a4kv4, seed {s}"]["gap_closure_vs_quarot_gptq"] = {"embedded": c}
+    c = closure_spread(rows)["BASE-Q quick, no LAC w4a4kv4"]["embedded"]
+    assert set(closure_spread(rows)) == {"BASE-Q quick, no LAC w4a4kv4"} and c["n"] == 3
+    assert (c["mean"], c["std"]) == (round(np.mean([0.41, 0.47, 0.38]), 4), round(np.std([0.41, 0.47, 0.38], ddof=1), 4))
     assert gap_closure(24.0, 19.0, 14.0) == pytest.approx(0.5)
 
 

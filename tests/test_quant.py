@@ -469,6 +469,22 @@ def test_gptq_singular_hessian_and_dtype():
     assert bool(torch.isfinite(dequantize_weight(gq)).all())
 
 
+def test_gptq_factor_shared_or_missing():
+    """A Hessian factored once (gptq_factor) gives gptq_quantize's own codes; neither a Hessian nor a factor, or a
+    factor of another width, is refused with an error that names the problem."""
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(256, 64, generator=g), torch.randn(12, 64, generator=g)
+    acc = HessianAccumulator(64)
+    acc.add(x)
+    own = gptq_quantize(w, acc.hessian, 4, 32, mse_clip_search=True)
+    shared = gptq_quantize(w, None, 4, 32, mse_clip_search=True, factor=quant.gptq_factor(acc.hessian))
+    assert torch.equal(own.codes, shared.codes) and torch.equal(own.scale, shared.scale)
+    with pytest.raises(ValueError, match="needs the layer's Hessian"):
+        gptq_quantize(w, None, 4, 32)
+    with pytest.raises(ValueError, match="does not match K=64"):
+        gptq_quantize(w, None, 4, 32, factor=quant.gptq_factor(torch.eye(32)))
+
+
 # --------------------------------------------------------------------------------------
 # llama.cpp grids: q4_0 and q4_1 (blocks of 32)
 # --------------------------------------------------------------------------------------

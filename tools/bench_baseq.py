@@ -85,23 +85,33 @@ def perplexity_spread(rows: dict[str, dict]) -> dict[str, dict[str, dict]]:
     return {g: {t: spread([r["ppl"][t] for r in rs]) for t in rs[0]["ppl"]} for g, rs in seed_groups(rows).items()}
 
 
+def closure_spread(rows: dict[str, dict]) -> dict[str, dict[str, dict]]:
+    """Each BASE-Q row's gap closure per text over its seeds (the rows that carry one)."""
+    key = "gap_closure_vs_quarot_gptq"
+    return {g: {t: spread([r[key][t] for r in rs]) for t in rs[0][key]}
+            for g, rs in seed_groups(rows).items() if key in rs[0]}
+
+
+def format_spread(sp: dict, digits: int, bounds: bool = True) -> str:
+    """"mean +- std [min, max]" (bounds) or "mean +- std"; the mean alone for a single value."""
+    if sp["n"] == 1:
+        return f"{sp['mean']:.{digits}f}"
+    out = f"{sp['mean']:.{digits}f} +- {sp['std']:.{digits}f}"
+    return out + (f" [{sp['min']:.{digits}f}, {sp['max']:.{digits}f}]" if bounds else "")
+
+
 def markdown_table(rows: dict[str, dict]) -> str:
     """The README's table: per row group, perplexity and gap closure per text as mean +- std over seeds (closure with
     its min and max), and the median quantize time."""
     texts = list(next(iter(rows.values()))["ppl"])
+    ppl, closure = perplexity_spread(rows), closure_spread(rows)
     head = (["configuration", "seeds"] + [f"perplexity, {t}" for t in texts] + [f"gap closure, {t}" for t in texts]
             + ["quantize s (median)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for group, rs in seed_groups(rows).items():
         cells = [group, str(len(rs))]
-        for t in texts:
-            sp = spread([r["ppl"][t] for r in rs])
-            cells.append(f"{sp['mean']:.2f} +- {sp['std']:.2f}" if len(rs) > 1 else f"{sp['mean']:.2f}")
-        for t in texts:
-            g = [r["gap_closure_vs_quarot_gptq"][t] for r in rs if "gap_closure_vs_quarot_gptq" in r]
-            sp = spread(g) if g else None
-            cells.append("" if not g else f"{sp['mean']:.3f}" if len(g) == 1 else
-                         f"{sp['mean']:.3f} +- {sp['std']:.3f} [{sp['min']:.3f}, {sp['max']:.3f}]")
+        cells += [format_spread(ppl[group][t], 2, bounds=False) for t in texts]
+        cells += [format_spread(closure[group][t], 3) if group in closure else "" for t in texts]
         times = [r["quantize_s"] for r in rs if r.get("quantize_s") is not None]
         cells.append(f"{statistics.median(times):.0f}" if times else "")
         lines.append("| " + " | ".join(cells) + " |")
@@ -179,7 +189,6 @@ def main() -> None:
         baseq_runs.append(("BASE-Q standard", PRESETS["standard"], {}))
     if not args.skip_ablations:
         baseq_runs += ABLATIONS
-    closures: dict[str, dict[str, list[float]]] = {}
     for bits in args.bits.split(","):
         for seed in range(args.seeds):
             calib = data.calibration_windows(calib_tokens, args.calib_windows, 512, seed)
@@ -197,19 +206,14 @@ def main() -> None:
                     lambda: calibrate_baseq(m, qb, b, calib[: b.nsamples, : b.calib_ctx])))
                 e["gap_closure_vs_quarot_gptq"] = {t: round(gap_closure(gptq["ppl"][t], e["ppl"][t], fp["ppl"][t]), 4)
                                                    for t in windows}
-                for t, g in e["gap_closure_vs_quarot_gptq"].items():
-                    closures.setdefault(f"{name} {bits}", {}).setdefault(t, []).append(g)
                 save()
-    res["summary"] = {row: {t: spread(v) for t, v in per_text.items()} for row, per_text in closures.items()}
+    res["summary"] = closure_spread(rows)
     res["perplexity_summary"] = perplexity_spread(rows)
     res["cpu_busy_after"] = round(require_idle(), 3)
     save()
-    for row, per_text in res["perplexity_summary"].items():
-        print(f"{row:50s} perplexity  " + ", ".join(f"{t}: {s['mean']:.3f} +- {s['std']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"
-                                                    for t, s in per_text.items()))
-    for row, per_text in res["summary"].items():
-        print(f"{row:50s} gap closure " + ", ".join(f"{t}: {s['mean']:.3f} +- {s['std']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"
-                                                    for t, s in per_text.items()))
+    for label, summary in (("perplexity ", res["perplexity_summary"]), ("gap closure", res["summary"])):
+        for row, per_text in summary.items():
+            print(f"{row:50s} {label} " + ", ".join(f"{t}: {format_spread(sp, 3)}" for t, sp in per_text.items()))
     print(f"wrote {args.json}")
 
 
