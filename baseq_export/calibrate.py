@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,13 +33,13 @@ from tqdm.auto import tqdm
 from .memory import memory_now, release_free_memory
 from .models import LoadedModel, source_info, weights_digest
 from .models.base import ACT_SITES, LINEARS, SITE_LINEARS, ModelConfig, site_width
-from .pipeline import (BlockWeights, QuantSettings, TapHooks, calib_rope, checked_block, float_tensors, gptq_layer,
-                       run_block, save_block)
+from .pipeline import (QuantSettings, TapHooks, block_weights, calib_rope, checked_block, float_tensors, gptq_layer,
+                       learned_residual, run_block, save_block)
 from .qmodel import KV_SITES, Artifact, QuantHooks, TensorStore, linear_tensors
 from .quant import rescale_rows
 from .rotate import RotationHooks
 from .stage_a import TRANSFORMED, init_transform, ste_weight, transform_block
-from .tensor_files import load_tensors
+from .tensor_files import load_tensors, save_tensors
 
 NORM_OF_SITE = {"attn_in": "attn_norm", "mlp_in": "mlp_norm"}  # sites whose gain is the norm weight
 
@@ -79,6 +80,9 @@ PRESETS = {
     "quick": BaseqSettings(name="quick", nsamples=32, calib_ctx=256, epochs=2, batch_size=4, lr_gain=1.5e-2, lr_shift=1e-2),
     "standard": BaseqSettings(name="standard", nsamples=64, calib_ctx=512, epochs=4, batch_size=4, lr_gain=7.5e-3, lr_shift=5e-3),
 }
+
+PRESET_R1_STEPS = {"quick": 100, "standard": 0}
+"""Steps of the learned residual rotation (QuantSettings.r1_steps, learn_rotation.py) a preset asks for by default."""
 
 
 def init_params(cfg: ModelConfig, b: BaseqSettings, site_means: dict[str, torch.Tensor] | None,
@@ -262,6 +266,26 @@ def train_stage_a(cfg, fp_lw, layer, x, y, quant_cfg, q: QuantSettings, b: Baseq
         return transform_block(fp_lw, t, cfg, r4), entry
 
 
+RESIDUAL_FILE = "r1_residual.safetensors"
+"""A resumable run's learned residual rotation (learn_rotation.py), fitted once and reused on a rerun."""
+
+
+def _saved_residual(work: Path | None, model: LoadedModel, q: QuantSettings, calib: torch.Tensor,
+                    device: torch.device | None) -> torch.Tensor | None:
+    """The learned residual rotation of this run (None when q.r1_steps is 0): read from a resumable run's work
+    directory when an earlier try saved it, else fitted now (and saved there)."""
+    if not q.r1_steps:
+        return None
+    path = work / RESIDUAL_FILE if work else None
+    if path is not None and path.is_file():
+        return load_tensors(path)["residual"]
+    residual = learned_residual(model, q, calib, device)
+    if path is not None:
+        save_tensors({"residual": residual}, path.with_suffix(".tmp"))  # then renamed: never half written
+        os.replace(path.with_suffix(".tmp"), path)
+    return residual
+
+
 def settings_key(model: LoadedModel, q: QuantSettings, b: BaseqSettings, calib: torch.Tensor) -> str:
     """A digest of everything that decides the result: a partial run resumes only if it matches."""
     h = hashlib.sha256(json.dumps([model.source, dataclasses.asdict(q), dataclasses.asdict(b)], sort_keys=True).encode())
@@ -293,13 +317,6 @@ def calibrate_baseq(
         raise ValueError("BASE-Q learns activation-quantizer parameters: use --bits w4a4kv4 or w4a8kv8")
     t_start = time.time()
     torch.manual_seed(q.seed)
-    src = BlockWeights(model, rotated=True, seed=q.seed, r4=True, device=device)
-    cfg, w = src.config, src.outside
-    quant_cfg = baseq_quant_config(q, b)
-    fp_hooks = RotationHooks(r3=False, r4=True)
-    h_fp = torch.nn.functional.embedding(calib.to(src.device), src.embed())
-    h_q = h_fp.clone()
-    rope = calib_rope(cfg, w, h_fp)
     work = Path(workdir) if workdir else None
     if work:
         key = settings_key(model, q, b, calib)  # reads every weight once: only for a resumable run
@@ -309,6 +326,13 @@ def calibrate_baseq(
             raise ValueError(f"{work} holds a partial run with other settings, data or model weights; remove it to "
                              "start over, or choose another --out")
         state.write_text(json.dumps({"key": key}))
+    src = block_weights(model, q, calib, device, r4=True, residual=_saved_residual(work, model, q, calib, device))
+    cfg, w = src.config, src.outside
+    quant_cfg = baseq_quant_config(q, b)
+    fp_hooks = RotationHooks(r3=False, r4=True)
+    h_fp = torch.nn.functional.embedding(calib.to(src.device), src.embed())
+    h_q = h_fp.clone()
+    rope = calib_rope(cfg, w, h_fp)
     tensors = TensorStore(work)  # with a workdir the finished blocks' files are the artifact's tensors
     log = []
     bar = tqdm(range(cfg.num_layers), desc="BASE-Q", unit="block")

@@ -66,6 +66,10 @@ def add_quant_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
     p.add_argument("--nsamples", type=int_at_least(1), default=option_default(None, sub), help="calibration windows (default: the preset's; 128 for GPTQ)")
     p.add_argument("--calib-ctx", type=int_at_least(2), default=option_default(None, sub), help="tokens per calibration window (default: the preset's; 512 for GPTQ)")
     p.add_argument("--seed", type=int_at_least(0), default=option_default(0, sub), help="seed for calibration sampling and the random rotation")
+    p.add_argument("--r1-steps", type=int_at_least(0), default=option_default(None, sub),
+                   help="fit a rotation of the residual stream on top of the random Hadamard R1 for this many steps "
+                   "(lowers the 4-bit rounding error of the RMSNorm outputs; 0 = R1 alone; default: the preset's for "
+                   "baseq, 0 for the other methods)")
     p.add_argument("--weight-clip", choices=("mse", "minmax"), default=option_default("mse", sub),
                    help="each weight group's range: mse = the clip that minimises the group's squared rounding error "
                    "(default; GPTQ's rounding then works on that grid), minmax = the full range")
@@ -269,11 +273,16 @@ def planned_settings(args: argparse.Namespace):
     """The QuantSettings the options (and --profile) ask for."""
     from .pipeline import QuantSettings
 
+    from .calibrate import PRESET_R1_STEPS
+
     extra = apply_profile(args)
+    r1_steps = args.r1_steps
+    if r1_steps is None:
+        r1_steps = PRESET_R1_STEPS.get(getattr(args, "preset", "quick"), 0) if args.method == "baseq" and args.bits != "w4a16" else 0
     return QuantSettings(method="quarot-gptq" if args.method == "baseq" else args.method, bits=args.bits,
                          group_size=args.group_size, seed=args.seed, head_bits=args.head_bits,
                          head_act_bits=args.head_act_bits, linear_act_bits=args.linear_act_bits,
-                         weight_clip=args.weight_clip, **extra)
+                         weight_clip=args.weight_clip, r1_steps=r1_steps, **extra)
 
 
 def planned_preset(args: argparse.Namespace, max_positions: int | None):
@@ -322,7 +331,7 @@ def quantize(args: argparse.Namespace, out: str, model=None):
         path = save_artifact(out, art, overwrite=args.force, write_extra=lambda d: m.tokenizer.save_pretrained(str(d)))
     else:
         calib = None
-        if method.endswith("gptq"):
+        if method.endswith("gptq") or settings.r1_steps:
             calib_ctx = args.calib_ctx or min(512, m.max_positions or 512)
             check_context(m, calib_ctx, "--calib-ctx")
             calib = calibration_windows(m.tokenizer, args, args.nsamples or 128, calib_ctx)

@@ -23,7 +23,8 @@ from .models.base import ACT_SITES, IDENTITY, SITE_LINEARS, ModelConfig, block_f
 from .qmodel import BITS_PRESETS, Artifact, TensorStore, linear_tensors
 from .tensor_files import load_tensors, save_tensors
 from .quant import GGML_BLOCK, WEIGHT_GRIDS, HessianAccumulator, QuantizedWeight, gptq_factor, gptq_quantize, rtn_quantize
-from .rotate import RotationHooks, head_mix, rotate_layer, rotate_outside_layers
+from .learn_rotation import RESIDUAL_SITES, RotationFit, SiteSample, learn_residual_rotation, site_gram, token_sample
+from .rotate import RotationHooks, head_mix, rotate_layer, rotate_layer_residual, rotate_outside_layers, rotate_table_residual
 
 METHODS = ("rtn", "gptq", "quarot-rtn", "quarot-gptq")
 
@@ -52,6 +53,7 @@ class QuantSettings:
     weight_grid: str = "int"  # quant.WEIGHT_GRIDS: "int" (integer zero points), "q4_0" / "q4_1" (llama.cpp's blocks)
     weight_clip: str = "mse"  # group params: "mse" (quant.search_weight_qparams, QuaRot's recipe) or "minmax" (full range)
     r4: bool = True  # online Hadamard before down_proj (False: every rotation offline, as llama.cpp needs)
+    r1_steps: int = 0  # learned residual rotation on top of R1 (learn_rotation.py): steps of its fit; 0 = R1 alone
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -83,6 +85,11 @@ class QuantSettings:
 
         if self.seed < 0:
             raise ValueError(f"seed must be 0 or more, got {self.seed}")
+        if self.r1_steps < 0:
+            raise ValueError(f"the learned rotation's steps must be 0 (off) or more, got {self.r1_steps}")
+        if self.r1_steps and not (self.rotated and BITS_PRESETS[self.bits][1]):
+            raise ValueError("a learned R1 rotation lowers activation rounding error: it needs a rotated method "
+                             "(quarot-*, baseq) and quantized activations (--bits w4a4kv4 or w4a8kv8)")
 
     def check_model(self, cfg: ModelConfig) -> None:
         """Refuse settings this model's dimensions cannot take, before any calibration work."""
@@ -102,7 +109,8 @@ class QuantSettings:
 
     def quant_config(self) -> dict:
         w_bits, a_bits, kv_bits = BITS_PRESETS[self.bits]
-        rotation = {"r1_seed": self.seed, "r1": True, "r2": True, "r3": bool(kv_bits), "r4": self.r4} if self.rotated else None
+        rotation = {"r1_seed": self.seed, "r1": True, "r2": True, "r3": bool(kv_bits), "r4": self.r4,
+                    **({"r1_learned_steps": self.r1_steps} if self.r1_steps else {})} if self.rotated else None
         return {
             "method": self.method, "bits": self.bits, "w_bits": w_bits, "a_bits": a_bits, "kv_bits": kv_bits,
             "group_size": self.group_size, "symmetric": self.symmetric, "rotation": rotation,
@@ -204,8 +212,13 @@ class BlockWeights:
     tensors outside the blocks are held; `layer(i)` reads and rotates block i when asked (the same numbers as
     rotating the whole model first), so with lazily loaded weights a block is all that is in memory."""
 
-    def __init__(self, model: LoadedModel, rotated: bool, seed: int = 0, r4: bool = True, device: torch.device | None = None):
+    def __init__(self, model: LoadedModel, rotated: bool, seed: int = 0, r4: bool = True, device: torch.device | None = None,
+                 residual: torch.Tensor | None = None):
+        """residual: an orthogonal [d, d] applied to the residual stream after R1 (learn_rotation.py), or None."""
         self.model, self.rotated, self.seed, self.r4 = model, rotated, seed, r4
+        self.residual = None if residual is None else residual.detach().to("cpu", torch.float64)
+        if self.residual is not None and not rotated:
+            raise ValueError("a residual rotation applies to a rotated model only")
         map_big_allocations(block_bytes(model.config))  # a 7B model's blocks: resident memory flat over them (memory.py)
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self.config = dataclasses.replace(model.config, tied_embeddings=False) if rotated else model.config
@@ -224,7 +237,10 @@ class BlockWeights:
         norm = {"norm": self.model.weights["norm"].to(torch.float64)} if k == "lm_head" and "norm" in self._names else {}
 
         def rotated(x: torch.Tensor) -> torch.Tensor:
-            return rotate_outside_layers(self.model.config, {k: x.to(torch.float64), **norm}, self.seed)[1][k].to(torch.float32)
+            x = rotate_outside_layers(self.model.config, {k: x.to(torch.float64), **norm}, self.seed)[1][k]
+            if self.residual is not None and k in ("embed", "lm_head"):
+                x = rotate_table_residual(x, self.residual)
+            return x.to(torch.float32)
 
         if t.dim() < 2:
             return rotated(t)
@@ -250,6 +266,8 @@ class BlockWeights:
             norm = "attn_norm" if name in IN_ATTN else "mlp_norm" if name in IN_MLP else None
             part = {k: w[prefix + k].to(torch.float64) for k in (f"{name}.weight", f"{name}.bias", norm) if k in names}
             rotated = rotate_layer(self.model.config, part, self.seed, self.r4)
+            if self.residual is not None:
+                rotated = rotate_layer_residual(rotated, self.residual)
             out.update({k: v.to(self.device, torch.float32) for k, v in rotated.items()})
         rest = set(names) - set(out) - {"attn_norm", "mlp_norm"}
         out.update({k: w[prefix + k].to(self.device, torch.float32) for k in sorted(rest)})
@@ -262,6 +280,50 @@ class BlockWeights:
         norms = {k: w[k].to(torch.float32) for k in w if not self.rotated and k.endswith(("attn_norm", "mlp_norm"))}
         tables = {k: self._outside_tensor(k) for k in ("embed", "lm_head") if k in self._names}
         return {**self.outside, **tables, **norms}
+
+
+def residual_site_samples(src: BlockWeights, calib: torch.Tensor, sample_tokens: int, seed: int) -> list[SiteSample]:
+    """Every block's attn_in / mlp_in inputs in the full-precision (rotated) model on the calibration windows, the
+    same seeded sample of token rows at each, with the Gram matrix of the linears reading them."""
+    cfg = src.config
+    hooks = RotationHooks(r3=False, r4=src.r4)
+    h = torch.nn.functional.embedding(calib.to(src.device), src.embed())
+    rope = calib_rope(cfg, src.outside, h)
+    rows = token_sample(h.shape[0] * h.shape[1], sample_tokens, seed, src.device)
+    samples = []
+    for i in tqdm(range(cfg.num_layers), desc="R1 samples", unit="block", leave=False):
+        lw = src.layer(i)
+        taps: dict[str, list[torch.Tensor]] = {site: [] for site in RESIDUAL_SITES}
+        tap = TapHooks(hooks, lambda site, x: taps[site].append(x.reshape(-1, x.shape[-1])) if site in taps else None)
+        h = run_block(cfg, lw, i, h, tap, rope)
+        for site in RESIDUAL_SITES:
+            x = torch.cat(taps[site])
+            samples.append(SiteSample(x[rows], site_gram(lw, site), x.mean(0)))
+    return samples
+
+
+def learned_residual(model: LoadedModel, settings: QuantSettings, calib: torch.Tensor | None,
+                     device: torch.device | None = None) -> torch.Tensor | None:
+    """The learned rotation on top of the settings' R1 (learn_rotation.py), or None when settings.r1_steps is 0."""
+    if not settings.r1_steps:
+        return None
+    if calib is None:
+        raise ValueError("a learned R1 rotation needs calibration windows")
+    fit = RotationFit(settings.r1_steps)
+    samples = residual_site_samples(BlockWeights(model, True, settings.seed, settings.r4, device), calib,
+                                    fit.sample_tokens, settings.seed)
+    a_bits = BITS_PRESETS[settings.bits][1]
+    return learn_residual_rotation(samples, fit, a_bits, settings.a_clip, settings.seed).cpu()
+
+
+def block_weights(model: LoadedModel, settings: QuantSettings, calib: torch.Tensor | None,
+                  device: torch.device | None = None, r4: bool | None = None,
+                  residual: torch.Tensor | None = None) -> BlockWeights:
+    """BlockWeights as the settings rotate the model (R1 times the learned rotation when settings.r1_steps; a
+    residual given is used as it is, e.g. one a resumed run saved)."""
+    if residual is None:
+        residual = learned_residual(model, settings, calib, device)
+    return BlockWeights(model, settings.rotated, settings.seed, settings.r4 if r4 is None else r4, device, residual)
 
 
 def block_bytes(cfg: ModelConfig) -> int:
@@ -332,7 +394,7 @@ def quantize_model(
     gptq = settings.method.endswith("gptq")
     if gptq and calib is None:
         raise ValueError("GPTQ needs calibration windows")
-    src = BlockWeights(model, settings.rotated, settings.seed, settings.r4, device)
+    src = block_weights(model, settings, calib, device)
     cfg = src.config
     hooks = RotationHooks(r3=False, r4=settings.r4) if settings.rotated else IDENTITY
     h = torch.nn.functional.embedding(calib.to(src.device), src.embed()) if gptq else None
@@ -616,7 +678,7 @@ def tune_blocks(
     t = tune or TuneSettings()
     t_start = time.time()
     torch.manual_seed(settings.seed)
-    src = BlockWeights(model, settings.rotated, settings.seed, settings.r4, device)
+    src = block_weights(model, settings, calib, device)
     cfg, w = src.config, src.outside
     hooks = RotationHooks(r3=False, r4=settings.r4) if settings.rotated else IDENTITY
     h_fp = torch.nn.functional.embedding(calib.to(src.device), src.embed())

@@ -7,6 +7,7 @@ float model computes the same function with rotated activations:
   rotate_r2       head_dim Hadamard on the v output / o input, per head
   fold_r4         the inverse of the online down_proj-input Hadamard into down_proj
 Online steps (R3 on Q and K after RoPE, R4 before down_proj) are applied by `RotationHooks`.
+A learned rotation of the residual stream on top of R1 (learn_rotation.py) is folded like R1: rotate_layer_residual.
 """
 
 from __future__ import annotations
@@ -184,18 +185,31 @@ def rotate_residual(cfg: ModelConfig, w: dict[str, torch.Tensor], rot: torch.Ten
     diag(signs) H): readers W -> W rot, writers W -> rot^T W and their biases b -> b rot. Norms must be folded."""
     if any(k.endswith("_norm") or k == "norm" for k in w):
         raise ValueError("rotate_residual needs fold_norms first: RMSNorm gains do not commute with a rotation")
+    w = per_layer(cfg, w, lambda lw: rotate_layer_residual(lw, rot))
+    return {**w, **{k: rotate_table_residual(w[k], rot) for k in ("embed", "lm_head") if k in w}}
+
+
+def rotate_table_residual(table: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """An embedding or head table (rows read the residual stream) times rot, in float64, a slice of rows at a time."""
     rot = rot.to(torch.float64)
-    w = dict(w)
-    readers = ["embed", "lm_head"] + [f"layers.{i}.{n}.weight" for i in range(cfg.num_layers) for n in IN_ATTN + IN_MLP]
-    for key in readers:
-        w[key] = (w[key].to(torch.float64) @ rot).to(w[key].dtype)
-    for i in range(cfg.num_layers):
-        for name in ("o", "down"):
-            for suffix, f in (("weight", lambda t: rot.T @ t), ("bias", lambda t: t @ rot)):
-                key = f"layers.{i}.{name}.{suffix}"
-                if key in w:
-                    w[key] = f(w[key].to(torch.float64)).to(w[key].dtype)
-    return w
+    return by_row_slices(lambda t: (t.to(torch.float64) @ rot).to(table.dtype), table)
+
+
+def rotate_layer_residual(lw: dict[str, torch.Tensor], rot: torch.Tensor) -> dict[str, torch.Tensor]:
+    """rotate_residual on one (norm-folded) layer or part of one: readers of the residual stream W rot, writers
+    rot^T W and their biases b rot, in float64."""
+    rot = rot.to(torch.float64)
+    lw = dict(lw)
+    for name in IN_ATTN + IN_MLP:
+        if f"{name}.weight" in lw:
+            lw[f"{name}.weight"] = rotate_table_residual(lw[f"{name}.weight"], rot)
+    for name in ("o", "down"):
+        if f"{name}.weight" in lw:
+            t = lw[f"{name}.weight"]
+            lw[f"{name}.weight"] = (rot.T @ t.to(torch.float64)).to(t.dtype)
+        if f"{name}.bias" in lw:
+            lw[f"{name}.bias"] = rotate_table_residual(lw[f"{name}.bias"], rot)
+    return lw
 
 
 def per_head_hadamard(x: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -112,9 +112,25 @@ def test_main_job_calibrates_baseq_and_reuses_the_artifact(tmp_path, capsys):
     assert "reusing the finished artifact" in capsys.readouterr().err
     assert main(args + ["--bits", "w4a8kv8"]) == 1
     assert "holds another quantization" in capsys.readouterr().err
-    for changed in (["--seed", "1"], ["--group-size", "32"], ["--preset", "standard"]):  # any setting, not only the bits
+    for changed in (["--seed", "1"], ["--group-size", "32"], ["--preset", "standard"], ["--r1-steps", "3"]):  # any setting
         assert main(args + changed) == 1
         assert "holds another quantization" in capsys.readouterr().err
+
+
+def test_quantize_with_a_learned_rotation(tmp_path, capsys):
+    """--r1-steps fits the residual rotation (on calibration windows, even for RTN) and the artifact records it;
+    with quantized activations only."""
+    from baseq_export.qmodel import load_artifact
+
+    ckpt, text = tiny_checkpoint(tmp_path)
+    out = tmp_path / "r1.baseq"
+    args = ["quantize", "--model", str(ckpt), "--method", "quarot-rtn", "--calib-text", str(text), "--nsamples", "4",
+            "--calib-ctx", "16", "--out", str(out)]
+    assert main(args + ["--r1-steps", "4"]) == 0
+    assert load_artifact(out).quant["rotation"]["r1_learned_steps"] == 4
+    capsys.readouterr()
+    assert main(args + ["--r1-steps", "4", "--bits", "w4a16", "--force"]) == 1
+    assert "quantized activations" in capsys.readouterr().err
 
 
 def test_main_job_with_the_fast_w4a16_onnx_profile(tmp_path, capsys):

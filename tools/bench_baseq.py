@@ -52,6 +52,11 @@ ABLATIONS = [
     ("BASE-Q quick + stage A (1 epoch)", dataclasses.replace(QUICK, name="quick-stage-a", stage_a_epochs=1), {}),
     ("BASE-Q quick, min-max weight range", QUICK, {"weight_clip": "minmax"}),
 ]
+R1_STEPS = 100
+LEARNED_R1 = [  # a learned rotation on top of R1 (learn_rotation.py), fitted before the blocks are calibrated
+    ("BASE-Q quick + learned R1", QUICK, {"r1_steps": R1_STEPS}),
+    ("BASE-Q standard + learned R1", PRESETS["standard"], {"r1_steps": R1_STEPS}),
+]
 
 
 def evaluation_windows(tokenizer, eval_text: str | None = None, max_windows: int | None = None) -> dict[str, torch.Tensor]:
@@ -132,6 +137,8 @@ def main() -> None:
     ap.add_argument("--skip-standard", action="store_true", help="leave out the (long) standard preset row")
     ap.add_argument("--skip-ablations", action="store_true")
     ap.add_argument("--resume", action="store_true", help="keep the rows an earlier run wrote to --json")
+    ap.add_argument("--only", default=None, help="measure only the BASE-Q rows whose name contains this (with --resume: "
+                    "add rows to an earlier run)")
     ap.add_argument("--table", action="store_true", help="only print --json's rows as the README's markdown table")
     args = ap.parse_args()
     if args.table:
@@ -189,6 +196,9 @@ def main() -> None:
         baseq_runs.append(("BASE-Q standard", PRESETS["standard"], {}))
     if not args.skip_ablations:
         baseq_runs += ABLATIONS
+    baseq_runs += LEARNED_R1
+    if args.only:
+        baseq_runs = [run for run in baseq_runs if args.only in run[0]]
     for bits in args.bits.split(","):
         for seed in range(args.seeds):
             calib = data.calibration_windows(calib_tokens, args.calib_windows, 512, seed)

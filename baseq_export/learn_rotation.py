@@ -1,0 +1,115 @@
+"""A learned rotation of the residual stream on top of R1 (SpinQuant's idea, fitted per site instead of end to end).
+
+R1 = diag(signs) H is drawn from the seed; this module learns an orthogonal Q (Cayley map of a skew matrix, started
+at the identity) so that the model rotated by R1 Q loses less at the two quantizers R1 shapes: the RMSNorm outputs
+that q/k/v (attn_in) and gate/up (mlp_in) read. Per site the loss is the error the per-token quantizer leaves in
+the outputs of the linears that read it, relative to those outputs:
+
+    E = fq(X Q) Q^T - X,   loss = tr(E G E^T) / tr(X G X^T),   G = W^T W  (W: the site's linears stacked)
+
+averaged over every such site of every block, X being the site's inputs in the full-precision model on the
+calibration windows (a sample of their tokens). Q is folded into the weights like R1 (readers W Q, writers Q^T W:
+rotate.rotate_layer_residual), so the artifact and the runtimes need nothing new.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .models.base import SITE_LINEARS
+from .quant import fake_quant_per_token
+from .stage_a import cayley
+
+RESIDUAL_SITES = ("attn_in", "mlp_in")
+"""The activation sites whose basis is the residual stream's (RMSNorm outputs): the ones R1 rotates."""
+
+
+@dataclass(frozen=True)
+class RotationFit:
+    """Budget of the learned rotation (steps of Adam on the Cayley generator, cosine schedule)."""
+
+    steps: int
+    lr: float = 1e-3
+    batch_tokens: int = 256  # token rows per site per step
+    sample_tokens: int = 4096  # token rows kept per site from the calibration windows
+    center: bool = True  # quantize x Q - mean(x) Q, as BASE-Q's shift (started at the mean) will
+
+
+@dataclass
+class SiteSample:
+    """One residual-reading site's inputs (a sample of token rows) and the Gram matrix of its linears."""
+
+    x: torch.Tensor  # [tokens, d]
+    gram: torch.Tensor  # [d, d] = W^T W
+    mean: torch.Tensor | None = None  # [d]: the site's per-channel mean over every calibration token
+    ref: torch.Tensor | None = None  # tr(x G x^T) per row, filled by site_samples
+
+
+def site_gram(lw: dict[str, torch.Tensor], site: str) -> torch.Tensor:
+    """W^T W for the linears reading `site` (their weights stacked by rows), in float32."""
+    w = torch.cat([lw[f"{name}.weight"] for name in SITE_LINEARS[site]]).to(torch.float32)
+    return w.T @ w
+
+
+def token_sample(n_tokens: int, keep: int, seed: int, device: torch.device | None = None) -> torch.Tensor:
+    """Indices of `keep` token rows out of n_tokens (all of them if keep >= n_tokens), seeded."""
+    if keep >= n_tokens:
+        return torch.arange(n_tokens, device=device)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_tokens, generator=gen)[:keep].sort().values.to(device)
+
+
+def weighted_error(x: torch.Tensor, q: torch.Tensor, gram: torch.Tensor, bits: int, clip: float,
+                   mean: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row, the squared error the per-token quantizer in the basis x Q (less mean Q, added back, if given)
+    leaves in x W^T: e G e^T."""
+    shift = 0.0 if mean is None else mean @ q
+    e = (fake_quant_per_token(x @ q - shift, bits, clip) + shift) @ q.T - x
+    return ((e @ gram) * e).sum(-1)
+
+
+def rotation_loss(samples: list[SiteSample], q: torch.Tensor, rows: torch.Tensor, bits: int, clip: float,
+                  center: bool = False) -> torch.Tensor:
+    """The mean over sites of the relative weighted error on the given token rows (center: less each site's mean)."""
+    total = 0.0
+    for s in samples:
+        err = weighted_error(s.x[rows], q, s.gram, bits, clip, s.mean if center else None)
+        total = total + err.sum() / s.ref[rows].sum()
+    return total / len(samples)
+
+
+def learn_residual_rotation(samples: list[SiteSample], fit: RotationFit, bits: int, clip: float, seed: int) -> torch.Tensor:
+    """The orthogonal Q [d, d] (float64) that lowers rotation_loss, from Adam on a Cayley generator started at 0
+    (Q = I); the result is never worse on the sample than I: if training does not lower the loss, I is returned."""
+    if not samples:
+        raise ValueError("learn_residual_rotation needs at least one site sample")
+    if fit.steps < 1:
+        raise ValueError(f"learn_residual_rotation needs at least one step, got {fit.steps}")
+    d, n = samples[0].x.shape[1], samples[0].x.shape[0]
+    device = samples[0].x.device
+    for s in samples:
+        s.ref = ((s.x @ s.gram) * s.x).sum(-1).clamp_min(1e-30)
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.zeros(d, d, device=device, requires_grad=True)
+    opt = torch.optim.Adam([p], lr=fit.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / fit.steps)))
+    bar = tqdm(range(fit.steps), desc="learn R1", unit="step", leave=False)
+    with torch.enable_grad():
+        for _ in bar:
+            rows = torch.randint(0, n, (min(fit.batch_tokens, n),), generator=gen).to(device)
+            loss = rotation_loss(samples, cayley(p), rows, bits, clip, fit.center)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{loss.item():.5f}")
+    with torch.no_grad():
+        q = cayley(p.detach().to(torch.float64))
+        every = torch.arange(n, device=device)
+        before = rotation_loss(samples, torch.eye(d, device=device), every, bits, clip, fit.center)
+        after = rotation_loss(samples, q.to(torch.float32), every, bits, clip, fit.center)
+    return q if after < before else torch.eye(d, dtype=torch.float64, device=device)
