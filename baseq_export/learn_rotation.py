@@ -37,6 +37,16 @@ class RotationFit:
     batch_tokens: int = 256  # token rows per site per step
     sample_tokens: int = 4096  # token rows kept per site from the calibration windows
     center: bool = True  # quantize x Q - mean(x) Q, as BASE-Q's shift (started at the mean) will
+    max_sample_bytes: int = 768 * 2**20  # samples and Gram matrices held: past it, sites spread evenly over depth
+
+
+def sampled_sites(n_sites: int, d: int, rows: int, max_bytes: int) -> list[int]:
+    """Which of n_sites (in forward order) to sample: all of them if their rows and Gram matrices (float32) fit in
+    max_bytes, else as many as fit, spread evenly over the depth (a 7B model's 64 sites would need 8.6 GB)."""
+    fit = max(1, max_bytes // (4 * (rows * d + d * d)))
+    if fit >= n_sites:
+        return list(range(n_sites))
+    return sorted({round(i * (n_sites - 1) / max(fit - 1, 1)) for i in range(fit)})
 
 
 @dataclass

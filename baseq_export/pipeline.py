@@ -23,7 +23,8 @@ from .models.base import ACT_SITES, IDENTITY, SITE_LINEARS, ModelConfig, block_f
 from .qmodel import BITS_PRESETS, Artifact, TensorStore, linear_tensors
 from .tensor_files import load_tensors, save_tensors
 from .quant import GGML_BLOCK, WEIGHT_GRIDS, HessianAccumulator, QuantizedWeight, gptq_factor, gptq_quantize, rtn_quantize
-from .learn_rotation import RESIDUAL_SITES, RotationFit, SiteSample, learn_residual_rotation, site_gram, token_sample
+from .learn_rotation import (RESIDUAL_SITES, RotationFit, SiteSample, learn_residual_rotation, sampled_sites, site_gram,
+                             token_sample)
 from .rotate import RotationHooks, head_mix, rotate_layer, rotate_layer_residual, rotate_outside_layers, rotate_table_residual
 
 METHODS = ("rtn", "gptq", "quarot-rtn", "quarot-gptq")
@@ -282,21 +283,24 @@ class BlockWeights:
         return {**self.outside, **tables, **norms}
 
 
-def residual_site_samples(src: BlockWeights, calib: torch.Tensor, sample_tokens: int, seed: int) -> list[SiteSample]:
-    """Every block's attn_in / mlp_in inputs in the full-precision (rotated) model on the calibration windows, the
-    same seeded sample of token rows at each, with the Gram matrix of the linears reading them."""
+def residual_site_samples(src: BlockWeights, calib: torch.Tensor, fit: RotationFit, seed: int) -> list[SiteSample]:
+    """The blocks' attn_in / mlp_in inputs in the full-precision (rotated) model on the calibration windows, the
+    same seeded sample of token rows at each, with the Gram matrix of the linears reading them (every site, or
+    as many as fit.max_sample_bytes holds, spread over the depth)."""
     cfg = src.config
     hooks = RotationHooks(r3=False, r4=src.r4)
     h = torch.nn.functional.embedding(calib.to(src.device), src.embed())
     rope = calib_rope(cfg, src.outside, h)
-    rows = token_sample(h.shape[0] * h.shape[1], sample_tokens, seed, src.device)
+    rows = token_sample(h.shape[0] * h.shape[1], fit.sample_tokens, seed, src.device)
+    keep = set(sampled_sites(len(RESIDUAL_SITES) * cfg.num_layers, cfg.hidden_size, rows.numel(), fit.max_sample_bytes))
     samples = []
     for i in tqdm(range(cfg.num_layers), desc="R1 samples", unit="block", leave=False):
         lw = src.layer(i)
-        taps: dict[str, list[torch.Tensor]] = {site: [] for site in RESIDUAL_SITES}
+        sites = [s for j, s in enumerate(RESIDUAL_SITES) if i * len(RESIDUAL_SITES) + j in keep]
+        taps: dict[str, list[torch.Tensor]] = {site: [] for site in sites}
         tap = TapHooks(hooks, lambda site, x: taps[site].append(x.reshape(-1, x.shape[-1])) if site in taps else None)
         h = run_block(cfg, lw, i, h, tap, rope)
-        for site in RESIDUAL_SITES:
+        for site in sites:
             x = torch.cat(taps[site])
             samples.append(SiteSample(x[rows], site_gram(lw, site), x.mean(0)))
     return samples
@@ -310,8 +314,7 @@ def learned_residual(model: LoadedModel, settings: QuantSettings, calib: torch.T
     if calib is None:
         raise ValueError("a learned R1 rotation needs calibration windows")
     fit = RotationFit(settings.r1_steps)
-    samples = residual_site_samples(BlockWeights(model, True, settings.seed, settings.r4, device), calib,
-                                    fit.sample_tokens, settings.seed)
+    samples = residual_site_samples(BlockWeights(model, True, settings.seed, settings.r4, device), calib, fit, settings.seed)
     a_bits = BITS_PRESETS[settings.bits][1]
     return learn_residual_rotation(samples, fit, a_bits, settings.a_clip, settings.seed).cpu()
 

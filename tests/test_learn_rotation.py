@@ -119,3 +119,27 @@ def test_a_resumed_calibration_reuses_the_saved_rotation(tiny, tmp_path, monkeyp
     again = calibrate_baseq(tiny, q, b, calib(), workdir=tmp_path / "run")
     for k in first.tensors:
         assert torch.equal(first.tensors[k], again.tensors[k]), k
+
+
+def test_site_samples_are_the_norm_outputs_and_respect_the_memory_cap(tiny):
+    from baseq_export.learn_rotation import sampled_sites, token_sample
+    from baseq_export.models.base import rms_norm
+    from baseq_export.pipeline import residual_site_samples
+
+    src = BlockWeights(tiny, rotated=True, seed=0, r4=True)
+    cfg, ids = src.config, calib()
+    every = residual_site_samples(src, ids, RotationFit(steps=1, sample_tokens=40), seed=3)
+    assert len(every) == 2 * cfg.num_layers
+    rows = token_sample(ids.numel(), 40, 3)
+    h = torch.nn.functional.embedding(ids, src.embed())
+    first = rms_norm(h, None, cfg.rms_eps).reshape(-1, cfg.hidden_size)  # block 0's attn_in (norm gain folded away)
+    assert torch.allclose(every[0].x, first[rows], atol=1e-6)
+    assert torch.allclose(every[0].mean, first.mean(0), atol=1e-6)
+    w = torch.cat([src.layer(0)[f"{n}.weight"] for n in ("q", "k", "v")])
+    assert torch.allclose(every[0].gram, w.T @ w, atol=1e-5)
+    per_site = 4 * (40 * cfg.hidden_size + cfg.hidden_size**2)
+    capped = residual_site_samples(src, ids, RotationFit(steps=1, sample_tokens=40, max_sample_bytes=2 * per_site), seed=3)
+    assert len(capped) == 2  # the first and the last site, the same numbers as in the full collection
+    assert torch.equal(capped[0].x, every[0].x) and torch.equal(capped[1].x, every[-1].x)
+    assert sampled_sites(64, 4096, 4096, 768 * 2**20) == [0, 13, 25, 38, 50, 63]
+    assert sampled_sites(60, 576, 4096, 768 * 2**20) == list(range(60))
