@@ -81,7 +81,7 @@ PRESETS = {
     "standard": BaseqSettings(name="standard", nsamples=64, calib_ctx=512, epochs=4, batch_size=4, lr_gain=7.5e-3, lr_shift=5e-3),
 }
 
-PRESET_R1_STEPS = {"quick": 100, "standard": 0}
+PRESET_R1_STEPS = {"quick": 100, "standard": 100}
 """Steps of the learned residual rotation (QuantSettings.r1_steps, learn_rotation.py) a preset asks for by default."""
 
 
