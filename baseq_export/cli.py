@@ -271,14 +271,14 @@ def apply_profile(args: argparse.Namespace) -> dict:
 
 def planned_settings(args: argparse.Namespace):
     """The QuantSettings the options (and --profile) ask for."""
-    from .pipeline import QuantSettings
-
     from .calibrate import PRESET_R1_STEPS
+    from .pipeline import QuantSettings
 
     extra = apply_profile(args)
     r1_steps = args.r1_steps
-    if r1_steps is None:
-        r1_steps = PRESET_R1_STEPS.get(getattr(args, "preset", "quick"), 0) if args.method == "baseq" and args.bits != "w4a16" else 0
+    if r1_steps is None:  # the preset's for BASE-Q (which refuses w4a16 with its own message), else none
+        baseq = args.method == "baseq" and args.bits != "w4a16"
+        r1_steps = PRESET_R1_STEPS.get(getattr(args, "preset", "quick"), 0) if baseq else 0
     return QuantSettings(method="quarot-gptq" if args.method == "baseq" else args.method, bits=args.bits,
                          group_size=args.group_size, seed=args.seed, head_bits=args.head_bits,
                          head_act_bits=args.head_act_bits, linear_act_bits=args.linear_act_bits,

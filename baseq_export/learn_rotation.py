@@ -15,7 +15,7 @@ rotate.rotate_layer_residual), so the artifact and the runtimes need nothing new
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -56,7 +56,10 @@ class SiteSample:
     x: torch.Tensor  # [tokens, d]
     gram: torch.Tensor  # [d, d] = W^T W
     mean: torch.Tensor | None = None  # [d]: the site's per-channel mean over every calibration token
-    ref: torch.Tensor | None = None  # tr(x G x^T) per row, filled by site_samples
+    ref: torch.Tensor = field(init=False)  # [tokens]: x G x^T per row, the error's scale (derived from x and gram)
+
+    def __post_init__(self):
+        self.ref = ((self.x @ self.gram) * self.x).sum(-1).clamp_min(1e-30)
 
 
 def site_gram(lw: dict[str, torch.Tensor], site: str) -> torch.Tensor:
@@ -101,8 +104,6 @@ def learn_residual_rotation(samples: list[SiteSample], fit: RotationFit, bits: i
         raise ValueError(f"learn_residual_rotation needs at least one step, got {fit.steps}")
     d, n = samples[0].x.shape[1], samples[0].x.shape[0]
     device = samples[0].x.device
-    for s in samples:
-        s.ref = ((s.x @ s.gram) * s.x).sum(-1).clamp_min(1e-30)
     gen = torch.Generator().manual_seed(seed)
     p = torch.zeros(d, d, device=device, requires_grad=True)
     opt = torch.optim.Adam([p], lr=fit.lr)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchutil import machine, require_idle, write_json  # noqa: E402
 
 from baseq_export import data  # noqa: E402
-from baseq_export.calibrate import PRESETS, calibrate_baseq  # noqa: E402
+from baseq_export.calibrate import PRESET_R1_STEPS, PRESETS, calibrate_baseq  # noqa: E402
 from baseq_export.evaluate import perplexity  # noqa: E402
 from baseq_export.models import load_model  # noqa: E402
 from baseq_export.models.base import forward  # noqa: E402
@@ -52,10 +52,9 @@ ABLATIONS = [
     ("BASE-Q quick + stage A (1 epoch)", dataclasses.replace(QUICK, name="quick-stage-a", stage_a_epochs=1), {}),
     ("BASE-Q quick, min-max weight range", QUICK, {"weight_clip": "minmax"}),
 ]
-R1_STEPS = 100
-LEARNED_R1 = [  # a learned rotation on top of R1 (learn_rotation.py), fitted before the blocks are calibrated
-    ("BASE-Q quick + learned R1", QUICK, {"r1_steps": R1_STEPS}),
-    ("BASE-Q standard + learned R1", PRESETS["standard"], {"r1_steps": R1_STEPS}),
+LEARNED_R1 = [  # a learned rotation on top of R1 (learn_rotation.py) with the preset's steps, fitted before the blocks
+    ("BASE-Q quick + learned R1", QUICK, {"r1_steps": PRESET_R1_STEPS["quick"]}),
+    ("BASE-Q standard + learned R1", PRESETS["standard"], {"r1_steps": PRESET_R1_STEPS["standard"]}),
 ]
 
 
