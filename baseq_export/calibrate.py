@@ -8,12 +8,15 @@ One transformer block at a time, on top of the QuaRot rotations:
            (asymmetric scaling), a per-channel shift (bias correction) and a clip (LAC,
            clip = sigmoid(beta)); K and V get a clip per head. Loss: MSE between the block's
            output on the quantized stream and the FP block's output on the FP stream.
+Then (when e2e_epochs > 0) the end-to-end pass (end_to_end.py) tunes every block's gains, shifts and clips
+together on the whole quantized model's KL to the FP model over the same windows.
 The training forward is the artifact's reference forward with its tensors made learnable: the
 gain of attn_in / mlp_in is the RMSNorm weight, `+ shift` lives in the next linear's bias
 (bias + W_q shift), so folding is just detaching (the folded artifact computes the same thing).
 
-Resumable: each finished block is written to `<out>.partial/block_<i>.safetensors`; a rerun
-with the same settings replays the finished blocks (deterministic) and continues.
+Resumable: each finished block is written to `<out>.partial/block_<i>.safetensors` (and the end-to-end
+pass's result to end_to_end.*); a rerun with the same settings replays the finished work (deterministic)
+and continues.
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .memory import memory_now, release_free_memory
+from .end_to_end import EndToEndFit, end_to_end_bytes, tune_end_to_end
+from .memory import available_memory, memory_now, release_free_memory
 from .models import LoadedModel, source_info, weights_digest
-from .models.base import ACT_SITES, LINEARS, SITE_LINEARS, ModelConfig, site_width
+from .models.base import ACT_SITES, LINEARS, NORM_OF_SITE, SITE_LINEARS, ModelConfig, site_width
 from .pipeline import (QuantSettings, TapHooks, block_weights, calib_rope, checked_block, float_tensors, gptq_layer,
                        learned_residual, run_block, save_block)
 from .qmodel import KV_SITES, Artifact, QuantHooks, TensorStore, linear_tensors
@@ -40,8 +44,6 @@ from .quant import rescale_rows
 from .rotate import RotationHooks
 from .stage_a import TRANSFORMED, init_transform, ste_weight, transform_block
 from .tensor_files import load_tensors, save_tensors
-
-NORM_OF_SITE = {"attn_in": "attn_norm", "mlp_in": "mlp_norm"}  # sites whose gain is the norm weight
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ class BaseqSettings:
     stage_a_rotation: bool = True
     learn_weight_scale: bool = False  # stage C also learns a multiplier of each linear's per-row weight scales
     lr_weight_scale: float = 2e-3  # ... on their logs (the codes and zero points stay GPTQ's)
+    e2e_epochs: int = 0  # after the blocks, epochs of end-to-end tuning of every block's gains, shifts and clips on
+    # the whole model's KL to the FP model (end_to_end.py): 0 = off
     loss: str = "mse"  # block-output loss (output_loss): "mse", or "token": relative to each token's target (the
     # blocks' mse_gptq / mse_baseq entries in calibration.json then hold this loss)
 
@@ -78,7 +82,10 @@ PRESETS = {
     # (20.6 vs 23.6), the quantized input stream beats the FP one (20.6 vs 21.9), and 5x the
     # paper's gain/shift learning rates help the short quick schedule (20.3 vs 20.6).
     "quick": BaseqSettings(name="quick", nsamples=32, calib_ctx=256, epochs=2, batch_size=4, lr_gain=1.5e-2, lr_shift=1e-2),
-    "standard": BaseqSettings(name="standard", nsamples=64, calib_ctx=512, epochs=4, batch_size=4, lr_gain=7.5e-3, lr_shift=5e-3),
+    # standard ends with one epoch of the end-to-end pass (end_to_end.py; about 4 minutes on 2 cores); quick has no
+    # time left for it under its 5-minute budget (--e2e-epochs 1 adds about 70 s there)
+    "standard": BaseqSettings(name="standard", nsamples=64, calib_ctx=512, epochs=4, batch_size=4, lr_gain=7.5e-3,
+                              lr_shift=5e-3, e2e_epochs=1),
 }
 
 PRESET_R1_STEPS = {"quick": 100, "standard": 100}
@@ -391,13 +398,41 @@ def calibrate_baseq(
         del fp_lw, qdeq, lw, online, y  # a 7B block's float weights are 0.8 GB a copy: none is held into the next block
         bar.set_postfix(block=i, mse=f"{entry['mse_baseq']:.3g}", gptq=f"{entry['mse_gptq']:.3g}")
     tensors.put(float_tensors(cfg, src.outside_and_norms(), q, online=False, head_inputs=h_q), "outside.safetensors")
-    return Artifact(
-        model=cfg.to_dict(),
-        quant=quant_cfg,
-        tensors=tensors,
-        source=source_info(model),
-        calibration={"seed": q.seed, "windows": list(calib.shape), "blocks": log, "seconds": round(time.time() - t_start, 1)},
-    )
+    del h_q
+    art = Artifact(model=cfg.to_dict(), quant=quant_cfg, tensors=tensors, source=source_info(model),
+                   calibration={"seed": q.seed, "windows": list(calib.shape), "blocks": log})
+    if b.e2e_epochs:
+        art.calibration["end_to_end"] = _tuned_end_to_end(art, work, b, calib, h_fp, q.seed, device)
+    art.calibration["seconds"] = round(time.time() - t_start, 1)
+    return art
+
+
+E2E_FILE = "end_to_end"
+"""A resumable run's end-to-end pass: <work>/end_to_end.json (its log entry) and .safetensors (its tensors)."""
+
+
+def _tuned_end_to_end(art: Artifact, work: Path | None, b: BaseqSettings, calib: torch.Tensor, fp_last: torch.Tensor,
+                      seed: int, device: torch.device | None) -> dict:
+    """Run (or, on a resumed run, reread) the end-to-end pass and put its tensors into the artifact; its log entry.
+    Skipped with a note when the dequantized model would not fit in the memory that is free."""
+    entry_file, tensor_file = (work / f"{E2E_FILE}.json", work / f"{E2E_FILE}.safetensors") if work else (None, None)
+    if entry_file is not None and entry_file.is_file():
+        entry = json.loads(entry_file.read_text())
+        if entry.get("kept"):
+            art.tensors.attach(tensor_file)
+        return entry
+    need, free = end_to_end_bytes(ModelConfig.from_dict(art.model)), available_memory()
+    if free is not None and need > free:
+        tqdm.write(f"end-to-end tuning skipped: it needs about {need / 2**30:.1f} GiB and {free / 2**30:.1f} GiB is free "
+                   "(run with a smaller --preset or on a machine with more memory to have it)")
+        return {"skipped": "memory", "needed_gib": round(need / 2**30, 1), "free_gib": round(free / 2**30, 1)}
+    tuned, entry = tune_end_to_end(art, calib, fp_last, EndToEndFit(b.e2e_epochs), seed, device)
+    if tuned is not None:  # the tensors first, then the entry that marks the pass done (each written atomically)
+        art.tensors.put(tuned, f"{E2E_FILE}.safetensors")
+    if entry_file is not None:
+        entry_file.with_suffix(".tmp").write_text(json.dumps(entry))
+        os.replace(entry_file.with_suffix(".tmp"), entry_file)
+    return entry
 
 
 def _dequantized_linears(bt: dict, cfg: ModelConfig, q: QuantSettings, layer: int) -> dict[str, torch.Tensor]:

@@ -70,6 +70,10 @@ def add_quant_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
                    help="fit a rotation of the residual stream on top of the random Hadamard R1 for this many steps "
                    "(lowers the 4-bit rounding error of the RMSNorm outputs; 0 = R1 alone; default: the preset's for "
                    "baseq, 0 for the other methods)")
+    p.add_argument("--e2e-epochs", type=int_at_least(0), default=option_default(None, sub),
+                   help="baseq: after the blocks, tune every block's gains, shifts and clips together on the whole "
+                   "model's KL to the float model for this many epochs over the calibration windows (0 = off; "
+                   "default: the preset's)")
     p.add_argument("--weight-clip", choices=("mse", "minmax"), default=option_default("mse", sub),
                    help="each weight group's range: mse = the clip that minimises the group's squared rounding error "
                    "(default; GPTQ's rounding then works on that grid), minmax = the full range")
@@ -286,13 +290,14 @@ def planned_settings(args: argparse.Namespace):
 
 
 def planned_preset(args: argparse.Namespace, max_positions: int | None):
-    """BASE-Q's budget: --preset with --nsamples / --calib-ctx applied (calibration windows no longer than the
-    model's context unless asked for)."""
+    """BASE-Q's budget: --preset with --nsamples / --calib-ctx / --e2e-epochs applied (calibration windows no longer
+    than the model's context unless asked for)."""
     from .calibrate import PRESETS
 
     preset = PRESETS[args.preset]
     ctx = args.calib_ctx or min(preset.calib_ctx, max_positions or preset.calib_ctx)
-    return dataclasses.replace(preset, nsamples=args.nsamples or preset.nsamples, calib_ctx=ctx)
+    e2e = preset.e2e_epochs if args.e2e_epochs is None else args.e2e_epochs
+    return dataclasses.replace(preset, nsamples=args.nsamples or preset.nsamples, calib_ctx=ctx, e2e_epochs=e2e)
 
 
 def planned_quant_config(args: argparse.Namespace, max_positions: int | None) -> dict:

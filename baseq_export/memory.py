@@ -69,3 +69,14 @@ def memory_now() -> dict[str, float]:
     except (OSError, ValueError, IndexError):
         pass  # not Linux: the peak alone
     return out
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can still hand out (Linux MemAvailable), or None where that is not known."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

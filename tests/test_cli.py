@@ -112,7 +112,8 @@ def test_main_job_calibrates_baseq_and_reuses_the_artifact(tmp_path, capsys):
     assert "reusing the finished artifact" in capsys.readouterr().err
     assert main(args + ["--bits", "w4a8kv8"]) == 1
     assert "holds another quantization" in capsys.readouterr().err
-    for changed in (["--seed", "1"], ["--group-size", "32"], ["--preset", "standard"], ["--r1-steps", "3"]):  # any setting
+    for changed in (["--seed", "1"], ["--group-size", "32"], ["--preset", "standard"], ["--r1-steps", "3"],
+                    ["--e2e-epochs", "3"]):  # any setting
         assert main(args + changed) == 1
         assert "holds another quantization" in capsys.readouterr().err
 
@@ -131,6 +132,21 @@ def test_quantize_with_a_learned_rotation(tmp_path, capsys):
     capsys.readouterr()
     assert main(args + ["--r1-steps", "4", "--bits", "w4a16", "--force"]) == 1
     assert "quantized activations" in capsys.readouterr().err
+
+
+def test_quantize_with_and_without_the_end_to_end_pass(tmp_path, capsys):
+    """--e2e-epochs N runs the end-to-end pass after the blocks (recorded in the calibration log); 0 leaves it out."""
+    from baseq_export.qmodel import load_artifact
+
+    ckpt, text = tiny_checkpoint(tmp_path)
+    args = ["quantize", "--model", str(ckpt), "--calib-text", str(text), "--nsamples", "4", "--calib-ctx", "16",
+            "--r1-steps", "0"]
+    assert main(args + ["--e2e-epochs", "2", "--out", str(tmp_path / "e2e.baseq")]) == 0
+    art = load_artifact(tmp_path / "e2e.baseq")
+    assert art.quant["baseq"]["e2e_epochs"] == 2 and art.calibration["end_to_end"]["epochs"] == 2
+    assert main(args + ["--e2e-epochs", "0", "--out", str(tmp_path / "plain.baseq")]) == 0
+    plain = load_artifact(tmp_path / "plain.baseq")
+    assert plain.quant["baseq"]["e2e_epochs"] == 0 and "end_to_end" not in plain.calibration
 
 
 def test_main_job_with_the_fast_w4a16_onnx_profile(tmp_path, capsys):

@@ -248,10 +248,12 @@ def test_default_model_onnx_parity(default_model, tmp_path, kind):
     elif kind == "w4a16-int8-kernels":
         art = quantize_model(default_model, QuantSettings(method="quarot-rtn", bits="w4a16", group_size=64, r4=False,
                                                           head_bits=4, head_act_bits=8, linear_act_bits=8))
-    else:  # a small calibration budget keeps the test short; the method (learned R1 included) and the graph are the same
+    else:  # a small calibration budget keeps the test short; the method (learned R1 and the end-to-end pass
+        # included) and the graph are the same
         calib = data.calibration_windows(data.tokenize(tok, data.embedded_text("calib")), 4, 128, seed=0)
         art = calibrate_baseq(default_model, QuantSettings(bits="w4a4kv4", head_bits=4, head_act_bits=8, r1_steps=20),
-                              BaseqSettings(nsamples=4, calib_ctx=128, epochs=1), calib)
+                              BaseqSettings(nsamples=4, calib_ctx=128, epochs=1, e2e_epochs=1), calib)
+        assert art.calibration["end_to_end"]["kept"]
     path = save_artifact(tmp_path / "m.baseq", art, write_extra=lambda d: tok.save_pretrained(str(d)))
     ref = reference_model(art)
     windows = data.token_windows(data.tokenize(tok, data.embedded_text("eval")), 512, 4)

@@ -43,7 +43,9 @@ from baseq_export.models.base import forward  # noqa: E402
 from baseq_export.pipeline import QuantSettings, quantize_model  # noqa: E402
 from baseq_export.qmodel import reference_model  # noqa: E402
 
-QUICK = PRESETS["quick"]
+# Stage C's budgets alone (the presets without their end-to-end pass): the "BASE-Q quick / standard" rows and the ablations
+QUICK = dataclasses.replace(PRESETS["quick"], e2e_epochs=0)
+STANDARD = dataclasses.replace(PRESETS["standard"], e2e_epochs=0)
 # (row, BASE-Q budget and switches, QuantSettings fields that differ from the seed's defaults)
 ABLATIONS = [
     ("BASE-Q quick, bias correction only", dataclasses.replace(QUICK, name="bias-only", learn_gain=False, learn_clip=False), {}),
@@ -54,7 +56,12 @@ ABLATIONS = [
 ]
 LEARNED_R1 = [  # a learned rotation on top of R1 (learn_rotation.py) with the preset's steps, fitted before the blocks
     ("BASE-Q quick + learned R1", QUICK, {"r1_steps": PRESET_R1_STEPS["quick"]}),
-    ("BASE-Q standard + learned R1", PRESETS["standard"], {"r1_steps": PRESET_R1_STEPS["standard"]}),
+    ("BASE-Q standard + learned R1", STANDARD, {"r1_steps": PRESET_R1_STEPS["standard"]}),
+]
+END_TO_END = [  # learned R1, stage C, then one epoch of the end-to-end pass (end_to_end.py): standard's preset as it is
+    ("BASE-Q quick + learned R1 + end-to-end", dataclasses.replace(QUICK, e2e_epochs=1), {"r1_steps": PRESET_R1_STEPS["quick"]}),
+    ("BASE-Q standard + learned R1 + end-to-end", dataclasses.replace(STANDARD, e2e_epochs=1),
+     {"r1_steps": PRESET_R1_STEPS["standard"]}),
 ]
 
 
@@ -192,10 +199,10 @@ def main() -> None:
     fp = measure("FP32", lambda: (lambda ids: forward(m.config, m.weights, ids), None, {}))
     baseq_runs = [("BASE-Q quick", QUICK, {})]
     if not args.skip_standard:
-        baseq_runs.append(("BASE-Q standard", PRESETS["standard"], {}))
+        baseq_runs.append(("BASE-Q standard", STANDARD, {}))
     if not args.skip_ablations:
         baseq_runs += ABLATIONS
-    baseq_runs += LEARNED_R1
+    baseq_runs += LEARNED_R1 + END_TO_END
     if args.only:
         baseq_runs = [run for run in baseq_runs if args.only in run[0]]
     for bits in args.bits.split(","):

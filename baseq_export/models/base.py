@@ -86,6 +86,7 @@ IDENTITY = IdentityHooks()
 # The activation sites, in forward order: input of q/k/v, input of o, input of gate/up, input of down.
 ACT_SITES = ("attn_in", "o_in", "mlp_in", "down_in")
 SITE_LINEARS = {"attn_in": ("q", "k", "v"), "o_in": ("o",), "mlp_in": ("gate", "up"), "down_in": ("down",)}
+NORM_OF_SITE = {"attn_in": "attn_norm", "mlp_in": "mlp_norm"}  # sites whose gain is the RMSNorm weight
 
 
 def site_width(cfg: "ModelConfig", site: str) -> int:
@@ -247,6 +248,12 @@ def forward(
     cos, sin = rope_tables(weights["rope.inv_freq"], positions, cfg.rope_attention_scaling, h.dtype)
     for i in range(cfg.num_layers):
         h = block_forward(cfg, layer_weights(weights, i), i, h, cos, sin, hooks, None if cache is None else cache[i], exact)
+    return head_logits(cfg, weights, h, hooks, exact)
+
+
+def head_logits(cfg: ModelConfig, weights: dict[str, torch.Tensor], h: torch.Tensor, hooks: Hooks = IDENTITY,
+                exact: bool = False) -> torch.Tensor:
+    """Logits from the last block's output h: the final RMSNorm, then the head."""
     h = rms_norm(h, weights.get("norm"), cfg.rms_eps, exact)
     if "head_mix" in weights:  # a head stored as the embedding table times head_mix (rotate.head_mix)
         h = F.linear(h, weights["head_mix"])

@@ -1,0 +1,180 @@
+"""End-to-end tuning of a calibrated artifact's quantizer parameters (after BASE-Q's blockwise stage C).
+
+Stage C fits each block's gains, shifts and clips to that block's FP output; errors that add up over the
+depth are seen by none of those fits. This pass trains the same tensors of every block at once on the KL
+divergence of the whole quantized model's next-token distribution to the FP model's, on the calibration
+windows, with the weight codes frozen. The teacher is the FP blocks' last hidden states through the
+artifact's own final norm and head, so nothing but these tensors changes and the artifact keeps its format:
+  gain   the RMSNorm weight of attn_in / mlp_in, the online gain of o_in / down_in
+  shift  the online shift of every site, whose `+ shift` stays folded into the next linears' biases
+         (bias = bias_start + W_q (shift - shift_start), W_q the dequantized weight)
+  clip   every activation site's and each KV head's clip, learned as a logit (clip = sigmoid(beta))
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .models.base import NORM_OF_SITE, SITE_LINEARS, ModelConfig, forward, head_logits
+from .pipeline import block_bytes
+from .qmodel import KV_SITES, Artifact, reference_model
+
+CLIP_EPS = 1e-4  # a stored clip is kept inside (eps, 1 - eps) before its logit is taken
+
+
+@dataclass(frozen=True)
+class EndToEndFit:
+    """Budget and learning rates of the end-to-end pass (AdamW, cosine schedule, one window a step)."""
+
+    epochs: int
+    lr_gain: float = 1e-3
+    lr_shift: float = 1e-3
+    lr_clip: float = 1e-2
+    check_windows: int = 8  # windows on which the KL is measured before and after (the pass is kept only if it drops)
+
+
+def end_to_end_bytes(cfg: ModelConfig) -> int:
+    """About what the pass holds: the dequantized float32 weights twice over (the model, and its activations and
+    gradients on one window, which for the models it suits are of the same order)."""
+    tables = 4 * cfg.vocab_size * cfg.hidden_size * (1 if cfg.tied_embeddings else 2)
+    return 2 * (block_bytes(cfg) * cfg.num_layers + tables)
+
+
+def clip_logit(clip: torch.Tensor) -> torch.Tensor:
+    """beta with sigmoid(beta) = clip (clip kept inside (CLIP_EPS, 1 - CLIP_EPS))."""
+    c = clip.clamp(CLIP_EPS, 1 - CLIP_EPS)
+    return torch.log(c / (1 - c))
+
+
+class TunableArtifact:
+    """An artifact's float reference forward with its gains, shifts and clips as leaf tensors to train.
+
+    weights / online: the reference forward's tensors (exact=False); tensors(): the artifact tensors (norms,
+    biases, online gain / shift / clip) that the trained values give.
+    """
+
+    def __init__(self, artifact: Artifact, device: torch.device | None = None):
+        qm = reference_model(artifact, exact=False, device=device)
+        self.config, self.weights, self.hooks = qm.config, qm.weights, qm.hooks
+        self.online = dict(qm.hooks.params)
+        self.params: dict[str, torch.Tensor] = {}
+        self.shift_start: dict[str, torch.Tensor] = {}
+        for i in range(self.config.num_layers):
+            for site in SITE_LINEARS:
+                prefix = f"layers.{i}.{site}"
+                gain = f"layers.{i}.{NORM_OF_SITE[site]}" if site in NORM_OF_SITE else f"{prefix}.gain"
+                self.params[gain] = (self.weights if site in NORM_OF_SITE else self.online)[gain].clone()
+                self.params[f"{prefix}.shift"] = self.online[f"{prefix}.shift"].clone()
+                self.shift_start[prefix] = self.online[f"{prefix}.shift"].clone()
+                self.params[f"{prefix}.beta"] = clip_logit(self.online[f"{prefix}.clip"])
+            for site in KV_SITES:
+                self.params[f"layers.{i}.{site}.beta"] = clip_logit(self.online[f"layers.{i}.{site}.clip"])
+
+    def groups(self, fit: EndToEndFit) -> list[dict]:
+        """AdamW parameter groups (the tensors are made to require gradients)."""
+        kinds = {"shift": fit.lr_shift, "beta": fit.lr_clip}
+        groups: dict[float, list] = {}
+        for name, t in self.params.items():
+            t.requires_grad_(True)
+            kind = name.rsplit(".", 1)[-1]
+            groups.setdefault(kinds.get(kind, fit.lr_gain), []).append(t)
+        return [{"params": ts, "lr": lr} for lr, ts in groups.items()]
+
+    def materialize(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(weights, online) of the reference forward with the current values (differentiable)."""
+        weights, online = dict(self.weights), dict(self.online)
+        for name, t in self.params.items():
+            kind = name.rsplit(".", 1)[-1]
+            if kind == "beta":
+                online[name.removesuffix(".beta") + ".clip"] = torch.sigmoid(t)
+            elif kind in NORM_OF_SITE.values():
+                weights[name] = t
+            else:
+                online[name] = t
+        for prefix, start in self.shift_start.items():
+            layer, site = prefix.rsplit(".", 1)
+            moved = self.params[f"{prefix}.shift"] - start
+            for lin in SITE_LINEARS[site]:
+                bias = self.weights.get(f"{layer}.{lin}.bias")
+                extra = self.weights[f"{layer}.{lin}.weight"] @ moved
+                weights[f"{layer}.{lin}.bias"] = extra if bias is None else bias + extra
+        return weights, online
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        weights, online = self.materialize()
+        self.hooks.params = online
+        return forward(self.config, weights, ids, self.hooks)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The artifact tensors that change: norms, the sites' linears' biases, online gains, shifts and clips."""
+        with torch.no_grad():
+            weights, online = self.materialize()
+        names = [f"layers.{i}.{n}" for i in range(self.config.num_layers) for n in NORM_OF_SITE.values()]
+        names += [f"layers.{i}.{lin}.bias" for i in range(self.config.num_layers) for s in SITE_LINEARS
+                  for lin in SITE_LINEARS[s]]
+        out = {n: weights[n] for n in names}
+        out.update(online)
+        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in out.items()}
+
+
+def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) of the next-token distributions."""
+    t = torch.log_softmax(teacher_logits.float(), -1)
+    s = torch.log_softmax(student_logits.float(), -1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+def tune_end_to_end(artifact: Artifact, windows: torch.Tensor, fp_last_hidden: torch.Tensor, fit: EndToEndFit,
+                    seed: int, device: torch.device | None = None) -> tuple[dict[str, torch.Tensor] | None, dict]:
+    """Train the artifact's gains, shifts and clips on the whole model's KL to the FP teacher (module docstring).
+
+    windows [n, T] token ids; fp_last_hidden [n, T, d]: the FP blocks' output on them (rotated basis, as the
+    artifact's head reads it). Returns (the changed artifact tensors, or None when the KL did not drop on the
+    check windows, and a log entry)."""
+    if fit.epochs < 1:
+        raise ValueError(f"the end-to-end pass needs at least one epoch, got {fit.epochs}")
+    if windows.shape[:2] != fp_last_hidden.shape[:2]:
+        raise ValueError(f"windows {list(windows.shape)} and FP hidden states {list(fp_last_hidden.shape)} differ")
+    t0 = time.time()
+    model = TunableArtifact(artifact, device)
+    dev = model.weights["embed"].device
+    frozen_head = {k: v for k, v in model.weights.items() if not k.startswith("layers.")}
+
+    def teacher(j: int) -> torch.Tensor:
+        with torch.no_grad():
+            return head_logits(model.config, frozen_head, fp_last_hidden[j : j + 1].to(dev), model.hooks)
+
+    def check_kl() -> float:
+        with torch.no_grad():
+            n = min(fit.check_windows, windows.shape[0])
+            return sum(float(token_kl(model.logits(windows[j : j + 1].to(dev)), teacher(j))) for j in range(n)) / n
+
+    kl_start = check_kl()
+    opt = torch.optim.AdamW(model.groups(fit), weight_decay=0.0)
+    steps = fit.epochs * windows.shape[0]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+    gen = torch.Generator().manual_seed(seed)
+    bar = tqdm(total=steps, desc="end-to-end", unit="window", leave=False)
+    with torch.enable_grad():
+        for _ in range(fit.epochs):
+            for j in torch.randperm(windows.shape[0], generator=gen).tolist():
+                loss = token_kl(model.logits(windows[j : j + 1].to(dev)), teacher(j))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                bar.update()
+                bar.set_postfix(kl=f"{loss.item():.4f}")
+    bar.close()
+    for t in model.params.values():
+        t.requires_grad_(False)
+    kl_end = check_kl()
+    kept = kl_end < kl_start
+    entry = {"epochs": fit.epochs, "windows": list(windows.shape), "kl_start": kl_start, "kl_end": kl_end,
+             "kept": kept, "seconds": round(time.time() - t0, 1)}
+    return (model.tensors() if kept else None), entry
