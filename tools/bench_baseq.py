@@ -8,7 +8,9 @@ s), the random R1 rotation and the training order all change; every quantized ro
 them: QuaRot-RTN, QuaRot-GPTQ (all 128 windows), BASE-Q quick and standard (the first `nsamples` windows
 cut to `calib_ctx` tokens of the preset: quick 32 x 256, standard 64 x 512) and the ablations at the quick
 budget (bias correction only, asymmetric scaling only, no LAC, with one epoch of stage A, and with each weight
-group's full min-max range instead of the MSE clip, with QuaRot-GPTQ's min-max row beside it). Every row is
+group's full min-max range instead of the MSE clip, with QuaRot-GPTQ's min-max row beside it), then both budgets
+with the learned R1 rotation and, on top, with one epoch of the end-to-end pass (standard's preset as it is; the
+plain "quick" / "standard" rows are stage C alone: the presets without their end-to-end pass). Every row is
 evaluated on the embedded evaluation split (ctx 512) and, with --eval-text, on a second text that calibration never saw (a
 license text on every Debian system is a good one: /usr/share/common-licenses/GPL-3). Gap closure
 (PPL_QuaRot-GPTQ - PPL_BASE-Q) / (PPL_QuaRot-GPTQ - PPL_FP) is taken against the QuaRot-GPTQ row of the
