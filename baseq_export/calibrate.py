@@ -423,8 +423,9 @@ def _tuned_end_to_end(art: Artifact, work: Path | None, b: BaseqSettings, calib:
         return entry
     need, free = end_to_end_bytes(ModelConfig.from_dict(art.model)), available_memory()
     if free is not None and need > free:
-        tqdm.write(f"end-to-end tuning skipped: it needs about {need / 2**30:.1f} GiB and {free / 2**30:.1f} GiB is free "
-                   "(run with a smaller --preset or on a machine with more memory to have it)")
+        tqdm.write(f"end-to-end tuning skipped: it needs about {need / 2**30:.1f} GiB and {free / 2**30:.1f} GiB is free; "
+                   "the artifact is complete without it (--e2e-epochs 0 leaves it out without this note; a machine "
+                   "with more free memory runs it)")
         return {"skipped": "memory", "needed_gib": round(need / 2**30, 1), "free_gib": round(free / 2**30, 1)}
     tuned, entry = tune_end_to_end(art, calib, fp_last, EndToEndFit(b.e2e_epochs), seed, device)
     if tuned is not None:  # the tensors first, then the entry that marks the pass done (each written atomically)
