@@ -43,7 +43,7 @@ from .qmodel import KV_SITES, Artifact, QuantHooks, TensorStore, linear_tensors
 from .quant import rescale_rows
 from .rotate import RotationHooks
 from .stage_a import TRANSFORMED, init_transform, ste_weight, transform_block
-from .tensor_files import load_tensors, save_tensors
+from .tensor_files import load_tensors, save_tensors, write_text_atomically
 
 
 @dataclass(frozen=True)
@@ -431,8 +431,7 @@ def _tuned_end_to_end(art: Artifact, work: Path | None, b: BaseqSettings, calib:
     if tuned is not None:  # the tensors first, then the entry that marks the pass done (each written atomically)
         art.tensors.put(tuned, f"{E2E_FILE}.safetensors")
     if entry_file is not None:
-        entry_file.with_suffix(".tmp").write_text(json.dumps(entry))
-        os.replace(entry_file.with_suffix(".tmp"), entry_file)
+        write_text_atomically(entry_file, json.dumps(entry))
     return entry
 
 

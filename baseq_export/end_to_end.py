@@ -24,7 +24,7 @@ from .models.base import NORM_OF_SITE, SITE_LINEARS, ModelConfig, forward, head_
 from .pipeline import block_bytes
 from .qmodel import KV_SITES, Artifact, reference_model
 
-CLIP_EPS = 1e-4  # a stored clip is kept inside (eps, 1 - eps) before its logit is taken
+CLIP_EPS = 1e-4  # a stored clip is kept inside [eps, 1 - eps] before its logit (torch.logit) is taken
 
 
 @dataclass(frozen=True)
@@ -45,17 +45,12 @@ def end_to_end_bytes(cfg: ModelConfig) -> int:
     return 2 * (block_bytes(cfg) * cfg.num_layers + tables)
 
 
-def clip_logit(clip: torch.Tensor) -> torch.Tensor:
-    """beta with sigmoid(beta) = clip (clip kept inside (CLIP_EPS, 1 - CLIP_EPS))."""
-    c = clip.clamp(CLIP_EPS, 1 - CLIP_EPS)
-    return torch.log(c / (1 - c))
-
-
 class TunableArtifact:
     """An artifact's float reference forward with its gains, shifts and clips as leaf tensors to train.
 
-    weights / online: the reference forward's tensors (exact=False); tensors(): the artifact tensors (norms,
-    biases, online gain / shift / clip) that the trained values give.
+    weights / online: the reference forward's tensors (exact=False) as the artifact holds them, which stay as they
+    are (online's shifts are where the trained ones started); tensors(): the artifact tensors (norms, biases, online
+    gain / shift / clip) that the trained values give.
     """
 
     def __init__(self, artifact: Artifact, device: torch.device | None = None):
@@ -63,17 +58,15 @@ class TunableArtifact:
         self.config, self.weights, self.hooks = qm.config, qm.weights, qm.hooks
         self.online = dict(qm.hooks.params)
         self.params: dict[str, torch.Tensor] = {}
-        self.shift_start: dict[str, torch.Tensor] = {}
         for i in range(self.config.num_layers):
             for site in SITE_LINEARS:
                 prefix = f"layers.{i}.{site}"
                 gain = f"layers.{i}.{NORM_OF_SITE[site]}" if site in NORM_OF_SITE else f"{prefix}.gain"
                 self.params[gain] = (self.weights if site in NORM_OF_SITE else self.online)[gain].clone()
                 self.params[f"{prefix}.shift"] = self.online[f"{prefix}.shift"].clone()
-                self.shift_start[prefix] = self.online[f"{prefix}.shift"].clone()
-                self.params[f"{prefix}.beta"] = clip_logit(self.online[f"{prefix}.clip"])
+                self.params[f"{prefix}.beta"] = torch.logit(self.online[f"{prefix}.clip"], CLIP_EPS)
             for site in KV_SITES:
-                self.params[f"layers.{i}.{site}.beta"] = clip_logit(self.online[f"layers.{i}.{site}.clip"])
+                self.params[f"layers.{i}.{site}.beta"] = torch.logit(self.online[f"layers.{i}.{site}.clip"], CLIP_EPS)
 
     def groups(self, fit: EndToEndFit) -> list[dict]:
         """AdamW parameter groups (the tensors are made to require gradients)."""
@@ -96,9 +89,11 @@ class TunableArtifact:
                 weights[name] = t
             else:
                 online[name] = t
-        for prefix, start in self.shift_start.items():
-            layer, site = prefix.rsplit(".", 1)
-            moved = self.params[f"{prefix}.shift"] - start
+        for name, shift in self.params.items():
+            if not name.endswith(".shift"):
+                continue
+            layer, site, _ = name.rsplit(".", 2)
+            moved = shift - self.online[name]
             for lin in SITE_LINEARS[site]:
                 bias = self.weights.get(f"{layer}.{lin}.bias")
                 extra = self.weights[f"{layer}.{lin}.weight"] @ moved

@@ -21,7 +21,7 @@ from .models import LoadedModel, source_info, weights_digest
 from .memory import map_big_allocations, release_free_memory, row_slices
 from .models.base import ACT_SITES, IDENTITY, SITE_LINEARS, ModelConfig, block_forward, rms_norm, rope_tables, site_width
 from .qmodel import BITS_PRESETS, Artifact, TensorStore, linear_tensors
-from .tensor_files import load_tensors, save_tensors
+from .tensor_files import load_tensors, save_tensors, write_text_atomically
 from .quant import GGML_BLOCK, WEIGHT_GRIDS, HessianAccumulator, QuantizedWeight, gptq_factor, gptq_quantize, rtn_quantize
 from .learn_rotation import (RESIDUAL_SITES, RotationFit, SiteSample, learn_residual_rotation, sampled_sites, site_gram,
                              token_sample)
@@ -368,9 +368,7 @@ def save_block(work: Path, layer: int, tensors: dict[str, torch.Tensor], entry: 
     each written to a temp file and renamed, so an interrupted write never leaves a block that looks finished."""
     import json
 
-    log = work / f"block_{layer}.json"
-    log.with_suffix(".json.tmp").write_text(json.dumps(entry))
-    os.replace(log.with_suffix(".json.tmp"), log)
+    write_text_atomically(work / f"block_{layer}.json", json.dumps(entry))
     done = work / f"block_{layer}.safetensors"
     save_tensors(tensors, done.with_suffix(".tmp"))
     os.replace(done.with_suffix(".tmp"), done)

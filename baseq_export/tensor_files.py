@@ -71,3 +71,10 @@ def tensor_index(path: str | Path) -> dict[str, tuple[str, list[int]]]:
     """{name: (safetensors dtype name, shape)} of a file's tensors, read from its header alone."""
     with signals_held(), safe_open(str(path), framework="pt") as f:
         return {name: (f.get_slice(name).get_dtype(), list(f.get_slice(name).get_shape())) for name in f.keys()}
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write text to path through a temp file and a rename, so a reader never finds it half written."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
