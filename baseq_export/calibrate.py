@@ -37,59 +37,14 @@ from .end_to_end import EndToEndFit, end_to_end_bytes, tune_end_to_end
 from .memory import available_memory, memory_now, release_free_memory
 from .models import LoadedModel, source_info, weights_digest
 from .models.base import ACT_SITES, LINEARS, NORM_OF_SITE, SITE_LINEARS, ModelConfig, site_width
-from .pipeline import (QuantSettings, TapHooks, block_weights, calib_rope, checked_block, float_tensors, gptq_layer,
+from .settings import W4A4KV4, W4A8KV8, BaseqSettings, QuantSettings
+from .pipeline import (TapHooks, block_weights, calib_rope, checked_block, float_tensors, gptq_layer,
                        learned_residual, run_block, save_block)
 from .qmodel import KV_SITES, Artifact, QuantHooks, TensorStore, linear_tensors
 from .quant import rescale_rows
 from .rotate import RotationHooks
 from .stage_a import TRANSFORMED, init_transform, ste_weight, transform_block
 from .tensor_files import load_tensors, save_tensors, write_text_atomically
-
-
-@dataclass(frozen=True)
-class BaseqSettings:
-    """Budget and switches of stage C (what the ablations turn off)."""
-
-    name: str = "custom"
-    nsamples: int = 32
-    calib_ctx: int = 256
-    epochs: int = 2
-    batch_size: int = 4
-    lr_clip: float = 3e-2
-    lr_gain: float = 3e-3
-    lr_shift: float = 2e-3
-    clip_init: float = 0.88  # sigmoid(2): the LAC starting point
-    learn_shift: bool = True
-    learn_gain: bool = True
-    learn_clip: bool = True
-    shift_init: str = "mean"  # per-channel token mean of the site's input, or "zero"
-    input_stream: str = "quant"  # block inputs for GPTQ and training: "quant" (previous quantized blocks) or "fp"
-    stage_a_epochs: int = 0  # stage A (stage_a.py) before GPTQ: 0 = off
-    lr_stage_a_scale: float = 2e-2  # the log-scales of the v/o and up/down pairs
-    lr_stage_a_rotation: float = 5e-3  # the skew generators of the per-KV-head v/o rotations
-    stage_a_scales: bool = True
-    stage_a_rotation: bool = True
-    learn_weight_scale: bool = False  # stage C also learns a multiplier of each linear's per-row weight scales
-    lr_weight_scale: float = 2e-3  # ... on their logs (the codes and zero points stay GPTQ's)
-    e2e_epochs: int = 0  # after the blocks, epochs of end-to-end tuning of every block's gains, shifts and clips on
-    # the whole model's KL to the FP model (end_to_end.py): 0 = off
-    loss: str = "mse"  # block-output loss (output_loss): "mse", or "token": relative to each token's target (the
-    # blocks' mse_gptq / mse_baseq entries in calibration.json then hold this loss)
-
-
-PRESETS = {
-    # Chosen on the default model (evaluation split, 12 windows): a mean shift start beats zero
-    # (20.6 vs 23.6), the quantized input stream beats the FP one (20.6 vs 21.9), and 5x the
-    # paper's gain/shift learning rates help the short quick schedule (20.3 vs 20.6).
-    "quick": BaseqSettings(name="quick", nsamples=32, calib_ctx=256, epochs=2, batch_size=4, lr_gain=1.5e-2, lr_shift=1e-2),
-    # standard ends with one epoch of the end-to-end pass (end_to_end.py; about 4 minutes on 2 cores); quick has no
-    # time left for it under its 5-minute budget (--e2e-epochs 1 adds about 70 s there)
-    "standard": BaseqSettings(name="standard", nsamples=64, calib_ctx=512, epochs=4, batch_size=4, lr_gain=7.5e-3,
-                              lr_shift=5e-3, e2e_epochs=1),
-}
-
-PRESET_R1_STEPS = {"quick": 100, "standard": 100}
-"""Steps of the learned residual rotation (QuantSettings.r1_steps, learn_rotation.py) a preset asks for by default."""
 
 
 def init_params(cfg: ModelConfig, b: BaseqSettings, site_means: dict[str, torch.Tensor] | None,
@@ -320,7 +275,7 @@ def calibrate_baseq(
     blocks are calibrated (default CPU)."""
     if b.input_stream not in ("quant", "fp") or b.shift_init not in ("zero", "mean") or b.loss not in LOSSES:
         raise ValueError(f"input_stream must be 'quant' or 'fp', shift_init 'zero' or 'mean' and loss one of {LOSSES}")
-    if q.bits not in ("w4a4kv4", "w4a8kv8"):
+    if q.bits not in (W4A4KV4, W4A8KV8):
         raise ValueError("BASE-Q learns activation-quantizer parameters: use --bits w4a4kv4 or w4a8kv8")
     t_start = time.time()
     torch.manual_seed(q.seed)

@@ -20,7 +20,7 @@ from pathlib import Path
 from . import __version__
 from .export import TARGETS, backend_names, option_default
 
-PRESETS = ("quick", "standard")
+from .settings import BITS_PRESETS, METHODS, PRESET_R1_STEPS, PRESETS, PROFILES, W4A4KV4, W4A16, QuantSettings
 
 
 def int_at_least(low: int):
@@ -56,11 +56,9 @@ def add_eval_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
 
 
 def add_quant_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
-    from .pipeline import METHODS, PROFILES
-    from .qmodel import BITS_PRESETS
 
     p.add_argument("--method", choices=("baseq",) + METHODS, default=option_default("baseq", sub), help="quantization method (default baseq)")
-    p.add_argument("--bits", choices=tuple(BITS_PRESETS), default=option_default("w4a4kv4", sub), help="weight/activation/KV bits (default w4a4kv4)")
+    p.add_argument("--bits", choices=tuple(BITS_PRESETS), default=option_default(W4A4KV4, sub), help="weight/activation/KV bits (default w4a4kv4)")
     p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=option_default(None, sub), help="weight group size (default: per output channel)")
     p.add_argument("--calib-text", default=option_default(None, sub), help="UTF-8 text file to calibrate on (default: the embedded calibration split)")
     p.add_argument("--nsamples", type=int_at_least(1), default=option_default(None, sub), help="calibration windows (default: the preset's; 128 for GPTQ)")
@@ -111,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=TARGETS, default="onnx", help="export format of the main job (default onnx)")
     add_model_args(parser)
     parser.add_argument("--out", default=None, help="output directory (default: <model name>-<format>)")
-    parser.add_argument("--preset", choices=PRESETS, default="quick", help="calibration budget (default quick)")
+    parser.add_argument("--preset", choices=tuple(PRESETS), default="quick", help="calibration budget (default quick)")
     add_export_args(parser)
     add_eval_args(parser)
     add_quant_args(parser)
@@ -121,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(q, sub=True)
     add_quant_args(q, sub=True)
     q.add_argument("--out", default=argparse.SUPPRESS, help="artifact directory to write (default: <model>-<method>-<bits>.baseq)")
-    q.add_argument("--preset", choices=PRESETS, default=argparse.SUPPRESS)
+    q.add_argument("--preset", choices=tuple(PRESETS), default=argparse.SUPPRESS)
 
     e = sub.add_parser("export", help="export a .baseq artifact to ONNX or GGUF")
     e.add_argument("artifact", help="a .baseq directory")
@@ -266,7 +264,6 @@ def default_out(model: str, suffix: str) -> str:
 
 def apply_profile(args: argparse.Namespace) -> dict:
     """Put --profile's settings into the options left at their defaults; return its settings that have no option."""
-    from .pipeline import PROFILES
 
     profile = PROFILES.get(getattr(args, "profile", None) or "", {})
     fill_defaults(args, {k: v for k, v in profile.items() if hasattr(args, k)})
@@ -275,13 +272,11 @@ def apply_profile(args: argparse.Namespace) -> dict:
 
 def planned_settings(args: argparse.Namespace):
     """The QuantSettings the options (and --profile) ask for."""
-    from .calibrate import PRESET_R1_STEPS
-    from .pipeline import QuantSettings
 
     extra = apply_profile(args)
     r1_steps = args.r1_steps
     if r1_steps is None:  # the preset's for BASE-Q (which refuses w4a16 with its own message), else none
-        baseq = args.method == "baseq" and args.bits != "w4a16"
+        baseq = args.method == "baseq" and args.bits != W4A16
         r1_steps = PRESET_R1_STEPS.get(getattr(args, "preset", "quick"), 0) if baseq else 0
     return QuantSettings(method="quarot-gptq" if args.method == "baseq" else args.method, bits=args.bits,
                          group_size=args.group_size, seed=args.seed, head_bits=args.head_bits,
@@ -292,7 +287,6 @@ def planned_settings(args: argparse.Namespace):
 def planned_preset(args: argparse.Namespace, max_positions: int | None):
     """BASE-Q's budget: --preset with --nsamples / --calib-ctx / --e2e-epochs applied (calibration windows no longer
     than the model's context unless asked for)."""
-    from .calibrate import PRESETS
 
     preset = PRESETS[args.preset]
     ctx = args.calib_ctx or min(preset.calib_ctx, max_positions or preset.calib_ctx)

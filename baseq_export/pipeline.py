@@ -20,134 +20,13 @@ from tqdm.auto import tqdm
 from .models import LoadedModel, source_info, weights_digest
 from .memory import map_big_allocations, release_free_memory, row_slices
 from .models.base import ACT_SITES, IDENTITY, SITE_LINEARS, ModelConfig, block_forward, rms_norm, rope_tables, site_width
-from .qmodel import BITS_PRESETS, Artifact, TensorStore, linear_tensors
+from .qmodel import Artifact, TensorStore, linear_tensors
+from .settings import BITS_PRESETS, HEAD_GROUP_SIZE, W4A16, QuantSettings
 from .tensor_files import load_tensors, save_tensors, write_text_atomically
-from .quant import GGML_BLOCK, WEIGHT_GRIDS, HessianAccumulator, QuantizedWeight, gptq_factor, gptq_quantize, rtn_quantize
+from .quant import HessianAccumulator, QuantizedWeight, gptq_factor, gptq_quantize, rtn_quantize
 from .learn_rotation import (RESIDUAL_SITES, RotationFit, SiteSample, learn_residual_rotation, sampled_sites, site_gram,
                              token_sample)
 from .rotate import RotationHooks, head_mix, rotate_layer, rotate_layer_residual, rotate_outside_layers, rotate_table_residual
-
-METHODS = ("rtn", "gptq", "quarot-rtn", "quarot-gptq")
-
-
-HEAD_GROUP_SIZE = 32
-"""Group size of a 4-bit embedding / lm_head: onnxruntime's GatherBlockQuantized and MatMulNBits blocks."""
-
-
-@dataclass(frozen=True)
-class QuantSettings:
-    """Everything that decides the numbers of a quantized model (stored in the artifact)."""
-
-    method: str = "quarot-gptq"
-    bits: str = "w4a4kv4"
-    group_size: int | None = None  # None = per output channel
-    symmetric: bool = False
-    a_clip: float = 0.9  # activation clip ratio (QuaRot's default for 4-bit)
-    kv_clip: float = 0.95
-    seed: int = 0
-    damp: float = 0.01
-    act_order: bool = True
-    head_bits: int = 16  # embedding and lm_head: 16 = float, 4 = 4-bit groups of HEAD_GROUP_SIZE (MSE clip; the table
-    # the head reads by GPTQ on the head's calibration inputs where the method has calibration windows, else RTN)
-    head_act_bits: int = 16  # lm_head input: 16 = float, 8 = int8 per group (a 4-bit head on onnxruntime's int8 kernels)
-    linear_act_bits: int = 16  # w4a16 linears' input: 16 = float, 8 = int8 per weight group (onnxruntime's int8 kernels)
-    weight_grid: str = "int"  # quant.WEIGHT_GRIDS: "int" (integer zero points), "q4_0" / "q4_1" (llama.cpp's blocks)
-    weight_clip: str = "mse"  # group params: "mse" (quant.search_weight_qparams, QuaRot's recipe) or "minmax" (full range)
-    r4: bool = True  # online Hadamard before down_proj (False: every rotation offline, as llama.cpp needs)
-    r1_steps: int = 0  # learned residual rotation on top of R1 (learn_rotation.py): steps of its fit; 0 = R1 alone
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.bits not in BITS_PRESETS:
-            raise ValueError(f"unknown bits {self.bits!r}; choose one of {', '.join(BITS_PRESETS)}")
-        if self.group_size not in (None, 32, 64, 128):
-            raise ValueError(f"group size must be per-channel (none) or 32, 64, 128; got {self.group_size}")
-        if self.head_bits not in (4, 16):
-            raise ValueError(f"head bits must be 4 or 16 (float), got {self.head_bits}")
-        if self.head_act_bits not in (8, 16):
-            raise ValueError(f"head activation bits must be 8 or 16 (float), got {self.head_act_bits}")
-        if self.head_act_bits == 8 and self.head_bits != 4:
-            raise ValueError("8-bit head activations need a 4-bit head (they run onnxruntime's int4 x int8 kernels): "
-                             "add --head-bits 4 or drop --head-act-bits")
-        if self.linear_act_bits not in (8, 16):
-            raise ValueError(f"linear activation bits must be 8 or 16 (float), got {self.linear_act_bits}")
-        if self.linear_act_bits == 8 and (self.bits != "w4a16" or self.group_size is None):
-            raise ValueError("8-bit linear activations are for weight-only linears with grouped weights (onnxruntime's "
-                             "int8 kernels round per weight group): use --bits w4a16 --group-size 32|64|128")
-        if self.weight_grid not in WEIGHT_GRIDS:
-            raise ValueError(f"unknown weight grid {self.weight_grid!r}; choose one of {', '.join(WEIGHT_GRIDS)}")
-        if self.weight_grid != "int" and self.group_size != GGML_BLOCK:
-            raise ValueError(f"the {self.weight_grid} grid is llama.cpp's blocks of {GGML_BLOCK}: use group size {GGML_BLOCK}")
-        if self.weight_grid != "int" and self.symmetric:
-            raise ValueError("symmetric applies to the int grid only (q4_0 is llama.cpp's symmetric grid)")
-        if self.weight_clip not in ("minmax", "mse"):
-            raise ValueError(f"weight clip must be 'minmax' or 'mse', got {self.weight_clip!r}")
-
-        if self.seed < 0:
-            raise ValueError(f"seed must be 0 or more, got {self.seed}")
-        if self.r1_steps < 0:
-            raise ValueError(f"the learned rotation's steps must be 0 (off) or more, got {self.r1_steps}")
-        if self.r1_steps and not (self.rotated and BITS_PRESETS[self.bits][1]):
-            raise ValueError("a learned R1 rotation lowers activation rounding error: it needs a rotated method "
-                             "(quarot-*, baseq) and quantized activations (--bits w4a4kv4 or w4a8kv8)")
-
-    def check_model(self, cfg: ModelConfig) -> None:
-        """Refuse settings this model's dimensions cannot take, before any calibration work."""
-        from .models.base import LINEARS, linear_in_features
-
-        if self.group_size:
-            widths = {linear_in_features(cfg, n) for n in LINEARS}
-            bad = sorted(k for k in widths if k % self.group_size)
-            if bad:
-                fits = [g for g in (32, 64, 128) if all(k % g == 0 for k in widths)]
-                raise ValueError(f"--group-size {self.group_size} does not divide the input width(s) {bad} of this "
-                                 f"model's linears; use {' or '.join(map(str, fits)) if fits else 'per-channel weights (no --group-size)'}")
-
-    @property
-    def rotated(self) -> bool:
-        return self.method.startswith("quarot")
-
-    def quant_config(self) -> dict:
-        w_bits, a_bits, kv_bits = BITS_PRESETS[self.bits]
-        rotation = {"r1_seed": self.seed, "r1": True, "r2": True, "r3": bool(kv_bits), "r4": self.r4,
-                    **({"r1_learned_steps": self.r1_steps} if self.r1_steps else {})} if self.rotated else None
-        return {
-            "method": self.method, "bits": self.bits, "w_bits": w_bits, "a_bits": a_bits, "kv_bits": kv_bits,
-            "group_size": self.group_size, "symmetric": self.symmetric, "rotation": rotation,
-            "weight_grid": self.weight_grid, "weight_clip": self.weight_clip,
-            "lm_head": "float" if self.head_bits == 16 else "int4", "embed": "float" if self.head_bits == 16 else "int4",
-            **({"head_group_size": HEAD_GROUP_SIZE, "head_quant": "gptq" if self.method.endswith("gptq") else "rtn"}
-               if self.head_bits == 4 else {}),
-            **({"head_act_bits": 8} if self.head_act_bits == 8 else {}),
-            **({"linear_act_bits": 8} if self.linear_act_bits == 8 else {}),
-        }
-
-
-PROFILES = {
-    # llama.cpp (GGUF): weight-only W4A16, R1/R2 folded offline and no online rotation (llama.cpp has no
-    # Hadamard before ffn_down), GPTQ on llama.cpp's Q4_1 blocks of 32 with searched fp16 d and m.
-    "gguf": dict(method="quarot-gptq", bits="w4a16", group_size=GGML_BLOCK, weight_grid="q4_1", weight_clip="mse", r4=False),
-    # onnxruntime, weight-only: rotated GPTQ in groups of 64 (searched clip), every rotation offline, 4-bit tied head;
-    # head and linears on MatMulNBits' int8 kernels (inputs rounded to int8 per group, as the reference does).
-    "onnx-w4a16": dict(method="quarot-gptq", bits="w4a16", group_size=64, weight_clip="mse", r4=False, head_bits=4,
-                       head_act_bits=8, linear_act_bits=8),
-}
-
-
-def profile_settings(profile: str, **overrides) -> "QuantSettings":
-    """QuantSettings of a named profile (PROFILES), with fields overridden (e.g. weight_grid="q4_0", method="rtn")."""
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
-    return QuantSettings(**{**PROFILES[profile], **overrides})
-
-
-def is_weight_only_offline(quant: dict) -> bool:
-    """True when an artifact's quant config needs no online op: float activations and KV cache, no R3/R4
-    (what a GGUF file for llama.cpp can hold)."""
-    rot = quant.get("rotation") or {}
-    return not quant.get("a_bits") and not quant.get("kv_bits") and not rot.get("r3") and not rot.get("r4")
-
 
 class TapHooks:
     """Wraps hooks and calls on_act(site, x) with each activation site's output (statistics collection)."""
@@ -674,7 +553,7 @@ def tune_blocks(
 
     from .qmodel import linear_from_tensors
 
-    if settings.bits != "w4a16":
+    if settings.bits != W4A16:
         raise ValueError("blockwise weight tuning is for the weight-only profile (bits w4a16)")
     t = tune or TuneSettings()
     t_start = time.time()

@@ -344,7 +344,6 @@ def load_artifact(path: str | Path, map_location: str = "cpu", lazy: bool = Fals
 # The quantized model: tensors <-> QuantizedWeight, and the reference forward (the oracle that
 # every exporter is compared to).
 
-BITS_PRESETS = {"w4a16": (4, None, None), "w4a8kv8": (4, 8, 8), "w4a4kv4": (4, 4, 4)}
 KV_SITES = ("k_cache", "v_cache")
 HEAD_TENSORS = ("embed", "lm_head")  # stored as float, or as 4-bit codes (quant["head_group_size"])
 

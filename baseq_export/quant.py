@@ -754,7 +754,7 @@ def gptq_factor(hessian: torch.Tensor, damp: float = 0.01, act_order: bool = Tru
             return _act_order_hessian_(hessian.detach().to(device=device, dtype=torch.float64).clone(), perm, dead)
         if attempts > 1:  # its only copy was factored in place by the failed attempt
             raise RuntimeError(f"gptq: the damped Hessian (damp={damp}) is not positive definite; with a "
-                               "finite Hessian that takes a larger damp (QuantSettings.damp)")
+                               "finite Hessian that takes a larger damp (settings.QuantSettings.damp)")
         return _act_order_hessian_(hessian.detach(), perm, dead)
 
     return GptqFactor(diag=diag, dead=dead, perm=perm, hinv=_inverse_hessian_upper(act_order_h, damp))

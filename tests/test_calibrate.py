@@ -2,10 +2,12 @@ import pytest
 import torch
 
 from baseq_export import calibrate
-from baseq_export.calibrate import BaseqSettings, block_tensors, calibrate_baseq, fold_block, init_params
+from baseq_export.calibrate import block_tensors, calibrate_baseq, fold_block, init_params
+from baseq_export.settings import BaseqSettings
 from baseq_export.models import from_hf_model
 from baseq_export.models.base import forward, layer_weights
-from baseq_export.pipeline import QuantSettings, calib_rope, quantize_model, round_layer, run_block
+from baseq_export.pipeline import calib_rope, quantize_model, round_layer, run_block
+from baseq_export.settings import QuantSettings
 from baseq_export.qmodel import QuantHooks, load_artifact, reference_model, save_artifact
 from conftest import tiny_hf_model
 

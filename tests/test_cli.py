@@ -213,9 +213,10 @@ def test_report_writes_plots(tmp_path, capsys):
 
 def test_site_activations_match_the_reference_forward():
     """The report's 'quantizer input' stage is what fake quantization actually receives."""
-    from baseq_export.calibrate import BaseqSettings, calibrate_baseq
+    from baseq_export.calibrate import calibrate_baseq
+    from baseq_export.settings import BaseqSettings
     from baseq_export.models import from_hf_model
-    from baseq_export.pipeline import QuantSettings
+    from baseq_export.settings import QuantSettings
     from baseq_export.quant import fake_quant_per_token
     from baseq_export.report import site_activations
     from conftest import tiny_hf_model

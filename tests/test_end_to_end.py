@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from baseq_export import calibrate
-from baseq_export.calibrate import BaseqSettings, calibrate_baseq
+from baseq_export.calibrate import calibrate_baseq
+from baseq_export.settings import BaseqSettings
 from baseq_export.end_to_end import EndToEndFit, TunableArtifact, token_kl, tune_end_to_end
 from baseq_export.models import from_hf_model
 from baseq_export.models.base import forward, head_logits
-from baseq_export.pipeline import QuantSettings
+from baseq_export.settings import QuantSettings
 from baseq_export.qmodel import Artifact, TensorStore, reference_model
 from conftest import tiny_hf_model
 

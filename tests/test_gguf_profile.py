@@ -8,7 +8,8 @@ import torch
 
 from baseq_export.models import from_hf_model
 from baseq_export.models.base import IDENTITY, forward
-from baseq_export.pipeline import PROFILES, QuantSettings, is_weight_only_offline, profile_settings, quantize_model
+from baseq_export.pipeline import quantize_model
+from baseq_export.settings import PROFILES, QuantSettings, is_weight_only_offline, profile_settings
 from baseq_export.qmodel import load_artifact, reference_model, save_artifact
 from baseq_export.rotate import RotationHooks, rotate_model
 from conftest import tiny_hf_model

@@ -3,11 +3,13 @@ import pytest
 import torch
 
 from baseq_export import calibrate
-from baseq_export.calibrate import BaseqSettings, calibrate_baseq
+from baseq_export.calibrate import calibrate_baseq
+from baseq_export.settings import BaseqSettings
 from baseq_export.learn_rotation import RotationFit, SiteSample, learn_residual_rotation, rotation_loss, weighted_error
 from baseq_export.models import from_hf_model
 from baseq_export.models.base import forward
-from baseq_export.pipeline import BlockWeights, QuantSettings, block_weights, learned_residual, quantize_model
+from baseq_export.pipeline import BlockWeights, block_weights, learned_residual, quantize_model
+from baseq_export.settings import QuantSettings
 from baseq_export.rotate import RotationHooks, random_orthogonal
 from conftest import tiny_hf_model
 

@@ -5,7 +5,8 @@ import torch
 
 from baseq_export.models import from_hf_model
 from baseq_export.models.base import forward
-from baseq_export.pipeline import QuantSettings, quantize_model
+from baseq_export.pipeline import quantize_model
+from baseq_export.settings import QuantSettings
 from baseq_export.qmodel import load_artifact, reference_model, save_artifact
 from baseq_export import quant
 from baseq_export.quant import HessianAccumulator, dequantize_weight, fake_quant_per_token, gptq_quantize, rtn_quantize
@@ -222,7 +223,8 @@ def _saved_checkpoint(tmp_path, arch="llama"):
 def test_streamed_lazy_weights_give_the_in_memory_artifact(tmp_path, method, bits):
     """A model read tensor by tensor (models.lazy) and rotated block by block gives the artifact of the same
     model loaded whole, bit for bit."""
-    from baseq_export.calibrate import PRESETS, calibrate_baseq
+    from baseq_export.calibrate import calibrate_baseq
+    from baseq_export.settings import PRESETS
     from baseq_export.models import load_model
 
     path = _saved_checkpoint(tmp_path / "model", "qwen2" if method == "gptq" else "llama")
@@ -234,7 +236,8 @@ def test_streamed_lazy_weights_give_the_in_memory_artifact(tmp_path, method, bit
         preset = dataclasses.replace(PRESETS["quick"], nsamples=16, calib_ctx=32, epochs=1)
         make = lambda m, spool: calibrate_baseq(m, QuantSettings(bits=bits), preset, ids, workdir=spool)  # noqa: E731
     elif method == "tune":
-        from baseq_export.pipeline import TuneSettings, profile_settings, tune_blocks
+        from baseq_export.pipeline import TuneSettings, tune_blocks
+        from baseq_export.settings import profile_settings
 
         tune = TuneSettings(nsamples=8, ctx=32, nval=4, epochs=1)
         make = lambda m, spool: tune_blocks(m, profile_settings("gguf"), ids, tune, workdir=spool)  # noqa: E731

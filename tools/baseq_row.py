@@ -26,11 +26,13 @@ from bench_baseq import evaluation_windows  # noqa: E402
 from benchutil import machine, write_json  # noqa: E402
 
 from baseq_export import data  # noqa: E402
-from baseq_export.calibrate import PRESETS, calibrate_baseq  # noqa: E402
+from baseq_export.calibrate import calibrate_baseq  # noqa: E402
+from baseq_export.settings import PRESETS  # noqa: E402
 from baseq_export.evaluate import perplexity  # noqa: E402
 from baseq_export.models import load_model  # noqa: E402
 from baseq_export.models.base import forward  # noqa: E402
-from baseq_export.pipeline import QuantSettings, quantize_model  # noqa: E402
+from baseq_export.pipeline import quantize_model  # noqa: E402
+from baseq_export.settings import QuantSettings  # noqa: E402
 from baseq_export.qmodel import reference_model  # noqa: E402
 
 

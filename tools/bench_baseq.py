@@ -38,11 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchutil import machine, require_idle, write_json  # noqa: E402
 
 from baseq_export import data  # noqa: E402
-from baseq_export.calibrate import PRESET_R1_STEPS, PRESETS, calibrate_baseq  # noqa: E402
+from baseq_export.calibrate import calibrate_baseq  # noqa: E402
+from baseq_export.settings import PRESET_R1_STEPS, PRESETS  # noqa: E402
 from baseq_export.evaluate import perplexity  # noqa: E402
 from baseq_export.models import load_model  # noqa: E402
 from baseq_export.models.base import forward  # noqa: E402
-from baseq_export.pipeline import QuantSettings, quantize_model  # noqa: E402
+from baseq_export.pipeline import quantize_model  # noqa: E402
+from baseq_export.settings import QuantSettings  # noqa: E402
 from baseq_export.qmodel import reference_model  # noqa: E402
 
 # Stage C's budgets alone (the presets without their end-to-end pass): the "BASE-Q quick / standard" rows and the ablations

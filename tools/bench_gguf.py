@@ -48,7 +48,8 @@ from baseq_export import data  # noqa: E402
 from baseq_export.evaluate import perplexity  # noqa: E402
 from baseq_export.models import load_model  # noqa: E402
 from baseq_export.models.base import SITE_LINEARS, IdentityHooks, forward  # noqa: E402
-from baseq_export.pipeline import QuantSettings, profile_settings, quantize_model  # noqa: E402
+from baseq_export.pipeline import quantize_model  # noqa: E402
+from baseq_export.settings import QuantSettings, profile_settings  # noqa: E402
 from baseq_export.qmodel import load_artifact, reference_model, save_artifact  # noqa: E402
 
 PROMPT = "def fibonacci(n):\n    "

@@ -70,7 +70,7 @@ def options(args: argparse.Namespace) -> dict:
 
 
 def main_job_settings(args: argparse.Namespace) -> dict:
-    """The main job for GGUF quantizes with the gguf profile (pipeline.PROFILES; --profile gguf)."""
+    """The main job for GGUF quantizes with the gguf profile (settings.PROFILES; --profile gguf)."""
     return {"profile": "gguf"}
 
 
