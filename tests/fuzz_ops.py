@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baseq_export import runtime_ops  # noqa: E402
 from baseq_export.export.onnx_graph import MS_DOMAIN, OPS_DOMAIN  # noqa: E402
+from baseq_export.quant import packed_kv_row_width  # noqa: E402
 from test_kernels import attention_feeds, make_weights, np_int_linear  # noqa: E402
 from test_runtime_ops import np_fake_quant, np_quant_levels  # noqa: E402
 
@@ -401,7 +402,7 @@ def fuzz_rope_attention(rng, poison, big):
     qkv = values(rng, (b, t, width if rng.random() < 0.9 else width + 2), poison)
     ct = t if rng.random() < 0.92 else t + 1
     ang = rng.random((ct, hd)).astype(np.float32)
-    row = hd // 2 + 8 if packed else hd
+    row = packed_kv_row_width(hd) if packed else hd
     past_k = (rng.integers(0, 16, (b, kvh, past, row)).astype(np.uint8) if packed
               else rng.standard_normal((b, kvh, past, hd)).astype(np.float32))
     if packed and past:  # plausible scale / zero bytes

@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from baseq_export import runtime_ops
 from baseq_export.export.onnx_graph import MS_DOMAIN, OPS_DOMAIN, emit_quant_levels_op, matmul_nbits_inputs, Graph
+from baseq_export.quant import packed_kv_row_width
 from test_runtime_ops import np_quant_levels, run_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -433,7 +434,7 @@ def attention_feeds(b, h, kvh, t, past, hd, packed, seed=0, pad=0):
     if pad:  # left padding in the last batch row: its first `pad` positions are hidden, those queries see nothing
         f["attention_mask"][-1, :pad] = 0
     if packed:
-        row = hd // 2 + 8
+        row = packed_kv_row_width(hd)
         cache = []
         for _ in range(2):
             p = np.empty((b, kvh, past, row), np.uint8)
@@ -543,7 +544,7 @@ def test_rope_attention_rejects_bad_inputs():
     sess = ort.InferenceSession(model.SerializeToString(), runtime_ops.session_options(1), providers=["CPUExecutionProvider"])
     hd, t = 16, 3
     good = {"qkv": np.ones((1, t, 8 * hd), np.float32), "cos": np.ones((t, hd), np.float32), "sin": np.zeros((t, hd), np.float32),
-            "past_k": np.zeros((1, 2, 0, hd // 2 + 8), np.uint8), "past_v": np.zeros((1, 2, 0, hd // 2 + 8), np.uint8),
+            "past_k": np.zeros((1, 2, 0, packed_kv_row_width(hd)), np.uint8), "past_v": np.zeros((1, 2, 0, packed_kv_row_width(hd)), np.uint8),
             "attention_mask": np.ones((1, t), np.int64), "k_clip": np.ones(1, np.float32), "v_clip": np.ones(1, np.float32)}
     assert sess.run(None, good)[0].shape == (1, t, 4 * hd)
     err = run_error_fn(lambda: sess.run(None, {**good, "qkv": np.ones((1, t, 8 * hd + 8), np.float32)}))

@@ -20,7 +20,7 @@ from baseq_export.models import from_hf_model
 from baseq_export.pipeline import quantize_model
 from baseq_export.settings import QuantSettings
 from baseq_export.qmodel import reference_model, save_artifact
-from baseq_export.quant import fake_quant_per_token, rtn_quantize
+from baseq_export.quant import fake_quant_per_token, packed_kv_row_width, rtn_quantize
 from conftest import tiny_hf_model
 
 
@@ -354,13 +354,13 @@ def test_packed_int4_kv_cache_gives_the_same_logits(tmp_path, arch):
     past_p, past_f = assert_same_steps(pk, flt, torch.randint(0, 96, (2, 14), generator=torch.Generator().manual_seed(3)).numpy(), 9)
     key = past_p["past_key_values.0.key"]
     hd = m.config.head_dim
-    assert key.dtype == np.uint8 and key.shape == (2, m.config.num_kv_heads, 14, hd // 2 + 8)
+    assert key.dtype == np.uint8 and key.shape == (2, m.config.num_kv_heads, 14, packed_kv_row_width(hd))
     # independent numpy unpacking of the stored rows gives the float cache's values
     codes = np.stack([key[..., : hd // 2] & 15, key[..., : hd // 2] >> 4], -1).reshape(*key.shape[:3], hd).astype(np.float32)
     scale = key[..., hd // 2 : hd // 2 + 4].copy().view(np.float32)
     zero = key[..., hd // 2 + 4 :].copy().view(np.float32)
     np.testing.assert_array_equal((codes - zero) * scale, past_f["past_key_values.0.key"])
-    assert past_f["past_key_values.0.key"].nbytes / key.nbytes == 4 * hd / (hd // 2 + 8)  # hd 64: 256 -> 40 bytes a row
+    assert past_f["past_key_values.0.key"].nbytes / key.nbytes == 4 * hd / (packed_kv_row_width(hd))  # hd 64: 256 -> 40 bytes a row
 
 
 def test_packed_kv_cache_needs_custom_ops_and_4bit_kv(tmp_path):

@@ -138,8 +138,8 @@ def test_gptq_head_lowers_the_logit_error_and_slices_give_the_whole_tables_codes
     assert all(torch.equal(getattr(plain, f), getattr(whole, f)) for f in ("codes", "scale", "zero"))
     monkeypatch.setattr(pipeline, "HEAD_GPTQ_ELEMENTS", 64 * 70)  # five slices, the last one short
     factored = []
-    inverse = quant._inverse_hessian_upper
-    monkeypatch.setattr(quant, "_inverse_hessian_upper", lambda *a: factored.append(1) or inverse(*a))
+    inverse = quant.gptq._inverse_hessian_upper
+    monkeypatch.setattr(quant.gptq, "_inverse_hessian_upper", lambda *a: factored.append(1) or inverse(*a))
     sliced = pipeline.gptq_head(table, acc.hessian)
     assert all(torch.equal(getattr(sliced, f), getattr(whole, f)) for f in ("codes", "scale", "zero"))
     assert len(factored) == 1  # one factorisation serves the five slices

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from baseq_export import quant
+from baseq_export.quant import gptq, qparams
 from baseq_export.quant import (
     HessianAccumulator,
     QuantizedWeight,
@@ -387,7 +388,7 @@ def test_gptq_beats_rtn_on_output_error(layer, group_size, act_order, symmetric)
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_codes_are_what_error_feedback_used(layer, act_order):
     x, w, h = layer
-    qw, used = quant._gptq_run(w, h, 4, 64, False, 0.01, act_order, 128, False, 1.0)
+    qw, used = gptq._gptq_run(w, h, 4, 64, False, 0.01, act_order, 128, False, 1.0)
     assert torch.equal(dequantize_weight(qw), used)
     # stored codes are consistent with the stored params
     s, z = qw.scale.numpy(), qw.zero.numpy()
@@ -400,7 +401,7 @@ def test_gptq_in_place_inverse_equals_plain_linear_algebra(layer, monkeypatch):
     plain out-of-place chain gives on h[perm][:, perm] (torch reads its lower triangle), bit for bit, even though
     an accumulated Hessian is not exactly symmetric."""
     _, _, h = layer
-    monkeypatch.setattr(quant, "HESSIAN_ROWS", 37)  # several uneven slices, so the slicing itself is exercised
+    monkeypatch.setattr(gptq, "HESSIAN_ROWS", 37)  # several uneven slices, so the slicing itself is exercised
     assert not torch.equal(h, h.T)
     dead = torch.zeros(h.shape[0], dtype=torch.bool)
     dead[[3, 100]] = True  # inputs never active: zero rows and columns
@@ -413,7 +414,7 @@ def test_gptq_in_place_inverse_equals_plain_linear_algebra(layer, monkeypatch):
     ref = ref[perm][:, perm]
     lam = 0.01 * float(torch.diagonal(ref).mean())
     plain = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(ref + lam * torch.eye(h.shape[0], dtype=h.dtype))), upper=True)
-    got = quant._inverse_hessian_upper(lambda: quant._act_order_hessian_(h.clone(), perm, dead), 0.01)
+    got = gptq._inverse_hessian_upper(lambda: gptq._act_order_hessian_(h.clone(), perm, dead), 0.01)
     assert got.dtype == torch.float32 and got.is_contiguous()
     assert torch.equal(got, plain.to(torch.float32))
 
@@ -619,7 +620,7 @@ def test_clip_search_in_row_slices_equals_one_pass(grid, symmetric, monkeypatch)
     w = heavy_weight(37, 64, seed=11)
     v = torch.rand(64, generator=torch.Generator().manual_seed(3)) + 0.1
     whole = [quant.rtn_quantize(w, 4, 32, symmetric, mse_clip_search=True, grid=grid, importance=imp) for imp in (None, v)]
-    monkeypatch.setattr(quant, "SEARCH_ELEMENTS", 5 * 64)  # slices of 5 rows; the last one holds 2
+    monkeypatch.setattr(qparams, "SEARCH_ELEMENTS", 5 * 64)  # slices of 5 rows; the last one holds 2
     sliced = [quant.rtn_quantize(w, 4, 32, symmetric, mse_clip_search=True, grid=grid, importance=imp) for imp in (None, v)]
     for a, b in zip(whole, sliced):
         for name in ("codes", "scale", "zero", "minimum"):
@@ -647,7 +648,7 @@ def test_fit_q4_1_is_least_squares():
 def test_gptq_on_llama_cpp_grids(layer, grid):
     x, w, h = layer
     rtn = quant.rtn_quantize(w, grid=grid, mse_clip_search=True)
-    qw, used = quant._gptq_run(w, h, 4, 32, False, 0.01, True, 128, True, 1.0, grid)
+    qw, used = gptq._gptq_run(w, h, 4, 32, False, 0.01, True, 128, True, 1.0, grid)
     qw.validate()
     assert qw.grid == grid
     # static blocks: GPTQ keeps the block params chosen from the original weights, and every column was

@@ -17,6 +17,7 @@ from baseq_export.export.onnx_graph import (MS_DOMAIN, OPS_DOMAIN, Graph, emit_f
                                             emit_hadamard_op, emit_quant_dequant_op, emit_quant_levels,
                                             emit_quant_levels_op)
 from baseq_export.hadamard import hadamard_matrix
+from baseq_export.quant import packed_kv_row_width
 
 IMPLS = ["custom", "standard"]
 
@@ -321,7 +322,7 @@ def test_kv_pack_unpack_matches_numpy(shape):
     y, packed = kv_pack_session(hd)(x, clip)
     ref = np_fake_quant(x, 4, clip.reshape(heads, 1, 1))
     np.testing.assert_array_equal(y, ref)  # the same floats as QuantDequant, NaN rows included
-    assert packed.dtype == np.uint8 and packed.shape == shape[:3] + (hd // 2 + 8,)
+    assert packed.dtype == np.uint8 and packed.shape == shape[:3] + (packed_kv_row_width(hd),)
     if x.size:  # the stored codes are the quantizer's integer codes, low nibble = even element
         scale, zero = packed[..., hd // 2 : hd // 2 + 4].copy().view(np.float32), packed[..., hd // 2 + 4 :].copy().view(np.float32)
         codes = np.stack([packed[..., : hd // 2] & 15, packed[..., : hd // 2] >> 4], -1).reshape(*shape[:3], hd)

@@ -30,7 +30,7 @@ QWEN2_BIASES = ("q", "k", "v")  # the only projection biases llama.cpp's qwen2 g
 GGUF_TENSORS = {"q": gguf.MODEL_TENSOR.ATTN_Q, "k": gguf.MODEL_TENSOR.ATTN_K, "v": gguf.MODEL_TENSOR.ATTN_V,
                 "o": gguf.MODEL_TENSOR.ATTN_OUT, "gate": gguf.MODEL_TENSOR.FFN_GATE, "up": gguf.MODEL_TENSOR.FFN_UP,
                 "down": gguf.MODEL_TENSOR.FFN_DOWN}
-assert all(gguf.GGML_QUANT_SIZES[t][0] == GGML_BLOCK for t in (QT.Q4_0, QT.Q4_1))  # quant.py and ggml agree
+assert all(gguf.GGML_QUANT_SIZES[t][0] == GGML_BLOCK for t in (QT.Q4_0, QT.Q4_1))  # quant.layout and ggml agree
 
 
 class GGUFExportError(ValueError):

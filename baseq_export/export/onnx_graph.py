@@ -13,7 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper, numpy_helper
+
+from ..quant import matmul_nbits_bytes
 
 MS_DOMAIN = "com.microsoft"
 
@@ -188,13 +191,8 @@ def matmul_nbits_inputs(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, 
         zero = np.repeat(zero, k // block, axis=1)
     else:
         block = group_size
-    k_blocks = k // block
-    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
-    b = packed.reshape(n, k_blocks, block // 2).astype(np.uint8)
-    if k_blocks % 2:
-        zero = np.concatenate([zero, np.zeros((n, 1), np.uint8)], axis=1)
-    zp = (zero[:, 0::2] | (zero[:, 1::2] << 4)).astype(np.uint8)
-    return {"B": b, "scales": scale.astype(np.float32), "zero_points": zp}, block
+    b, zp = matmul_nbits_bytes(torch.from_numpy(codes), torch.from_numpy(zero), block)
+    return {"B": b.numpy(), "scales": scale.astype(np.float32), "zero_points": zp.numpy()}, block
 
 
 # ------------------------------------------------------------------ our custom ops (domain "baseq")

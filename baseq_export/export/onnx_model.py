@@ -23,7 +23,7 @@ from onnx import TensorProto, helper
 
 from ..models.base import ModelConfig, linear_in_features, rope_tables, site_width
 from ..qmodel import Artifact, head_from_tensors, linear_from_tensors
-from ..quant import QuantizedWeight, pack_int4
+from ..quant import QuantizedWeight, pack_int4, packed_kv_row_width
 from .onnx_graph import (MS_DOMAIN, OPS_DOMAIN, ExternalData, Graph, emit_fake_quant, emit_hadamard, emit_hadamard_op,
                          emit_quant_dequant_op, emit_quant_levels, emit_quant_levels_op, emit_rms_norm,
                          emit_swiglu, matmul_nbits_inputs, to_double, to_float)
@@ -403,7 +403,7 @@ def check_kv_cache(art: Artifact, ops: str, kv_cache: str) -> None:
 
 def kv_row_width(cfg: ModelConfig, kv_cache: str) -> int:
     """Last dimension of a past/present tensor: head_dim floats, or head_dim/2 code bytes + scale + zero."""
-    return cfg.head_dim if kv_cache == "float" else cfg.head_dim // 2 + 8
+    return cfg.head_dim if kv_cache == "float" else packed_kv_row_width(cfg.head_dim)
 
 
 def build_model(art: Artifact, max_length: int = 2048, ops: str = "standard", kv_cache: str = "float",
