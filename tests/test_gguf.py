@@ -19,7 +19,9 @@ from baseq_export.models import from_hf_model
 from baseq_export.models.base import forward
 from baseq_export.pipeline import quantize_model
 from baseq_export.settings import QuantSettings, profile_settings
-from baseq_export.qmodel import linear_from_tensors, load_artifact, reference_model, save_artifact
+from baseq_export.artifact import load_artifact, save_artifact
+from baseq_export.artifact_tensors import linear_from_tensors
+from baseq_export.reference import reference_model
 from baseq_export.quant import fp16_ceil, quantize
 from conftest import tiny_hf_model
 

@@ -19,7 +19,8 @@ from baseq_export.hadamard import apply_hadamard
 from baseq_export.models import from_hf_model
 from baseq_export.pipeline import quantize_model
 from baseq_export.settings import QuantSettings
-from baseq_export.qmodel import reference_model, save_artifact
+from baseq_export.artifact import save_artifact
+from baseq_export.reference import reference_model
 from baseq_export.quant import fake_quant_per_token, rtn_quantize
 from conftest import tiny_hf_model
 

@@ -283,7 +283,7 @@ def _cli(args: list[str], preexec_fn=None, **kw) -> subprocess.Popen:
 def _artifact_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from baseq_export.qmodel import TENSORS
+    from baseq_export.artifact import TENSORS
 
     return load_file(path / TENSORS)
 
@@ -465,7 +465,7 @@ def test_a_gguf_export_is_validated_and_a_damaged_one_named(tmp_path, capsys):
 def _plan_args(art: Path):
     """plan_tensors' arguments for an artifact as `export --format gguf` plans it by default."""
     from baseq_export.export.gguf_meta import rope_factors
-    from baseq_export.qmodel import load_artifact
+    from baseq_export.artifact import load_artifact
 
     a = load_artifact(art)
     return a, "auto", "auto", None, rope_factors(a)

@@ -367,7 +367,8 @@ def test_export_falls_back_to_standard_ops_when_the_library_cannot_build(tmp_pat
     from baseq_export.models import from_hf_model
     from baseq_export.pipeline import quantize_model
     from baseq_export.settings import QuantSettings
-    from baseq_export.qmodel import reference_model, save_artifact
+    from baseq_export.artifact import save_artifact
+    from baseq_export.reference import reference_model
     from conftest import tiny_hf_model
 
     m = from_hf_model(tiny_hf_model("llama", dtype=torch.float32))

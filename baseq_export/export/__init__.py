@@ -71,7 +71,8 @@ class TorchBackend:
     """A .baseq artifact in its PyTorch reference forward (the oracle every export is compared to)."""
 
     def __init__(self, path: str | Path, device: torch.device | None = None):
-        from ..qmodel import load_artifact, reference_model
+        from ..artifact import load_artifact
+        from ..reference import reference_model
 
         art = load_artifact(path)
         self.model = reference_model(art, device=device)

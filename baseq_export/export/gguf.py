@@ -23,7 +23,8 @@ import gguf
 import numpy as np
 
 from ..models.base import LINEARS, ModelConfig, linear_in_features
-from ..qmodel import Artifact, is_online_param, load_artifact
+from ..artifact import Artifact, load_artifact
+from ..artifact_tensors import is_online_param
 from ..quant import GGML_BLOCK
 from . import option_default
 from .gguf_meta import FORMAT_KEY, FORMAT_VALUE, add_hparams, add_tokenizer, context_length, rope_factors

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..models.base import ModelConfig
-from ..qmodel import Artifact
+from ..artifact import Artifact
 from .gguf_tensors import GGUFExportError, Plan
 
 FORMAT_KEY = "baseq.format"

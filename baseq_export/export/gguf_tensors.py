@@ -18,7 +18,9 @@ import torch
 
 from ..memory import row_slices
 from ..models.base import LINEARS, ModelConfig, linear_in_features
-from ..qmodel import HEAD_TENSORS, Artifact, head_from_tensors, linear_from_tensors, tensor_meta
+from ..artifact import Artifact
+from ..artifact_tensors import HEAD_TENSORS, head_from_tensors, linear_from_tensors
+from ..tensor_files import tensor_meta
 from ..quant import GGML_BLOCK, Q4_0_ZERO, QuantizedWeight, fp16_round, ggml_q4_blocks
 
 QT = gguf.GGMLQuantizationType

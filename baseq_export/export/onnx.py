@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx
 
 from ..models.base import ModelConfig
-from ..qmodel import Artifact, load_artifact, staged_dir
+from ..artifact import Artifact, load_artifact, staged_dir
 from . import option_default
 from .onnx_genai import GenaiBackend, write_genai_config
 from .onnx_graph import ExternalData

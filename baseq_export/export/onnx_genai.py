@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..models.base import ModelConfig
-from ..qmodel import Artifact
+from ..artifact import Artifact
 from .onnx_runtime import MODEL_FILE
 
 GENAI_CONFIG = "genai_config.json"

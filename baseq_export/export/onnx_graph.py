@@ -1,7 +1,7 @@
 """A minimal ONNX graph accumulator and the standard-op building blocks of our quantized forward.
 
 Each `emit_*` function appends the nodes of one computation and returns its output name; they
-reproduce the exact mode of models.base / qmodel.QuantHooks: float32 element-wise steps op for op,
+reproduce the exact mode of models.base / reference.QuantHooks: float32 element-wise steps op for op,
 norms and Hadamards in float64 rounded once, quantizers bit for bit. So onnxruntime gets the
 reference's values, not just close ones.
 """

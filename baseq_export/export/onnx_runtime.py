@@ -37,7 +37,7 @@ def read_manifest(path: str | Path) -> dict:
 
 def file_digests(path: Path, files: list[str]) -> dict[str, dict]:
     """Size and SHA-256 of each file of an export (written into its manifest, checked when it is opened)."""
-    from ..qmodel import sha256_file
+    from ..tensor_files import sha256_file
 
     return {f: {"bytes": (path / f).stat().st_size, "sha256": sha256_file(path / f)} for f in files}
 
@@ -55,7 +55,7 @@ def verify_files(path: str | Path, manifest: dict) -> None:
         if size != want["bytes"]:
             raise ValueError(f"{f} has {size} bytes, the export wrote {want['bytes']}: it is truncated or replaced; "
                              "copy it again or re-export")
-        from ..qmodel import sha256_file
+        from ..tensor_files import sha256_file
 
         if sha256_file(f) != want["sha256"]:
             kind = "an op library from another build" if name.endswith(".so") else "damaged"
