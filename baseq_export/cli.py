@@ -432,7 +432,7 @@ def export(artifact, fmt: str, out: str, force: bool, options: dict | None = Non
     t.check_artifact(art)
     map_big_allocations(block_bytes(ModelConfig.from_dict(art.model)))  # as quantize does, for a 7B model (memory.py)
     t0 = time.time()
-    path = t.write(artifact, out, force=force, **(options or {}))
+    path = t.write(art, out, force=force, **(options or {}))
     print(f"exported {artifact} to {path} in {time.time() - t0:.1f} s", file=sys.stderr)
     return path
 

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from baseq_export import runtime_ops
-from baseq_export.export.onnx_graph import (MS_DOMAIN, OPS_DOMAIN, Graph, emit_fake_quant, emit_hadamard,
+from baseq_export.export.onnx.graph import (MS_DOMAIN, OPS_DOMAIN, Graph, emit_fake_quant, emit_hadamard,
                                             emit_hadamard_op, emit_quant_dequant_op, emit_quant_levels,
                                             emit_quant_levels_op)
 from baseq_export.hadamard import hadamard_matrix
@@ -419,7 +419,7 @@ def assert_rounded_once(got: np.ndarray, ref64: np.ndarray) -> None:
 def test_rms_norm_and_swiglu_round_once_from_float64(impl):
     import torch
 
-    from baseq_export.export.onnx_graph import emit_rms_norm, emit_swiglu
+    from baseq_export.export.onnx.graph import emit_rms_norm, emit_swiglu
     from baseq_export.models.base import rms_norm, swiglu
 
     rng = np.random.default_rng(7)

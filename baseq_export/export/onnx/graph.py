@@ -155,7 +155,7 @@ def emit_quant_levels(g: Graph, x: str, bits: int, clip: str) -> tuple[str, str]
 def emit_hadamard(g: Graph, x: str, n: int) -> str:
     """x @ H along the last axis as Reshape + MatMul by the Kronecker factors of hadamard.plan_hadamard,
     in float64 rounded once (QuantHooks.hadamard in exact mode)."""
-    from ..hadamard import hadamard_matrix, plan_hadamard
+    from ...hadamard import hadamard_matrix, plan_hadamard
 
     plan = plan_hadamard(n)
     p = plan.pow2
@@ -204,7 +204,7 @@ OPS_DOMAIN = "baseq"
 
 def emit_hadamard_op(g: Graph, x: str, n: int) -> str:
     """x @ H along the last axis as one baseq.Hadamard node (butterflies + the small dense factor)."""
-    from ..hadamard import plan_hadamard
+    from ...hadamard import plan_hadamard
 
     plan = plan_hadamard(n)
     inputs = [x] if plan.small is None else [x, g.const(plan.small.numpy(), np.float64)]

@@ -21,11 +21,11 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from ..models.base import ModelConfig, linear_in_features, rope_tables, site_width
-from ..artifact import Artifact
-from ..artifact_tensors import head_from_tensors, linear_from_tensors
-from ..quant import QuantizedWeight, pack_int4
-from .onnx_graph import (MS_DOMAIN, OPS_DOMAIN, ExternalData, Graph, emit_fake_quant, emit_hadamard, emit_hadamard_op,
+from ...artifact import Artifact
+from ...artifact_tensors import head_from_tensors, linear_from_tensors
+from ...models.base import ModelConfig, linear_in_features, rope_tables, site_width
+from ...quant import QuantizedWeight, pack_int4
+from .graph import (MS_DOMAIN, OPS_DOMAIN, ExternalData, Graph, emit_fake_quant, emit_hadamard, emit_hadamard_op,
                          emit_quant_dequant_op, emit_quant_levels, emit_quant_levels_op, emit_rms_norm,
                          emit_swiglu, matmul_nbits_inputs, to_double, to_float)
 
