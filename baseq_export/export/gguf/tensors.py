@@ -65,7 +65,7 @@ class RoundingLog:
             warnings.warn(
                 f"Q4_1: m = -zero*scale is not an fp16 value in {self.rounded} of {self.blocks} blocks and was rounded "
                 f"(max relative error of m {self.max_rel:.2e}, weights off by at most {self.max_abs:.2e}); the GGUF is "
-                "exact for artifacts quantized on the q4_1 grid (the gguf profile)", stacklevel=4)
+                "exact for artifacts quantized on the q4_1 grid (the gguf profile)", stacklevel=3)
 
 
 def is_symmetric(qw: QuantizedWeight) -> bool:
