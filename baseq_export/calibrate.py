@@ -40,11 +40,13 @@ from .models.base import ACT_SITES, LINEARS, NORM_OF_SITE, SITE_LINEARS, ModelCo
 from .settings import W4A4KV4, W4A8KV8, BaseqSettings, QuantSettings
 from .pipeline import (TapHooks, block_weights, calib_rope, checked_block, float_tensors, gptq_layer,
                        learned_residual, run_block, save_block)
-from .qmodel import KV_SITES, Artifact, QuantHooks, TensorStore, linear_tensors
+from .artifact import Artifact
+from .artifact_tensors import KV_SITES, linear_tensors
+from .reference import QuantHooks
 from .quant import rescale_rows
 from .rotate import RotationHooks
 from .stage_a import TRANSFORMED, init_transform, ste_weight, transform_block
-from .tensor_files import load_tensors, save_tensors, write_text_atomically
+from .tensor_files import TensorStore, load_tensors, save_tensors, write_text_atomically
 
 
 def init_params(cfg: ModelConfig, b: BaseqSettings, site_means: dict[str, torch.Tensor] | None,
@@ -391,7 +393,7 @@ def _tuned_end_to_end(art: Artifact, work: Path | None, b: BaseqSettings, calib:
 
 
 def _dequantized_linears(bt: dict, cfg: ModelConfig, q: QuantSettings, layer: int) -> dict[str, torch.Tensor]:
-    from .qmodel import linear_from_tensors
+    from .artifact_tensors import linear_from_tensors
 
     out = {}
     for site, names in SITE_LINEARS.items():

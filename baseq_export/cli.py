@@ -310,7 +310,7 @@ def quantize(args: argparse.Namespace, out: str, model=None):
     from .device import resolve_device
     from .models import load_model
     from .pipeline import quantize_model
-    from .qmodel import check_writable, save_artifact
+    from .artifact import check_writable, save_artifact
 
     settings = planned_settings(args)  # applies --profile first: a profile may set the method
     method = args.method
@@ -376,7 +376,7 @@ def fill_defaults(args: argparse.Namespace, settings: dict) -> None:
 def cmd_main_job(args: argparse.Namespace) -> int:
     """Load, measure FP, quantize for --format (or reuse a finished artifact), measure the artifact, export, measure."""
     from .export import find_target, target
-    from .qmodel import is_artifact, read_config
+    from .artifact import is_artifact, read_config
 
     fmt = target(args.format)
     fill_defaults(args, fmt.main_job_settings(args))
@@ -425,14 +425,14 @@ def export(artifact, fmt: str, out: str, force: bool, options: dict | None = Non
     from .memory import map_big_allocations
     from .models.base import ModelConfig
     from .pipeline import block_bytes
-    from .qmodel import load_artifact
+    from .artifact import load_artifact
 
     t = target(fmt)
     art = load_artifact(artifact, lazy=True)
     t.check_artifact(art)
     map_big_allocations(block_bytes(ModelConfig.from_dict(art.model)))  # as quantize does, for a 7B model (memory.py)
     t0 = time.time()
-    path = t.write(artifact, out, force=force, **(options or {}))
+    path = t.write(art, out, force=force, **(options or {}))
     print(f"exported {artifact} to {path} in {time.time() - t0:.1f} s", file=sys.stderr)
     return path
 
@@ -466,7 +466,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from . import data
     from .models import load_model
-    from .qmodel import load_artifact
+    from .artifact import load_artifact
     from .report import write_report
 
     art = load_artifact(args.artifact)

@@ -22,7 +22,7 @@ def argmax_token(logits: torch.Tensor) -> int:
 
 
 def torch_stepper(model) -> Step:
-    """Steps of a qmodel.QuantizedModel (the PyTorch reference) with its KV cache."""
+    """Steps of a reference.QuantizedModel (the PyTorch reference) with its KV cache."""
     from .models.base import new_cache
 
     cache = new_cache(model.config)

@@ -20,9 +20,10 @@ from tqdm.auto import tqdm
 from .models import LoadedModel, source_info, weights_digest
 from .memory import map_big_allocations, release_free_memory, row_slices
 from .models.base import ACT_SITES, IDENTITY, SITE_LINEARS, ModelConfig, block_forward, rms_norm, rope_tables, site_width
-from .qmodel import Artifact, TensorStore, linear_tensors
+from .artifact import Artifact
+from .artifact_tensors import linear_tensors
 from .settings import BITS_PRESETS, HEAD_GROUP_SIZE, W4A16, QuantSettings
-from .tensor_files import load_tensors, save_tensors, write_text_atomically
+from .tensor_files import TensorStore, load_tensors, save_tensors, write_text_atomically
 from .quant import HessianAccumulator, QuantizedWeight, gptq_factor, gptq_quantize, rtn_quantize
 from .learn_rotation import (RESIDUAL_SITES, RotationFit, SiteSample, learn_residual_rotation, sampled_sites, site_gram,
                              token_sample)
@@ -551,7 +552,7 @@ def tune_blocks(
     import json
 
 
-    from .qmodel import linear_from_tensors
+    from .artifact_tensors import linear_from_tensors
 
     if settings.bits != W4A16:
         raise ValueError("blockwise weight tuning is for the weight-only profile (bits w4a16)")

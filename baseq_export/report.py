@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from .models.base import ACT_SITES, IDENTITY, forward
-from .qmodel import Artifact, reference_model
+from .artifact import Artifact
+from .reference import reference_model
 from .rotate import RotationHooks
 
 

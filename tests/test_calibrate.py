@@ -8,7 +8,8 @@ from baseq_export.models import from_hf_model
 from baseq_export.models.base import forward, layer_weights
 from baseq_export.pipeline import calib_rope, quantize_model, round_layer, run_block
 from baseq_export.settings import QuantSettings
-from baseq_export.qmodel import QuantHooks, load_artifact, reference_model, save_artifact
+from baseq_export.artifact import load_artifact, save_artifact
+from baseq_export.reference import QuantHooks, reference_model
 from conftest import tiny_hf_model
 
 Q = QuantSettings(method="quarot-gptq", bits="w4a4kv4")

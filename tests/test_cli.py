@@ -70,7 +70,8 @@ def test_eval_prints_perplexity_of_the_model(tmp_path, capsys):
 
 
 def test_quantize_then_eval_artifact(tmp_path, capsys):
-    from baseq_export.qmodel import load_artifact, reference_model
+    from baseq_export.artifact import load_artifact
+    from baseq_export.reference import reference_model
 
     ckpt, text = tiny_checkpoint(tmp_path)
     out = tmp_path / "tiny.baseq"
@@ -94,7 +95,7 @@ def test_quantize_then_eval_artifact(tmp_path, capsys):
 
 
 def test_main_job_calibrates_baseq_and_reuses_the_artifact(tmp_path, capsys):
-    from baseq_export.qmodel import load_artifact
+    from baseq_export.artifact import load_artifact
 
     ckpt, text = tiny_checkpoint(tmp_path)
     args = ["--model", str(ckpt), "--eval-text", str(text), "--calib-text", str(text), "--ctx", "16",
@@ -121,7 +122,7 @@ def test_main_job_calibrates_baseq_and_reuses_the_artifact(tmp_path, capsys):
 def test_quantize_with_a_learned_rotation(tmp_path, capsys):
     """--r1-steps fits the residual rotation (on calibration windows, even for RTN) and the artifact records it;
     with quantized activations only."""
-    from baseq_export.qmodel import load_artifact
+    from baseq_export.artifact import load_artifact
 
     ckpt, text = tiny_checkpoint(tmp_path)
     out = tmp_path / "r1.baseq"
@@ -136,7 +137,7 @@ def test_quantize_with_a_learned_rotation(tmp_path, capsys):
 
 def test_quantize_with_and_without_the_end_to_end_pass(tmp_path, capsys):
     """--e2e-epochs N runs the end-to-end pass after the blocks (recorded in the calibration log); 0 leaves it out."""
-    from baseq_export.qmodel import load_artifact
+    from baseq_export.artifact import load_artifact
 
     ckpt, text = tiny_checkpoint(tmp_path)
     args = ["quantize", "--model", str(ckpt), "--calib-text", str(text), "--nsamples", "4", "--calib-ctx", "16",
@@ -154,7 +155,7 @@ def test_main_job_with_the_fast_w4a16_onnx_profile(tmp_path, capsys):
     linears and head on MatMulNBits' int8 kernels; onnxruntime's perplexity equals the torch reference's."""
     import onnx
 
-    from baseq_export.qmodel import load_artifact
+    from baseq_export.artifact import load_artifact
 
     ckpt, text = tiny_checkpoint(tmp_path)
     args = ["--profile", "onnx-w4a16", "--model", str(ckpt), "--eval-text", str(text), "--calib-text", str(text),
@@ -174,7 +175,7 @@ def test_main_job_with_the_fast_w4a16_onnx_profile(tmp_path, capsys):
 def test_quantize_with_a_profile_uses_the_profiles_method(tmp_path, capsys):
     """`quantize --profile onnx-w4a16` (the README's W4A16 command) quantizes with the profile's method and
     bits, not BASE-Q's defaults (which refused weight-only bits)."""
-    from baseq_export.qmodel import load_artifact
+    from baseq_export.artifact import load_artifact
 
     ckpt, text = tiny_checkpoint(tmp_path)
     out = tmp_path / "w.baseq"
@@ -236,7 +237,8 @@ def test_site_activations_match_the_reference_forward():
 def test_export_eval_and_run_onnx(tmp_path, capsys):
     from baseq_export.export.onnx import OnnxModel
     from baseq_export.generate import greedy_tokens, onnx_stepper, torch_stepper
-    from baseq_export.qmodel import load_artifact, reference_model
+    from baseq_export.artifact import load_artifact
+    from baseq_export.reference import reference_model
 
     ckpt, text = tiny_checkpoint(tmp_path)
     art = tmp_path / "t.baseq"
@@ -297,7 +299,7 @@ def test_main_job_for_gguf_runs_the_profile_and_llama_cpp(tmp_path, capsys):
     """--format gguf: the gguf profile (W4A16 rotated GPTQ on Q4_1 blocks, no R4), the file written, its
     perplexity measured in llama.cpp next to the torch reference of the same artifact."""
     pytest.importorskip("llama_cpp")
-    from baseq_export.qmodel import load_artifact
+    from baseq_export.artifact import load_artifact
 
     ckpt, text = bpe_checkpoint(tmp_path)
     out = tmp_path / "m.gguf"
@@ -316,7 +318,7 @@ def test_device_option(tmp_path, capsys):
     """--device: auto is the CPU where PyTorch sees no GPU and gives the CPU's artifact bit for bit; cuda there is
     refused up front, naming the fix, before anything is written; `python -m baseq_export` is the CLI."""
     from baseq_export.device import resolve_device
-    from baseq_export.qmodel import load_artifact
+    from baseq_export.artifact import load_artifact
 
     out = subprocess.run([sys.executable, "-m", "baseq_export", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("baseq-export ")

@@ -10,7 +10,9 @@ from baseq_export.end_to_end import EndToEndFit, TunableArtifact, token_kl, tune
 from baseq_export.models import from_hf_model
 from baseq_export.models.base import forward, head_logits
 from baseq_export.settings import QuantSettings
-from baseq_export.qmodel import Artifact, TensorStore, reference_model
+from baseq_export.artifact import Artifact
+from baseq_export.reference import reference_model
+from baseq_export.tensor_files import TensorStore
 from conftest import tiny_hf_model
 
 Q = QuantSettings(method="quarot-gptq", bits="w4a4kv4")

@@ -14,12 +14,14 @@ import pytest
 import torch
 
 from baseq_export.export import gguf as G
-from baseq_export.export.gguf_runtime import GGUFFileError
+from baseq_export.gguf_file import GGUFFileError
 from baseq_export.models import from_hf_model
 from baseq_export.models.base import forward
 from baseq_export.pipeline import quantize_model
 from baseq_export.settings import QuantSettings, profile_settings
-from baseq_export.qmodel import linear_from_tensors, load_artifact, reference_model, save_artifact
+from baseq_export.artifact import load_artifact, save_artifact
+from baseq_export.artifact_tensors import linear_from_tensors
+from baseq_export.reference import reference_model
 from baseq_export.quant import fp16_ceil, quantize
 from conftest import tiny_hf_model
 
@@ -590,7 +592,7 @@ def test_target_interface_options(tmp_path, tokenizer):
 
 @pytest.mark.parametrize("qtype", ["F16", "Q8_0", "Q4_0", "Q6_K"])
 def test_row_sliced_conversion_writes_the_bytes_of_a_whole_matrix(monkeypatch, qtype):
-    from baseq_export.export import gguf_tensors as T
+    from baseq_export.export.gguf import tensors as T
 
     qt = gguf.GGMLQuantizationType[qtype]
     w = torch.randn(37, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
@@ -603,7 +605,7 @@ def test_row_sliced_conversion_writes_the_bytes_of_a_whole_matrix(monkeypatch, q
 
 def test_a_plan_holds_no_weights_only_how_to_read_them(tmp_path, tokenizer):
     """Planning reads each weight once to check it and keeps none: a plan holding them grew with the depth."""
-    from baseq_export.export.gguf_meta import rope_factors
+    from baseq_export.export.gguf.meta import rope_factors
     from baseq_export.quant import QuantizedWeight
 
     _, model = tiny("qwen2", tokenizer)

@@ -10,7 +10,8 @@ from baseq_export.models import from_hf_model
 from baseq_export.models.base import IDENTITY, forward
 from baseq_export.pipeline import quantize_model
 from baseq_export.settings import PROFILES, QuantSettings, is_weight_only_offline, profile_settings
-from baseq_export.qmodel import load_artifact, reference_model, save_artifact
+from baseq_export.artifact import load_artifact, save_artifact
+from baseq_export.reference import reference_model
 from baseq_export.rotate import RotationHooks, rotate_model
 from conftest import tiny_hf_model
 
@@ -129,7 +130,7 @@ def tuned(tiny, tmp_path_factory):
 
 def test_tuned_artifact_is_on_the_grid_with_biases(tiny, tuned):
     from baseq_export.pipeline import BIAS_LINEARS
-    from baseq_export.qmodel import linear_from_tensors
+    from baseq_export.artifact_tensors import linear_from_tensors
 
     s, t, _, art = tuned
     tens = art.tensors

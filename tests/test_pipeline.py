@@ -7,7 +7,8 @@ from baseq_export.models import from_hf_model
 from baseq_export.models.base import forward
 from baseq_export.pipeline import quantize_model
 from baseq_export.settings import QuantSettings
-from baseq_export.qmodel import load_artifact, reference_model, save_artifact
+from baseq_export.artifact import load_artifact, save_artifact
+from baseq_export.reference import reference_model
 from baseq_export import quant
 from baseq_export.quant import HessianAccumulator, dequantize_weight, fake_quant_per_token, gptq_quantize, rtn_quantize
 from baseq_export.rotate import RotationHooks, rotate_model

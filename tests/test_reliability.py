@@ -283,7 +283,7 @@ def _cli(args: list[str], preexec_fn=None, **kw) -> subprocess.Popen:
 def _artifact_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from baseq_export.qmodel import TENSORS
+    from baseq_export.artifact import TENSORS
 
     return load_file(path / TENSORS)
 
@@ -422,7 +422,7 @@ def test_a_damaged_onnx_export_is_named_at_load(damage, command, tmp_path, capsy
 def test_exports_are_validated_before_they_replace_anything(tmp_path, exported):
     """The checks that run on the staged files before the rename catch a file that is not what was built."""
     from baseq_export.export import onnx as onnx_target
-    from baseq_export.export.onnx_runtime import file_digests, read_manifest
+    from baseq_export.export.onnx.runtime import file_digests, read_manifest
 
     art, onnx_dir = exported
     d = tmp_path / "staged"
@@ -444,7 +444,7 @@ def test_exports_are_validated_before_they_replace_anything(tmp_path, exported):
 
 def test_a_gguf_export_is_validated_and_a_damaged_one_named(tmp_path, capsys):
     from baseq_export.export import gguf as gguf_target
-    from baseq_export.export.gguf_tensors import GGUFExportError
+    from baseq_export.export.gguf.tensors import GGUFExportError
 
     bpe, text = bpe_checkpoint(tmp_path / "bpe")
     art, out = tmp_path / "g.baseq", tmp_path / "g.gguf"
@@ -464,8 +464,8 @@ def test_a_gguf_export_is_validated_and_a_damaged_one_named(tmp_path, capsys):
 
 def _plan_args(art: Path):
     """plan_tensors' arguments for an artifact as `export --format gguf` plans it by default."""
-    from baseq_export.export.gguf_meta import rope_factors
-    from baseq_export.qmodel import load_artifact
+    from baseq_export.export.gguf.meta import rope_factors
+    from baseq_export.artifact import load_artifact
 
     a = load_artifact(art)
     return a, "auto", "auto", None, rope_factors(a)

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from baseq_export import runtime_ops
-from baseq_export.export.onnx_graph import (MS_DOMAIN, OPS_DOMAIN, Graph, emit_fake_quant, emit_hadamard,
+from baseq_export.export.onnx.graph import (MS_DOMAIN, OPS_DOMAIN, Graph, emit_fake_quant, emit_hadamard,
                                             emit_hadamard_op, emit_quant_dequant_op, emit_quant_levels,
                                             emit_quant_levels_op)
 from baseq_export.hadamard import hadamard_matrix
@@ -368,7 +368,8 @@ def test_export_falls_back_to_standard_ops_when_the_library_cannot_build(tmp_pat
     from baseq_export.models import from_hf_model
     from baseq_export.pipeline import quantize_model
     from baseq_export.settings import QuantSettings
-    from baseq_export.qmodel import reference_model, save_artifact
+    from baseq_export.artifact import save_artifact
+    from baseq_export.reference import reference_model
     from conftest import tiny_hf_model
 
     m = from_hf_model(tiny_hf_model("llama", dtype=torch.float32))
@@ -419,7 +420,7 @@ def assert_rounded_once(got: np.ndarray, ref64: np.ndarray) -> None:
 def test_rms_norm_and_swiglu_round_once_from_float64(impl):
     import torch
 
-    from baseq_export.export.onnx_graph import emit_rms_norm, emit_swiglu
+    from baseq_export.export.onnx.graph import emit_rms_norm, emit_swiglu
     from baseq_export.models.base import rms_norm, swiglu
 
     rng = np.random.default_rng(7)

@@ -45,7 +45,7 @@ from baseq_export.models import load_model  # noqa: E402
 from baseq_export.models.base import forward  # noqa: E402
 from baseq_export.pipeline import quantize_model  # noqa: E402
 from baseq_export.settings import QuantSettings  # noqa: E402
-from baseq_export.qmodel import reference_model  # noqa: E402
+from baseq_export.reference import reference_model  # noqa: E402
 
 # Stage C's budgets alone (the presets without their end-to-end pass): the "BASE-Q quick / standard" rows and the ablations
 QUICK = dataclasses.replace(PRESETS["quick"], e2e_epochs=0)

@@ -50,7 +50,8 @@ from baseq_export.models import load_model  # noqa: E402
 from baseq_export.models.base import SITE_LINEARS, IdentityHooks, forward  # noqa: E402
 from baseq_export.pipeline import quantize_model  # noqa: E402
 from baseq_export.settings import QuantSettings, profile_settings  # noqa: E402
-from baseq_export.qmodel import load_artifact, reference_model, save_artifact  # noqa: E402
+from baseq_export.artifact import load_artifact, save_artifact  # noqa: E402
+from baseq_export.reference import reference_model
 
 PROMPT = "def fibonacci(n):\n    "
 GGUF_LINEAR = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate", "up": "ffn_up",

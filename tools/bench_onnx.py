@@ -160,11 +160,11 @@ class GraphRunner:
 
 def our_runner_generation(model, prompt: np.ndarray, new_tokens: int) -> tuple[float, float]:
     """(prefill seconds, median seconds per decoded token) in our runner (baseq_export's OnnxModel) as
-    `baseq-export run` decodes (OnnxModel.greedy's choice of path): the C++ decoder (export/onnx_native.py)
+    `baseq-export run` decodes (OnnxModel.greedy's choice of path): the C++ decoder (export/onnx/native.py)
     where the export's attention ops write the KV buffer in place, Python steps on that buffer where the
     decoder cannot load, else Python steps on the growing cache. A decode step is timed with its greedy
     choice, as genai's generate_next_token is."""
-    from baseq_export.export.onnx_runtime import buffer_stepper
+    from baseq_export.export.onnx.runtime import buffer_stepper
     from baseq_export.generate import argmax_token, onnx_stepper
 
     # one C++ session per model for every generation (as genai's one model), its buffer for the longest
@@ -311,7 +311,7 @@ def main() -> None:
                                "rows": rows}, indent=1)
         return
     busy_before = require_idle()
-    from baseq_export.export.onnx_runtime import OnnxModel
+    from baseq_export.export.onnx.runtime import OnnxModel
 
     def fresh_runners(r):
         """New sessions for a round, warmed up by a few tokens (first-run weight packing). A session's speed

@@ -26,7 +26,7 @@ from baseq_export.models import load_model  # noqa: E402
 from baseq_export.models.base import forward  # noqa: E402
 from baseq_export.pipeline import quantize_model  # noqa: E402
 from baseq_export.settings import QuantSettings  # noqa: E402
-from baseq_export.qmodel import reference_model  # noqa: E402
+from baseq_export.reference import reference_model  # noqa: E402
 
 ROWS = [
     ("W4A16 RTN per-channel, no rotation", QuantSettings(method="rtn", bits="w4a16")),

@@ -26,7 +26,8 @@ from benchutil import machine, write_json  # noqa: E402
 from baseq_export.evaluate import perplexity  # noqa: E402
 from baseq_export.models import load_model  # noqa: E402
 from baseq_export.models.base import ACT_SITES, forward  # noqa: E402
-from baseq_export.qmodel import QuantHooks, load_artifact, reference_model  # noqa: E402
+from baseq_export.artifact import load_artifact  # noqa: E402
+from baseq_export.reference import QuantHooks, reference_model
 
 
 class PartialHooks(QuantHooks):

@@ -19,7 +19,7 @@ from baseq_export.evaluate import perplexity
 from baseq_export.models import load_model
 from baseq_export.pipeline import quantize_model
 from baseq_export.settings import QuantSettings
-from baseq_export.qmodel import reference_model
+from baseq_export.reference import reference_model
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     if args.artifact:
         from transformers import AutoTokenizer
 
-        from baseq_export.qmodel import load_artifact
+        from baseq_export.artifact import load_artifact
 
         art = load_artifact(args.artifact)
         tokenizer = AutoTokenizer.from_pretrained(args.artifact)

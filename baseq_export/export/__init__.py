@@ -1,25 +1,11 @@
-"""Export targets behind one seam: the CLI knows only this module, each format is one module.
+"""Export targets behind one seam: the CLI and the API know only this module, each format is one sub-package.
 
-A target module (``export/onnx.py``, ``export/gguf.py``) provides:
-
-    NAME                     the --format value
-    BACKENDS                 names of the runtimes that run its exports (the first is the default)
-    add_arguments(p, sub)    its own command-line options (sub=True: defaults are argparse.SUPPRESS)
-    options(args)            those options as keywords for write() and open()
-    check_artifact(art)      raise ValueError naming the problem and the fix if art cannot be written
-    is_export(path)          True for an export this target wrote
-    write(artifact, out, force=False, **options) -> Path       atomic; replaces only its own exports
-    open(path, backend=None, **options) -> Backend             a runner for eval and run
-    main_job_settings(args)  quantization settings the main job uses for this format (a dict of
-                             argparse names -> values, used where the command line left the default)
-    default_out(stem)        the default export path for an artifact or model named stem
-    describe(path)           one line saying what an export holds, for the main job's summary
-    diagnose(path)           raise an error naming the damage if path looks like its export but is unreadable
-
-A Backend has ``label``, ``logits(ids [B, T]) -> [B, T, vocab]`` (a fresh context per call) and
-``greedy(prompt_ids, max_new_tokens=None) -> Iterator[int]`` (the argmax continuation; the
-bound lets runtimes that allocate ahead size their buffers). A new format is one new module
-named in TARGETS, and nothing else.
+A target (``export/onnx/``, ``export/gguf/``) is a sub-package whose ``__init__`` provides what `Target`
+names: its --format value, the runtimes that run its exports, its command-line options, write() of a loaded
+artifact, and open() / is_export() / describe() / diagnose() for the files it wrote. A Backend has ``label``,
+``logits(ids [B, T]) -> [B, T, vocab]`` (a fresh context per call) and ``greedy(prompt_ids, max_new_tokens=None)
+-> Iterator[int]`` (the argmax continuation; the bound lets runtimes that allocate ahead size their buffers).
+A new format is one new sub-package named in TARGETS, and nothing else.
 """
 
 from __future__ import annotations
@@ -27,10 +13,11 @@ from __future__ import annotations
 import argparse
 import importlib
 from pathlib import Path
-from types import ModuleType
-from typing import Iterator, Protocol
+from typing import Iterator, Protocol, cast
 
 import torch
+
+from ..artifact import Artifact, load_artifact
 
 TARGETS = ("onnx", "gguf")
 
@@ -45,24 +32,69 @@ class Backend(Protocol):
     def greedy(self, prompt_ids: list[int], max_new_tokens: int | None = None) -> Iterator[int]: ...
 
 
+class Target(Protocol):
+    """What an export target's sub-package provides (its module-level names; `self` is the module)."""
+
+    NAME: str  # the --format value
+    BACKENDS: tuple[str, ...]  # the runtimes that run its exports, the first the default
+
+    def add_arguments(self, p: argparse.ArgumentParser, sub: bool = False) -> None:
+        """Its own command-line options (sub=True: defaults are argparse.SUPPRESS, see option_default)."""
+
+    def options(self, args: argparse.Namespace) -> dict:
+        """Those options of a parsed command line as keywords for write() and open()."""
+
+    def main_job_settings(self, args: argparse.Namespace) -> dict:
+        """Quantization settings the main job uses for this format (argparse names -> values, used where the
+        command line left the default)."""
+
+    def default_out(self, stem: str) -> str:
+        """The default export path for an artifact or model named stem."""
+
+    def check_artifact(self, art: Artifact) -> None:
+        """Raise ValueError naming the problem and the fix if art cannot be written in this format."""
+
+    def write(self, artifact: Artifact | str | Path, out: str | Path, force: bool = False, **options) -> Path:
+        """Write a loaded artifact (or the .baseq directory at a path, loaded lazily) to out, atomically;
+        an existing out is replaced only with force, and only when it is an export of this target."""
+
+    def is_export(self, path: str | Path) -> bool:
+        """True for an export this target wrote."""
+
+    def open(self, path: str | Path, backend: str | None = None, **options) -> Backend:
+        """A runner of the export at path for eval and run, in one of BACKENDS (default the first)."""
+
+    def describe(self, path: str | Path) -> str:
+        """One line saying what an export holds, for the main job's summary."""
+
+    def diagnose(self, path: str | Path) -> None:
+        """Raise an error naming the damage if path looks like this target's export but is unreadable."""
+
+
+def loaded(artifact: Artifact | str | Path) -> Artifact:
+    """The artifact a writer works on: a loaded one as it is, a path loaded lazily (a tensor read when asked)."""
+    return artifact if isinstance(artifact, Artifact) else load_artifact(artifact, lazy=True)
+
+
 def option_default(value, sub: bool):
     """A CLI option's default: the value on the main parser, SUPPRESS on a subcommand, so `baseq-export --x V sub`
     and `baseq-export sub --x V` mean the same and a subcommand never masks the main parser's value."""
     return argparse.SUPPRESS if sub else value
 
 
-def target(name: str) -> ModuleType:
-    """The target module for a --format value."""
+def target(name: str) -> Target:
+    """The target sub-package for a --format value."""
     if name not in TARGETS:
         raise ValueError(f"unknown export format {name!r}; choose one of {', '.join(TARGETS)}")
-    return importlib.import_module(f"{__name__}.{name}")
+    return cast(Target, importlib.import_module(f"{__name__}.{name}"))
 
 
-def all_targets() -> list[ModuleType]:
+def all_targets() -> list[Target]:
+    """Every target, in TARGETS order."""
     return [target(name) for name in TARGETS]
 
 
-def find_target(path: str | Path) -> ModuleType | None:
+def find_target(path: str | Path) -> Target | None:
     """The target that wrote the export at path, or None if path is no export of ours."""
     return next((t for t in all_targets() if t.is_export(path)), None)
 
@@ -71,7 +103,7 @@ class TorchBackend:
     """A .baseq artifact in its PyTorch reference forward (the oracle every export is compared to)."""
 
     def __init__(self, path: str | Path, device: torch.device | None = None):
-        from ..qmodel import load_artifact, reference_model
+        from ..reference import reference_model
 
         art = load_artifact(path)
         self.model = reference_model(art, device=device)

@@ -157,7 +157,7 @@ def check_weight_files(directory: Path, gguf: str | None) -> None:
     import json
 
     if gguf:
-        from ..export.gguf_runtime import check_file
+        from ..gguf_file import check_file
 
         check_file(directory / gguf)
         return

@@ -126,7 +126,7 @@ def gguf_weights(path: Path, cfg: ModelConfig, dtype: torch.dtype, inv_freq: tor
     """Lazy weights of a llama.cpp GGUF file: each tensor dequantized by gguf-py when read."""
     import gguf
 
-    from ..export.gguf_tensors import GGUF_TENSORS, rope_permutation, tensor_name
+    from ..gguf_file import GGUF_TENSORS, rope_permutation, tensor_name
 
     reader = gguf.GGUFReader(str(path))
     tensors = {t.name: t for t in reader.tensors}

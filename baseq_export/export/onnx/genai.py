@@ -9,9 +9,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..models.base import ModelConfig
-from ..qmodel import Artifact
-from .onnx_runtime import MODEL_FILE
+from ...artifact import Artifact
+from ...models.base import ModelConfig
+from .runtime import MODEL_FILE
 
 GENAI_CONFIG = "genai_config.json"
 GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
@@ -88,7 +88,7 @@ class GenaiBackend:
     label = "onnxruntime-genai"
 
     def __init__(self, path: str | Path):
-        from .onnx_runtime import read_manifest, verify_files
+        from .runtime import read_manifest, verify_files
 
         self.path = Path(path)
         verify_files(self.path, read_manifest(self.path))

@@ -9,8 +9,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..models.base import ModelConfig
-from .onnx_model import kv_row_width
+from ...models.base import ModelConfig
+from .model import kv_row_width
 
 MODEL_FILE = "model.onnx"
 KV4_MODEL_FILE = "model.kv4.onnx"  # the same model with the packed 4-bit KV cache, sharing model.onnx.data
@@ -37,7 +37,7 @@ def read_manifest(path: str | Path) -> dict:
 
 def file_digests(path: Path, files: list[str]) -> dict[str, dict]:
     """Size and SHA-256 of each file of an export (written into its manifest, checked when it is opened)."""
-    from ..qmodel import sha256_file
+    from ...tensor_files import sha256_file
 
     return {f: {"bytes": (path / f).stat().st_size, "sha256": sha256_file(path / f)} for f in files}
 
@@ -55,7 +55,7 @@ def verify_files(path: str | Path, manifest: dict) -> None:
         if size != want["bytes"]:
             raise ValueError(f"{f} has {size} bytes, the export wrote {want['bytes']}: it is truncated or replaced; "
                              "copy it again or re-export")
-        from ..qmodel import sha256_file
+        from ...tensor_files import sha256_file
 
         if sha256_file(f) != want["sha256"]:
             kind = "an op library from another build" if name.endswith(".so") else "damaged"
@@ -141,9 +141,9 @@ class OnnxModel:
 
     def greedy(self, prompt_ids: list[int], max_new_tokens: int | None = None, native: bool = True) -> Iterator[int]:
         """Greedy tokens after prompt_ids. Where the export's attention ops write the KV cache in place, the
-        C++ decoder (onnx_native) runs the loop unless native=False or it cannot load here; then Python steps
+        C++ decoder (native.py) runs the loop unless native=False or it cannot load here; then Python steps
         on the same shared buffer. All paths give the same tokens."""
-        from ..generate import greedy_stream, onnx_stepper
+        from ...generate import greedy_stream, onnx_stepper
 
         if not self.shares_buffer:
             return greedy_stream(onnx_stepper(self), prompt_ids)
@@ -155,10 +155,10 @@ class OnnxModel:
         return greedy_stream(buffer_stepper(self, len(prompt_ids) + room), prompt_ids)
 
     def native_decoder(self, capacity: int):
-        """This model's C++ greedy decoder (onnx_native.NativeGreedy), reset for a new sequence of up to
+        """This model's C++ greedy decoder (native.NativeGreedy), reset for a new sequence of up to
         `capacity` tokens, or None where it cannot run here (tried once: a refusal is remembered, so its warning
         comes once). One session serves every sequence; it is reopened only for a longer KV buffer."""
-        from .onnx_native import open_native
+        from .native import open_native
 
         if self._native_refused:
             return None

@@ -10,9 +10,9 @@ import gguf
 import numpy as np
 import torch
 
-from ..models.base import ModelConfig
-from ..qmodel import Artifact
-from .gguf_tensors import GGUFExportError, Plan
+from ...artifact import Artifact
+from ...models.base import ModelConfig
+from .tensors import GGUFExportError, Plan
 
 FORMAT_KEY = "baseq.format"
 FORMAT_VALUE = "baseq-gguf"

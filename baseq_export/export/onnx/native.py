@@ -1,7 +1,7 @@
 """Greedy decoding of an export in C++ (runtime_ops/greedy_runner.cc, in the export's op library): one
 onnxruntime run and the argmax per token with no Python between runs, on the wheel's libonnxruntime (the
 library onnxruntime-genai runs on). OnnxModel.greedy uses it where the export's graph writes its KV cache in
-place; the Python shared-buffer stepper (onnx_runtime.buffer_stepper) is the fallback and computes the same
+place; the Python shared-buffer stepper (runtime.buffer_stepper) is the fallback and computes the same
 tokens."""
 
 from __future__ import annotations

@@ -10,40 +10,15 @@ llama.cpp facts this relies on (checked against the build llama-cpp-python 0.3.3
 from __future__ import annotations
 
 import os
-import struct
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
+from ...gguf_file import GGUFFileError, check_file
+
 KV_CACHE_TYPES = ("f16", "f32", "q8_0", "q4_0")
-
-
-class GGUFFileError(ValueError):
-    """A .gguf file that is missing, not GGUF, truncated or damaged; the message says which."""
-
-
-def check_file(path: str | Path) -> None:
-    """Raise GGUFFileError unless path is a complete GGUF file (magic, readable header, every tensor's data
-    inside the file): llama.cpp's own message for these cases is only 'failed to load model'."""
-    import gguf
-
-    path = Path(path)
-    if not path.is_file():
-        raise GGUFFileError(f"{path} does not exist or is not a file")
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise GGUFFileError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except (ValueError, IndexError, KeyError, OverflowError, TypeError, struct.error) as e:
-        raise GGUFFileError(f"{path} is truncated or damaged: its header cannot be read ({e}); export it again") from e
-    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
-    if end > size:
-        raise GGUFFileError(f"{path} is truncated: its tensors need {end} bytes, the file has {size}; export it again")
 
 
 def _ggml_type(kv_cache: str) -> int:

@@ -1,6 +1,6 @@
 """The ONNX graph of a .baseq artifact (standard ONNX ops + com.microsoft MatMulNBits [+ our baseq ops]).
 
-The graph is the artifact's reference forward (qmodel.reference_model, exact mode) written out:
+The graph is the artifact's reference forward (reference.reference_model, exact mode) written out:
 4-bit linears as MatMulNBits with packed zero points; on 4-bit activations (per-channel weights)
 an integer matmul (MatMulNBits with unit scales on the activation's integer levels) rescaled in
 float64, else per-block scales with the folded bias as its bias input; norms, attention, SwiGLU
@@ -21,10 +21,11 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from ..models.base import ModelConfig, linear_in_features, rope_tables, site_width
-from ..qmodel import Artifact, head_from_tensors, linear_from_tensors
-from ..quant import QuantizedWeight, pack_int4, packed_kv_row_width
-from .onnx_graph import (MS_DOMAIN, OPS_DOMAIN, ExternalData, Graph, emit_fake_quant, emit_hadamard, emit_hadamard_op,
+from ...artifact import Artifact
+from ...artifact_tensors import head_from_tensors, linear_from_tensors
+from ...models.base import ModelConfig, linear_in_features, rope_tables, site_width
+from ...quant import QuantizedWeight, pack_int4, packed_kv_row_width
+from .graph import (MS_DOMAIN, OPS_DOMAIN, ExternalData, Graph, emit_fake_quant, emit_hadamard, emit_hadamard_op,
                          emit_quant_dequant_op, emit_quant_levels, emit_quant_levels_op, emit_rms_norm,
                          emit_swiglu, matmul_nbits_inputs, to_double, to_float)
 
@@ -84,7 +85,7 @@ class QuantSite:
 
 
 def emit_site(c: _Ctx, layer: int, site: str, x: str) -> "str | tuple[str, str] | QuantSite":
-    """qmodel.QuantHooks.act: [R4] -> * gain -> - shift -> per-token quantizer. With quantized activations
+    """reference.QuantHooks.act: [R4] -> * gain -> - shift -> per-token quantizer. With quantized activations
     the result is (levels, scale), the IntActivation the next linear multiplies as integers, or with
     custom ops the QuantSite the next linear fuses."""
     g = c.g

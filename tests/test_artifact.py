@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from baseq_export import qmodel
-from baseq_export.qmodel import Artifact, ArtifactError, load_artifact, save_artifact
+from baseq_export import artifact, tensor_files
+from baseq_export.artifact import Artifact, ArtifactError, load_artifact, save_artifact
 from baseq_export.quant import pack_int4, unpack_int4
 
 
@@ -32,8 +32,10 @@ def sample_artifact() -> Artifact:
 
 def test_round_trip_is_bit_exact(tmp_path):
     a = sample_artifact()
+    assert a.path is None  # held in memory only
     path = save_artifact(tmp_path / "m.baseq", a, write_extra=lambda d: (d / "tokenizer.json").write_text("{}"))
     b = load_artifact(path)
+    assert a.path == b.path == path  # where its tokenizer files are, for exporters given the loaded artifact
     assert b.model == a.model and b.quant == a.quant and b.source == a.source and b.calibration == a.calibration
     assert set(b.tensors) == set(a.tensors)
     for name, t in a.tensors.items():
@@ -67,7 +69,7 @@ def test_pack_int4_layout_low_nibble_is_even_element():
 
 def test_corrupted_tensor_file_is_rejected(tmp_path):
     path = save_artifact(tmp_path / "m.baseq", sample_artifact())
-    f = path / qmodel.TENSORS
+    f = path / artifact.TENSORS
     raw = bytearray(f.read_bytes())
     raw[-3] ^= 0xFF
     f.write_bytes(bytes(raw))
@@ -77,7 +79,7 @@ def test_corrupted_tensor_file_is_rejected(tmp_path):
 
 def test_truncated_tensor_file_is_rejected(tmp_path):
     path = save_artifact(tmp_path / "m.baseq", sample_artifact())
-    f = path / qmodel.TENSORS
+    f = path / artifact.TENSORS
     f.write_bytes(f.read_bytes()[:100])
     with pytest.raises(ArtifactError, match="corrupted or truncated"):
         load_artifact(path)
@@ -85,12 +87,12 @@ def test_truncated_tensor_file_is_rejected(tmp_path):
 
 def test_wrong_version_and_foreign_directories_are_rejected(tmp_path):
     path = save_artifact(tmp_path / "m.baseq", sample_artifact())
-    cfg = json.loads((path / qmodel.CONFIG).read_text())
+    cfg = json.loads((path / artifact.CONFIG).read_text())
     cfg["format_version"] = 99
-    (path / qmodel.CONFIG).write_text(json.dumps(cfg))
+    (path / artifact.CONFIG).write_text(json.dumps(cfg))
     with pytest.raises(ArtifactError, match="format version 99.*reads version 1"):
         load_artifact(path)
-    (path / qmodel.CONFIG).write_text("{not json")
+    (path / artifact.CONFIG).write_text("{not json")
     with pytest.raises(ArtifactError, match="not valid JSON"):
         load_artifact(path)
     with pytest.raises(ArtifactError, match="not a directory"):
@@ -102,13 +104,13 @@ def test_wrong_version_and_foreign_directories_are_rejected(tmp_path):
 
 def test_missing_tensor_is_named(tmp_path):
     path = save_artifact(tmp_path / "m.baseq", sample_artifact())
-    f = path / qmodel.TENSORS
+    f = path / artifact.TENSORS
     tensors = load_file(str(f))
     del tensors["layers.0.q.zeros"]
     save_file(tensors, str(f))
-    cfg = json.loads((path / qmodel.CONFIG).read_text())
-    cfg["checksums"][qmodel.TENSORS] = qmodel.sha256_file(f)  # a consistent but incomplete file
-    (path / qmodel.CONFIG).write_text(json.dumps(cfg))
+    cfg = json.loads((path / artifact.CONFIG).read_text())
+    cfg["checksums"][artifact.TENSORS] = tensor_files.sha256_file(f)  # a consistent but incomplete file
+    (path / artifact.CONFIG).write_text(json.dumps(cfg))
     with pytest.raises(ArtifactError, match="missing tensors.*layers.0.q.zeros"):
         load_artifact(path)
 
@@ -132,19 +134,19 @@ def test_existing_paths_are_never_clobbered(tmp_path):
 
 def test_failed_write_leaves_old_artifact_intact(tmp_path):
     path = save_artifact(tmp_path / "m.baseq", sample_artifact())
-    before = (path / qmodel.TENSORS).read_bytes()
+    before = (path / artifact.TENSORS).read_bytes()
 
     def boom(_):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
         save_artifact(path, sample_artifact(), overwrite=True, write_extra=boom)
-    assert (path / qmodel.TENSORS).read_bytes() == before
+    assert (path / artifact.TENSORS).read_bytes() == before
     assert not list(tmp_path.glob(".*tmp-*"))
 
 
 def test_streamed_safetensors_file_is_what_safetensors_reads(tmp_path):
-    """write_safetensors (one tensor in memory at a time) writes a file that safetensors' own reader loads to the
+    """save_tensors (one tensor in memory at a time) writes a file that safetensors' own reader loads to the
     same tensors, for every dtype an artifact or a checkpoint uses, scalars and empty tensors included; the
     returned digest is the file's."""
     gen = torch.Generator().manual_seed(1)
@@ -155,8 +157,8 @@ def test_streamed_safetensors_file_is_what_safetensors_reads(tmp_path):
         "i32": torch.tensor([[1, -2]], dtype=torch.int32), "i64": torch.tensor(5), "bool": torch.tensor([True, False, True]),
         "empty": torch.zeros(0, 4), "strided": torch.arange(12.0).reshape(3, 4).T,
     }
-    digest = qmodel.write_safetensors(tensors, tmp_path / "a.safetensors")
-    assert digest == qmodel.sha256_file(tmp_path / "a.safetensors")
+    digest = tensor_files.save_tensors(tensors, tmp_path / "a.safetensors")
+    assert digest == tensor_files.sha256_file(tmp_path / "a.safetensors")
     back = load_file(str(tmp_path / "a.safetensors"))
     assert back.keys() == tensors.keys()
     for k, t in tensors.items():
@@ -169,7 +171,7 @@ def test_tensor_store_spools_to_disk_and_reads_back(tmp_path):
     gen = torch.Generator().manual_seed(2)
     a = {"x.weight": torch.randn(4, 8, generator=gen), "x.codes": torch.randint(0, 16, (4, 4), generator=gen, dtype=torch.uint8)}
     b = {"y": torch.randn(3, generator=gen).half()}
-    spooled, memory = qmodel.TensorStore(tmp_path / "spool"), qmodel.TensorStore()
+    spooled, memory = tensor_files.TensorStore(tmp_path / "spool"), tensor_files.TensorStore()
     for store in (spooled, memory):
         store.put(a, "block_0.safetensors")
         store.put(b, "outside.safetensors")
@@ -177,7 +179,7 @@ def test_tensor_store_spools_to_disk_and_reads_back(tmp_path):
     assert not spooled._memory and set(spooled) == set(memory) == {"x.weight", "x.codes", "y"} and len(spooled) == 3
     for k, t in {**a, **b}.items():
         assert torch.equal(spooled[k], t) and torch.equal(memory[k], t)
-        assert spooled.meta(k) == memory.meta(k) == (qmodel.SAFETENSORS_DTYPES[t.dtype], list(t.shape))
+        assert spooled.meta(k) == memory.meta(k) == (tensor_files.SAFETENSORS_DTYPES[t.dtype], list(t.shape))
     spooled["y"] = torch.ones(2)
     del spooled["x.codes"]
     assert torch.equal(spooled["y"], torch.ones(2)) and "x.codes" not in spooled and set(spooled) == {"x.weight", "y"}
@@ -191,7 +193,7 @@ def test_lazy_and_eager_loads_agree_and_both_check_the_index(tmp_path):
     a = sample_artifact()
     path = save_artifact(tmp_path / "m.baseq", a)
     lazy, eager = load_artifact(path, lazy=True), load_artifact(path)
-    assert isinstance(lazy.tensors, qmodel.TensorStore) and isinstance(eager.tensors, dict)
+    assert isinstance(lazy.tensors, tensor_files.TensorStore) and isinstance(eager.tensors, dict)
     assert set(lazy.tensors) == set(eager.tensors) == set(a.tensors)
     assert all(torch.equal(lazy.tensors[k], a.tensors[k]) and torch.equal(eager.tensors[k], a.tensors[k]) for k in a.tensors)
     cfg = json.loads((path / "config.json").read_text())

@@ -2,7 +2,7 @@
 
 An export directory holds model.onnx + model.onnx.data (external weights), the tokenizer files,
 genai_config.json (onnxruntime-genai), manifest.json and, with custom ops, a copy of our op
-library. The graph is built by onnx_model.py; onnx_runtime.py and onnx_genai.py run it.
+library. The graph is built by model.py (from graph.py's pieces); runtime.py and genai.py run it.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from pathlib import Path
 
 import onnx
 
-from ..models.base import ModelConfig
-from ..qmodel import Artifact, load_artifact, staged_dir
-from . import option_default
-from .onnx_genai import GenaiBackend, write_genai_config
-from .onnx_graph import ExternalData
-from .onnx_model import KV_CACHE_CHOICES, build_model
-from .onnx_runtime import (DATA_FILE, KV4_MODEL_FILE, MANIFEST, MODEL_FILE, OnnxModel, file_digests,
+from ...artifact import Artifact, staged_dir
+from ...models.base import ModelConfig
+from .. import loaded, option_default
+from .genai import GenaiBackend, write_genai_config
+from .graph import ExternalData
+from .model import KV_CACHE_CHOICES, build_model
+from .runtime import (DATA_FILE, KV4_MODEL_FILE, MANIFEST, MODEL_FILE, OnnxModel, file_digests,
                            greedy_graph_file, open_session,
                            read_manifest, verify_files)
 
@@ -93,7 +93,7 @@ def resolve_ops(ops: str) -> tuple[str, Path | None]:
 
     auto: our custom ops when the library builds here, else standard ops with a warning saying why.
     """
-    from ..runtime_ops import BuildError, library_path
+    from ...runtime_ops import BuildError, library_path
 
     if ops == "standard":
         return "standard", None
@@ -113,12 +113,12 @@ def is_tokenizer_file(name: str) -> bool:
     return name.startswith("tokenizer") or name in ("special_tokens_map.json", "chat_template.jinja")
 
 
-def write(artifact: str | Path, out: str | Path, force: bool = False, max_length: int = DEFAULT_MAX_LENGTH,
+def write(artifact: Artifact | str | Path, out: str | Path, force: bool = False, max_length: int = DEFAULT_MAX_LENGTH,
           ops: str = "auto", kv_cache: str = "float") -> Path:
-    """Write model.onnx (+ model.onnx.data), the tokenizer, genai_config.json, a manifest and, with
-    custom ops, a copy of our op library to `out`, atomically."""
-    artifact, out = Path(artifact), Path(out).expanduser()
-    art = load_artifact(artifact, lazy=True)  # read a tensor at a time while the graph is built
+    """Write model.onnx (+ model.onnx.data), the tokenizer (the files in the artifact's directory),
+    genai_config.json, a manifest and, with custom ops, a copy of our op library to `out`, atomically.
+    A lazily loaded artifact is read a tensor at a time while the graphs are built."""
+    art, out = loaded(artifact), Path(out).expanduser()
     if out.exists():
         if not force:
             raise FileExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
@@ -144,13 +144,14 @@ def write(artifact: str | Path, out: str | Path, force: bool = False, max_length
         if library is not None:
             shutil.copy2(library, tmp / library.name)
             files.append(library.name)
-        for f in artifact.iterdir():
+        for f in art.path.iterdir() if art.path is not None else ():
             if is_tokenizer_file(f.name):
                 shutil.copy2(f, tmp / f.name)
         # genai runs the same graph as our runner; with our attention ops past and present share one buffer
         write_genai_config(tmp, ModelConfig.from_dict(art.model), art, max_length,
                            library.name if library is not None else None, runner["model"], share_buffer=ops == "custom")
-        manifest = {"format": MANIFEST_FORMAT, "artifact": str(artifact.resolve()), "quant": art.quant,
+        manifest = {"format": MANIFEST_FORMAT, "artifact": str(art.path.resolve()) if art.path is not None else None,
+                    "quant": art.quant,
                     "model": art.model, "max_length": max_length, "ops": ops, "kv_cache": kv_cache,
                     "onnxruntime": runner, "files": files, "digests": file_digests(tmp, files)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -5,7 +5,7 @@ whose biases llama.cpp's qwen2 graph loads), the tokenizer and chat template fro
 tokenizer files, 4-bit linears as Q4_0 / Q4_1 blocks built from the artifact's own codes (no
 re-rounding), embedding and output in a selectable type, norms and biases F32, a baseq.* key
 that marks the file as ours. The GGUF profile is weight-only: llama.cpp has no online Hadamard
-and no 4-bit activations, so artifacts that need online ops are refused. gguf_runtime.py runs
+and no 4-bit activations, so artifacts that need online ops are refused. runtime.py runs
 the file in llama.cpp (llama-cpp-python).
 """
 
@@ -15,25 +15,26 @@ import argparse
 import builtins
 import os
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Iterator
 
 import gguf
 import numpy as np
 
-from ..models.base import LINEARS, ModelConfig, linear_in_features
-from ..qmodel import Artifact, is_online_param, load_artifact
-from ..quant import GGML_BLOCK
-from . import option_default
-from .gguf_meta import FORMAT_KEY, FORMAT_VALUE, add_hparams, add_tokenizer, context_length, rope_factors
-from .gguf_runtime import check_file
-from .gguf_tensors import ARCHS, HEAD_TYPES, QT, WEIGHT_TYPES, GGUFExportError, Plan, nbytes, plan_tensors
+from ...artifact import Artifact
+from ...artifact_tensors import is_online_param
+from ...gguf_file import check_file
+from ...models.base import LINEARS, ModelConfig, linear_in_features
+from ...quant import GGML_BLOCK
+from .. import loaded, option_default
+from .meta import FORMAT_KEY, FORMAT_VALUE, add_hparams, add_tokenizer, rope_factors
+from .meta import context_length as planned_context
+from .runtime import KV_CACHE_TYPES
+from .tensors import ARCHS, HEAD_TYPES, QT, WEIGHT_TYPES, GGUFExportError, Plan, nbytes, plan_tensors
 
 NAME = "gguf"
 BACKENDS = ("llama.cpp",)
 DEFAULT_FILE = "model.gguf"
-KV_CACHE_TYPES = ("f16", "f32", "q8_0", "q4_0")  # gguf_runtime.KV_CACHE_TYPES (not imported: it loads lazily)
 PROFILE_HINT = ("quantize with the gguf weight-only profile (`baseq-export quantize --method quarot-gptq --bits w4a16 "
                 "--group-size 32`, q4_1 grid, R1/R2 offline, no R4)")
 __all__ = ["GGUFExportError", "NAME", "BACKENDS", "add_arguments", "options", "main_job_settings", "default_out",
@@ -147,7 +148,7 @@ def open(path: str | Path, backend: str | None = None, **options):
     """The GGUF in llama.cpp (llama-cpp-python): an export.Backend."""
     if (backend or BACKENDS[0]) not in BACKENDS:
         raise ValueError(f"a GGUF runs in {', '.join(BACKENDS)}, not {backend!r}")
-    from .gguf_runtime import LlamaCppBackend
+    from .runtime import LlamaCppBackend
 
     return LlamaCppBackend(path, **options)
 
@@ -192,10 +193,16 @@ def stream(w: "gguf.GGUFWriter", plan: Plan) -> Iterator[str]:
         yield p.name
 
 
-def write_gguf(art: Artifact, out: str | Path, tok_dir: Path, force: bool = False, weights: str = "auto",
-               head: str = "auto", embed: str | None = None, context_length_: int | None = None,
-               tokenizer_pre: str | None = None) -> Path:
-    """Write an in-memory artifact (quantized, or float weights in the canonical layout) as a GGUF, atomically."""
+def write(artifact: Artifact | str | Path, out: str | Path, force: bool = False, weights: str = "auto",
+          head: str = "auto", embed: str | None = None, context_length: int | None = None,
+          tokenizer_pre: str | None = None, **_runtime_options) -> Path:
+    """Write an artifact (loaded, or the .baseq directory at a path; quantized, or float weights in the canonical
+    layout) as one GGUF file at `out` (or out/model.gguf for a directory), atomically. The tokenizer is read from
+    the artifact's directory."""
+    art = loaded(artifact)
+    if art.path is None:
+        raise GGUFExportError("the artifact has no directory with its tokenizer files (it is held in memory only); "
+                              "save it with artifact.save_artifact first")
     check_artifact(art)
     out = check_out(Path(out).expanduser(), force)
     plan = plan_tensors(art, weights, head, embed, rope_factors(art))
@@ -205,8 +212,8 @@ def write_gguf(art: Artifact, out: str | Path, tok_dir: Path, force: bool = Fals
     tmp = Path(tmp_name)
     try:
         w = gguf.GGUFWriter(tmp, plan.arch)
-        add_hparams(w, art, plan, context_length(art, context_length_))
-        add_tokenizer(w, art, tok_dir, tokenizer_pre)
+        add_hparams(w, art, plan, planned_context(art, context_length))
+        add_tokenizer(w, art, art.path, tokenizer_pre)
         for _ in stream(w, plan):
             pass
         w.close()
@@ -242,25 +249,16 @@ def diagnose(path: str | Path) -> None:
         check_file(path)
 
 
-def write(artifact: str | Path, out: str | Path, force: bool = False, weights: str = "auto", head: str = "auto",
-          embed: str | None = None, context_length: int | None = None, tokenizer_pre: str | None = None,
-          **_runtime_options) -> Path:
-    """Write the .baseq artifact at `artifact` as one GGUF file at `out` (or out/model.gguf for a directory)."""
-    artifact = Path(artifact)
-    return write_gguf(load_artifact(artifact, lazy=True), out, artifact, force, weights, head, embed, context_length,
-                      tokenizer_pre)
-
-
 def write_model(model, out: str | Path, force: bool = False, weights: str = "f32", head: str = "f32",
                 embed: str | None = None, context_length: int | None = None, tokenizer_pre: str | None = None) -> Path:
     """Write an unquantized models.LoadedModel as a float GGUF (weights f32/f16, or llama.cpp's own q4_0/q4_1
     rounding of the float weights): the reference rows of a benchmark."""
-    from ..models import source_info
+    from ...models import source_info
 
     if weights not in ("f32", "f16", "q4_0", "q4_1"):
         raise GGUFExportError(f"an unquantized model is written as f32, f16, q4_0 or q4_1, not {weights!r}")
     tensors = {k: v for k, v in model.weights.items() if not (k == "lm_head" and model.config.tied_embeddings)}
-    art = Artifact(model=model.config.to_dict(), quant={}, tensors=tensors, source=source_info(model))
     with tempfile.TemporaryDirectory(prefix="baseq-gguf-tok-") as tok:
         model.tokenizer.save_pretrained(tok)
-        return write_gguf(art, out, Path(tok), force, weights, head, embed, context_length, tokenizer_pre)
+        art = Artifact(model=model.config.to_dict(), quant={}, tensors=tensors, source=source_info(model), path=Path(tok))
+        return write(art, out, force, weights, head, embed, context_length, tokenizer_pre)

@@ -1,7 +1,7 @@
 """A minimal ONNX graph accumulator and the standard-op building blocks of our quantized forward.
 
 Each `emit_*` function appends the nodes of one computation and returns its output name; they
-reproduce the exact mode of models.base / qmodel.QuantHooks: float32 element-wise steps op for op,
+reproduce the exact mode of models.base / reference.QuantHooks: float32 element-wise steps op for op,
 norms and Hadamards in float64 rounded once, quantizers bit for bit. So onnxruntime gets the
 reference's values, not just close ones.
 """
@@ -158,7 +158,7 @@ def emit_quant_levels(g: Graph, x: str, bits: int, clip: str) -> tuple[str, str]
 def emit_hadamard(g: Graph, x: str, n: int) -> str:
     """x @ H along the last axis as Reshape + MatMul by the Kronecker factors of hadamard.plan_hadamard,
     in float64 rounded once (QuantHooks.hadamard in exact mode)."""
-    from ..hadamard import hadamard_matrix, plan_hadamard
+    from ...hadamard import hadamard_matrix, plan_hadamard
 
     plan = plan_hadamard(n)
     p = plan.pow2
@@ -202,7 +202,7 @@ OPS_DOMAIN = "baseq"
 
 def emit_hadamard_op(g: Graph, x: str, n: int) -> str:
     """x @ H along the last axis as one baseq.Hadamard node (butterflies + the small dense factor)."""
-    from ..hadamard import plan_hadamard
+    from ...hadamard import plan_hadamard
 
     plan = plan_hadamard(n)
     inputs = [x] if plan.small is None else [x, g.const(plan.small.numpy(), np.float64)]

@@ -16,10 +16,13 @@ import gguf
 import numpy as np
 import torch
 
-from ..memory import row_slices
-from ..models.base import LINEARS, ModelConfig, linear_in_features
-from ..qmodel import HEAD_TENSORS, Artifact, head_from_tensors, linear_from_tensors, tensor_meta
-from ..quant import GGML_BLOCK, Q4_0_ZERO, QuantizedWeight, fp16_round, ggml_q4_blocks
+from ...artifact import Artifact
+from ...artifact_tensors import HEAD_TENSORS, head_from_tensors, linear_from_tensors
+from ...gguf_file import GGUF_TENSORS, rope_permutation, tensor_name
+from ...memory import row_slices
+from ...models.base import LINEARS, ModelConfig, linear_in_features
+from ...quant import GGML_BLOCK, Q4_0_ZERO, QuantizedWeight, fp16_round, ggml_q4_blocks
+from ...tensor_files import tensor_meta
 
 QT = gguf.GGMLQuantizationType
 TYPES = {"f32": QT.F32, "f16": QT.F16, "q8_0": QT.Q8_0, "q6_k": QT.Q6_K, "q4_0": QT.Q4_0, "q4_1": QT.Q4_1}
@@ -27,19 +30,11 @@ WEIGHT_TYPES = ("auto", "q4_0", "q4_1", "f16", "f32")
 HEAD_TYPES = ("auto", "f32", "f16", "q8_0", "q6_k", "q4_0", "q4_1")
 ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 QWEN2_BIASES = ("q", "k", "v")  # the only projection biases llama.cpp's qwen2 graph loads
-GGUF_TENSORS = {"q": gguf.MODEL_TENSOR.ATTN_Q, "k": gguf.MODEL_TENSOR.ATTN_K, "v": gguf.MODEL_TENSOR.ATTN_V,
-                "o": gguf.MODEL_TENSOR.ATTN_OUT, "gate": gguf.MODEL_TENSOR.FFN_GATE, "up": gguf.MODEL_TENSOR.FFN_UP,
-                "down": gguf.MODEL_TENSOR.FFN_DOWN}
 assert all(gguf.GGML_QUANT_SIZES[t][0] == GGML_BLOCK for t in (QT.Q4_0, QT.Q4_1))  # quant.layout and ggml agree
 
 
 class GGUFExportError(ValueError):
     """An artifact or option that the writer cannot turn into a GGUF file; the message says why and what to do."""
-
-
-def tensor_name(kind: "gguf.MODEL_TENSOR", suffix: str = "weight", bid: int | None = None) -> str:
-    """A llama.cpp tensor name from gguf-py's table (e.g. blk.3.attn_q.bias)."""
-    return f"{gguf.TENSOR_NAMES[kind].format(bid=bid)}.{suffix}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,7 +65,7 @@ class RoundingLog:
             warnings.warn(
                 f"Q4_1: m = -zero*scale is not an fp16 value in {self.rounded} of {self.blocks} blocks and was rounded "
                 f"(max relative error of m {self.max_rel:.2e}, weights off by at most {self.max_abs:.2e}); the GGUF is "
-                "exact for artifacts quantized on the q4_1 grid (the gguf profile)", stacklevel=4)
+                "exact for artifacts quantized on the q4_1 grid (the gguf profile)", stacklevel=3)
 
 
 def is_symmetric(qw: QuantizedWeight) -> bool:
@@ -184,15 +179,6 @@ def nbytes(shape: tuple[int, ...], qtype: "gguf.GGMLQuantizationType") -> int:
 
 # ---------------------------------------------------------------------------------------------
 # The plan: every tensor of the file, in order
-
-
-def rope_permutation(n_heads: int, head_dim: int) -> np.ndarray:
-    """Row order of q/k for llama.cpp's llama graph: its RoPE ("normal" type) rotates adjacent pairs
-    (2j, 2j+1) where transformers rotates (j, j + head_dim/2), so row 2j+e of a head takes row e*head_dim/2 + j."""
-    half = head_dim // 2
-    j = np.arange(half)
-    per_head = np.stack([j, j + half], axis=1).reshape(-1)  # [0, half, 1, half+1, ...]
-    return (np.arange(n_heads)[:, None] * head_dim + per_head[None, :]).reshape(-1)
 
 
 @dataclass

@@ -1,0 +1,52 @@
+"""How an artifact names and stores its tensors: a quantized linear as packed codes, scales, zero points (or
+Q4_1 minimums) and bias; 4-bit heads; the online parameters of activation and KV-cache sites."""
+
+from __future__ import annotations
+
+import torch
+
+from .models.base import ACT_SITES, ModelConfig
+from .quant import QuantizedWeight, pack_int4, unpack_int4
+
+KV_SITES = ("k_cache", "v_cache")
+HEAD_TENSORS = ("embed", "lm_head")  # stored as float, or as 4-bit codes (quant["head_group_size"])
+
+
+def is_online_param(name: str) -> bool:
+    """True for ``layers.i.<site>.<param>`` tensors of an activation or KV-cache quantization site."""
+    parts = name.split(".")
+    return len(parts) == 4 and parts[0] == "layers" and parts[2] in ACT_SITES + KV_SITES
+
+
+def linear_tensors(prefix: str, qw: QuantizedWeight, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The artifact tensors of one quantized linear: packed codes, scales, zero points, bias."""
+    if qw.bits != 4:
+        raise ValueError(f"{prefix}: the artifact stores 4-bit weights, got {qw.bits}")
+    out = {f"{prefix}.qweight": pack_int4(qw.codes), f"{prefix}.scales": qw.scale}
+    if qw.grid == "q4_1":  # w = codes * scales + mins (quant.py conventions), no zero points
+        out[f"{prefix}.mins"] = qw.minimum
+    else:
+        out[f"{prefix}.zeros"] = qw.zero
+    if bias is not None:
+        out[f"{prefix}.bias"] = bias.to(torch.float32)
+    return out
+
+
+def linear_from_tensors(
+    prefix: str, tensors: dict[str, torch.Tensor], in_features: int, group_size: int | None, grid: str | None = None
+) -> QuantizedWeight:
+    """QuantizedWeight of one linear read back from artifact tensors. grid: the quant config's "weight_grid"
+    (None: "q4_1" when `{prefix}.mins` is stored, else "int")."""
+    codes = unpack_int4(tensors[f"{prefix}.qweight"], in_features)
+    mins = tensors.get(f"{prefix}.mins")
+    grid = grid or ("q4_1" if mins is not None else "int")
+    return QuantizedWeight(codes, tensors[f"{prefix}.scales"], tensors.get(f"{prefix}.zeros"), group_size or in_features, 4,
+                           minimum=mins, grid=grid)
+
+
+def head_from_tensors(name: str, tensors: dict[str, torch.Tensor], cfg: ModelConfig, quant: dict) -> QuantizedWeight | None:
+    """A 4-bit embedding / lm_head ([vocab, hidden] in groups of quant["head_group_size"] along hidden), or
+    None when the artifact keeps it in float."""
+    if f"{name}.qweight" not in tensors:
+        return None
+    return linear_from_tensors(name, tensors, cfg.hidden_size, quant["head_group_size"])
