@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .models.base import NORM_OF_SITE, SITE_LINEARS, ModelConfig, forward, head_logits
-from .pipeline import block_bytes
+from .blocks import block_bytes
 from .qmodel import KV_SITES, Artifact, reference_model
 
 CLIP_EPS = 1e-4  # a stored clip is kept inside [eps, 1 - eps] before its logit (torch.logit) is taken

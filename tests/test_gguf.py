@@ -17,7 +17,7 @@ from baseq_export.export import gguf as G
 from baseq_export.export.gguf_runtime import GGUFFileError
 from baseq_export.models import from_hf_model
 from baseq_export.models.base import forward
-from baseq_export.pipeline import quantize_model
+from baseq_export.gptq_model import quantize_model
 from baseq_export.settings import QuantSettings, profile_settings
 from baseq_export.qmodel import linear_from_tensors, load_artifact, reference_model, save_artifact
 from baseq_export.quant import fp16_ceil, quantize

@@ -1,8 +1,8 @@
 """The redesign changed where code lives, not what it computes: the same settings and seed give byte-identical
 artifacts and exports with the code before the redesign (git commit BEFORE_REDESIGN) and with this checkout.
 
-Both versions run the same CLI commands on the same tiny checkpoint, each in its own process, and every file
-they write is compared by digest (calibration.json holds timings and is left out, as is the op library: the
+Both versions run the same CLI commands on the same tiny checkpoint, each in its own process, in the same
+folder, and every file they write is compared by digest (calibration.json holds timings and is left out, as is the op library: the
 digest of a compiled binary says nothing about the model)."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from test_cli import tiny_checkpoint
 
 BEFORE_REDESIGN = "df8be50256c07e994694c4c6530257c0dfa28d68"
 REPO = Path(__file__).resolve().parents[1]
@@ -75,11 +75,29 @@ def _checkout_before(dest: Path) -> Path:
     return dest
 
 
+def _checkpoint(path: Path) -> tuple[Path, Path]:
+    """A tiny random Llama with a byte-level BPE tokenizer (GGUF takes that kind), saved as a HF checkpoint dir,
+    and a text file of the tokenizer's words."""
+    from conftest import tiny_hf_model
+    from test_gguf import bpe_tokenizer
+
+    tok = bpe_tokenizer()
+    tok.save_pretrained(path)
+    tiny_hf_model("llama", dtype=torch.float32, vocab_size=len(tok)).save_pretrained(path)
+    words = "the quick brown fox jumps over the lazy dog hello world a tiny tokenizer for tests".split()
+    gen = torch.Generator().manual_seed(0)
+    text = path / "text.txt"
+    text.write_text(" ".join(words[int(i)] for i in torch.randint(0, len(words), (400,), generator=gen)))
+    return path, text
+
+
 def test_artifacts_and_exports_are_byte_identical_to_before_the_redesign(tmp_path):
     before = _checkout_before(tmp_path / "before")
-    ckpt, text = tiny_checkpoint(tmp_path / "ckpt")
-    old = _digests(before, ckpt, text, tmp_path / "old")
-    new = _digests(REPO, ckpt, text, tmp_path / "new")
+    ckpt, text = _checkpoint(tmp_path / "ckpt")
+    run = tmp_path / "run"  # both write to the same place: an export's manifest names its artifact's path
+    old = _digests(before, ckpt, text, run)
+    shutil.rmtree(run)
+    new = _digests(REPO, ckpt, text, run)
     assert any(k.endswith("quant.safetensors") for k in old) and any(k.endswith(".gguf") for k in old)
     assert any(k.endswith(".onnx") for k in old)
     assert sorted(new) == sorted(old)
