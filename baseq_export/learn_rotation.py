@@ -9,7 +9,8 @@ the outputs of the linears that read it, relative to those outputs:
 
 averaged over every such site of every block, X being the site's inputs in the full-precision model on the
 calibration windows (a sample of their tokens). Q is folded into the weights like R1 (readers W Q, writers Q^T W:
-rotate.rotate_layer_residual), so the artifact and the runtimes need nothing new.
+rotate.rotate_layer_residual), so the artifact and the runtimes need nothing new. block_weights gives every method
+the model's blocks as its settings rotate them, with this rotation when they ask for it.
 """
 
 from __future__ import annotations

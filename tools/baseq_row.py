@@ -56,7 +56,7 @@ def main() -> None:
     if args.method == "fp":
         logits, row = (lambda ids: forward(m.config, m.weights, ids)), {}
     else:
-        q = QuantSettings(method="quarot-gptq" if args.method == "baseq" else args.method, bits=args.bits,
+        q = QuantSettings(method=args.method, bits=args.bits,
                           seed=args.seed, **json.loads(args.quant))
         calib = data.calibration_windows(data.tokenize(m.tokenizer, data.embedded_text("calib")), 128, 512, args.seed)
         if args.method == "baseq":
