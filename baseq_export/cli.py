@@ -57,7 +57,7 @@ def add_eval_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
 
 def add_quant_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
 
-    p.add_argument("--method", choices=("baseq",) + METHODS, default=option_default("baseq", sub), help="quantization method (default baseq)")
+    p.add_argument("--method", choices=METHODS, default=option_default("baseq", sub), help="quantization method (default baseq)")
     p.add_argument("--bits", choices=tuple(BITS_PRESETS), default=option_default(W4A4KV4, sub), help="weight/activation/KV bits (default w4a4kv4)")
     p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=option_default(None, sub), help="weight group size (default: per output channel)")
     p.add_argument("--calib-text", default=option_default(None, sub), help="UTF-8 text file to calibrate on (default: the embedded calibration split)")
@@ -278,7 +278,7 @@ def planned_settings(args: argparse.Namespace):
     if r1_steps is None:  # the preset's for BASE-Q (which refuses w4a16 with its own message), else none
         baseq = args.method == "baseq" and args.bits != W4A16
         r1_steps = PRESET_R1_STEPS.get(getattr(args, "preset", "quick"), 0) if baseq else 0
-    return QuantSettings(method="quarot-gptq" if args.method == "baseq" else args.method, bits=args.bits,
+    return QuantSettings(method=args.method, bits=args.bits,
                          group_size=args.group_size, seed=args.seed, head_bits=args.head_bits,
                          head_act_bits=args.head_act_bits, linear_act_bits=args.linear_act_bits,
                          weight_clip=args.weight_clip, r1_steps=r1_steps, **extra)
@@ -309,7 +309,7 @@ def quantize(args: argparse.Namespace, out: str, model=None):
     from .calibrate import calibrate_baseq
     from .device import resolve_device
     from .models import load_model
-    from .pipeline import quantize_model
+    from .gptq_model import quantize_model
     from .artifact import check_writable, save_artifact
 
     settings = planned_settings(args)  # applies --profile first: a profile may set the method
@@ -424,7 +424,7 @@ def export(artifact, fmt: str, out: str, force: bool, options: dict | None = Non
     from .export import target
     from .memory import map_big_allocations
     from .models.base import ModelConfig
-    from .pipeline import block_bytes
+    from .blocks import block_bytes
     from .artifact import load_artifact
 
     t = target(fmt)

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .models.base import NORM_OF_SITE, SITE_LINEARS, ModelConfig, forward, head_logits
-from .pipeline import block_bytes
+from .blocks import block_bytes
 from .artifact import Artifact
 from .artifact_tensors import KV_SITES
 from .reference import reference_model

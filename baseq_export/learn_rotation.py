@@ -9,7 +9,8 @@ the outputs of the linears that read it, relative to those outputs:
 
 averaged over every such site of every block, X being the site's inputs in the full-precision model on the
 calibration windows (a sample of their tokens). Q is folded into the weights like R1 (readers W Q, writers Q^T W:
-rotate.rotate_layer_residual), so the artifact and the runtimes need nothing new.
+rotate.rotate_layer_residual), so the artifact and the runtimes need nothing new. block_weights gives every method
+the model's blocks as its settings rotate them, with this rotation when they ask for it.
 """
 
 from __future__ import annotations
@@ -20,8 +21,12 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from .blocks import BlockWeights, TapHooks, calib_rope, run_block
+from .models import LoadedModel
 from .models.base import SITE_LINEARS
 from .quant import fake_quant_per_token
+from .rotate import RotationHooks
+from .settings import BITS_PRESETS, QuantSettings
 from .stage_a import cayley
 
 RESIDUAL_SITES = ("attn_in", "mlp_in")
@@ -124,3 +129,49 @@ def learn_residual_rotation(samples: list[SiteSample], fit: RotationFit, bits: i
         before = rotation_loss(samples, torch.eye(d, device=device), every, bits, clip, fit.center)
         after = rotation_loss(samples, q.to(torch.float32), every, bits, clip, fit.center)
     return q if after < before else torch.eye(d, dtype=torch.float64, device=device)
+
+
+def residual_site_samples(src: BlockWeights, calib: torch.Tensor, fit: RotationFit, seed: int) -> list[SiteSample]:
+    """The blocks' attn_in / mlp_in inputs in the full-precision (rotated) model on the calibration windows, the
+    same seeded sample of token rows at each, with the Gram matrix of the linears reading them (every site, or
+    as many as fit.max_sample_bytes holds, spread over the depth)."""
+    cfg = src.config
+    hooks = RotationHooks(r3=False, r4=src.r4)
+    h = torch.nn.functional.embedding(calib.to(src.device), src.embed())
+    rope = calib_rope(cfg, src.outside, h)
+    rows = token_sample(h.shape[0] * h.shape[1], fit.sample_tokens, seed, src.device)
+    keep = set(sampled_sites(len(RESIDUAL_SITES) * cfg.num_layers, cfg.hidden_size, rows.numel(), fit.max_sample_bytes))
+    samples = []
+    for i in tqdm(range(cfg.num_layers), desc="R1 samples", unit="block", leave=False):
+        lw = src.layer(i)
+        sites = [s for j, s in enumerate(RESIDUAL_SITES) if i * len(RESIDUAL_SITES) + j in keep]
+        taps: dict[str, list[torch.Tensor]] = {site: [] for site in sites}
+        tap = TapHooks(hooks, lambda site, x: taps[site].append(x.reshape(-1, x.shape[-1])) if site in taps else None)
+        h = run_block(cfg, lw, i, h, tap, rope)
+        for site in sites:
+            x = torch.cat(taps[site])
+            samples.append(SiteSample(x[rows], site_gram(lw, site), x.mean(0)))
+    return samples
+
+
+def learned_residual(model: LoadedModel, settings: QuantSettings, calib: torch.Tensor | None,
+                     device: torch.device | None = None) -> torch.Tensor | None:
+    """The learned rotation on top of the settings' R1 (learn_rotation.py), or None when settings.r1_steps is 0."""
+    if not settings.r1_steps:
+        return None
+    if calib is None:
+        raise ValueError("a learned R1 rotation needs calibration windows")
+    fit = RotationFit(settings.r1_steps)
+    samples = residual_site_samples(BlockWeights(model, True, settings.seed, settings.r4, device), calib, fit, settings.seed)
+    a_bits = BITS_PRESETS[settings.bits][1]
+    return learn_residual_rotation(samples, fit, a_bits, settings.a_clip, settings.seed).cpu()
+
+
+def block_weights(model: LoadedModel, settings: QuantSettings, calib: torch.Tensor | None,
+                  device: torch.device | None = None, r4: bool | None = None,
+                  residual: torch.Tensor | None = None) -> BlockWeights:
+    """BlockWeights as the settings rotate the model (R1 times the learned rotation when settings.r1_steps; a
+    residual given is used as it is, e.g. one a resumed run saved)."""
+    if residual is None:
+        residual = learned_residual(model, settings, calib, device)
+    return BlockWeights(model, settings.rotated, settings.seed, settings.r4 if r4 is None else r4, device, residual)

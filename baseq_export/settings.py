@@ -18,7 +18,9 @@ W4A16, W4A8KV8, W4A4KV4 = "w4a16", "w4a8kv8", "w4a4kv4"
 BITS_PRESETS = {W4A16: (4, None, None), W4A8KV8: (4, 8, 8), W4A4KV4: (4, 4, 4)}
 """Bit-width presets: (weight, activation, KV-cache) bits; None = float."""
 
-METHODS = ("rtn", "gptq", "quarot-rtn", "quarot-gptq")
+BASEQ = "baseq"
+METHODS = (BASEQ, "rtn", "gptq", "quarot-rtn", "quarot-gptq")
+"""Quantization methods; baseq is rotated with GPTQ weights, then calibrated by calibrate.calibrate_baseq."""
 
 
 HEAD_GROUP_SIZE = 32
@@ -97,7 +99,13 @@ class QuantSettings:
 
     @property
     def rotated(self) -> bool:
-        return self.method.startswith("quarot")
+        """True for the methods that rotate the model (QuaRot's R1-R4): quarot-* and baseq."""
+        return self.method.startswith("quarot") or self.method == BASEQ
+
+    @property
+    def gptq(self) -> bool:
+        """True for the methods whose weights GPTQ rounds (with calibration windows): gptq, quarot-gptq, baseq."""
+        return self.method.endswith("gptq") or self.method == BASEQ
 
     def quant_config(self) -> dict:
         w_bits, a_bits, kv_bits = BITS_PRESETS[self.bits]
@@ -108,7 +116,7 @@ class QuantSettings:
             "group_size": self.group_size, "symmetric": self.symmetric, "rotation": rotation,
             "weight_grid": self.weight_grid, "weight_clip": self.weight_clip,
             "lm_head": "float" if self.head_bits == 16 else "int4", "embed": "float" if self.head_bits == 16 else "int4",
-            **({"head_group_size": HEAD_GROUP_SIZE, "head_quant": "gptq" if self.method.endswith("gptq") else "rtn"}
+            **({"head_group_size": HEAD_GROUP_SIZE, "head_quant": "gptq" if self.gptq else "rtn"}
                if self.head_bits == 4 else {}),
             **({"head_act_bits": 8} if self.head_act_bits == 8 else {}),
             **({"linear_act_bits": 8} if self.linear_act_bits == 8 else {}),

@@ -18,8 +18,10 @@ from __future__ import annotations
 import torch
 
 from .hadamard import apply_hadamard
-from .models.base import ModelConfig
+from .models.base import LINEARS, ModelConfig
 from .quant import rtn_quantize
+from .settings import BaseqSettings, QuantSettings
+from .stage_c import fit, folded_mse, init_params, online_groups, site_means
 
 TRANSFORMED = ("v", "o", "up", "down")  # the linears stage A changes; q, k and gate keep their weights
 
@@ -86,3 +88,50 @@ def ste_weight(w: torch.Tensor, group_size: int | None, symmetric: bool, grid: s
     """w fake-quantized to 4 bits by RTN on the artifact's grid, with the identity gradient (straight-through)."""
     deq = rtn_quantize(w.detach(), 4, group_size, symmetric, grid=grid).dequantize().to(w.dtype)
     return w + (deq - w).detach()
+
+
+def train_stage_a(cfg, fp_lw, layer, x, y, quant_cfg, q: QuantSettings, b: BaseqSettings, rope, fp_hooks,
+                  seed: int, bar=None) -> tuple[dict, dict]:
+    """Stage A for one block: (its float weights with the learned transforms folded in, a log entry). Trained
+    with every linear RTN fake-quantized (straight-through) and the sites' shift and clip learned alongside
+    (started as stage C starts, from the RTN block's site means); kept only if the block's MSE with RTN weights
+    drops (else the weights are returned unchanged). fp_hooks: the FP block's online rotations (R4)."""
+    r4 = fp_hooks.r4
+    t = init_transform(cfg, b.stage_a_scales, b.stage_a_rotation, x.device)
+    if not t:
+        return fp_lw, {}
+
+    def rtn(w: torch.Tensor) -> torch.Tensor:
+        return ste_weight(w, q.group_size, q.symmetric, q.weight_grid)
+
+    fixed = {f"{n}.weight": rtn(fp_lw[f"{n}.weight"]) for n in LINEARS if n not in TRANSFORMED}
+
+    def weights() -> dict:
+        tw = transform_block(fp_lw, t, cfg, r4)
+        return {k: fixed.get(k, rtn(v) if k.endswith(".weight") else v) for k, v in tw.items()}
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        return folded_mse(cfg, weights(), params, layer, x[idx], y[idx], quant_cfg, rope, b.batch_size, b.loss)
+
+    def mse() -> float:
+        with torch.no_grad():
+            return float(folded_mse(cfg, weights(), params, layer, x, y, quant_cfg, rope, loss=b.loss))
+
+    with torch.no_grad():
+        means = site_means(cfg, weights(), layer, x, fp_hooks, rope) if b.shift_init == "mean" else None
+    params = init_params(cfg, b, means, x.device)
+    before = mse()
+    for v in t.values():
+        v.requires_grad_(True)
+    groups = [{"params": [v for k, v in t.items() if k.endswith("log_scale")], "lr": b.lr_stage_a_scale},
+              {"params": [v for k, v in t.items() if k.endswith("skew")], "lr": b.lr_stage_a_rotation}]
+    groups = [g for g in groups if g["params"]] + online_groups(params, b, kinds=("shift", "beta"))
+    fit(groups, loss_of, x.shape[0], b, b.stage_a_epochs, seed, bar, layer)
+    for v in [*t.values(), *params.values()]:
+        v.requires_grad_(False)
+    after = mse()  # stage A's shift and clip only shape the transforms: stage C starts afresh after GPTQ
+    entry = {"mse_stage_a_start": before, "mse_stage_a": after, "stage_a": "trained" if after < before else "untrained"}
+    if not after < before:
+        return fp_lw, entry
+    with torch.no_grad():
+        return transform_block(fp_lw, t, cfg, r4), entry

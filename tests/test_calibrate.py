@@ -2,11 +2,13 @@ import pytest
 import torch
 
 from baseq_export import calibrate
-from baseq_export.calibrate import block_tensors, calibrate_baseq, fold_block, init_params
+from baseq_export.calibrate import calibrate_baseq
+from baseq_export.stage_c import block_tensors, fold_block, init_params
 from baseq_export.settings import BaseqSettings
 from baseq_export.models import from_hf_model
 from baseq_export.models.base import forward, layer_weights
-from baseq_export.pipeline import calib_rope, quantize_model, round_layer, run_block
+from baseq_export.blocks import calib_rope, run_block
+from baseq_export.gptq_model import quantize_model, round_layer
 from baseq_export.settings import QuantSettings
 from baseq_export.artifact import load_artifact, save_artifact
 from baseq_export.reference import QuantHooks, reference_model
@@ -145,7 +147,7 @@ def test_token_loss_weighs_every_token_by_its_own_target():
     square, averaged (numpy), so a token whose residual stream is 1000x larger counts like any other."""
     import numpy as np
 
-    from baseq_export.calibrate import output_loss
+    from baseq_export.stage_c import output_loss
 
     gen = torch.Generator().manual_seed(5)
     y = torch.randn(3, 7, 16, generator=gen)
@@ -165,8 +167,8 @@ def test_learned_weight_scales_keep_the_codes_and_the_artifact_computes_the_reco
     """learn_weight_scale: block 0 keeps GPTQ's codes and zero points (its input is the same with or without), its
     scales are fp16 values that differ from GPTQ's; the saved block's output loss (reference forward, float32) is
     the loss calibration recorded for it, below its GPTQ start."""
-    from baseq_export.calibrate import output_loss
-    from baseq_export.pipeline import BlockWeights
+    from baseq_export.stage_c import output_loss
+    from baseq_export.blocks import BlockWeights
     from baseq_export.rotate import RotationHooks
 
     b = BaseqSettings(nsamples=12, calib_ctx=24, epochs=3, batch_size=4, learn_weight_scale=True, loss="token")

@@ -9,7 +9,7 @@ import torch
 
 from baseq_export.models import from_hf_model
 from baseq_export.models.base import ACT_SITES, forward
-from baseq_export.pipeline import quantize_model
+from baseq_export.gptq_model import quantize_model
 from baseq_export.settings import QuantSettings
 from baseq_export.reference import reference_model
 from baseq_export.rotate import RotationHooks

@@ -17,7 +17,7 @@ from baseq_export.export import gguf as G
 from baseq_export.gguf_file import GGUFFileError
 from baseq_export.models import from_hf_model
 from baseq_export.models.base import forward
-from baseq_export.pipeline import quantize_model
+from baseq_export.gptq_model import quantize_model
 from baseq_export.settings import QuantSettings, profile_settings
 from baseq_export.artifact import load_artifact, save_artifact
 from baseq_export.artifact_tensors import linear_from_tensors

@@ -8,7 +8,7 @@ import torch
 
 from baseq_export.models import from_hf_model
 from baseq_export.models.base import IDENTITY, forward
-from baseq_export.pipeline import quantize_model
+from baseq_export.gptq_model import quantize_model
 from baseq_export.settings import PROFILES, QuantSettings, is_weight_only_offline, profile_settings
 from baseq_export.artifact import load_artifact, save_artifact
 from baseq_export.reference import reference_model
@@ -120,7 +120,7 @@ def test_profile_settings_checks():
 
 @pytest.fixture(scope="module")
 def tuned(tiny, tmp_path_factory):
-    from baseq_export.pipeline import TuneSettings, tune_blocks
+    from baseq_export.tune import TuneSettings, tune_blocks
 
     work = tmp_path_factory.mktemp("tune") / "partial"
     t = TuneSettings(nsamples=12, ctx=32, nval=4, epochs=3)
@@ -129,7 +129,7 @@ def tuned(tiny, tmp_path_factory):
 
 
 def test_tuned_artifact_is_on_the_grid_with_biases(tiny, tuned):
-    from baseq_export.pipeline import BIAS_LINEARS
+    from baseq_export.tune import BIAS_LINEARS
     from baseq_export.artifact_tensors import linear_from_tensors
 
     s, t, _, art = tuned
@@ -173,7 +173,7 @@ def test_tuned_reference_forward_and_gain(tiny, tuned):
 
 
 def test_tuning_resumes_bit_identically(tiny, tuned):
-    from baseq_export.pipeline import tune_blocks
+    from baseq_export.tune import tune_blocks
 
     s, t, work, art = tuned
     (work / f"block_{tiny.config.num_layers - 1}.safetensors").unlink()  # as if interrupted before the last block

@@ -8,7 +8,9 @@ from baseq_export.settings import BaseqSettings
 from baseq_export.learn_rotation import RotationFit, SiteSample, learn_residual_rotation, rotation_loss, weighted_error
 from baseq_export.models import from_hf_model
 from baseq_export.models.base import forward
-from baseq_export.pipeline import BlockWeights, block_weights, learned_residual, quantize_model
+from baseq_export.blocks import BlockWeights
+from baseq_export.gptq_model import quantize_model
+from baseq_export.learn_rotation import block_weights, learned_residual
 from baseq_export.settings import QuantSettings
 from baseq_export.rotate import RotationHooks, random_orthogonal
 from conftest import tiny_hf_model
@@ -126,7 +128,7 @@ def test_a_resumed_calibration_reuses_the_saved_rotation(tiny, tmp_path, monkeyp
 def test_site_samples_are_the_norm_outputs_and_respect_the_memory_cap(tiny):
     from baseq_export.learn_rotation import sampled_sites, token_sample
     from baseq_export.models.base import rms_norm
-    from baseq_export.pipeline import residual_site_samples
+    from baseq_export.learn_rotation import residual_site_samples
 
     src = BlockWeights(tiny, rotated=True, seed=0, r4=True)
     cfg, ids = src.config, calib()

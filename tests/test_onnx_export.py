@@ -17,7 +17,7 @@ from baseq_export.export.onnx import OnnxModel, write as export_onnx
 from baseq_export.export.onnx.graph import MS_DOMAIN, Graph, emit_fake_quant, emit_hadamard, matmul_nbits_inputs
 from baseq_export.hadamard import apply_hadamard
 from baseq_export.models import from_hf_model
-from baseq_export.pipeline import quantize_model
+from baseq_export.gptq_model import quantize_model
 from baseq_export.settings import QuantSettings
 from baseq_export.artifact import save_artifact
 from baseq_export.reference import reference_model

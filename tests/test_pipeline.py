@@ -5,7 +5,7 @@ import torch
 
 from baseq_export.models import from_hf_model
 from baseq_export.models.base import forward
-from baseq_export.pipeline import quantize_model
+from baseq_export.gptq_model import quantize_model
 from baseq_export.settings import QuantSettings
 from baseq_export.artifact import load_artifact, save_artifact
 from baseq_export.reference import reference_model
@@ -123,25 +123,25 @@ def test_4bit_embedding_and_head(tmp_path, arch):
 def test_gptq_head_lowers_the_logit_error_and_slices_give_the_whole_tables_codes(monkeypatch):
     """gptq_head: on correlated inputs (as hidden states are) the head's output error (X (T - T_q)^T) is well
     below the MSE-clipped RTN table's, on the same group-32 grid; slices of rows give the whole table's codes."""
-    from baseq_export import pipeline
+    from baseq_export import gptq_model
 
     g = torch.Generator().manual_seed(3)
     table = torch.randn(300, 64, generator=g)
     x = torch.randn(2000, 24, generator=g) @ torch.randn(24, 64, generator=g) + 0.1 * torch.randn(2000, 64, generator=g)
     acc = HessianAccumulator(64)
     acc.add(x)
-    whole = pipeline.gptq_head(table, acc.hessian)
-    rtn = rtn_quantize(table, 4, pipeline.HEAD_GROUP_SIZE, mse_clip_search=True)
+    whole = gptq_model.gptq_head(table, acc.hessian)
+    rtn = rtn_quantize(table, 4, gptq_model.HEAD_GROUP_SIZE, mse_clip_search=True)
     assert whole.group_size == rtn.group_size == 32 and whole.zero is not None
     err = {k: float((x @ (table - dequantize_weight(q)).T).norm()) for k, q in (("gptq", whole), ("rtn", rtn))}
     assert err["gptq"] < 0.8 * err["rtn"], err
-    plain = gptq_quantize(table, acc.hessian, 4, pipeline.HEAD_GROUP_SIZE, mse_clip_search=True)  # no shared factor
+    plain = gptq_quantize(table, acc.hessian, 4, gptq_model.HEAD_GROUP_SIZE, mse_clip_search=True)  # no shared factor
     assert all(torch.equal(getattr(plain, f), getattr(whole, f)) for f in ("codes", "scale", "zero"))
-    monkeypatch.setattr(pipeline, "HEAD_GPTQ_ELEMENTS", 64 * 70)  # five slices, the last one short
+    monkeypatch.setattr(gptq_model, "HEAD_GPTQ_ELEMENTS", 64 * 70)  # five slices, the last one short
     factored = []
     inverse = quant.gptq._inverse_hessian_upper
     monkeypatch.setattr(quant.gptq, "_inverse_hessian_upper", lambda *a: factored.append(1) or inverse(*a))
-    sliced = pipeline.gptq_head(table, acc.hessian)
+    sliced = gptq_model.gptq_head(table, acc.hessian)
     assert all(torch.equal(getattr(sliced, f), getattr(whole, f)) for f in ("codes", "scale", "zero"))
     assert len(factored) == 1  # one factorisation serves the five slices
 
@@ -151,7 +151,7 @@ def test_calibrated_methods_gptq_the_table_the_head_reads(arch):
     """With calibration windows the 4-bit table the head reads (the tied table, or an untied lm_head) is GPTQ'd
     for the head and recorded as such, by GPTQ and by the weight-only tuning alike; an untied embedding stays RTN;
     without calibration the head is RTN."""
-    from baseq_export.pipeline import TuneSettings, tune_blocks
+    from baseq_export.tune import TuneSettings, tune_blocks
 
     m = from_hf_model(tiny_hf_model(arch, dtype=torch.float32))
     rtn = quantize_model(m, QuantSettings(method="quarot-rtn", bits="w4a16", head_bits=4))
@@ -237,7 +237,7 @@ def test_streamed_lazy_weights_give_the_in_memory_artifact(tmp_path, method, bit
         preset = dataclasses.replace(PRESETS["quick"], nsamples=16, calib_ctx=32, epochs=1)
         make = lambda m, spool: calibrate_baseq(m, QuantSettings(bits=bits), preset, ids, workdir=spool)  # noqa: E731
     elif method == "tune":
-        from baseq_export.pipeline import TuneSettings, tune_blocks
+        from baseq_export.tune import TuneSettings, tune_blocks
         from baseq_export.settings import profile_settings
 
         tune = TuneSettings(nsamples=8, ctx=32, nval=4, epochs=1)
@@ -261,7 +261,7 @@ def test_block_weights_equal_rotating_the_whole_model(arch, monkeypatch):
     """BlockWeights (one linear at a time, tables in slices of rows) gives rotate_model's float64 numbers rounded
     to float32, bit for bit, for every block and the embedding and head."""
     from baseq_export import rotate
-    from baseq_export.pipeline import BlockWeights
+    from baseq_export.blocks import BlockWeights
 
     m = from_hf_model(tiny_hf_model(arch, dtype=torch.float32))
     _, whole = rotate_model(m.config, {k: v.double() for k, v in m.weights.items()}, seed=5, r4=True)  # unsliced
@@ -277,22 +277,22 @@ def test_block_weights_equal_rotating_the_whole_model(arch, monkeypatch):
 def test_hessians_gathered_in_two_passes_give_the_same_artifact(tiny, monkeypatch):
     """A big down_proj Hessian is gathered in a forward pass of its own after the other sites' are used and
     dropped (memory at 7B); the codes, scales and every other tensor are those of the one-pass run."""
-    from baseq_export import pipeline
+    from baseq_export import gptq_model
 
     s = QuantSettings(method="quarot-gptq", bits="w4a4kv4")
     one = quantize_model(tiny, s, calib())
     passes = []
-    real = pipeline.gptq_hessians
+    real = gptq_model.gptq_hessians
 
     def recorded(*args, **kwargs):
         hessians = real(*args, **kwargs)
         passes.append(tuple(hessians))
         return hessians
 
-    monkeypatch.setattr(pipeline, "gptq_hessians", recorded)
-    monkeypatch.setattr(pipeline, "SPLIT_HESSIANS_BYTES", 0)
+    monkeypatch.setattr(gptq_model, "gptq_hessians", recorded)
+    monkeypatch.setattr(gptq_model, "SPLIT_HESSIANS_BYTES", 0)
     two = quantize_model(tiny, s, calib())
-    assert passes[:2] == list(pipeline.HESSIAN_PASSES)
+    assert passes[:2] == list(gptq_model.HESSIAN_PASSES)
     assert set(one.tensors) == set(two.tensors)
     assert all(torch.equal(one.tensors[k], two.tensors[k]) for k in one.tensors)
 
@@ -303,7 +303,7 @@ def test_block_bytes_counts_a_blocks_linears_and_sets_the_mmap_threshold_only_fo
     threshold (mallopt M_MMAP_THRESHOLD) only from BIG_BLOCK_BYTES on, so small models keep glibc's default."""
     from baseq_export import memory
     from baseq_export.models.base import LINEARS
-    from baseq_export.pipeline import block_bytes
+    from baseq_export.blocks import block_bytes
 
     m = from_hf_model(tiny_hf_model(arch))
     assert block_bytes(m.config) == 4 * sum(m.weights[f"layers.0.{n}.weight"].numel() for n in LINEARS)

@@ -366,7 +366,7 @@ def test_export_falls_back_to_standard_ops_when_the_library_cannot_build(tmp_pat
 
     from baseq_export.export.onnx import OnnxModel, write as export_onnx
     from baseq_export.models import from_hf_model
-    from baseq_export.pipeline import quantize_model
+    from baseq_export.gptq_model import quantize_model
     from baseq_export.settings import QuantSettings
     from baseq_export.artifact import save_artifact
     from baseq_export.reference import reference_model

@@ -31,7 +31,7 @@ from baseq_export.settings import PRESETS  # noqa: E402
 from baseq_export.evaluate import perplexity  # noqa: E402
 from baseq_export.models import load_model  # noqa: E402
 from baseq_export.models.base import forward  # noqa: E402
-from baseq_export.pipeline import quantize_model  # noqa: E402
+from baseq_export.gptq_model import quantize_model  # noqa: E402
 from baseq_export.settings import QuantSettings  # noqa: E402
 from baseq_export.reference import reference_model  # noqa: E402
 
@@ -56,7 +56,7 @@ def main() -> None:
     if args.method == "fp":
         logits, row = (lambda ids: forward(m.config, m.weights, ids)), {}
     else:
-        q = QuantSettings(method="quarot-gptq" if args.method == "baseq" else args.method, bits=args.bits,
+        q = QuantSettings(method=args.method, bits=args.bits,
                           seed=args.seed, **json.loads(args.quant))
         calib = data.calibration_windows(data.tokenize(m.tokenizer, data.embedded_text("calib")), 128, 512, args.seed)
         if args.method == "baseq":

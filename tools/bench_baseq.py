@@ -43,7 +43,7 @@ from baseq_export.settings import PRESET_R1_STEPS, PRESETS  # noqa: E402
 from baseq_export.evaluate import perplexity  # noqa: E402
 from baseq_export.models import load_model  # noqa: E402
 from baseq_export.models.base import forward  # noqa: E402
-from baseq_export.pipeline import quantize_model  # noqa: E402
+from baseq_export.gptq_model import quantize_model  # noqa: E402
 from baseq_export.settings import QuantSettings  # noqa: E402
 from baseq_export.reference import reference_model  # noqa: E402
 

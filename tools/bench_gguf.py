@@ -7,7 +7,7 @@ API, `llama_cpp.llama_model_quantize`), without and with an importance matrix (m
 input activation per column of every block linear, collected here with the FP model on the
 calibration windows and handed to the same API); ours: RTN on the Q4_0 / Q4_1 grids (min/max,
 and with searched d/m), GPTQ on Q4_1 without rotation, rotated (R1/R2 offline, no R4) GPTQ on
-Q4_1 and Q4_0, and the blockwise-tuned profile on both grids where pipeline.py has it.
+Q4_1 and Q4_0, and the blockwise-tuned profile on both grids where tune.py has it.
 Our files get the embedding / output types of llama.cpp's own file of the same grid (read from
 it), so sizes compare like for like.
 
@@ -48,7 +48,7 @@ from baseq_export import data  # noqa: E402
 from baseq_export.evaluate import perplexity  # noqa: E402
 from baseq_export.models import load_model  # noqa: E402
 from baseq_export.models.base import SITE_LINEARS, IdentityHooks, forward  # noqa: E402
-from baseq_export.pipeline import quantize_model  # noqa: E402
+from baseq_export.gptq_model import quantize_model  # noqa: E402
 from baseq_export.settings import QuantSettings, profile_settings  # noqa: E402
 from baseq_export.artifact import load_artifact, save_artifact  # noqa: E402
 from baseq_export.reference import reference_model
@@ -193,7 +193,7 @@ def rows() -> list[Row]:
 def quantize_ours(model, row: Row, calib: torch.Tensor, work: Path):
     """Our artifact of a row; a tuned row keeps its finished blocks in work/<key>.partial (a rerun resumes)."""
     if row.tune:
-        from baseq_export.pipeline import TuneSettings, tune_blocks
+        from baseq_export.tune import TuneSettings, tune_blocks
 
         tune = TuneSettings(**{k: v for k, v in row.tune.items() if k != "enabled"})
         return tune_blocks(model, row.settings, calib, tune, workdir=str(work / f"{row.key}.partial"))

@@ -17,7 +17,7 @@ import torch
 from baseq_export import data
 from baseq_export.evaluate import perplexity
 from baseq_export.models import load_model
-from baseq_export.pipeline import quantize_model
+from baseq_export.gptq_model import quantize_model
 from baseq_export.settings import QuantSettings
 from baseq_export.reference import reference_model
 

@@ -16,7 +16,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from ..quant import matmul_nbits_bytes
+from ...quant import matmul_nbits_bytes
 
 MS_DOMAIN = "com.microsoft"
 
