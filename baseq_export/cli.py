@@ -7,20 +7,16 @@ Subcommands run one step each: quantize, export, eval, run, report.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import errno
-import json
 import resource
-import shutil
 import sys
 import time
 from pathlib import Path
 
-from . import __version__
+from . import __version__, api
 from .export import TARGETS, backend_names, option_default
 
-from .settings import BITS_PRESETS, METHODS, PRESET_R1_STEPS, PRESETS, PROFILES, W4A4KV4, W4A16, QuantSettings
+from .settings import BITS_PRESETS, METHODS, PRESETS, PROFILES, W4A4KV4
 
 
 def int_at_least(low: int):
@@ -155,36 +151,15 @@ def not_built(what: str) -> int:
     return 2
 
 
-def eval_windows(tokenizer, args: argparse.Namespace):
-    """Token windows of the evaluation text chosen on the command line."""
-    from . import data
-
-    text = data.corpus_text("eval", args.eval_text)
-    return data.token_windows(data.tokenize(tokenizer, text), args.ctx, args.max_windows)
-
-
 def evaluate_fp(args: argparse.Namespace):
-    """Load --model, evaluate its full-precision perplexity, print and return it."""
-    import torch
-
-    from .device import resolve_device
-    from .evaluate import perplexity
-    from .models import load_model
-    from .models.base import forward
-
+    """Load --model, evaluate its full-precision perplexity, print it; returns (model, Perplexity)."""
     t0 = time.time()
     print(f"loading model {args.model!r} ...", file=sys.stderr)
-    device = resolve_device(getattr(args, "device", "cpu"))
-    m = load_model(args.model, lazy=True)  # read straight from the file: no transformers model next to ours
-    weights = {k: v.to(device) for k, v in m.weights.read_all().items()}
+    m = api.load(args.model)  # read straight from the file: no transformers model next to ours
     print(f"loaded {m.config.arch} ({m.config.num_layers} layers, hidden {m.config.hidden_size}) in {time.time() - t0:.1f} s", file=sys.stderr)
-    check_context(m, args.ctx, "--ctx")
-    windows = eval_windows(m.tokenizer, args)
+    api.check_context(m, args.ctx, "--ctx")
     t0 = time.time()
-    with torch.inference_mode():
-        result = perplexity(lambda ids: forward(m.config, weights, ids.to(device)).cpu(), windows, args.batch_size,
-                            desc="FP perplexity")
-    del weights
+    result = api.evaluate(m, args.eval_text, args.ctx, args.max_windows, args.batch_size, device=getattr(args, "device", "cpu"))
     source = args.eval_text or "embedded evaluation split"
     print(
         f"FP perplexity {result.ppl:.4f} on {result.tokens} scored tokens "
@@ -194,20 +169,11 @@ def evaluate_fp(args: argparse.Namespace):
 
 
 def eval_artifact(path, args: argparse.Namespace):
-    """Perplexity of a .baseq artifact (PyTorch reference) or an export (its runtime)."""
-    import torch
-
-    from .device import resolve_device
-    from .evaluate import perplexity
-    from .export import open_backend
-
-    backend = open_backend(path, device=resolve_device(getattr(args, "device", "cpu")))
-    label = backend.label
-    windows = eval_windows(load_tokenizer(path), args)
+    """Perplexity of a .baseq artifact (a path or a loaded one: PyTorch reference) or an export (its runtime), printed."""
     t0 = time.time()
-    with torch.inference_mode():
-        result = perplexity(backend.logits, windows, args.batch_size, desc=f"{label} perplexity")
-    print(f"{label} perplexity {result.ppl:.4f} on {result.tokens} scored tokens "
+    result = api.evaluate(path, args.eval_text, args.ctx, args.max_windows, args.batch_size,
+                          device=getattr(args, "device", "cpu"))
+    print(f"{result.label} perplexity {result.ppl:.4f} on {result.tokens} scored tokens "
           f"({result.windows} windows x {args.ctx}) in {time.time() - t0:.1f} s")
     return result
 
@@ -220,23 +186,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_tokenizer(path):
-    """The tokenizer of an artifact or export: the files saved in its directory, or a GGUF file's own."""
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    if path.is_file():  # a single-file export (GGUF) carries its tokenizer inside
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-
-
-def check_context(model, ctx: int, option: str) -> None:
-    """Refuse windows longer than the context the model was trained for (its positions past that are untrained)."""
-    if model.max_positions and ctx > model.max_positions:
-        raise ValueError(f"{option} {ctx} is longer than the model's context of {model.max_positions} tokens "
-                         f"(max_position_embeddings); pass {option} {model.max_positions} or less")
-
-
 def check_text_files(args: argparse.Namespace) -> None:
     """Read the user's text files up front, so a bad one is refused before a model is loaded."""
     from . import data
@@ -244,13 +193,6 @@ def check_text_files(args: argparse.Namespace) -> None:
     for option in ("calib_text", "eval_text"):
         if getattr(args, option, None):
             data.read_text_file(getattr(args, option))
-
-
-def calibration_windows(tokenizer, args: argparse.Namespace, nsamples: int, ctx: int):
-    from . import data
-
-    tokens = data.tokenize(tokenizer, data.corpus_text("calib", args.calib_text))
-    return data.calibration_windows(tokens, nsamples, ctx, args.seed)
 
 
 def model_stem(model: str) -> str:
@@ -270,96 +212,29 @@ def apply_profile(args: argparse.Namespace) -> dict:
     return {k: v for k, v in profile.items() if not hasattr(args, k)}
 
 
-def planned_settings(args: argparse.Namespace):
-    """The QuantSettings the options (and --profile) ask for."""
-
+def plan_options(args: argparse.Namespace) -> dict:
+    """The options (with --profile applied) as keywords for api.plan / api.quantize."""
     extra = apply_profile(args)
-    r1_steps = args.r1_steps
-    if r1_steps is None:  # the preset's for BASE-Q (which refuses w4a16 with its own message), else none
-        baseq = args.method == "baseq" and args.bits != W4A16
-        r1_steps = PRESET_R1_STEPS.get(getattr(args, "preset", "quick"), 0) if baseq else 0
-    return QuantSettings(method=args.method, bits=args.bits,
-                         group_size=args.group_size, seed=args.seed, head_bits=args.head_bits,
-                         head_act_bits=args.head_act_bits, linear_act_bits=args.linear_act_bits,
-                         weight_clip=args.weight_clip, r1_steps=r1_steps, **extra)
+    return dict(method=args.method, bits=args.bits, preset=getattr(args, "preset", "quick"), nsamples=args.nsamples,
+                calib_ctx=args.calib_ctx, e2e_epochs=args.e2e_epochs, r1_steps=args.r1_steps,
+                group_size=args.group_size, seed=args.seed, head_bits=args.head_bits, head_act_bits=args.head_act_bits,
+                linear_act_bits=args.linear_act_bits, weight_clip=args.weight_clip, **extra)
 
 
-def planned_preset(args: argparse.Namespace, max_positions: int | None):
-    """BASE-Q's budget: --preset with --nsamples / --calib-ctx / --e2e-epochs applied (calibration windows no longer
-    than the model's context unless asked for)."""
-
-    preset = PRESETS[args.preset]
-    ctx = args.calib_ctx or min(preset.calib_ctx, max_positions or preset.calib_ctx)
-    e2e = preset.e2e_epochs if args.e2e_epochs is None else args.e2e_epochs
-    return dataclasses.replace(preset, nsamples=args.nsamples or preset.nsamples, calib_ctx=ctx, e2e_epochs=e2e)
-
-
-def planned_quant_config(args: argparse.Namespace, max_positions: int | None) -> dict:
-    """The quant config an artifact made with these options records, as its config.json holds it."""
-    from .calibrate import baseq_quant_config
-
-    settings = planned_settings(args)
-    quant = (baseq_quant_config(settings, planned_preset(args, max_positions)) if args.method == "baseq"
-             else settings.quant_config())
-    return json.loads(json.dumps(quant))
-
-
-def quantize(args: argparse.Namespace, out: str, model=None):
-    """Quantize --model as the arguments say and save the artifact at out; returns (path, model)."""
-    from .calibrate import calibrate_baseq
-    from .device import resolve_device
-    from .models import load_model
-    from .gptq_model import quantize_model
-    from .artifact import check_writable, save_artifact
-
-    settings = planned_settings(args)  # applies --profile first: a profile may set the method
-    method = args.method
-    device = resolve_device(getattr(args, "device", "cpu"))
-    check_writable(out, args.force)  # fail before the long work, not after it
+def quantize(args: argparse.Namespace, out: str):
+    """Quantize --model as the arguments say and save the artifact at out; returns the artifact as loaded from out."""
     t0 = time.time()
-    m = model or load_model(args.model, lazy=True)  # read a block's tensors when calibration reaches it
-    settings.check_model(m.config)
-    workdir = Path(out).with_name(Path(out).name + ".partial")
-    if method == "baseq":
-        preset = planned_preset(args, m.max_positions)
-        check_context(m, preset.calib_ctx, "--calib-ctx")
-        calib = calibration_windows(m.tokenizer, args, preset.nsamples, preset.calib_ctx)
-        if workdir.exists():
-            print(f"resuming the partial run in {workdir}", file=sys.stderr)
-        art = calibrate_baseq(m, settings, preset, calib, workdir=workdir, device=device)  # its blocks: the workdir's files
-        path = save_artifact(out, art, overwrite=args.force, write_extra=lambda d: m.tokenizer.save_pretrained(str(d)))
-    else:
-        calib = None
-        if method.endswith("gptq") or settings.r1_steps:
-            calib_ctx = args.calib_ctx or min(512, m.max_positions or 512)
-            check_context(m, calib_ctx, "--calib-ctx")
-            calib = calibration_windows(m.tokenizer, args, args.nsamples or 128, calib_ctx)
-        with spool_dir(Path(out)) as spool:  # finished blocks wait on disk, not in memory, until the artifact is written
-            art = quantize_model(m, settings, calib, spool=spool, device=device)
-            path = save_artifact(out, art, overwrite=args.force, write_extra=lambda d: m.tokenizer.save_pretrained(str(d)))
-    if workdir.exists():
-        shutil.rmtree(workdir)
+    art = api.quantize(args.model, out, calib_text=args.calib_text, device=getattr(args, "device", "cpu"),
+                       force=args.force, **plan_options(args))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"wrote {path} ({method} {settings.bits}) in {time.time() - t0:.1f} s, peak RSS so far {peak:.0f} MiB", file=sys.stderr)
-    return path, m
-
-
-@contextlib.contextmanager
-def spool_dir(out: Path):
-    """A hidden sibling directory of out for a non-resumable run's finished blocks, removed however the run ends."""
-    import tempfile
-
-    out.expanduser().parent.mkdir(parents=True, exist_ok=True)
-    spool = Path(tempfile.mkdtemp(prefix=f".{out.name}.spool-", dir=out.expanduser().parent))
-    try:
-        yield spool
-    finally:
-        shutil.rmtree(spool, ignore_errors=True)
+    print(f"wrote {art.path} ({args.method} {art.quant['bits']}) in {time.time() - t0:.1f} s, peak RSS so far {peak:.0f} MiB",
+          file=sys.stderr)
+    return art
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     out = getattr(args, "out", None) or default_out(args.model, f"{args.method}-{args.bits}.baseq")
-    path, _ = quantize(args, out)
+    path = quantize(args, out).path
     print(f"wrote {path}")
     print(f"measure it: baseq-export eval {path}")
     return 0
@@ -376,7 +251,7 @@ def fill_defaults(args: argparse.Namespace, settings: dict) -> None:
 def cmd_main_job(args: argparse.Namespace) -> int:
     """Load, measure FP, quantize for --format (or reuse a finished artifact), measure the artifact, export, measure."""
     from .export import find_target, target
-    from .artifact import is_artifact, read_config
+    from .artifact import is_artifact, load_artifact, read_config
 
     fmt = target(args.format)
     fill_defaults(args, fmt.main_job_settings(args))
@@ -386,26 +261,27 @@ def cmd_main_job(args: argparse.Namespace) -> int:
     out = args.out or fmt.default_out(model_stem(args.model))
     if Path(out).exists() and find_target(out) is not fmt:
         raise FileExistsError(f"{out} exists and is not a {fmt.NAME} export of ours; pass another --out")
-    artifact = Path(f"{out}.baseq") if args.out else Path(default_out(args.model, f"{args.method}-{args.bits}-{args.preset}.baseq"))
+    path = Path(f"{out}.baseq") if args.out else Path(default_out(args.model, f"{args.method}-{args.bits}-{args.preset}.baseq"))
     model, fp = evaluate_fp(args)
     max_positions = model.max_positions
     del model  # quantize reads the model again lazily, a block at a time: the whole model is not held twice
-    if is_artifact(artifact) and not args.force:
-        quant = read_config(artifact)["quant"]
-        if quant != planned_quant_config(args, max_positions):
-            raise ValueError(f"{artifact} holds another quantization ({quant.get('method')} {quant.get('bits')}, or other "
+    if is_artifact(path) and not args.force:
+        quant = read_config(path)["quant"]
+        if quant != api.plan(max_positions=max_positions, **plan_options(args)).quant_config():
+            raise ValueError(f"{path} holds another quantization ({quant.get('method')} {quant.get('bits')}, or other "
                              "settings than these options ask for); pass --force to replace it or --out to write elsewhere")
-        print(f"reusing the finished artifact {artifact} (pass --force to calibrate again)", file=sys.stderr)
+        print(f"reusing the finished artifact {path} (pass --force to calibrate again)", file=sys.stderr)
+        artifact = load_artifact(path, lazy=True)
     else:
-        quantize(args, str(artifact))
-    q = eval_artifact(artifact, args)
-    path = export(artifact, args.format, out, force=True, options=fmt.options(args))  # derived from the artifact: refresh it
-    e = eval_artifact(path, args)
-    print(f"\n{fmt.describe(path)}")
+        artifact = quantize(args, str(path))
+    q = eval_artifact(artifact, args)  # the artifact is loaded once: evaluated and exported from memory
+    exported = export(artifact, args.format, out, force=True, options=fmt.options(args))  # derived from the artifact: refresh it
+    e = eval_artifact(exported, args)
+    print(f"\n{fmt.describe(exported)}")
     text = args.eval_text or "embedded evaluation split"
     print(f"perplexity ({text}, ctx {args.ctx}): FP {fp.ppl:.4f}, torch reference {q.ppl:.4f}, "
           f"{fmt.BACKENDS[0]} {e.ppl:.4f}")
-    print_run_commands(path)
+    print_run_commands(exported)
     return 0
 
 
@@ -420,20 +296,11 @@ def print_run_commands(path) -> None:
 
 
 def export(artifact, fmt: str, out: str, force: bool, options: dict | None = None):
-    """Export an artifact to a format; returns the export's path."""
-    from .export import target
-    from .memory import map_big_allocations
-    from .models.base import ModelConfig
-    from .blocks import block_bytes
-    from .artifact import load_artifact
-
-    t = target(fmt)
-    art = load_artifact(artifact, lazy=True)
-    t.check_artifact(art)
-    map_big_allocations(block_bytes(ModelConfig.from_dict(art.model)))  # as quantize does, for a 7B model (memory.py)
+    """Export an artifact (a path or a loaded one) to a format, printed; returns the export's path."""
     t0 = time.time()
-    path = t.write(art, out, force=force, **(options or {}))
-    print(f"exported {artifact} to {path} in {time.time() - t0:.1f} s", file=sys.stderr)
+    path = api.export(artifact, fmt, out, force=force, **(options or {}))
+    name = getattr(artifact, "path", None) or artifact
+    print(f"exported {name} to {path} in {time.time() - t0:.1f} s", file=sys.stderr)
     return path
 
 
@@ -453,7 +320,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .generate import prompt_ids, stream_text
 
     backend = open_backend(args.path, args.backend)
-    tokenizer = load_tokenizer(args.path)
+    tokenizer = api.load_tokenizer(args.path)
     ids = prompt_ids(tokenizer, args.prompt)
     tokens = backend.greedy(ids, args.max_new_tokens)
     print(args.prompt, end="", flush=True)
@@ -474,7 +341,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not source:
         raise ValueError("the artifact does not record its source model; pass --source-model")
     model = load_model(source)
-    tokens = data.tokenize(load_tokenizer(args.artifact), data.embedded_text("calib"))
+    tokens = data.tokenize(api.load_tokenizer(args.artifact), data.embedded_text("calib"))
     ids = data.calibration_windows(tokens, 2, min(256, tokens.numel()), seed=0)
     for path in write_report(art, model, ids, Path(args.out), args.layer, args.site, args.bench):
         print(f"wrote {path}")

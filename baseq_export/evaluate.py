@@ -21,6 +21,7 @@ class Perplexity:
     nll: float
     tokens: int
     windows: int
+    label: str = ""  # what ran (api.evaluate fills it in)
 
 
 NLL_ROWS = 64
