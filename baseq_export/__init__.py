@@ -1,11 +1,11 @@
 """baseq-export: BASE-Q quantization of causal LMs and export to ONNX / GGUF.
 
-The public API (api.py): quantize, export, evaluate, plan, load; imported on first use, so that
+The public API (api.py): quantize, export, evaluate, plan, plan_of, load; imported on first use, so that
 `import baseq_export` stays light.
 """
 
 __version__ = "0.1.0"
-__all__ = ["quantize", "export", "evaluate", "plan", "load", "Plan"]
+__all__ = ["quantize", "export", "evaluate", "plan", "plan_of", "load", "Plan"]
 
 
 def __getattr__(name: str):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .settings import BITS_PRESETS, PRESET_R1_STEPS, PRESETS, PROFILES, W4A4KV4, W4A16, BaseqSettings, QuantSettings
+from .settings import PRESET_R1_STEPS, PRESETS, PROFILES, W4A4KV4, W4A16, BaseqSettings, QuantSettings
 
 GPTQ_NSAMPLES, GPTQ_CTX = 128, 512
 """Calibration windows for GPTQ methods when none are asked for: count and tokens per window."""
@@ -76,6 +76,18 @@ def plan(method: str = "baseq", bits: str = W4A4KV4, preset: str = "quick", *, p
     return Plan(q, None, 0, 0)
 
 
+make_plan = plan  # the name quantize() uses, whose `plan` keyword takes a Plan
+
+
+def plan_of(settings: QuantSettings, baseq: BaseqSettings | None = None) -> Plan:
+    """The Plan of settings made by hand (benchmarks, ablations): BASE-Q's budget when baseq is given, else GPTQ's
+    default windows for the methods that calibrate, none for RTN."""
+    if baseq is not None:
+        return Plan(settings, baseq, baseq.nsamples, baseq.calib_ctx)
+    calibrates = settings.method.endswith("gptq") or settings.r1_steps
+    return Plan(settings, None, GPTQ_NSAMPLES if calibrates else 0, GPTQ_CTX if calibrates else 0)
+
+
 def load(model: str = "default", lazy: bool = True):
     """A model by name: 'default' (the embedded SmolLM2-135M), a local HF checkpoint dir or a .gguf file."""
     from .models import load_model
@@ -111,10 +123,13 @@ def spool_dir(out: Path):
 def quantize(model="default", out: str | Path | None = None, *, method: str = "baseq", bits: str = W4A4KV4,
              preset: str = "quick", profile: str | None = None, calib_text: str | Path | None = None,
              nsamples: int | None = None, calib_ctx: int | None = None, e2e_epochs: int | None = None,
-             r1_steps: int | None = None, device: str | torch.device = "cpu", force: bool = False, **settings):
+             r1_steps: int | None = None, device: str | torch.device = "cpu", force: bool = False,
+             plan: Plan | None = None, calib: torch.Tensor | None = None, **settings):
     """Quantize a model (a name for load(), or a loaded model) and return the Artifact. With `out` the artifact is
     written there atomically (a BASE-Q run is resumable from `out`.partial) and returned as loaded from it;
-    without, its tensors stay in memory. `settings`: QuantSettings fields, as plan() takes them."""
+    without, its tensors stay in memory. `settings`: QuantSettings fields, as plan() takes them. `plan`: a Plan
+    made beforehand, used instead of the keywords; `calib`: token windows [n, T] instead of ones cut from
+    calib_text (benchmarks share one set across rows)."""
     from .calibrate import calibrate_baseq
     from .device import resolve_device
     from .artifact import check_writable, load_artifact, save_artifact
@@ -123,13 +138,13 @@ def quantize(model="default", out: str | Path | None = None, *, method: str = "b
     device = resolve_device(device) if isinstance(device, str) else device
     if out is not None:
         check_writable(out, force)  # fail before the long work, not after it
-    plan(method, bits, preset, profile=profile, r1_steps=r1_steps, **settings)  # bad settings: refused before loading
+    keywords = dict(profile=profile, nsamples=nsamples, calib_ctx=calib_ctx, e2e_epochs=e2e_epochs, r1_steps=r1_steps)
+    if plan is None:
+        make_plan(method, bits, preset, **keywords, **settings)  # bad settings: refused before the model loads
     m = load(model) if isinstance(model, (str, Path)) else model  # lazy: a block's tensors read when needed
-    p = plan(method, bits, preset, profile=profile, nsamples=nsamples, calib_ctx=calib_ctx, e2e_epochs=e2e_epochs,
-             r1_steps=r1_steps, max_positions=m.max_positions, **settings)
+    p = plan or make_plan(method, bits, preset, max_positions=m.max_positions, **keywords, **settings)
     p.settings.check_model(m.config)
-    calib = None
-    if p.nsamples:
+    if calib is None and p.nsamples:
         check_context(m, p.calib_ctx, "--calib-ctx")
         calib = calibration_windows(m.tokenizer, p.nsamples, p.calib_ctx, p.settings.seed, calib_text)
     save = (lambda art: save_artifact(out, art, overwrite=force, write_extra=lambda d: m.tokenizer.save_pretrained(str(d))))
@@ -171,22 +186,26 @@ def export(artifact, format: str = "onnx", out: str | Path | None = None, *, for
 
 
 def evaluate(target="default", text: str | Path | None = None, ctx: int = 512, max_windows: int | None = None,
-             batch_size: int = 1, backend: str | None = None, device: str | torch.device = "cpu"):
+             batch_size: int = 1, backend: str | None = None, device: str | torch.device = "cpu",
+             windows: torch.Tensor | None = None):
     """Perplexity (evaluate.Perplexity, with a label naming what ran) on non-overlapping windows of a text file
     (default: the embedded evaluation split) of: an Artifact or a .baseq path (torch reference), an export (its
-    runtime, or `backend`), a loaded model or a model name for load() (its full-precision forward)."""
+    runtime, or `backend`), a loaded model or a model name for load() (its full-precision forward).
+    `windows`: token windows [n, T] to score instead (then text, ctx and max_windows are not used)."""
     from . import data
     from .evaluate import perplexity
 
-    logits, label, tokenizer = runner(target, backend, resolve(device), ctx)
-    windows = data.token_windows(data.tokenize(tokenizer, data.corpus_text("eval", text)), ctx, max_windows)
+    logits, label, tokenizer = runner(target, backend, resolve(device), ctx if windows is None else windows.shape[1],
+                                      windows is None)
+    if windows is None:
+        windows = data.token_windows(data.tokenize(tokenizer(), data.corpus_text("eval", text)), ctx, max_windows)
     with torch.inference_mode():
         result = perplexity(logits, windows, batch_size, desc=f"{label} perplexity")
     return dataclasses.replace(result, label=label)
 
 
-def runner(target, backend: str | None, device: torch.device, ctx: int):
-    """(logits function, label, tokenizer) of whatever evaluate() was given."""
+def runner(target, backend: str | None, device: torch.device, ctx: int, need_tokenizer: bool = True):
+    """(logits function, label, a function returning the tokenizer) of whatever evaluate() was given."""
     from .artifact import Artifact
     from .export import open_backend
     from .reference import reference_model
@@ -194,17 +213,20 @@ def runner(target, backend: str | None, device: torch.device, ctx: int):
     if isinstance(target, Artifact):
         model = reference_model(target, device=device)
         label = f"{target.quant['method']} {target.quant['bits']} (torch reference)"
-        return (lambda ids: model.logits(ids.to(model.device)).cpu()), label, load_tokenizer(target.path)
+        if target.path is None and need_tokenizer:
+            raise ValueError("an artifact held in memory has no tokenizer files: pass windows=, or save it first "
+                             "(quantize(..., out=PATH))")
+        return (lambda ids: model.logits(ids.to(model.device)).cpu()), label, lambda: load_tokenizer(target.path)
     if isinstance(target, (str, Path)) and not is_model(target):  # an artifact or an export (else its damage named)
         run = open_backend(target, backend, device=device)
-        return run.logits, run.label, load_tokenizer(target)
+        return run.logits, run.label, lambda: load_tokenizer(target)
     from .models.base import forward
 
     m = load(target) if isinstance(target, (str, Path)) else target
     check_context(m, ctx, "--ctx")
     w = m.weights.read_all() if hasattr(m.weights, "read_all") else m.weights
     weights = {k: v.to(device) for k, v in w.items()}
-    return (lambda ids: forward(m.config, weights, ids.to(device)).cpu()), "FP", m.tokenizer
+    return (lambda ids: forward(m.config, weights, ids.to(device)).cpu()), "FP", lambda: m.tokenizer
 
 
 def is_model(name: str | Path) -> bool:

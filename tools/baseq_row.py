@@ -15,25 +15,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
-import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_baseq import evaluation_windows  # noqa: E402
-from benchutil import machine, write_json  # noqa: E402
+from bench_baseq import evaluation_windows
+from benchutil import machine, write_json
 
-from baseq_export import data  # noqa: E402
-from baseq_export.calibrate import calibrate_baseq  # noqa: E402
-from baseq_export.settings import PRESETS  # noqa: E402
-from baseq_export.evaluate import perplexity  # noqa: E402
-from baseq_export.models import load_model  # noqa: E402
-from baseq_export.models.base import forward  # noqa: E402
-from baseq_export.gptq_model import quantize_model  # noqa: E402
-from baseq_export.settings import QuantSettings  # noqa: E402
-from baseq_export.reference import reference_model  # noqa: E402
+import baseq_export as bq
+from baseq_export import data
+from baseq_export.settings import PRESETS, QuantSettings
 
 
 def main() -> None:
@@ -50,24 +41,20 @@ def main() -> None:
     ap.add_argument("--eval-text", default=None)
     args = ap.parse_args()
 
-    m = load_model(args.model)
+    m = bq.load(args.model, lazy=False)
     windows = evaluation_windows(m.tokenizer, args.eval_text)
     t0 = time.time()
     if args.method == "fp":
-        logits, row = (lambda ids: forward(m.config, m.weights, ids)), {}
+        model, row = m, {}
     else:
         q = QuantSettings(method=args.method, bits=args.bits,
                           seed=args.seed, **json.loads(args.quant))
         calib = data.calibration_windows(data.tokenize(m.tokenizer, data.embedded_text("calib")), 128, 512, args.seed)
-        if args.method == "baseq":
-            b = dataclasses.replace(PRESETS[args.preset], **json.loads(args.baseq))
-            art = calibrate_baseq(m, q, b, calib[: b.nsamples, : b.calib_ctx])
-        else:
-            art = quantize_model(m, q, calib)
-        logits, row = reference_model(art).logits, {"quant": art.quant}
+        b = dataclasses.replace(PRESETS[args.preset], **json.loads(args.baseq)) if args.method == "baseq" else None
+        model = bq.quantize(m, plan=bq.plan_of(q, b), calib=calib[: b.nsamples, : b.calib_ctx] if b else calib)
+        row = {"quant": model.quant}
     row["quantize_s"] = round(time.time() - t0, 1)
-    with torch.inference_mode():
-        row["ppl"] = {k: round(perplexity(logits, w, desc=k).ppl, 4) for k, w in windows.items()}
+    row["ppl"] = {k: round(bq.evaluate(model, windows=w).ppl, 4) for k, w in windows.items()}
     res = json.loads(args.json.read_text()) if args.json.is_file() else {"machine": machine(), "rows": {}}
     res["rows"][args.name] = {**row, "args": {k: v for k, v in vars(args).items() if k != "json"}}
     write_json(args.json, res, indent=1)

@@ -28,24 +28,16 @@ import dataclasses
 import json
 import resource
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchutil import machine, require_idle, write_json  # noqa: E402
+from benchutil import machine, require_idle, write_json
 
-from baseq_export import data  # noqa: E402
-from baseq_export.calibrate import calibrate_baseq  # noqa: E402
-from baseq_export.settings import PRESET_R1_STEPS, PRESETS  # noqa: E402
-from baseq_export.evaluate import perplexity  # noqa: E402
-from baseq_export.models import load_model  # noqa: E402
-from baseq_export.models.base import forward  # noqa: E402
-from baseq_export.gptq_model import quantize_model  # noqa: E402
-from baseq_export.settings import QuantSettings  # noqa: E402
-from baseq_export.reference import reference_model  # noqa: E402
+import baseq_export as bq
+from baseq_export import data
+from baseq_export.settings import PRESET_R1_STEPS, PRESETS, QuantSettings
 
 # Stage C's budgets alone (the presets without their end-to-end pass): the "BASE-Q quick / standard" rows and the ablations
 QUICK = dataclasses.replace(PRESETS["quick"], e2e_epochs=0)
@@ -156,7 +148,7 @@ def main() -> None:
         return
 
     busy = require_idle()
-    m = load_model(args.model)
+    m = bq.load(args.model, lazy=False)
     windows = evaluation_windows(m.tokenizer, args.eval_text, args.max_windows)
     calib_tokens = data.tokenize(m.tokenizer, data.embedded_text("calib"))
     out = Path(args.json)
@@ -170,16 +162,15 @@ def main() -> None:
         write_json(out, res, indent=2)  # partial results survive an interruption
 
     def measure(key: str, make) -> dict:
-        """One row: make() -> (logits function, quantize seconds, extra); perplexity on every text."""
+        """One row: make() -> (what bq.evaluate scores, quantize seconds, extra); perplexity on every text."""
         if key in rows:
             print(f"{key:60s} (kept from the earlier run)", flush=True)
             return rows[key]
-        logits, seconds, extra = make()
+        model, seconds, extra = make()
         entry = {"quantize_s": seconds, "ppl": {}, **extra}
         t0 = time.time()
-        with torch.inference_mode():
-            for name, w in windows.items():
-                entry["ppl"][name] = round(perplexity(logits, w, desc=key[:30]).ppl, 4)
+        for name, w in windows.items():
+            entry["ppl"][name] = round(bq.evaluate(model, windows=w).ppl, 4)
         entry.update(eval_s=round(time.time() - t0, 1), peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
         rows[key] = entry
         save()
@@ -198,9 +189,9 @@ def main() -> None:
         extra = {}
         if "blocks" in art.calibration:
             extra["blocks_kept_trained"] = sum(x["kept"] == "trained" for x in art.calibration["blocks"])
-        return reference_model(art).logits, round(time.time() - t0, 1), extra
+        return art, round(time.time() - t0, 1), extra
 
-    fp = measure("FP32", lambda: (lambda ids: forward(m.config, m.weights, ids), None, {}))
+    fp = measure("FP32", lambda: (m, None, {}))
     baseq_runs = [("BASE-Q quick", QUICK, {})]
     if not args.skip_standard:
         baseq_runs.append(("BASE-Q standard", STANDARD, {}))
@@ -215,15 +206,15 @@ def main() -> None:
             q = QuantSettings(method="quarot-gptq", bits=bits, seed=seed)
             tag = f"{bits}, seed {seed}"
             measure(f"QuaRot-RTN {tag}", lambda: artifact_row(
-                lambda: quantize_model(m, dataclasses.replace(q, method="quarot-rtn"))))
-            gptq = measure(f"QuaRot-GPTQ {tag}", lambda: artifact_row(lambda: quantize_model(m, q, calib)))
+                lambda: bq.quantize(m, plan=bq.plan_of(dataclasses.replace(q, method="quarot-rtn")))))
+            gptq = measure(f"QuaRot-GPTQ {tag}", lambda: artifact_row(lambda: bq.quantize(m, plan=bq.plan_of(q), calib=calib)))
             if not args.skip_ablations:
                 measure(f"QuaRot-GPTQ, min-max weight range {tag}", lambda: artifact_row(
-                    lambda: quantize_model(m, dataclasses.replace(q, weight_clip="minmax"), calib)))
+                    lambda: bq.quantize(m, plan=bq.plan_of(dataclasses.replace(q, weight_clip="minmax")), calib=calib)))
             for name, b, q_fields in baseq_runs:
                 b, qb = budget(b), dataclasses.replace(q, **q_fields)
                 e = measure(f"{name} {tag}", lambda: artifact_row(
-                    lambda: calibrate_baseq(m, qb, b, calib[: b.nsamples, : b.calib_ctx])))
+                    lambda: bq.quantize(m, plan=bq.plan_of(qb, b), calib=calib[: b.nsamples, : b.calib_ctx])))
                 e["gap_closure_vs_quarot_gptq"] = {t: round(gap_closure(gptq["ppl"][t], e["ppl"][t], fp["ppl"][t]), 4)
                                                    for t in windows}
                 save()

@@ -31,7 +31,6 @@ import argparse
 import ctypes
 import json
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -40,17 +39,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchutil import busy_fraction, machine, require_idle, write_json  # noqa: E402
+from benchutil import busy_fraction, machine, require_idle, write_json
 
-from baseq_export import data  # noqa: E402
-from baseq_export.evaluate import perplexity  # noqa: E402
-from baseq_export.models import load_model  # noqa: E402
-from baseq_export.models.base import SITE_LINEARS, IdentityHooks, forward  # noqa: E402
-from baseq_export.gptq_model import quantize_model  # noqa: E402
-from baseq_export.settings import QuantSettings, profile_settings  # noqa: E402
-from baseq_export.artifact import load_artifact, save_artifact  # noqa: E402
+from baseq_export import data
+from baseq_export.evaluate import perplexity
+from baseq_export.models import load_model
+from baseq_export.models.base import SITE_LINEARS, IdentityHooks, forward
+from baseq_export.gptq_model import quantize_model
+from baseq_export.settings import QuantSettings, profile_settings
+from baseq_export.artifact import load_artifact, save_artifact
 from baseq_export.reference import reference_model
 
 PROMPT = "def fibonacci(n):\n    "

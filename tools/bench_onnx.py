@@ -33,10 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchutil import machine, require_idle, write_json  # noqa: E402
+from benchutil import machine, require_idle, write_json
 
 SHORT_PROMPT = "def fibonacci(n):\n    "
 NEW_TOKENS = 128

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchutil import machine, require_idle, write_json  # noqa: E402
+from benchutil import machine, require_idle, write_json
 
 
 def run_once(model, prompt: np.ndarray, decode: int) -> tuple[float, float]:

@@ -11,22 +11,15 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import time
 from pathlib import Path
 
-import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchutil import machine, require_idle, write_json  # noqa: E402
+from benchutil import machine, require_idle, write_json
 
-from baseq_export import data  # noqa: E402
-from baseq_export.evaluate import perplexity  # noqa: E402
-from baseq_export.models import load_model  # noqa: E402
-from baseq_export.models.base import forward  # noqa: E402
-from baseq_export.gptq_model import quantize_model  # noqa: E402
-from baseq_export.settings import QuantSettings  # noqa: E402
-from baseq_export.reference import reference_model  # noqa: E402
+import baseq_export as bq
+from baseq_export import data
+from baseq_export.settings import QuantSettings
 
 ROWS = [
     ("W4A16 RTN per-channel, no rotation", QuantSettings(method="rtn", bits="w4a16")),
@@ -51,26 +44,25 @@ def main() -> None:
     args = ap.parse_args()
 
     busy = require_idle()
-    m = load_model("default")
+    m = bq.load("default", lazy=False)
     windows = data.token_windows(data.tokenize(m.tokenizer, data.embedded_text("eval")), args.ctx, args.max_windows)
     calib = data.calibration_windows(data.tokenize(m.tokenizer, data.embedded_text("calib")), args.nsamples, args.calib_ctx, 0)
     results = {"machine": machine(), "cpu_busy_before": round(busy, 3), "ctx": args.ctx,
                "eval_windows": windows.shape[0], "calib_windows": list(calib.shape), "rows": []}
 
-    def record(name: str, logits_fn, quantize_s: float | None, settings: QuantSettings | None):
+    def record(name: str, model, quantize_s: float | None, settings: QuantSettings | None):
         t0 = time.time()
-        with torch.inference_mode():
-            r = perplexity(logits_fn, windows, desc=name[:30])
+        r = bq.evaluate(model, windows=windows)
         row = {"name": name, "ppl": round(r.ppl, 4), "tokens": r.tokens, "eval_s": round(time.time() - t0, 1),
                "quantize_s": quantize_s, "settings": None if settings is None else settings.quant_config()}
         print(f"{name:62s} ppl {r.ppl:9.4f}   quantize {quantize_s or 0:6.1f} s", flush=True)
         return row
 
-    results["rows"].append(record("FP32", lambda ids: forward(m.config, m.weights, ids), None, None))
+    results["rows"].append(record("FP32", m, None, None))
     for name, s in ROWS + [GRID_CHECK]:
         t0 = time.time()
-        art = quantize_model(m, s, calib if s.method.endswith("gptq") else None)
-        row = record(name, reference_model(art).logits, round(time.time() - t0, 1), s)
+        art = bq.quantize(m, plan=bq.plan_of(s), calib=calib if s.method.endswith("gptq") else None)
+        row = record(name, art, round(time.time() - t0, 1), s)
         (results.setdefault("grid_check", row) if name is GRID_CHECK[0] else results["rows"].append(row))
     results["peak_rss_mib"] = round(peak_rss_mib())
     results["cpu_busy_after"] = round(require_idle(), 3)

@@ -23,8 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchutil import machine, require_idle, write_json  # noqa: E402
+from benchutil import machine, require_idle, write_json
 
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                 vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0)
@@ -135,10 +134,10 @@ def write_checkpoint_in_child(path: Path, layers: int, shape: str) -> int:
     from (Linux records the old address space's high-water mark at exec, and Python starts children by vfork), so
     this process never makes big tensors itself: otherwise every stage after writing a checkpoint would read at
     least this process's peak (an earlier version of this bench reported 1728 MiB for exports that peak at 753)."""
-    code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import bench_scale as b; "
-            "print(b.write_checkpoint(Path(sys.argv[2]), int(sys.argv[3]), b.SHAPES[sys.argv[4]]))")
-    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent), str(path), str(layers), shape],
-                         check=True, capture_output=True, text=True).stdout
+    code = ("import sys; from pathlib import Path; import bench_scale as b; "  # `python -c` imports from its cwd
+            "print(b.write_checkpoint(Path(sys.argv[1]), int(sys.argv[2]), b.SHAPES[sys.argv[3]]))")
+    out = subprocess.run([sys.executable, "-c", code, str(Path(path).resolve()), str(layers), shape],
+                         cwd=Path(__file__).resolve().parent, check=True, capture_output=True, text=True).stdout
     return int(out.split()[-1])
 
 

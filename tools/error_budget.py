@@ -14,19 +14,17 @@ windows.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_baseq import evaluation_windows  # noqa: E402
-from benchutil import machine, write_json  # noqa: E402
+from bench_baseq import evaluation_windows
+from benchutil import machine, write_json
 
-from baseq_export.evaluate import perplexity  # noqa: E402
-from baseq_export.models import load_model  # noqa: E402
-from baseq_export.models.base import ACT_SITES, forward  # noqa: E402
-from baseq_export.artifact import load_artifact  # noqa: E402
+from baseq_export.evaluate import perplexity
+from baseq_export.models import load_model
+from baseq_export.models.base import ACT_SITES, forward
+from baseq_export.artifact import load_artifact
 from baseq_export.reference import QuantHooks, reference_model
 
 

@@ -26,16 +26,14 @@ import copy
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from baseq_export.models import _resolve, adapter_for, from_hf_model  # noqa: E402
-from baseq_export.models.base import LINEARS, ModelConfig  # noqa: E402
-from baseq_export.rotate import fold_norms, random_orthogonal, rotate_residual  # noqa: E402
+from baseq_export.models import _resolve, adapter_for, from_hf_model
+from baseq_export.models.base import LINEARS, ModelConfig
+from baseq_export.rotate import fold_norms, random_orthogonal, rotate_residual
 
 MARKER = "offgrid_copy"  # key in the written config.json: what made it and with which seed
 

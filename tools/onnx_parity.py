@@ -11,14 +11,12 @@ greedy tokens from a fixed prompt with torch, both exports in onnxruntime and in
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchutil import machine, write_json  # noqa: E402
+from benchutil import machine, write_json
 
 PROMPT = "def fibonacci(n):\n    "
 
