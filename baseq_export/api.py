@@ -168,7 +168,7 @@ def quantize(model="default", out: str | Path | None = None, *, method: str = "b
 def export(artifact, format: str = "onnx", out: str | Path | None = None, *, force: bool = False, **options) -> Path:
     """Export an artifact (a loaded Artifact or a .baseq path) to `format` (export.TARGETS) at `out` (default:
     next to the artifact, named by the format); returns the export's path. `options`: the target's own."""
-    from .export import target
+    from .targets import target
     from .memory import map_big_allocations
     from .models.base import ModelConfig
     from .artifact import load_artifact
@@ -176,9 +176,10 @@ def export(artifact, format: str = "onnx", out: str | Path | None = None, *, for
 
     t = target(format)
     art = load_artifact(artifact, lazy=True) if isinstance(artifact, (str, Path)) else artifact
+    if art.path is None:  # an export carries the artifact's tokenizer files
+        raise ValueError("this artifact is held in memory, without the tokenizer files an export carries: quantize "
+                         "with out=PATH (or save_artifact it) and export that")
     if out is None:
-        if art.path is None:
-            raise ValueError("an artifact held in memory has no folder to export next to: pass out")
         out = t.default_out(str(Path(art.path).with_suffix("")))
     t.check_artifact(art)
     map_big_allocations(block_bytes(ModelConfig.from_dict(art.model)))  # as quantize does, for a 7B model (memory.py)
@@ -193,7 +194,7 @@ def evaluate(target="default", text: str | Path | None = None, ctx: int = 512, m
     runtime, or `backend`), a loaded model or a model name for load() (its full-precision forward).
     `windows`: token windows [n, T] to score instead (then text, ctx and max_windows are not used)."""
     from . import data
-    from .evaluate import perplexity
+    from .perplexity import perplexity
 
     logits, label, tokenizer = runner(target, backend, resolve(device), ctx if windows is None else windows.shape[1],
                                       windows is None)
@@ -207,7 +208,7 @@ def evaluate(target="default", text: str | Path | None = None, ctx: int = 512, m
 def runner(target, backend: str | None, device: torch.device, ctx: int, need_tokenizer: bool = True):
     """(logits function, label, a function returning the tokenizer) of whatever evaluate() was given."""
     from .artifact import Artifact
-    from .export import open_backend
+    from .targets import open_backend
     from .reference import reference_model
 
     if isinstance(target, Artifact):
@@ -232,7 +233,7 @@ def runner(target, backend: str | None, device: torch.device, ctx: int, need_tok
 def is_model(name: str | Path) -> bool:
     """True for what load() reads: 'default', a Hugging Face checkpoint directory or a .gguf file that is no
     export of ours."""
-    from .export import find_target
+    from .targets import find_target
 
     path = Path(name)
     if str(name) == "default" or (path / "config.json").is_file() and not (path / "manifest.json").is_file():

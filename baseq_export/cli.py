@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from . import __version__, api
-from .export import TARGETS, backend_names, option_default
+from .targets import TARGETS, backend_names, option_default
 
 from .settings import BITS_PRESETS, METHODS, PRESETS, PROFILES, W4A4KV4
 
@@ -89,7 +89,7 @@ def add_quant_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
 
 def add_export_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
     """Each export target's own options."""
-    from .export import all_targets
+    from .targets import all_targets
 
     for t in all_targets():
         t.add_arguments(p, sub)
@@ -250,7 +250,7 @@ def fill_defaults(args: argparse.Namespace, settings: dict) -> None:
 
 def cmd_main_job(args: argparse.Namespace) -> int:
     """Load, measure FP, quantize for --format (or reuse a finished artifact), measure the artifact, export, measure."""
-    from .export import find_target, target
+    from .targets import find_target, target
     from .artifact import is_artifact, load_artifact, read_config
 
     fmt = target(args.format)
@@ -286,7 +286,7 @@ def cmd_main_job(args: argparse.Namespace) -> int:
 
 
 def print_run_commands(path) -> None:
-    from .export import find_target
+    from .targets import find_target
 
     t = find_target(path)
     print(f"run it:      baseq-export run {path} --prompt \"def fibonacci(n):\"")
@@ -305,7 +305,7 @@ def export(artifact, fmt: str, out: str, force: bool, options: dict | None = Non
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import target
+    from .targets import target
 
     fmt = getattr(args, "format", "onnx")
     out = getattr(args, "out", None) or target(fmt).default_out(str(Path(args.artifact).with_suffix("")))
@@ -316,7 +316,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .export import open_backend
+    from .targets import open_backend
     from .generate import prompt_ids, stream_text
 
     backend = open_backend(args.path, args.backend)

@@ -1,5 +1,5 @@
 """A GGUF file as both the model loader and the GGUF exporter see it: llama.cpp's tensor names, its q/k row
-order, and the check that a file is whole. It sits below models/ and export/ so that reading a .gguf checkpoint
+order, and the check that a file is whole. It sits below models/ and targets/ so that reading a .gguf checkpoint
 needs nothing from the exporter."""
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from onnx import TensorProto, helper
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baseq_export import runtime_ops  # noqa: E402
-from baseq_export.export.onnx.graph import MS_DOMAIN, OPS_DOMAIN  # noqa: E402
+from baseq_export.targets.onnx.graph import MS_DOMAIN, OPS_DOMAIN  # noqa: E402
 from baseq_export.quant import packed_kv_row_width  # noqa: E402
 from test_kernels import attention_feeds, make_weights, np_int_linear  # noqa: E402
 from test_runtime_ops import np_fake_quant, np_quant_levels  # noqa: E402

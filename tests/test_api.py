@@ -37,6 +37,9 @@ def test_quantize_export_evaluate_round_trip(tmp_path):
         assert torch.equal(in_memory.tensors[k], art.tensors[k]), k
     with pytest.raises(ValueError, match="pass windows="):
         bq.evaluate(in_memory, text, ctx=16)
+    with pytest.raises(ValueError, match="held in memory"):
+        bq.export(in_memory, "onnx", tmp_path / "nowhere")
+    assert not (tmp_path / "nowhere").exists()
     onnx_dir = bq.export(art, "onnx", tmp_path / "t-onnx", ops="standard")
     ref, exported = bq.evaluate(art, text, ctx=16), bq.evaluate(onnx_dir, text, ctx=16)
     assert ref.tokens == exported.tokens > 0

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from baseq_export.cli import build_parser, main
-from baseq_export.evaluate import perplexity
+from baseq_export.perplexity import perplexity
 from baseq_export.models import load_model
 from baseq_export.models.base import forward
 
@@ -235,7 +235,7 @@ def test_site_activations_match_the_reference_forward():
 
 
 def test_export_eval_and_run_onnx(tmp_path, capsys):
-    from baseq_export.export.onnx import OnnxModel
+    from baseq_export.targets.onnx import OnnxModel
     from baseq_export.generate import greedy_tokens, onnx_stepper, torch_stepper
     from baseq_export.artifact import load_artifact
     from baseq_export.reference import reference_model

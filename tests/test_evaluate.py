@@ -3,7 +3,7 @@ import math
 import numpy as np
 import torch
 
-from baseq_export.evaluate import perplexity
+from baseq_export.perplexity import perplexity
 
 
 def numpy_ppl(logits: np.ndarray, ids: np.ndarray) -> float:

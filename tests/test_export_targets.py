@@ -1,4 +1,4 @@
-"""The export seam: every target sub-package provides what export.Target names, and the layers below export/
+"""The export seam: every target sub-package provides what targets.Target names, and the layers below targets/
 (models/, the artifact modules) import nothing from it."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from baseq_export import export
-from baseq_export.export import TARGETS, Target, target
+from baseq_export import targets
+from baseq_export.targets import TARGETS, Target, target
 
-PACKAGE = Path(export.__file__).resolve().parents[1]
+PACKAGE = Path(targets.__file__).resolve().parents[1]
 
 
 def target_members() -> set[str]:
@@ -23,7 +23,7 @@ def target_members() -> set[str]:
 def test_every_target_provides_the_protocol(name):
     module = target(name)
     missing = sorted(m for m in target_members() if not hasattr(module, m))
-    assert not missing, f"export/{name}/ lacks {missing}"
+    assert not missing, f"targets/{name}/ lacks {missing}"
     assert module.NAME == name and module.BACKENDS
     for m in target_members() - set(Target.__annotations__):
         assert callable(getattr(module, m)), m
@@ -49,8 +49,8 @@ def imported_modules(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("lower", ["models", "artifact.py", "artifact_tensors.py", "reference.py", "tensor_files.py",
                                    "gguf_file.py"])
-def test_lower_layers_import_nothing_from_export(lower):
+def test_lower_layers_import_nothing_from_targets(lower):
     files = sorted((PACKAGE / lower).rglob("*.py")) if (PACKAGE / lower).is_dir() else [PACKAGE / lower]
     for f in files:
-        upward = sorted(m for m in imported_modules(f) if m == "baseq_export.export" or m.startswith("baseq_export.export."))
+        upward = sorted(m for m in imported_modules(f) if m == "baseq_export.targets" or m.startswith("baseq_export.targets."))
         assert not upward, f"{f.relative_to(PACKAGE)} imports {upward}"

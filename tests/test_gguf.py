@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from baseq_export.export import gguf as G
+from baseq_export.targets import gguf as G
 from baseq_export.gguf_file import GGUFFileError
 from baseq_export.models import from_hf_model
 from baseq_export.models.base import forward
@@ -592,7 +592,7 @@ def test_target_interface_options(tmp_path, tokenizer):
 
 @pytest.mark.parametrize("qtype", ["F16", "Q8_0", "Q4_0", "Q6_K"])
 def test_row_sliced_conversion_writes_the_bytes_of_a_whole_matrix(monkeypatch, qtype):
-    from baseq_export.export.gguf import tensors as T
+    from baseq_export.targets.gguf import tensors as T
 
     qt = gguf.GGMLQuantizationType[qtype]
     w = torch.randn(37, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
@@ -605,7 +605,7 @@ def test_row_sliced_conversion_writes_the_bytes_of_a_whole_matrix(monkeypatch, q
 
 def test_a_plan_holds_no_weights_only_how_to_read_them(tmp_path, tokenizer):
     """Planning reads each weight once to check it and keeps none: a plan holding them grew with the depth."""
-    from baseq_export.export.gguf.meta import rope_factors
+    from baseq_export.targets.gguf.meta import rope_factors
     from baseq_export.quant import QuantizedWeight
 
     _, model = tiny("qwen2", tokenizer)

@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from baseq_export import runtime_ops
-from baseq_export.export.onnx.graph import MS_DOMAIN, OPS_DOMAIN, emit_quant_levels_op, matmul_nbits_inputs, Graph
+from baseq_export.targets.onnx.graph import MS_DOMAIN, OPS_DOMAIN, emit_quant_levels_op, matmul_nbits_inputs, Graph
 from baseq_export.quant import packed_kv_row_width
 from test_runtime_ops import np_quant_levels, run_error
 
@@ -362,7 +362,7 @@ def attention_chain(cfg, packed: bool):
     past and new rows (KVQuantPack before and KVUnpack after for the packed cache), then in float64: q k^T
     (grouped heads by reshaping q to [B, kvH, groups, T, hd]), * 1/sqrt(hd), + mask, MaskedSoftmax, @ v;
     rounded once and transposed to [B, T, H * hd]."""
-    from baseq_export.export.onnx.graph import to_double, to_float
+    from baseq_export.targets.onnx.graph import to_double, to_float
 
     g = Graph()
     i64 = lambda v: g.const(v, np.int64)  # noqa: E731

@@ -13,8 +13,8 @@ from onnx import TensorProto, helper
 
 from baseq_export.calibrate import calibrate_baseq
 from baseq_export.settings import BaseqSettings
-from baseq_export.export.onnx import OnnxModel, write as export_onnx
-from baseq_export.export.onnx.graph import MS_DOMAIN, Graph, emit_fake_quant, emit_hadamard, matmul_nbits_inputs
+from baseq_export.targets.onnx import OnnxModel, write as export_onnx
+from baseq_export.targets.onnx.graph import MS_DOMAIN, Graph, emit_fake_quant, emit_hadamard, matmul_nbits_inputs
 from baseq_export.hadamard import apply_hadamard
 from baseq_export.models import from_hf_model
 from baseq_export.gptq_model import quantize_model
@@ -182,7 +182,7 @@ def test_export_refuses_to_clobber(tmp_path):
 def test_large_export_is_checked_without_a_session(tmp_path, monkeypatch, capsys):
     """Above SESSION_CHECK_BYTES of weights the write is not opened in onnxruntime (which would load every
     weight); it is still checked against what was built, and runs with the reference's logits."""
-    from baseq_export.export import onnx as onnx_export
+    from baseq_export.targets import onnx as onnx_export
 
     m = from_hf_model(tiny_hf_model("llama", dtype=torch.float32))
     art = quantize_model(m, QuantSettings(method="rtn", bits="w4a16"))
@@ -241,8 +241,8 @@ def test_default_model_onnx_parity(default_model, tmp_path, kind):
     0.1% was measured on an AVX-512 VNNI EPYC, 0.33% on an AVX2-only one (both 2 cores, same packages).
     """
     from baseq_export import data
-    from baseq_export.evaluate import perplexity
-    from baseq_export.export.onnx.genai import genai_stream
+    from baseq_export.perplexity import perplexity
+    from baseq_export.targets.onnx.genai import genai_stream
     from baseq_export.generate import greedy_tokens, onnx_stepper, torch_stepper
 
     tok = default_model.tokenizer
@@ -294,7 +294,7 @@ def test_fused_rope_attention_equals_the_op_chain(tmp_path, monkeypatch, arch, d
     """baseq.RopeAttention[KV4] (one node per layer: heads, rotary embedding, R3, KV quantizer, attention) gives
     the logits of the unfused graph (Reshape/Transpose, standard-op RoPE, Hadamard, QuantDequant, Attention) bit for
     bit, for a prompt and decode steps."""
-    from baseq_export.export.onnx import model as onnx_model
+    from baseq_export.targets.onnx import model as onnx_model
 
     if kind == "w4a16-rtn" and kv_cache == "int4":
         pytest.skip("a packed cache needs a 4-bit KV quantizer")
@@ -340,7 +340,7 @@ def test_packed_int4_kv_cache_gives_the_same_logits(tmp_path, arch):
     packed_dir = export_onnx(art_path, tmp_path / "int4", kv_cache="int4")
     pk = OnnxModel(packed_dir, threads=1)
     if importlib.util.find_spec("onnxruntime_genai"):  # genai runs the packed rows too, in its shared buffer
-        from baseq_export.export.onnx.genai import genai_stream
+        from baseq_export.targets.onnx.genai import genai_stream
         from baseq_export.generate import greedy_tokens, onnx_stepper
 
         prompt = [3, 17, 42, 5]
@@ -376,7 +376,7 @@ def test_packed_kv_cache_needs_custom_ops_and_4bit_kv(tmp_path):
 def test_decoding_in_one_shared_kv_buffer_equals_the_growing_cache(tmp_path, kv_cache):
     """OnnxModel.greedy with custom ops binds past and present to one buffer per layer (the attention ops write
     the new rows in place): every step's logits equal the growing cache's bit for bit."""
-    from baseq_export.export.onnx.runtime import buffer_stepper
+    from baseq_export.targets.onnx.runtime import buffer_stepper
     from baseq_export.generate import greedy_tokens, onnx_stepper
 
     m = from_hf_model(tiny_hf_model("llama", dtype=torch.float32))
@@ -406,7 +406,7 @@ def test_cpp_decoder_gives_the_python_steps_logits_and_tokens(tmp_path, kv_cache
     on its own shared KV buffer: each step's logits (the prompt's last position's too) equal the full graph's
     in the Python session bit for bit, its token is their argmax, a reset sequence repeats the first, and
     OnnxModel.greedy (which uses it) gives the Python stepper's tokens."""
-    from baseq_export.export.onnx.runtime import buffer_stepper
+    from baseq_export.targets.onnx.runtime import buffer_stepper
     from baseq_export.generate import argmax_token, greedy_tokens
 
     m = from_hf_model(tiny_hf_model("llama", dtype=torch.float32))
@@ -432,7 +432,7 @@ def test_cpp_decoder_gives_the_python_steps_logits_and_tokens(tmp_path, kv_cache
         refs.append(ref.numpy().copy())  # the stepper reuses its logits buffer
         ids = [token]
     # on a graph with every position's logits (an export without the twin) it reads the prompt's last row
-    from baseq_export.export.onnx.native import open_native
+    from baseq_export.targets.onnx.native import open_native
 
     full = open_native(om.path, om.model_file, om.manifest, 1, 40)
     ids = prompt
@@ -477,7 +477,7 @@ def test_cpp_decoder_errors_name_the_problem(tmp_path, monkeypatch):
     decoder.close()
     with pytest.raises(ValueError, match="closed"):
         decoder.step([1])
-    from baseq_export.export.onnx.native import open_native
+    from baseq_export.targets.onnx.native import open_native
 
     with pytest.warns(RuntimeWarning, match="room for at least one token; decoding with Python steps instead"):
         assert open_native(om.path, om.model_file, om.manifest, 1, 0) is None
@@ -485,7 +485,7 @@ def test_cpp_decoder_errors_name_the_problem(tmp_path, monkeypatch):
     standard = OnnxModel(export_onnx(art_path, tmp_path / "s", ops="standard"), threads=1)
     assert standard.native_decoder(20) is None  # no op library: Python steps, the same tokens as the custom graph
     assert list(itertools.islice(standard.greedy([3, 17, 42], 6), 6)) == list(itertools.islice(om.greedy([3, 17, 42], 6), 6))
-    from baseq_export.export.onnx import native as onnx_native
+    from baseq_export.targets.onnx import native as onnx_native
 
     refusing, opened = OnnxModel(om.path, threads=1), []
 
@@ -505,7 +505,7 @@ def test_cpp_greedy_choice_is_numpys_argmax():
     """The decoder's greedy rule (baseq_greedy_argmax) against numpy.argmax: the first of equal maxima, and the
     first NaN where there is one (as torch.argmax), on random vectors with ties, signed zeros, infinities and
     NaNs."""
-    from baseq_export.export.onnx.native import runner_symbols
+    from baseq_export.targets.onnx.native import runner_symbols
     from baseq_export.runtime_ops import library_path
 
     lib = runner_symbols(library_path())
@@ -530,7 +530,7 @@ def test_external_data_streams_weights_and_shares_identical_ones(tmp_path):
     points at the first copy, while other bytes are appended."""
     from onnx import external_data_helper
 
-    from baseq_export.export.onnx.graph import EXTERNAL_THRESHOLD, ExternalData
+    from baseq_export.targets.onnx.graph import EXTERNAL_THRESHOLD, ExternalData
 
     gen = np.random.default_rng(0)
     w, w2, b = (gen.standard_normal(s).astype(np.float32) for s in ((64, 64), (64, 64), (64,)))

@@ -154,7 +154,7 @@ def test_missing_and_truncated_weight_files_name_the_file(tmp_path, capsys, ckpt
 
 
 def test_a_truncated_gguf_model_names_the_file(tmp_path, capsys):
-    from baseq_export.export.gguf import write_model
+    from baseq_export.targets.gguf import write_model
     from baseq_export.models import load_model
 
     bpe, text = bpe_checkpoint(tmp_path / "bpe")
@@ -421,8 +421,8 @@ def test_a_damaged_onnx_export_is_named_at_load(damage, command, tmp_path, capsy
 
 def test_exports_are_validated_before_they_replace_anything(tmp_path, exported):
     """The checks that run on the staged files before the rename catch a file that is not what was built."""
-    from baseq_export.export import onnx as onnx_target
-    from baseq_export.export.onnx.runtime import file_digests, read_manifest
+    from baseq_export.targets import onnx as onnx_target
+    from baseq_export.targets.onnx.runtime import file_digests, read_manifest
 
     art, onnx_dir = exported
     d = tmp_path / "staged"
@@ -443,8 +443,8 @@ def test_exports_are_validated_before_they_replace_anything(tmp_path, exported):
 
 
 def test_a_gguf_export_is_validated_and_a_damaged_one_named(tmp_path, capsys):
-    from baseq_export.export import gguf as gguf_target
-    from baseq_export.export.gguf.tensors import GGUFExportError
+    from baseq_export.targets import gguf as gguf_target
+    from baseq_export.targets.gguf.tensors import GGUFExportError
 
     bpe, text = bpe_checkpoint(tmp_path / "bpe")
     art, out = tmp_path / "g.baseq", tmp_path / "g.gguf"
@@ -464,7 +464,7 @@ def test_a_gguf_export_is_validated_and_a_damaged_one_named(tmp_path, capsys):
 
 def _plan_args(art: Path):
     """plan_tensors' arguments for an artifact as `export --format gguf` plans it by default."""
-    from baseq_export.export.gguf.meta import rope_factors
+    from baseq_export.targets.gguf.meta import rope_factors
     from baseq_export.artifact import load_artifact
 
     a = load_artifact(art)

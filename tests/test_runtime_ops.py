@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from baseq_export import runtime_ops
-from baseq_export.export.onnx.graph import (MS_DOMAIN, OPS_DOMAIN, Graph, emit_fake_quant, emit_hadamard,
+from baseq_export.targets.onnx.graph import (MS_DOMAIN, OPS_DOMAIN, Graph, emit_fake_quant, emit_hadamard,
                                             emit_hadamard_op, emit_quant_dequant_op, emit_quant_levels,
                                             emit_quant_levels_op)
 from baseq_export.hadamard import hadamard_matrix
@@ -364,7 +364,7 @@ def test_export_falls_back_to_standard_ops_when_the_library_cannot_build(tmp_pat
 
     import torch
 
-    from baseq_export.export.onnx import OnnxModel, write as export_onnx
+    from baseq_export.targets.onnx import OnnxModel, write as export_onnx
     from baseq_export.models import from_hf_model
     from baseq_export.gptq_model import quantize_model
     from baseq_export.settings import QuantSettings
@@ -420,7 +420,7 @@ def assert_rounded_once(got: np.ndarray, ref64: np.ndarray) -> None:
 def test_rms_norm_and_swiglu_round_once_from_float64(impl):
     import torch
 
-    from baseq_export.export.onnx.graph import emit_rms_norm, emit_swiglu
+    from baseq_export.targets.onnx.graph import emit_rms_norm, emit_swiglu
     from baseq_export.models.base import rms_norm, swiglu
 
     rng = np.random.default_rng(7)

@@ -42,7 +42,7 @@ import torch
 from benchutil import busy_fraction, machine, require_idle, write_json
 
 from baseq_export import data
-from baseq_export.evaluate import perplexity
+from baseq_export.perplexity import perplexity
 from baseq_export.models import load_model
 from baseq_export.models.base import SITE_LINEARS, IdentityHooks, forward
 from baseq_export.gptq_model import quantize_model
@@ -57,23 +57,23 @@ LLAMA_FTYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_1": "LLAMA_FTYPE_MOSTLY_Q
 
 
 # ---------------------------------------------------------------------------------------------
-# The only calls into the GGUF writer and the llama.cpp backend (baseq_export.export.gguf).
+# The only calls into the GGUF writer and the llama.cpp backend (baseq_export.targets.gguf).
 
 
 def gguf_write_artifact(artifact_dir: Path, out: Path, head: str, embed: str) -> Path:
-    from baseq_export.export import gguf as G
+    from baseq_export.targets import gguf as G
 
     return G.write(artifact_dir, out, force=True, head=head, embed=embed)
 
 
 def gguf_write_float(model, out: Path) -> Path:
-    from baseq_export.export import gguf as G
+    from baseq_export.targets import gguf as G
 
     return G.write_model(model, out, force=True, weights="f32", head="f32")
 
 
 def gguf_open(path: Path, threads: int):
-    from baseq_export.export import gguf as G
+    from baseq_export.targets import gguf as G
 
     return G.open(path, n_threads=threads)
 

@@ -79,7 +79,7 @@ def genai_build(checkpoint: Path, out: Path, precision: str) -> Path:
 
 
 def our_export(artifact: Path, out: Path, ops: str) -> Path:
-    from baseq_export.export.onnx import is_export, write
+    from baseq_export.targets.onnx import is_export, write
 
     if is_export(out):
         return out
@@ -162,7 +162,7 @@ def our_runner_generation(model, prompt: np.ndarray, new_tokens: int) -> tuple[f
     where the export's attention ops write the KV buffer in place, Python steps on that buffer where the
     decoder cannot load, else Python steps on the growing cache. A decode step is timed with its greedy
     choice, as genai's generate_next_token is."""
-    from baseq_export.export.onnx.runtime import buffer_stepper
+    from baseq_export.targets.onnx.runtime import buffer_stepper
     from baseq_export.generate import argmax_token, onnx_stepper
 
     # one C++ session per model for every generation (as genai's one model), its buffer for the longest
@@ -217,7 +217,7 @@ def genai_generation(model, prompt: np.ndarray, new_tokens: int) -> tuple[float,
 def perplexity_of(runner: GraphRunner, windows) -> float:
     import torch
 
-    from baseq_export.evaluate import perplexity
+    from baseq_export.perplexity import perplexity
 
     def logits(ids):
         return torch.from_numpy(runner.step(ids.numpy(), runner.empty())[0])
@@ -309,7 +309,7 @@ def main() -> None:
                                "rows": rows}, indent=1)
         return
     busy_before = require_idle()
-    from baseq_export.export.onnx.runtime import OnnxModel
+    from baseq_export.targets.onnx.runtime import OnnxModel
 
     def fresh_runners(r):
         """New sessions for a round, warmed up by a few tokens (first-run weight packing). A session's speed

@@ -36,7 +36,7 @@ def run_once(model, prompt: np.ndarray, decode: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    from baseq_export.export.onnx import OnnxModel
+    from baseq_export.targets.onnx import OnnxModel
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("exports", nargs="+", type=Path)

@@ -287,7 +287,7 @@ def main() -> int:
 
 LOAD_CHECK = """
 import sys, numpy as np
-from baseq_export.export.onnx.runtime import OnnxModel
+from baseq_export.targets.onnx.runtime import OnnxModel
 m = OnnxModel(sys.argv[1], threads=2)
 import torch
 logits = m.logits(torch.tensor([[1, 5, 9, 12]]))

@@ -21,7 +21,7 @@ import torch
 from bench_baseq import evaluation_windows
 from benchutil import machine, write_json
 
-from baseq_export.evaluate import perplexity
+from baseq_export.perplexity import perplexity
 from baseq_export.models import load_model
 from baseq_export.models.base import ACT_SITES, forward
 from baseq_export.artifact import load_artifact

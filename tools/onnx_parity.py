@@ -25,9 +25,9 @@ def parity(artifact: Path, windows: int | None, tokens: int, work: Path) -> dict
     from transformers import AutoTokenizer
 
     from baseq_export import data
-    from baseq_export.evaluate import perplexity
-    from baseq_export.export.onnx import OnnxModel, write as export_onnx
-    from baseq_export.export.onnx.genai import genai_stream
+    from baseq_export.perplexity import perplexity
+    from baseq_export.targets.onnx import OnnxModel, write as export_onnx
+    from baseq_export.targets.onnx.genai import genai_stream
     from baseq_export.generate import greedy_tokens, onnx_stepper, torch_stepper
     from baseq_export.artifact import load_artifact
     from baseq_export.reference import reference_model

@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from baseq_export import data
-from baseq_export.evaluate import perplexity
+from baseq_export.perplexity import perplexity
 from baseq_export.models import load_model
 from baseq_export.gptq_model import quantize_model
 from baseq_export.settings import QuantSettings

@@ -1,4 +1,4 @@
-"""The GGUF export target for llama.cpp (see export/__init__.py for the interface every target implements).
+"""The GGUF export target for llama.cpp (see targets/__init__.py for the interface every target implements).
 
 One .gguf file written with gguf-py's GGUFWriter: llama architecture keys (qwen2 for Qwen2 models
 whose biases llama.cpp's qwen2 graph loads), the tokenizer and chat template from the artifact's
@@ -42,7 +42,7 @@ __all__ = ["GGUFExportError", "NAME", "BACKENDS", "add_arguments", "options", "m
 
 
 # ---------------------------------------------------------------------------------------------
-# The target interface (export/__init__.py)
+# The target interface (targets/__init__.py)
 
 
 def add_arguments(p: argparse.ArgumentParser, sub: bool = False) -> None:

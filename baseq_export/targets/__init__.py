@@ -1,6 +1,6 @@
 """Export targets behind one seam: the CLI and the API know only this module, each format is one sub-package.
 
-A target (``export/onnx/``, ``export/gguf/``) is a sub-package whose ``__init__`` provides what `Target`
+A target (``targets/onnx/``, ``targets/gguf/``) is a sub-package whose ``__init__`` provides what `Target`
 names: its --format value, the runtimes that run its exports, its command-line options, write() of a loaded
 artifact, and open() / is_export() / describe() / diagnose() for the files it wrote. A Backend has ``label``,
 ``logits(ids [B, T]) -> [B, T, vocab]`` (a fresh context per call) and ``greedy(prompt_ids, max_new_tokens=None)

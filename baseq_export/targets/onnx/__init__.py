@@ -1,4 +1,4 @@
-"""The ONNX export target (see export/__init__.py for the interface every target implements).
+"""The ONNX export target (see targets/__init__.py for the interface every target implements).
 
 An export directory holds model.onnx + model.onnx.data (external weights), the tokenizer files,
 genai_config.json (onnxruntime-genai), manifest.json and, with custom ops, a copy of our op
