@@ -37,6 +37,7 @@ class Plan:
     baseq: BaseqSettings | None
     nsamples: int
     calib_ctx: int
+    tune: object | None = None  # tune.TuneSettings: the weight-only blockwise tuning after GPTQ, or None
 
     def quant_config(self) -> dict:
         """The quant config an artifact made with this plan records in its config.json."""
@@ -45,15 +46,18 @@ class Plan:
         from .calibrate import baseq_quant_config
 
         quant = baseq_quant_config(self.settings, self.baseq) if self.baseq else self.settings.quant_config()
+        if self.tune is not None:
+            quant = dict(quant, tune=dataclasses.asdict(self.tune))
         return json.loads(json.dumps(quant))
 
 
 def plan(method: str = "baseq", bits: str = W4A4KV4, preset: str = "quick", *, profile: str | None = None,
          nsamples: int | None = None, calib_ctx: int | None = None, e2e_epochs: int | None = None,
-         r1_steps: int | None = None, max_positions: int | None = None, **settings) -> Plan:
+         r1_steps: int | None = None, max_positions: int | None = None, tune: bool = False, **settings) -> Plan:
     """Resolve a method, bit widths, a BASE-Q preset and a profile (whose fields yield to the ones given) into a
     Plan. `settings`: any other QuantSettings field (group_size, seed, head_bits, ...). max_positions: the model's
-    context, which caps the preset's calibration windows unless calib_ctx is given."""
+    context, which caps the preset's calibration windows unless calib_ctx is given. tune: after GPTQ, tune each
+    block's weight scales and output biases (tune.py; weight-only GPTQ methods, e.g. the gguf profile)."""
     if profile is not None and profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     if preset not in PRESETS:
@@ -71,8 +75,14 @@ def plan(method: str = "baseq", bits: str = W4A4KV4, preset: str = "quick", *, p
         e2e = p.e2e_epochs if e2e_epochs is None else e2e_epochs
         b = dataclasses.replace(p, nsamples=nsamples or p.nsamples, calib_ctx=ctx, e2e_epochs=e2e)
         return Plan(q, b, b.nsamples, b.calib_ctx)
+    if tune and not (q.bits == W4A16 and q.method.endswith("gptq")):
+        raise ValueError("blockwise weight tuning follows GPTQ on weight-only models: use it with --profile gguf, or "
+                         "--method quarot-gptq --bits w4a16")
     if method.endswith("gptq") or r1_steps:
-        return Plan(q, None, nsamples or GPTQ_NSAMPLES, calib_ctx or min(GPTQ_CTX, max_positions or GPTQ_CTX))
+        from .tune import TuneSettings
+
+        return Plan(q, None, nsamples or GPTQ_NSAMPLES, calib_ctx or min(GPTQ_CTX, max_positions or GPTQ_CTX),
+                    TuneSettings() if tune else None)
     return Plan(q, None, 0, 0)
 
 
@@ -148,11 +158,14 @@ def quantize(model="default", out: str | Path | None = None, *, method: str = "b
         check_context(m, p.calib_ctx, "--calib-ctx")
         calib = calibration_windows(m.tokenizer, p.nsamples, p.calib_ctx, p.settings.seed, calib_text)
     save = (lambda art: save_artifact(out, art, overwrite=force, write_extra=lambda d: m.tokenizer.save_pretrained(str(d))))
-    if p.baseq:
+    if p.baseq or p.tune:  # resumable: each finished block is kept in out.partial
+        from .tune import tune_blocks
+
         workdir = Path(out).with_name(Path(out).name + ".partial") if out is not None else None
         if workdir is not None and workdir.exists():
             print(f"resuming the partial run in {workdir}", file=sys.stderr)
-        art = calibrate_baseq(m, p.settings, p.baseq, calib, workdir=workdir, device=device)  # blocks: workdir's files
+        art = (calibrate_baseq(m, p.settings, p.baseq, calib, workdir=workdir, device=device) if p.baseq else
+               tune_blocks(m, p.settings, calib, p.tune, workdir=workdir, device=device))  # blocks: workdir's files
         if out is None:
             return art
         path = save(art)

@@ -84,6 +84,9 @@ def add_quant_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
                    "GPTQ on Q4_1 blocks of 32 with searched fp16 d and m, R1/R2 offline, no online Hadamard); "
                    "onnx-w4a16 = the fast weight-only ONNX export (rotated GPTQ in groups of 64, rotations offline, "
                    "4-bit head, int8 kernels); the options given explicitly win")
+    p.add_argument("--tune-blocks", action="store_true", default=option_default(False, sub),
+                   help="weight-only GPTQ (e.g. --profile gguf): then tune each block's weight scales and output biases "
+                   "against the float block (keeps GPTQ's codes; resumable)")
     p.add_argument("--force", action="store_true", default=option_default(False, sub), help="replace an existing artifact at --out")
 
 
@@ -218,7 +221,7 @@ def plan_options(args: argparse.Namespace) -> dict:
     return dict(method=args.method, bits=args.bits, preset=getattr(args, "preset", "quick"), nsamples=args.nsamples,
                 calib_ctx=args.calib_ctx, e2e_epochs=args.e2e_epochs, r1_steps=args.r1_steps,
                 group_size=args.group_size, seed=args.seed, head_bits=args.head_bits, head_act_bits=args.head_act_bits,
-                linear_act_bits=args.linear_act_bits, weight_clip=args.weight_clip, **extra)
+                linear_act_bits=args.linear_act_bits, weight_clip=args.weight_clip, tune=args.tune_blocks, **extra)
 
 
 def quantize(args: argparse.Namespace, out: str):

@@ -55,3 +55,23 @@ def test_plan_resolves_presets_and_profiles():
     assert bq.plan("rtn", bits="w4a16").nsamples == 0
     with pytest.raises(ValueError, match="unknown profile"):
         bq.plan(profile="nope")
+
+
+def test_blockwise_tuning_is_reachable_and_is_tune_blocks(tmp_path):
+    """quantize(tune=True) (the CLI's --tune-blocks) writes what tune.tune_blocks makes from the same windows, and
+    refuses a method it does not follow."""
+    from baseq_export.settings import profile_settings
+    from baseq_export.tune import tune_blocks
+
+    ckpt, text = tiny_checkpoint(tmp_path)
+    art = bq.quantize(str(ckpt), tmp_path / "t.baseq", profile="gguf", tune=True, calib_text=text, nsamples=6,
+                      calib_ctx=16)
+    assert "tune" in art.quant and not (tmp_path / "t.baseq.partial").exists()
+    m = bq.load(str(ckpt))
+    calib = bq.api.calibration_windows(m.tokenizer, 6, 16, 0, text)
+    direct = tune_blocks(m, profile_settings("gguf"), calib)
+    assert direct.quant == art.quant
+    for k in direct.tensors:
+        assert torch.equal(direct.tensors[k], art.tensors[k]), k
+    with pytest.raises(ValueError, match="follows GPTQ"):
+        bq.plan("rtn", bits="w4a16", tune=True)
