@@ -23,32 +23,23 @@ from tqdm.auto import tqdm
 
 from .memory import map_big_allocations, release_free_memory
 from .models import LoadedModel, weights_digest
-from .models.base import SITE_LINEARS, ModelConfig, block_forward, rope_tables, site_width
+from .models.base import SITE_LINEARS, ModelConfig, WrappedHooks, block_forward, rope_tables, site_width
 from .artifact_tensors import linear_from_tensors
-from .tensor_files import TensorStore
 from .rotate import rotate_layer, rotate_layer_residual, rotate_outside_layers, rotate_table_residual
-from .tensor_files import load_tensors, save_tensors, write_text_atomically
+from .tensor_files import TensorStore, load_tensors, save_tensors, write_text_atomically
 
 
-class TapHooks:
+class TapHooks(WrappedHooks):
     """Wraps hooks and calls on_act(site, x) with each activation site's output (statistics collection)."""
 
     def __init__(self, inner, on_act):
-        self.inner, self.on_act = inner, on_act
+        super().__init__(inner)
+        self.on_act = on_act
 
     def act(self, layer, site, x):
         x = self.inner.act(layer, site, x)
         self.on_act(site, x)
         return x
-
-    def qk(self, layer, q, k):
-        return self.inner.qk(layer, q, k)
-
-    def kv(self, layer, k, v):
-        return self.inner.kv(layer, k, v)
-
-    def head_in(self, x):
-        return self.inner.head_in(x)
 
 
 def block_bytes(cfg: ModelConfig) -> int:

@@ -8,17 +8,18 @@ from pathlib import Path
 
 import torch
 
-from .models.base import ACT_SITES, IDENTITY, forward
+from .models.base import ACT_SITES, IDENTITY, WrappedHooks, forward
 from .artifact import Artifact
 from .reference import reference_model
 from .rotate import RotationHooks
 
 
-class SiteCapture:
+class SiteCapture(WrappedHooks):
     """Hooks wrapper that records one site's input (as `transform` maps it) and stops nothing."""
 
     def __init__(self, inner, layer: int, site: str, transform=None):
-        self.inner, self.layer, self.site, self.transform = inner, layer, site, transform
+        super().__init__(inner)
+        self.layer, self.site, self.transform = layer, site, transform
         self.values: torch.Tensor | None = None
 
     def act(self, layer, site, x):
@@ -26,15 +27,6 @@ class SiteCapture:
             seen = self.transform(layer, site, x) if self.transform else x
             self.values = seen.detach().reshape(-1, seen.shape[-1]).float()
         return self.inner.act(layer, site, x)
-
-    def qk(self, layer, q, k):
-        return self.inner.qk(layer, q, k)
-
-    def kv(self, layer, k, v):
-        return self.inner.kv(layer, k, v)
-
-    def head_in(self, x):
-        return self.inner.head_in(x)
 
 
 @torch.no_grad()

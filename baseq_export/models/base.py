@@ -83,6 +83,25 @@ class IdentityHooks:
 
 IDENTITY = IdentityHooks()
 
+
+class WrappedHooks:
+    """Hooks that pass everything to `inner`; a subclass overrides act() to look at (or record) a site's values."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def act(self, layer: int, site: str, x: torch.Tensor) -> torch.Tensor:
+        return self.inner.act(layer, site, x)
+
+    def qk(self, layer, q, k):
+        return self.inner.qk(layer, q, k)
+
+    def kv(self, layer, k, v):
+        return self.inner.kv(layer, k, v)
+
+    def head_in(self, x):
+        return self.inner.head_in(x)
+
 # The activation sites, in forward order: input of q/k/v, input of o, input of gate/up, input of down.
 ACT_SITES = ("attn_in", "o_in", "mlp_in", "down_in")
 SITE_LINEARS = {"attn_in": ("q", "k", "v"), "o_in": ("o",), "mlp_in": ("gate", "up"), "down_in": ("down",)}
