@@ -22,9 +22,11 @@ import time
 
 import numpy as np
 import onnxruntime as ort
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from baseq_export import runtime_ops
+from baseq_export.quant import matmul_nbits_bytes, pack_int4
 
 
 def _model(nodes, inits, outputs=("y",)):
@@ -41,8 +43,7 @@ def weights(n: int, k: int, seed: int = 0, groups: int = 1):
     codes = rng.integers(0, 16, (n, k)).astype(np.uint8)
     zero = rng.integers(0, 16, (n, groups)).astype(np.uint8)
     scale = (rng.random((n, groups)) * 0.01 + 0.001).astype(np.float32)
-    padded = np.pad(codes, ((0, 0), (0, k % 2)))
-    packed = (padded[:, 0::2] | (padded[:, 1::2] << 4)).astype(np.uint8)
+    packed = pack_int4(torch.from_numpy(codes)).numpy()  # the byte layout's one definition (quant.layout)
     return codes, packed, zero, scale
 
 
@@ -60,9 +61,8 @@ def _nbits_inputs(n: int, k: int, unit: bool):
     block = 32 if k % 32 == 0 else 16
     kb = -(-k // block)
     padded = np.pad(codes, ((0, 0), (0, kb * block - k)))
-    b = (padded[:, 0::2] | (padded[:, 1::2] << 4)).reshape(n, kb, block // 2).astype(np.uint8)
-    zeros = np.repeat(zero, kb + kb % 2, axis=1)
-    zp = (zeros[:, 0::2] | (zeros[:, 1::2] << 4)).astype(np.uint8)
+    b, zp = (t.numpy() for t in matmul_nbits_bytes(torch.from_numpy(padded), torch.from_numpy(np.repeat(zero, kb, axis=1)),
+                                                    block))
     sc = np.ones((n, kb), np.float32) if unit else np.repeat(scale, kb, axis=1)
     return b, sc, zp, block, scale
 
