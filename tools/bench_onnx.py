@@ -158,7 +158,7 @@ class GraphRunner:
 
 def our_runner_generation(model, prompt: np.ndarray, new_tokens: int) -> tuple[float, float]:
     """(prefill seconds, median seconds per decoded token) in our runner (baseq_export's OnnxModel) as
-    `baseq-export run` decodes (OnnxModel.greedy's choice of path): the C++ decoder (export/onnx/native.py)
+    `baseq-export run` decodes (OnnxModel.greedy's choice of path): the C++ decoder (targets/onnx/native.py)
     where the export's attention ops write the KV buffer in place, Python steps on that buffer where the
     decoder cannot load, else Python steps on the growing cache. A decode step is timed with its greedy
     choice, as genai's generate_next_token is."""
