@@ -257,7 +257,7 @@ def test_default_model_onnx_parity(default_model, tmp_path, kind):
         art = calibrate_baseq(default_model, QuantSettings(bits="w4a4kv4", head_bits=4, head_act_bits=8, r1_steps=20),
                               BaseqSettings(nsamples=4, calib_ctx=128, epochs=1, e2e_epochs=1), calib)
         # the pass runs; whether it is kept (KL on its check windows lower after one epoch over 4 windows) depends on
-        # the CPU's float summation order: on a 2-core Xeon (AVX-512) it went 0.3564 -> 0.3575 and was dropped, with
+        # the CPU's float summation order: on a 2-core AMD EPYC (AVX2) it went 0.3564 -> 0.3575 and was dropped, with
         # the code before and after the redesign alike. Parity holds either way: the graph is the same.
         assert art.calibration["end_to_end"]["kl_end"] > 0
     path = save_artifact(tmp_path / "m.baseq", art, write_extra=lambda d: tok.save_pretrained(str(d)))
