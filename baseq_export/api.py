@@ -75,10 +75,10 @@ def plan(method: str = "baseq", bits: str = W4A4KV4, preset: str = "quick", *, p
         e2e = p.e2e_epochs if e2e_epochs is None else e2e_epochs
         b = dataclasses.replace(p, nsamples=nsamples or p.nsamples, calib_ctx=ctx, e2e_epochs=e2e)
         return Plan(q, b, b.nsamples, b.calib_ctx)
-    if tune and not (q.bits == W4A16 and q.method.endswith("gptq")):
+    if tune and not (q.bits == W4A16 and q.gptq):
         raise ValueError("blockwise weight tuning follows GPTQ on weight-only models: use it with --profile gguf, or "
                          "--method quarot-gptq --bits w4a16")
-    if method.endswith("gptq") or r1_steps:
+    if q.gptq or r1_steps:
         from .tune import TuneSettings
 
         return Plan(q, None, nsamples or GPTQ_NSAMPLES, calib_ctx or min(GPTQ_CTX, max_positions or GPTQ_CTX),
@@ -94,7 +94,7 @@ def plan_of(settings: QuantSettings, baseq: BaseqSettings | None = None) -> Plan
     default windows for the methods that calibrate, none for RTN."""
     if baseq is not None:
         return Plan(settings, baseq, baseq.nsamples, baseq.calib_ctx)
-    calibrates = settings.method.endswith("gptq") or settings.r1_steps
+    calibrates = settings.gptq or settings.r1_steps
     return Plan(settings, None, GPTQ_NSAMPLES if calibrates else 0, GPTQ_CTX if calibrates else 0)
 
 
