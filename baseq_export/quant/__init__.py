@@ -1,7 +1,8 @@
 """Quantizer primitives: one source of truth for every integer number format in the project.
 
 layout (byte layouts), floats (fp16 arithmetic), weights (the weight format and its rounding),
-qparams (choosing a grid's parameters, RTN), gptq, activations (activation and KV quantizers).
+qparams (choosing a grid's parameters, RTN), gptq, activations (activation and KV quantizers), ggml_codecs
+(llama.cpp's block types as grid + codes; import it as quant.ggml_codecs, its ggml_quantize loads llama_cpp).
 """
 
 from .activations import (ACT_SCALE_EPS, INT8_BLOCK_QMAX, IntActivation, fake_quant_int8_blocks, fake_quant_kv,
