@@ -267,5 +267,7 @@ def load_tokenizer(path: str | Path):
 
     path = Path(path)
     if path.is_file():  # a single-file export (GGUF) carries its tokenizer inside
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+        from .gguf_file import load_tokenizer as gguf_tokenizer
+
+        return gguf_tokenizer(path)
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)

@@ -569,9 +569,10 @@ def test_target_interface_options(tmp_path, tokenizer):
 
     p = argparse.ArgumentParser()
     G.add_arguments(p)
-    args = p.parse_args(["--gguf-weights", "q4_0", "--gguf-head", "q6_k", "--gguf-kv-cache", "q4_0", "--gguf-ctx", "64"])
+    args = p.parse_args(["--gguf-weights", "q4_0", "--gguf-head", "q6_k", "--gguf-kv-cache", "q4_0", "--gguf-ctx", "64",
+                         "--gguf-pre", "gpt-2"])
     assert G.options(args) == {"weights": "q4_0", "head": "q6_k", "embed": None, "kv_cache": "q4_0",
-                               "context_length": 64}
+                               "context_length": 64, "tokenizer_pre": "gpt-2"}
     sub = argparse.ArgumentParser()
     G.add_arguments(sub, sub=True)
     assert vars(sub.parse_args([])) == {}  # a subcommand does not mask the main parser's values
@@ -585,7 +586,7 @@ def test_target_interface_options(tmp_path, tokenizer):
     out = quiet_write(save(tmp_path, art, tokenizer, "s.baseq"), tmp_path / "s.gguf", **G.options(args))
     assert f"GGUF export: {out} (MOSTLY_Q4_0," in G.describe(out)
     r = gguf.GGUFReader(str(out))
-    assert r.get_field("llama.context_length").contents() == 64
+    assert r.get_field("llama.context_length").contents() == 64 and r.get_field("tokenizer.ggml.pre").contents() == "gpt-2"
     types = {t.name: t.tensor_type for t in r.tensors}
     assert types["token_embd.weight"] == gguf.GGMLQuantizationType.Q6_K and "output.weight" not in types  # tied
 

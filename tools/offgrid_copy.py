@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from baseq_export.gguf_file import load_tokenizer as gguf_tokenizer
 from baseq_export.models import _resolve, adapter_for, from_hf_model
 from baseq_export.models.base import LINEARS, ModelConfig
 from baseq_export.rotate import fold_norms, random_orthogonal, rotate_residual
@@ -118,7 +119,8 @@ def load_hf(spec: str, dtype: torch.dtype = torch.float32):
     directory, gguf = _resolve(spec)
     kwargs = {"gguf_file": gguf} if gguf else {}
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True, **kwargs).eval()
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
+    tokenizer = gguf_tokenizer(directory / gguf) if gguf else AutoTokenizer.from_pretrained(directory,
+                                                                                           local_files_only=True)
     return model, tokenizer, str(directory / gguf) if gguf else str(directory)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from . import llama, mistral, qwen2
+from ..gguf_file import load_tokenizer as gguf_tokenizer
 from .base import ModelConfig
 
 ADAPTERS = {m.ARCH: m for m in (llama, mistral, qwen2)}
@@ -244,7 +245,8 @@ def load_model(spec: str = "default", dtype: torch.dtype = torch.float32, lazy: 
     try:
         hf_model, info = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True,
                                                               output_loading_info=True, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
+        tokenizer = gguf_tokenizer(directory / gguf) if gguf else AutoTokenizer.from_pretrained(directory,
+                                                                                               local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"could not load {spec!r}: {e}. Supported: {SUPPORTED}") from e
     finally:
@@ -267,7 +269,8 @@ def _load_lazy(spec: str, directory: Path, gguf: str | None, dtype: torch.dtype)
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
         hf_config = AutoConfig.from_pretrained(directory, local_files_only=True, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
+        tokenizer = gguf_tokenizer(directory / gguf) if gguf else AutoTokenizer.from_pretrained(directory,
+                                                                                               local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"could not load {spec!r}: {e}. Supported: {SUPPORTED}") from e
     adapter = adapter_for(hf_config.model_type)

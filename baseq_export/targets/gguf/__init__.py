@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import builtins
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -23,11 +24,11 @@ import numpy as np
 
 from ...artifact import Artifact
 from ...artifact_tensors import is_online_param
-from ...gguf_file import check_file
+from ...gguf_file import check_file, read_header, read_keys
 from ...models.base import LINEARS, ModelConfig, linear_in_features
 from ...quant import GGML_BLOCK
 from .. import loaded, option_default
-from .meta import FORMAT_KEY, FORMAT_VALUE, add_hparams, add_tokenizer, rope_factors
+from .meta import FORMAT_KEY, FORMAT_VALUE, add_hparams, add_tokenizer, choose_pre, rope_factors
 from .meta import context_length as planned_context
 from .runtime import KV_CACHE_TYPES
 from .tensors import ARCHS, HEAD_TYPES, QT, WEIGHT_TYPES, GGUFExportError, Plan, nbytes, plan_tensors
@@ -46,7 +47,7 @@ __all__ = ["GGUFExportError", "NAME", "BACKENDS", "add_arguments", "options", "m
 
 
 def add_arguments(p: argparse.ArgumentParser, sub: bool = False) -> None:
-    """--gguf-weights, --gguf-head, --gguf-embed, --gguf-kv-cache, --gguf-ctx (sub: defaults SUPPRESSed)."""
+    """--gguf-weights, --gguf-head, --gguf-embed, --gguf-kv-cache, --gguf-ctx, --gguf-pre (sub: defaults SUPPRESSed)."""
     p.add_argument("--gguf-weights", choices=WEIGHT_TYPES, default=option_default("auto", sub),
                    help="GGUF type of the 4-bit linears: auto (the artifact's own grid: Q4_0 for symmetric/q4_0-grid "
                    "weights, else Q4_1), q4_0, q4_1, or f16/f32 (the weights as floats, e.g. an unquantized model)")
@@ -61,13 +62,17 @@ def add_arguments(p: argparse.ArgumentParser, sub: bool = False) -> None:
                    "quantized q8_0 / q4_0 (these turn on flash attention, which a quantized V cache needs)")
     p.add_argument("--gguf-ctx", type=int, default=option_default(None, sub),
                    help="context length written to the GGUF (default: the source model's)")
+    p.add_argument("--gguf-pre", metavar="NAME", default=option_default(None, sub),
+                   help="llama.cpp pre-tokenizer written to the GGUF (default: the one whose tokenization of probe "
+                   "texts equals the Hugging Face tokenizer's, found by trying llama.cpp's names; an export that none "
+                   "reproduces is refused). A name given here is written as asked, with a warning if its ids differ")
 
 
 def options(args: argparse.Namespace) -> dict:
     """The GGUF options of a parsed command line as write()/open() keywords."""
     return {"weights": getattr(args, "gguf_weights", "auto"), "head": getattr(args, "gguf_head", "auto"),
             "embed": getattr(args, "gguf_embed", None), "kv_cache": getattr(args, "gguf_kv_cache", "f16"),
-            "context_length": getattr(args, "gguf_ctx", None)}
+            "context_length": getattr(args, "gguf_ctx", None), "tokenizer_pre": getattr(args, "gguf_pre", None)}
 
 
 def main_job_settings(args: argparse.Namespace) -> dict:
@@ -122,25 +127,21 @@ def check_artifact(art: Artifact) -> None:
 
 
 def is_export(path: str | Path) -> bool:
-    """True for a GGUF file that this writer made (it carries the baseq.format key)."""
+    """True for a complete GGUF file that this writer made (it carries the baseq.format key)."""
     path = Path(path)
     if not path.is_file():
         return False
     try:
-        with builtins.open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                return False
-        field_ = gguf.GGUFReader(str(path)).get_field(FORMAT_KEY)
-        return field_ is not None and field_.contents() == FORMAT_VALUE
-    except (OSError, ValueError, IndexError, KeyError, TypeError):
+        check_file(path)
+        return read_keys(path, {FORMAT_KEY}).get(FORMAT_KEY) == FORMAT_VALUE
+    except (OSError, ValueError, IndexError, KeyError, TypeError, OverflowError, struct.error):
         return False
 
 
 def describe(path: str | Path) -> str:
     """One line for the main job's summary: the file, its weight type and size."""
-    r = gguf.GGUFReader(str(path))
-    ftype = r.get_field(gguf.Keys.General.FILE_TYPE)
-    name = gguf.LlamaFileType(ftype.contents()).name if ftype is not None else "?"
+    ftype = read_keys(path, {gguf.Keys.General.FILE_TYPE}).get(gguf.Keys.General.FILE_TYPE)
+    name = gguf.LlamaFileType(ftype).name if ftype is not None else "?"
     return f"GGUF export: {path} ({name}, {Path(path).stat().st_size / 2**20:.1f} MiB)"
 
 
@@ -206,6 +207,7 @@ def write(artifact: Artifact | str | Path, out: str | Path, force: bool = False,
     check_artifact(art)
     out = check_out(Path(out).expanduser(), force)
     plan = plan_tensors(art, weights, head, embed, rope_factors(art))
+    pre = choose_pre(art, plan.arch, art.path, tokenizer_pre)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     os.close(fd)
@@ -213,7 +215,7 @@ def write(artifact: Artifact | str | Path, out: str | Path, force: bool = False,
     try:
         w = gguf.GGUFWriter(tmp, plan.arch)
         add_hparams(w, art, plan, planned_context(art, context_length))
-        add_tokenizer(w, art, art.path, tokenizer_pre)
+        add_tokenizer(w, art, art.path, pre)
         for _ in stream(w, plan):
             pass
         w.close()
@@ -235,7 +237,7 @@ def validate_written(path: Path, plan: Plan) -> None:
     """Re-read a written file before it replaces anything: complete, and holding the planned tensors by name,
     type and element count."""
     check_file(path)
-    got = {t.name: (int(t.tensor_type), int(t.n_elements)) for t in gguf.GGUFReader(str(path)).tensors}
+    got = {t.name: (t.qtype, t.n_elements) for t in read_header(path).tensors}
     want = {p.name: (int(p.qtype), int(np.prod(p.shape))) for p in plan.tensors}
     if got != want:
         raise GGUFExportError(f"the written GGUF holds other tensors than planned ({len(got)} against {len(want)}); "

@@ -11,7 +11,9 @@ import numpy as np
 import torch
 
 from ...artifact import Artifact
+from ...gguf_file import read_keys
 from ...models.base import ModelConfig
+from . import pretok
 from .tensors import GGUFExportError, Plan
 
 FORMAT_KEY = "baseq.format"
@@ -33,13 +35,10 @@ def source_config(art: Artifact) -> dict:
             out["context_length"] = c.get("max_position_embeddings")
             out["rope_theta"] = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta")
         elif src.is_file() and src.suffix == ".gguf":
-            r = gguf.GGUFReader(str(src))
-            arch = r.get_field(gguf.Keys.General.ARCHITECTURE).contents()
-            for key, name in ((gguf.Keys.LLM.CONTEXT_LENGTH, "context_length"),
-                              (gguf.Keys.Rope.FREQ_BASE, "rope_theta"), (gguf.Keys.Tokenizer.PRE, "pre")):
-                f = r.get_field(key.format(arch=arch))
-                if f is not None:
-                    out[name] = f.contents()
+            arch = read_keys(src, {gguf.Keys.General.ARCHITECTURE}).get(gguf.Keys.General.ARCHITECTURE)
+            keys = {gguf.Keys.LLM.CONTEXT_LENGTH.format(arch=arch): "context_length",
+                    gguf.Keys.Rope.FREQ_BASE.format(arch=arch): "rope_theta", gguf.Keys.Tokenizer.PRE: "pre"}
+            out = {keys[k]: v for k, v in read_keys(src, set(keys)).items()}
     except (OSError, ValueError, KeyError, AttributeError):
         return {}
     return {k: v for k, v in out.items() if v is not None}
@@ -160,17 +159,17 @@ def token_table(tok_dir: Path, vocab_size: int) -> tuple[str, list[str], list[in
     return kind, [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)], types, scores
 
 
+def tokenizer_kind(tok_dir: Path, vocab_size: int) -> str:
+    """llama.cpp's tokenizer model for the tokenizer in tok_dir: gpt2 (byte-level BPE) or llama (SentencePiece-style)."""
+    return token_table(tok_dir, vocab_size)[0]
+
+
 def add_tokenizer(w: "gguf.GGUFWriter", art: Artifact, tok_dir: Path, pre: str | None) -> None:
-    """tokenizer.ggml.* (model, pre-tokenizer, tokens, types, merges, special ids) and the chat template."""
+    """tokenizer.ggml.* (model, pre-tokenizer when not None, tokens, types, merges, special ids) and the chat
+    template."""
     cfg = ModelConfig.from_dict(art.model)
     kind, tokens, types, scores = token_table(tok_dir, cfg.vocab_size)
     w.add_tokenizer_model(kind)
-    pre = pre or source_config(art).get("pre")
-    if pre is None and kind == "gpt2":
-        pre = "default"
-        warnings.warn("GGUF tokenizer: the source model does not say which llama.cpp pre-tokenizer it uses, so the file "
-                      "says 'default' (GPT-2's split); llama.cpp's own tokenization of text may differ from the Hugging "
-                      "Face tokenizer's (token ids from baseq-export's eval and run are unaffected)", stacklevel=3)
     if pre is not None:
         w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
@@ -182,3 +181,24 @@ def add_tokenizer(w: "gguf.GGUFWriter", art: Artifact, tok_dir: Path, pre: str |
         if typ not in special.special_token_ids and (art.source or {}).get(key) is not None:
             special.special_token_ids[typ] = int(art.source[key])
     special.add_to_gguf(w, quiet=True)
+
+
+def write_vocab(path: Path, art: Artifact, arch: str, tok_dir: Path, pre: str | None) -> None:
+    """A GGUF with the hyperparameters and tokenizer of the export and no tensors: what llama.cpp needs to tokenize."""
+    w = gguf.GGUFWriter(path, arch)
+    with warnings.catch_warnings():  # the export itself warns about the context length once
+        warnings.simplefilter("ignore")
+        add_hparams(w, art, Plan(arch, "f32"), context_length(art, None))
+    add_tokenizer(w, art, tok_dir, pre)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+
+
+def choose_pre(art: Artifact, arch: str, tok_dir: Path, requested: str | None = None,
+               texts: list[str] | None = None) -> str | None:
+    """The llama.cpp pre-tokenizer that reproduces the artifact's Hugging Face tokenization (pretok.choose)."""
+    cfg = ModelConfig.from_dict(art.model)
+    return pretok.choose(lambda path, pre: write_vocab(path, art, arch, tok_dir, pre), tok_dir,
+                         tokenizer_kind(tok_dir, cfg.vocab_size), requested, source_config(art).get("pre"), texts)
