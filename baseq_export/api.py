@@ -75,6 +75,9 @@ def plan(method: str = "baseq", bits: str = W4A4KV4, preset: str = "quick", *, p
         e2e = p.e2e_epochs if e2e_epochs is None else e2e_epochs
         b = dataclasses.replace(p, nsamples=nsamples or p.nsamples, calib_ctx=ctx, e2e_epochs=e2e)
         return Plan(q, b, b.nsamples, b.calib_ctx)
+    if tune and q.ggml_mix:
+        raise ValueError("--tune-blocks tunes the scales of the q4_0 / q4_1 grids; with --gguf-mix ggml picks the "
+                         "scales: drop one of the two")
     if tune and not (q.bits == W4A16 and q.gptq):
         raise ValueError("blockwise weight tuning follows GPTQ on weight-only models: use it with --profile gguf, or "
                          "--method quarot-gptq --bits w4a16")

@@ -6,9 +6,21 @@ from __future__ import annotations
 import torch
 
 from .models.base import ACT_SITES, ModelConfig
+import gguf
+
 from .quant import QuantizedWeight, pack_int4, unpack_int4
+from .quant.ggml_weights import GgmlWeight
+
+QT = gguf.GGMLQuantizationType
 
 KV_SITES = ("k_cache", "v_cache")
+QUANTIZED_SUFFIXES = (".qweight", ".ggml")  # the tensor that marks a linear as quantized, in each storage form
+GGML_TENSORS = (".ggml", ".ggml_type")  # a linear in a ggml type: its block bytes, the GGMLQuantizationType number
+
+
+def quantized_prefixes(tensors) -> set[str]:
+    """The names (without suffix) of every quantized linear / head an artifact stores."""
+    return {n.rsplit(".", 1)[0] for n in tensors if n.endswith(QUANTIZED_SUFFIXES)}
 HEAD_TENSORS = ("embed", "lm_head")  # stored as float, or as 4-bit codes (quant["head_group_size"])
 
 
@@ -18,8 +30,12 @@ def is_online_param(name: str) -> bool:
     return len(parts) == 4 and parts[0] == "layers" and parts[2] in ACT_SITES + KV_SITES
 
 
-def linear_tensors(prefix: str, qw: QuantizedWeight, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """The artifact tensors of one quantized linear: packed codes, scales, zero points, bias."""
+def linear_tensors(prefix: str, qw: QuantizedWeight | GgmlWeight, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The artifact tensors of one quantized linear: packed codes, scales, zero points, bias (a weight in a ggml
+    type: its block bytes and the type's number, GGML_TENSORS)."""
+    if isinstance(qw, GgmlWeight):
+        out = {f"{prefix}.ggml": qw.raw, f"{prefix}.ggml_type": torch.tensor([int(QT[qw.qtype])], dtype=torch.int32)}
+        return {**out, **({f"{prefix}.bias": bias.to(torch.float32)} if bias is not None else {})}
     if qw.bits != 4:
         raise ValueError(f"{prefix}: the artifact stores 4-bit weights, got {qw.bits}")
     out = {f"{prefix}.qweight": pack_int4(qw.codes), f"{prefix}.scales": qw.scale}
@@ -36,7 +52,9 @@ def linear_from_tensors(
     prefix: str, tensors: dict[str, torch.Tensor], in_features: int, group_size: int | None, grid: str | None = None
 ) -> QuantizedWeight:
     """QuantizedWeight of one linear read back from artifact tensors. grid: the quant config's "weight_grid"
-    (None: "q4_1" when `{prefix}.mins` is stored, else "int")."""
+    (None: "q4_1" when `{prefix}.mins` is stored, else "int"). A linear stored in a ggml type is a GgmlWeight."""
+    if f"{prefix}.ggml" in tensors:
+        return GgmlWeight(tensors[f"{prefix}.ggml"], QT(int(tensors[f"{prefix}.ggml_type"][0])).name, in_features)
     codes = unpack_int4(tensors[f"{prefix}.qweight"], in_features)
     mins = tensors.get(f"{prefix}.mins")
     grid = grid or ("q4_1" if mins is not None else "int")

@@ -17,6 +17,7 @@ from . import __version__, api
 from .targets import TARGETS, backend_names, option_default
 
 from .settings import BITS_PRESETS, METHODS, PRESETS, PROFILES, W4A4KV4
+from .quant.ggml_mix import MIXES
 
 
 def int_at_least(low: int):
@@ -84,6 +85,11 @@ def add_quant_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
                    "GPTQ on Q4_1 blocks of 32 with searched fp16 d and m, R1/R2 offline, no online Hadamard); "
                    "onnx-w4a16 = the fast weight-only ONNX export (rotated GPTQ in groups of 64, rotations offline, "
                    "4-bit head, int8 kernels); the options given explicitly win")
+    p.add_argument("--gguf-mix", choices=tuple(MIXES), default=option_default(None, sub),
+                   help="weight-only GGUF in llama.cpp's own block types, mixed per tensor as llama.cpp's file type of "
+                   "the same name (q4_k_m: Q4_K with Q6_K for half the attn_v / ffn_down; rows that K-quants cannot "
+                   "split fall back as in llama.cpp): ggml picks each block's scales for the layer's inputs, GPTQ the "
+                   "codes. Use with --profile gguf (the default of --format gguf)")
     p.add_argument("--tune-blocks", action="store_true", default=option_default(False, sub),
                    help="weight-only GPTQ (e.g. --profile gguf): then tune each block's weight scales and output biases "
                    "against the float block (keeps GPTQ's codes; resumable)")
@@ -221,7 +227,8 @@ def plan_options(args: argparse.Namespace) -> dict:
     return dict(method=args.method, bits=args.bits, preset=getattr(args, "preset", "quick"), nsamples=args.nsamples,
                 calib_ctx=args.calib_ctx, e2e_epochs=args.e2e_epochs, r1_steps=args.r1_steps,
                 group_size=args.group_size, seed=args.seed, head_bits=args.head_bits, head_act_bits=args.head_act_bits,
-                linear_act_bits=args.linear_act_bits, weight_clip=args.weight_clip, tune=args.tune_blocks, **extra)
+                linear_act_bits=args.linear_act_bits, weight_clip=args.weight_clip, tune=args.tune_blocks,
+                ggml_mix=args.gguf_mix, **extra)
 
 
 def quantize(args: argparse.Namespace, out: str):

@@ -22,15 +22,18 @@ from .artifact import Artifact
 from .artifact_tensors import linear_tensors
 from .tensor_files import TensorStore
 from .quant import HessianAccumulator, QuantizedWeight, gptq_factor, gptq_quantize, rtn_quantize
+from .quant.ggml_mix import linear_type
+from .quant.ggml_weights import GgmlWeight, ggml_gptq, ggml_rtn
 from .rotate import RotationHooks, head_mix
 from .settings import BASEQ, BITS_PRESETS, HEAD_GROUP_SIZE, QuantSettings
 
 
 def round_layer(w: dict[str, torch.Tensor], s: QuantSettings, hessians: dict | None,
-                release: bool = False) -> dict[str, QuantizedWeight]:
-    """Quantize one layer's linears on s.weight_grid: GPTQ for the sites `hessians` holds (only those), else RTN
-    for all seven. release: drop each site's Hessian from `hessians` once its linears are done (a 7B down_proj's
-    is 1 GB), and let the site's last linear factor it in place."""
+                release: bool = False, layer: int = 0, n_layers: int = 1) -> dict[str, QuantizedWeight | GgmlWeight]:
+    """Quantize one layer's linears on s.weight_grid (or in the ggml types of s.ggml_mix for block `layer` of
+    n_layers): GPTQ for the sites `hessians` holds (only those), else RTN for all seven. release: drop each
+    site's Hessian from `hessians` once its linears are done (a 7B down_proj's is 1 GB), and let the site's
+    last linear factor it in place."""
     out = {}
     mse = s.weight_clip == "mse"
     for site, names in SITE_LINEARS.items():
@@ -38,7 +41,12 @@ def round_layer(w: dict[str, torch.Tensor], s: QuantSettings, hessians: dict | N
             continue
         for name in names:
             weight = w[f"{name}.weight"].to(torch.float32)
-            if hessians is None:
+            if s.ggml_mix:
+                qtype = linear_type(s.ggml_mix, name, layer, n_layers, weight.shape[1])
+                out[name] = (ggml_rtn(weight, qtype) if hessians is None else
+                             ggml_gptq(weight, hessians[site].hessian, qtype, s.damp, s.act_order,
+                                       scratch=release and name == names[-1]))
+            elif hessians is None:
                 out[name] = rtn_quantize(weight, 4, s.group_size, s.symmetric, mse_clip_search=mse, grid=s.weight_grid)
             else:
                 out[name] = gptq_quantize(weight, hessians[site].hessian, 4, s.group_size, s.symmetric, s.damp, s.act_order,
@@ -60,7 +68,8 @@ def gptq_layer(cfg, lw: dict, layer: int, h: torch.Tensor, hooks, rope, s: Quant
     split = 8 * site_width(cfg, "down_in") ** 2 > SPLIT_HESSIANS_BYTES
     out = {}
     for sites in HESSIAN_PASSES if split else (ACT_SITES,):
-        out.update(round_layer(lw, s, gptq_hessians(cfg, lw, layer, h, hooks, rope, chunk, sites), release=True))
+        out.update(round_layer(lw, s, gptq_hessians(cfg, lw, layer, h, hooks, rope, chunk, sites), release=True,
+                               layer=layer, n_layers=cfg.num_layers))
     return out
 
 
@@ -93,7 +102,8 @@ def quantize_model(
 
     def step(b: Block) -> tuple[dict, dict]:
         lw = b.weights
-        qlayer = gptq_layer(cfg, lw, b.layer, b.h_q, hooks, b.rope, settings, chunk) if gptq else round_layer(lw, settings, None)
+        qlayer = (gptq_layer(cfg, lw, b.layer, b.h_q, hooks, b.rope, settings, chunk) if gptq
+                  else round_layer(lw, settings, None, layer=b.layer, n_layers=cfg.num_layers))
         return {k: v for name, qw in qlayer.items()
                 for k, v in linear_tensors(f"layers.{b.layer}.{name}", qw, lw.get(f"{name}.bias")).items()}, {}
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from .artifact import Artifact
-from .artifact_tensors import HEAD_TENSORS, head_from_tensors, is_online_param, linear_from_tensors
+from .artifact_tensors import (GGML_TENSORS, HEAD_TENSORS, head_from_tensors, is_online_param, linear_from_tensors,
+                               quantized_prefixes)
 from .hadamard import apply_hadamard
 from .models.base import ModelConfig, forward, linear_in_features
 from .quant import (IntActivation, fake_quant_int8_blocks, fake_quant_kv, fake_quant_per_token,
@@ -121,10 +122,10 @@ def reference_model(artifact: Artifact, dtype: torch.dtype = torch.float32, exac
     integer_linears = exact and bool(artifact.quant.get("a_bits")) and group_size is None
     weights: dict[str, torch.Tensor] = {}
     online: dict[str, torch.Tensor] = {}
-    quantized = {name.removesuffix(".qweight") for name in t if name.endswith(".qweight")}
+    quantized = quantized_prefixes(t)
     for name, tensor in t.items():
         base = name.rsplit(".", 1)[0]
-        if base in quantized and name.endswith((".qweight", ".scales", ".zeros", ".mins")):
+        if base in quantized and name.endswith((".qweight", ".scales", ".zeros", ".mins", *GGML_TENSORS)):
             continue
         if is_online_param(name):
             online[name] = tensor

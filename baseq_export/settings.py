@@ -48,6 +48,8 @@ class QuantSettings:
     weight_clip: str = "mse"  # group params: "mse" (quant.search_weight_qparams, QuaRot's recipe) or "minmax" (full range)
     r4: bool = True  # online Hadamard before down_proj (False: every rotation offline, as llama.cpp needs)
     r1_steps: int = 0  # learned residual rotation on top of R1 (learn_rotation.py): steps of its fit; 0 = R1 alone
+    ggml_mix: str | None = None  # weight-only GGUF in llama.cpp's block types (quant.ggml_mix.MIXES): ggml picks the
+    # scales, GPTQ (or ggml itself for rtn) the codes; None = the artifact's own 4-bit grid (weight_grid)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -77,6 +79,14 @@ class QuantSettings:
         if self.weight_clip not in ("minmax", "mse"):
             raise ValueError(f"weight clip must be 'minmax' or 'mse', got {self.weight_clip!r}")
 
+        if self.ggml_mix is not None:
+            from .quant.ggml_mix import mix
+
+            mix(self.ggml_mix)
+            if self.bits != W4A16 or (self.rotated and self.r4) or self.head_bits != 16 or self.method == BASEQ:
+                raise ValueError(f"--gguf-mix {self.ggml_mix} is a weight-only llama.cpp format: it takes --bits w4a16, "
+                                 "no online rotation (R4 off), float heads (--head-bits 16) and a method among rtn, "
+                                 "gptq, quarot-rtn, quarot-gptq (--profile gguf sets all of these)")
         if self.seed < 0:
             raise ValueError(f"seed must be 0 or more, got {self.seed}")
         if self.r1_steps < 0:
@@ -120,6 +130,7 @@ class QuantSettings:
                if self.head_bits == 4 else {}),
             **({"head_act_bits": 8} if self.head_act_bits == 8 else {}),
             **({"linear_act_bits": 8} if self.linear_act_bits == 8 else {}),
+            **({"ggml_mix": self.ggml_mix} if self.ggml_mix else {}),
         }
 
 

@@ -30,6 +30,11 @@ from baseq_export.cli import main
 ckpt, text, out = sys.argv[1:4]
 out = Path(out)
 calib = ["--model", ckpt, "--calib-text", text, "--nsamples", "6", "--calib-ctx", "16"]
+try:  # since 2026-12-07 the GGUF names the pre-tokenizer that reproduces the tokenizer's ids (test_gguf_pretok.py);
+    import baseq_export.targets.gguf.pretok  # noqa: F401  the old code wrote "default": asked for, the rest compares
+    same_pre = ["--gguf-pre", "default"]
+except ImportError:
+    same_pre = []
 runs = [
     ["quantize", "--method", "rtn", "--bits", "w4a16", "--group-size", "32", "--out", str(out / "rtn.baseq"), *calib],
     ["quantize", "--method", "quarot-gptq", "--bits", "w4a4kv4", "--head-bits", "4", "--out", str(out / "gptq.baseq"), *calib],
@@ -39,7 +44,7 @@ runs = [
     ["export", str(out / "baseq.baseq"), "--out", str(out / "baseq-onnx")],
     ["export", str(out / "baseq.baseq"), "--out", str(out / "baseq-onnx-std"), "--ops", "standard"],
     ["export", str(out / "w4a16.baseq"), "--out", str(out / "w4a16-onnx")],
-    ["export", str(out / "gguf.baseq"), "--format", "gguf", "--out", str(out / "gguf.gguf")],
+    ["export", str(out / "gguf.baseq"), "--format", "gguf", "--out", str(out / "gguf.gguf"), *same_pre],
 ]
 for args in runs:
     if main(args) != 0:

@@ -28,7 +28,6 @@ The default model's weights lie on a Q4_1 grid (llama.cpp's Q4_1 of it is lossle
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import statistics
 import tempfile
@@ -42,6 +41,7 @@ import torch
 from benchutil import busy_fraction, machine, require_idle, write_json
 
 from baseq_export import data
+from baseq_export.targets.gguf.runtime import llama_quantize
 from baseq_export.perplexity import perplexity
 from baseq_export.models import load_model
 from baseq_export.models.base import SITE_LINEARS, IdentityHooks, forward
@@ -53,7 +53,6 @@ from baseq_export.reference import reference_model
 PROMPT = "def fibonacci(n):\n    "
 GGUF_LINEAR = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate", "up": "ffn_up",
                "down": "ffn_down"}
-LLAMA_FTYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,33 +101,6 @@ def importance_matrix(model, calib: torch.Tensor, chunk: int = 4) -> dict[str, n
         for lin in SITE_LINEARS[site]:
             out[f"blk.{layer}.{GGUF_LINEAR[lin]}.weight"] = (s / n).to(torch.float32).numpy()
     return out
-
-
-def llama_quantize(src: Path, dst: Path, ftype: str, threads: int, imatrix: dict[str, np.ndarray] | None = None) -> float:
-    """llama.cpp's quantize of an F32 GGUF (default params, optionally an importance matrix); returns seconds."""
-    import llama_cpp
-    from llama_cpp import llama_cpp as L
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, LLAMA_FTYPES[ftype])
-    params.nthread = threads
-    keep = []
-    if imatrix:
-        arr = (L.llama_model_imatrix_data * (len(imatrix) + 1))()
-        for i, (name, v) in enumerate(sorted(imatrix.items())):
-            buf = np.ascontiguousarray(v, np.float32)
-            keep.append(buf)
-            arr[i].name = name.encode()
-            arr[i].data = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            arr[i].size = buf.size
-        arr[len(imatrix)].name = None  # the list ends with a NULL name
-        keep.append(arr)
-        params.imatrix = ctypes.cast(arr, ctypes.POINTER(L.llama_model_imatrix_data))
-    t0 = time.time()
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if rc != 0:
-        raise RuntimeError(f"llama_model_quantize({src} -> {ftype}) returned {rc}")
-    return time.time() - t0
 
 
 def tensor_types(path: Path) -> dict[str, str]:

@@ -4,6 +4,7 @@ error feedback onto any weight grid (static contiguous groups, so act order stay
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -133,6 +134,34 @@ def gptq_factor(hessian: torch.Tensor, damp: float = 0.01, act_order: bool = Tru
     return GptqFactor(diag=diag, dead=dead, perm=perm, hinv=_inverse_hessian_upper(act_order_h, damp))
 
 
+def error_feedback(wp: torch.Tensor, hinv: torch.Tensor, block_size: int,
+                   round_column: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                   return_used: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """GPTQ's column sweep over weights wp [N, K] already in the factor's column order (modified in place):
+    round_column(i, column) gives column i's (uint8 codes, float32 values on the grid); each column's rounding
+    error, scaled by the inverse Hessian factor hinv, is spread over the columns after it (lazily, block_size
+    columns at a time). Returns the codes and, if return_used, the grid values, both in wp's column order."""
+    n, k = wp.shape
+    codes_p = torch.empty(n, k, dtype=torch.uint8, device=wp.device)
+    deq_p = torch.empty(n, k, dtype=torch.float32, device=wp.device) if return_used else None
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1 = wp[:, i1:i2].clone()
+        err1 = torch.empty_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            q, dq = round_column(i1 + i, col)
+            codes_p[:, i1 + i] = q
+            if deq_p is not None:
+                deq_p[:, i1 + i] = dq
+            e = (col - dq) / hinv1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        wp[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return codes_p, deq_p
+
+
 def _gptq_run(
     w: torch.Tensor,
     hessian: torch.Tensor | None,
@@ -178,34 +207,17 @@ def _gptq_run(
     wp = wf[:, perm].contiguous()
     del wf
     col_group = perm // gs  # group of each permuted column
-
     qmax = 2**bits - 1
-    codes_p = torch.empty(n, k, dtype=torch.uint8, device=device)
-    deq_p = torch.empty(n, k, dtype=torch.float32, device=device) if return_used else None
-    for i1 in range(0, k, block_size):
-        i2 = min(i1 + block_size, k)
-        w1 = wp[:, i1:i2].clone()
-        err1 = torch.empty_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        groups = col_group[i1:i2]
-        scale_cols = scale[:, groups]  # [N, block] in permuted order
-        zero_cols = None if zero is None else zero[:, groups].to(torch.float32)
-        min_cols = None if minimum is None else minimum[:, groups]
-        for i in range(i2 - i1):
-            col = w1[:, i]
-            s = scale_cols[:, i]
-            z = None if zero_cols is None else zero_cols[:, i]
-            m = None if min_cols is None else min_cols[:, i]
-            q = quant_values(col, s, z, qmax, m)
-            dq = dequant_values(q, s, z, m)  # identical arithmetic to dequantize()
-            codes_p[:, i1 + i] = q.to(torch.uint8)
-            if deq_p is not None:
-                deq_p[:, i1 + i] = dq
-            e = (col - dq) / hinv1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = e
-        wp[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
+    def round_column(i: int, col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g = col_group[i]
+        s = scale[:, g]
+        z = None if zero is None else zero[:, g].to(torch.float32)
+        m = None if minimum is None else minimum[:, g]
+        q = quant_values(col, s, z, qmax, m)
+        return q.to(torch.uint8), dequant_values(q, s, z, m)  # identical arithmetic to dequantize()
+
+    codes_p, deq_p = error_feedback(wp, hinv, block_size, round_column, return_used)
     codes = torch.empty_like(codes_p)
     codes[:, perm] = codes_p
     deq = None

@@ -13,6 +13,7 @@ import torch
 from ...artifact import Artifact
 from ...gguf_file import read_keys
 from ...models.base import ModelConfig
+from ...quant.ggml_mix import MIXES
 from . import pretok
 from .tensors import GGUFExportError, Plan
 
@@ -103,7 +104,8 @@ def add_hparams(w: "gguf.GGUFWriter", art: Artifact, plan: Plan, n_ctx: int) -> 
     if cfg.head_dim * cfg.num_heads != cfg.hidden_size:
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
-    w.add_file_type(FILE_TYPES.get(plan.weight_type, gguf.LlamaFileType.GUESSED))
+    mixed = MIXES.get(plan.weight_type)
+    w.add_file_type(mixed.file_type if mixed else FILE_TYPES.get(plan.weight_type, gguf.LlamaFileType.GUESSED))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_string(FORMAT_KEY, FORMAT_VALUE)
     w.add_string(QUANT_KEY, json.dumps(art.quant or {}, sort_keys=True))

@@ -21,6 +21,39 @@ from ...gguf_file import GGUFFileError, check_file
 KV_CACHE_TYPES = ("f16", "f32", "q8_0", "q4_0")
 
 
+def llama_quantize(src: Path, dst: Path, ftype: str, threads: int = 2,
+                   imatrix: dict[str, np.ndarray] | None = None) -> float:
+    """llama.cpp's own quantizer (llama_model_quantize, default parameters) of a float GGUF into file type ftype
+    (a quant.ggml_mix.MIXES name: q4_0, q4_k_m, iq4_xs, ...), with an importance matrix {tensor name: mean
+    squared input per column} when given: the peer our files are measured against. Returns seconds."""
+    import ctypes
+    import time
+
+    import llama_cpp
+    from llama_cpp import llama_cpp as L
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}")
+    params.nthread = threads
+    keep = []
+    if imatrix:
+        arr = (L.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, v) in enumerate(sorted(imatrix.items())):
+            buf = np.ascontiguousarray(v, np.float32)
+            keep.append(buf)
+            arr[i].name = name.encode()
+            arr[i].data = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            arr[i].size = buf.size
+        arr[len(imatrix)].name = None  # the list ends with a NULL name
+        keep.append(arr)
+        params.imatrix = ctypes.cast(arr, ctypes.POINTER(L.llama_model_imatrix_data))
+    t0 = time.time()
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({src} -> {ftype}) returned {rc}")
+    return time.time() - t0
+
+
 def _ggml_type(kv_cache: str) -> int:
     import llama_cpp
 

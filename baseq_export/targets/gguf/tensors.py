@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Callable
 
 import gguf
@@ -17,17 +16,21 @@ import numpy as np
 import torch
 
 from ...artifact import Artifact
-from ...artifact_tensors import HEAD_TENSORS, head_from_tensors, linear_from_tensors
+from ...artifact_tensors import QUANTIZED_SUFFIXES, HEAD_TENSORS, head_from_tensors, linear_from_tensors
 from ...gguf_file import GGUF_TENSORS, rope_permutation, tensor_name
 from ...memory import row_slices
 from ...models.base import LINEARS, ModelConfig, linear_in_features
 from ...quant import GGML_BLOCK, Q4_0_ZERO, QuantizedWeight, fp16_round, ggml_q4_blocks
+from ...quant.ggml_codecs import CODEC_TYPES, ggml_quantize
+from ...quant.ggml_mix import head_types
+from ...quant.ggml_weights import GgmlWeight
 from ...tensor_files import tensor_meta
 
 QT = gguf.GGMLQuantizationType
-TYPES = {"f32": QT.F32, "f16": QT.F16, "q8_0": QT.Q8_0, "q6_k": QT.Q6_K, "q4_0": QT.Q4_0, "q4_1": QT.Q4_1}
+TYPES = {"f32": QT.F32, "f16": QT.F16, **{t.name.lower(): t for t in CODEC_TYPES}}
 WEIGHT_TYPES = ("auto", "q4_0", "q4_1", "f16", "f32")
-HEAD_TYPES = ("auto", "f32", "f16", "q8_0", "q6_k", "q4_0", "q4_1")
+HEAD_TYPES = ("auto", "f32", "f16", "q8_0", "q6_k", "q5_k", "q5_0", "q5_1", "q4_k", "q4_0", "q4_1", "iq4_nl", "iq4_xs")
+GGUF_PY_QUANTIZES = (QT.Q8_0, QT.Q5_0, QT.Q5_1, QT.Q4_0, QT.Q4_1)  # ggml's reference rounding in numpy (gguf-py)
 ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 QWEN2_BIASES = ("q", "k", "v")  # the only projection biases llama.cpp's qwen2 graph loads
 assert all(gguf.GGML_QUANT_SIZES[t][0] == GGML_BLOCK for t in (QT.Q4_0, QT.Q4_1))  # quant.layout and ggml agree
@@ -115,23 +118,9 @@ def q4_bytes(qw: QuantizedWeight) -> np.ndarray:
 # Float tensors -> GGUF types
 
 
-def _ggml_lib():
-    """ggml's base library as llama-cpp-python ships it (its quantizers cover types gguf-py cannot make)."""
-    import ctypes
-
-    import llama_cpp
-
-    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
-    return lib
-
-
 def convert(w: np.ndarray, qtype: "gguf.GGMLQuantizationType") -> np.ndarray:
-    """A float [N, K] tensor in a GGUF type: F32/F16 cast; Q8_0/Q4_x by gguf-py (ggml's reference rounding);
-    Q6_K by ggml's own quantizer (gguf-py has no numpy Q6_K quantizer)."""
+    """A float [N, K] tensor in a GGUF type: F32/F16 cast; Q8_0/Q5_x/Q4_x by gguf-py (ggml's reference rounding);
+    K-quants and IQ4 by ggml's own quantizer (quant.ggml_codecs.ggml_quantize; gguf-py has no numpy form)."""
     w = np.ascontiguousarray(w, dtype=np.float32)
     if qtype == QT.F32:
         return w
@@ -141,16 +130,9 @@ def convert(w: np.ndarray, qtype: "gguf.GGMLQuantizationType") -> np.ndarray:
     if w.shape[-1] % block:
         raise GGUFExportError(f"rows of {w.shape[-1]} values do not split into {qtype.name} blocks of {block}; "
                               "choose another type (q8_0 takes rows of any multiple of 32)")
-    if qtype != QT.Q6_K:
+    if qtype in GGUF_PY_QUANTIZES:
         return np.ascontiguousarray(gguf.quants.quantize(w, qtype))
-    lib = _ggml_lib()
-    n, k = w.shape
-    out = np.empty((n, k // block * type_size), np.uint8)
-    lib.ggml_quantize_init(int(qtype))
-    written = lib.ggml_quantize_chunk(int(qtype), w.ctypes.data, out.ctypes.data, 0, n, k, None)
-    if written != out.nbytes:
-        raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes of {qtype.name}, expected {out.nbytes}")
-    return out
+    return ggml_quantize(w, qtype)
 
 
 CONVERT_ELEMENTS = 2**22
@@ -208,10 +190,11 @@ def _f32(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().to(torch.float32).cpu().numpy())
 
 
-def quantized_matrix(art: Artifact, prefix: str) -> QuantizedWeight | None:
-    """The artifact's 4-bit weight `prefix` (a block linear, embed or lm_head), or None when it is float."""
+def quantized_matrix(art: Artifact, prefix: str) -> QuantizedWeight | GgmlWeight | None:
+    """The artifact's 4-bit weight `prefix` (a block linear, embed or lm_head; a GgmlWeight when stored in a ggml
+    type), or None when it is float."""
     t = art.tensors
-    if f"{prefix}.qweight" not in t:
+    if not any(f"{prefix}{suffix}" in t for suffix in QUANTIZED_SUFFIXES):
         return None
     cfg = ModelConfig.from_dict(art.model)
     if prefix in HEAD_TENSORS:
@@ -224,9 +207,14 @@ def weight_type_of(art: Artifact, requested: str) -> str:
     """The GGUF type of the block linears: for auto the artifact's own grid (Q4_0 when symmetric), f16 for floats."""
     if requested not in WEIGHT_TYPES:
         raise GGUFExportError(f"weights must be one of {WEIGHT_TYPES}, got {requested!r}")
+    qw = quantized_matrix(art, "layers.0.q")
+    if isinstance(qw, GgmlWeight):  # written as quantized, in the mix's types
+        if requested != "auto":
+            raise GGUFExportError(f"this artifact holds its weights in llama.cpp's types already (mix "
+                                  f"{art.quant.get('ggml_mix')}): they are written as they are; drop --gguf-weights")
+        return str(art.quant.get("ggml_mix"))
     if requested != "auto":
         return requested
-    qw = quantized_matrix(art, "layers.0.q")
     if qw is None:
         return "f16"
     return "q4_0" if is_symmetric(qw) else "q4_1"
@@ -239,6 +227,9 @@ def head_type_of(art: Artifact, name: str, requested: str | None) -> str:
     if requested not in (None, "auto"):
         return requested
     qw = quantized_matrix(art, name)
+    if qw is None and art.quant.get("ggml_mix"):
+        output, embed = head_types(art.quant["ggml_mix"], ModelConfig.from_dict(art.model).hidden_size)
+        return (output if name == "lm_head" or ModelConfig.from_dict(art.model).tied_embeddings else embed).lower()
     if qw is None:
         return "q8_0"
     return "q4_0" if is_symmetric(qw) else "q4_1"
@@ -249,8 +240,15 @@ def _add_matrix(plan: Plan, name: str, art: Artifact, prefix: str, kind: str, pe
     The plan keeps only names: each weight is read from the artifact when its data is made, so writing a model
     larger than memory holds one weight at a time (a plan holding them grew with the depth: +68% from 2 to 8
     7B-shaped layers)."""
-    qtype = TYPES[kind]
     qw = quantized_matrix(art, prefix)
+    if isinstance(qw, GgmlWeight):  # the artifact's own ggml bytes (rows are independent: permuting them is exact)
+        def make_raw() -> np.ndarray:
+            raw = quantized_matrix(art, prefix).raw.numpy()
+            return np.ascontiguousarray(raw if perm is None else raw[perm])
+
+        plan.add(name, QT[qw.qtype], qw.shape, make_raw)
+        return
+    qtype = TYPES[kind]
     if qw is not None:
         shape = qw.shape
         if kind in ("q4_0", "q4_1"):

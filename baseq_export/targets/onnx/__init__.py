@@ -61,7 +61,11 @@ def default_out(stem: str) -> str:
 
 
 def check_artifact(art: Artifact) -> None:
-    """Every artifact kind has an ONNX form; nothing to refuse."""
+    """Every artifact kind has an ONNX form except weights in llama.cpp's block types (--gguf-mix)."""
+    if art.quant.get("ggml_mix") or any(n.endswith(".ggml") for n in art.tensors):
+        raise ValueError(f"this artifact holds its weights in llama.cpp's block types (--gguf-mix "
+                         f"{art.quant.get('ggml_mix')}), which onnxruntime has no kernels for: export it with --format "
+                         "gguf, or quantize again without --gguf-mix for ONNX")
 
 
 def is_export(path: str | Path) -> bool:
