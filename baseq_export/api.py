@@ -115,8 +115,10 @@ def check_context(model, ctx: int, option: str = "ctx") -> None:
                          f"(max_position_embeddings); pass {option} {model.max_positions} or less")
 
 
-def calibration_windows(tokenizer, nsamples: int, ctx: int, seed: int = 0, text: str | Path | None = None) -> torch.Tensor:
-    """Seeded calibration windows [nsamples, ctx] of a text file (default: the embedded calibration split)."""
+def calibration_windows(tokenizer, nsamples: int, ctx: int, seed: int = 0,
+                        text: str | Path | list | None = None) -> torch.Tensor:
+    """Seeded calibration windows [nsamples, ctx] of a text file, or of several joined (default: the embedded
+    calibration split)."""
     from . import data
 
     return data.calibration_windows(data.tokenize(tokenizer, data.corpus_text("calib", text)), nsamples, ctx, seed)
@@ -134,7 +136,7 @@ def spool_dir(out: Path):
 
 
 def quantize(model="default", out: str | Path | None = None, *, method: str = "baseq", bits: str = W4A4KV4,
-             preset: str = "quick", profile: str | None = None, calib_text: str | Path | None = None,
+             preset: str = "quick", profile: str | None = None, calib_text: str | Path | list | None = None,
              nsamples: int | None = None, calib_ctx: int | None = None, e2e_epochs: int | None = None,
              r1_steps: int | None = None, device: str | torch.device = "cpu", force: bool = False,
              plan: Plan | None = None, calib: torch.Tensor | None = None, **settings):

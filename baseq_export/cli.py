@@ -16,7 +16,7 @@ from pathlib import Path
 from . import __version__, api
 from .targets import TARGETS, backend_names, option_default
 
-from .settings import BITS_PRESETS, METHODS, PRESETS, PROFILES, W4A4KV4
+from .settings import BITS_PRESETS, GGML_CHOICES, METHODS, PRESETS, PROFILES, W4A4KV4
 from .quant.ggml_mix import MIXES
 
 
@@ -57,7 +57,9 @@ def add_quant_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
     p.add_argument("--method", choices=METHODS, default=option_default("baseq", sub), help="quantization method (default baseq)")
     p.add_argument("--bits", choices=tuple(BITS_PRESETS), default=option_default(W4A4KV4, sub), help="weight/activation/KV bits (default w4a4kv4)")
     p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=option_default(None, sub), help="weight group size (default: per output channel)")
-    p.add_argument("--calib-text", default=option_default(None, sub), help="UTF-8 text file to calibrate on (default: the embedded calibration split)")
+    p.add_argument("--calib-text", nargs="+", metavar="FILE", default=option_default(None, sub),
+                   help="UTF-8 text file(s) to calibrate on, joined in the order given (default: the embedded "
+                   "calibration split)")
     p.add_argument("--nsamples", type=int_at_least(1), default=option_default(None, sub), help="calibration windows (default: the preset's; 128 for GPTQ)")
     p.add_argument("--calib-ctx", type=int_at_least(2), default=option_default(None, sub), help="tokens per calibration window (default: the preset's; 512 for GPTQ)")
     p.add_argument("--seed", type=int_at_least(0), default=option_default(0, sub), help="seed for calibration sampling and the random rotation")
@@ -90,6 +92,10 @@ def add_quant_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
                    "the same name (q4_k_m: Q4_K with Q6_K for half the attn_v / ffn_down; rows that K-quants cannot "
                    "split fall back as in llama.cpp): ggml picks each block's scales for the layer's inputs, GPTQ the "
                    "codes. Use with --profile gguf (the default of --format gguf)")
+    p.add_argument("--gguf-choice", choices=GGML_CHOICES, default=option_default("llama.cpp", sub),
+                   help="with a _m mix: which layers' attn_v and ffn_down get the more-bits type: llama.cpp's list "
+                   "(default) or sensitivity = as many layers, those whose output error falls most on the "
+                   "calibration windows (same size)")
     p.add_argument("--tune-blocks", action="store_true", default=option_default(False, sub),
                    help="weight-only GPTQ (e.g. --profile gguf): then tune each block's weight scales and output biases "
                    "against the float block (keeps GPTQ's codes; resumable)")
@@ -200,8 +206,9 @@ def check_text_files(args: argparse.Namespace) -> None:
     from . import data
 
     for option in ("calib_text", "eval_text"):
-        if getattr(args, option, None):
-            data.read_text_file(getattr(args, option))
+        value = getattr(args, option, None)
+        for path in value if isinstance(value, list) else [value] if value else []:
+            data.read_text_file(path)
 
 
 def model_stem(model: str) -> str:
@@ -228,7 +235,7 @@ def plan_options(args: argparse.Namespace) -> dict:
                 calib_ctx=args.calib_ctx, e2e_epochs=args.e2e_epochs, r1_steps=args.r1_steps,
                 group_size=args.group_size, seed=args.seed, head_bits=args.head_bits, head_act_bits=args.head_act_bits,
                 linear_act_bits=args.linear_act_bits, weight_clip=args.weight_clip, tune=args.tune_blocks,
-                ggml_mix=args.gguf_mix, **extra)
+                ggml_mix=args.gguf_mix, ggml_choice=args.gguf_choice, **extra)
 
 
 def quantize(args: argparse.Namespace, out: str):

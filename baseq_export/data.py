@@ -75,8 +75,10 @@ def read_text_file(path: str | Path) -> str:
     return text
 
 
-def corpus_text(split: str, path: str | Path | None = None) -> str:
-    """A user's file when given, else the embedded split."""
+def corpus_text(split: str, path: str | Path | list | tuple | None = None) -> str:
+    """A user's file, or several joined by blank lines, when given; else the embedded split."""
+    if isinstance(path, (list, tuple)):
+        return "\n\n".join(read_text_file(p) for p in path) if path else embedded_text(split)
     return read_text_file(path) if path else embedded_text(split)
 
 

@@ -22,18 +22,19 @@ from .artifact import Artifact
 from .artifact_tensors import linear_tensors
 from .tensor_files import TensorStore
 from .quant import HessianAccumulator, QuantizedWeight, gptq_factor, gptq_quantize, rtn_quantize
-from .quant.ggml_mix import linear_type
-from .quant.ggml_weights import GgmlWeight, ggml_gptq, ggml_rtn
+from .quant.ggml_mix import choose_more_bits, fits, linear_type, mix
+from .quant.ggml_weights import GgmlWeight, ggml_gptq, ggml_rtn, weight_error
 from .rotate import RotationHooks, head_mix
 from .settings import BASEQ, BITS_PRESETS, HEAD_GROUP_SIZE, QuantSettings
 
 
 def round_layer(w: dict[str, torch.Tensor], s: QuantSettings, hessians: dict | None,
-                release: bool = False, layer: int = 0, n_layers: int = 1) -> dict[str, QuantizedWeight | GgmlWeight]:
+                release: bool = False, layer: int = 0, n_layers: int = 1,
+                chosen: dict[str, set[int]] | None = None) -> dict[str, QuantizedWeight | GgmlWeight]:
     """Quantize one layer's linears on s.weight_grid (or in the ggml types of s.ggml_mix for block `layer` of
-    n_layers): GPTQ for the sites `hessians` holds (only those), else RTN for all seven. release: drop each
-    site's Hessian from `hessians` once its linears are done (a 7B down_proj's is 1 GB), and let the site's
-    last linear factor it in place."""
+    n_layers, more-bits layers `chosen` or llama.cpp's): GPTQ for the sites `hessians` holds (only those), else
+    RTN for all seven. release: drop each site's Hessian from `hessians` once its linears are done (a 7B
+    down_proj's is 1 GB), and let the site's last linear factor it in place."""
     out = {}
     mse = s.weight_clip == "mse"
     for site, names in SITE_LINEARS.items():
@@ -42,7 +43,7 @@ def round_layer(w: dict[str, torch.Tensor], s: QuantSettings, hessians: dict | N
         for name in names:
             weight = w[f"{name}.weight"].to(torch.float32)
             if s.ggml_mix:
-                qtype = linear_type(s.ggml_mix, name, layer, n_layers, weight.shape[1])
+                qtype = linear_type(s.ggml_mix, name, layer, n_layers, weight.shape[1], chosen)
                 out[name] = (ggml_rtn(weight, qtype) if hessians is None else
                              ggml_gptq(weight, hessians[site].hessian, qtype, s.damp, s.act_order,
                                        scratch=release and name == names[-1]))
@@ -60,7 +61,8 @@ HESSIAN_PASSES = (("attn_in", "o_in", "mlp_in"), ("down_in",))  # down_in's Hess
 SPLIT_HESSIANS_BYTES = 2**28  # above this a down_proj Hessian is gathered in a pass of its own
 
 
-def gptq_layer(cfg, lw: dict, layer: int, h: torch.Tensor, hooks, rope, s: QuantSettings, chunk: int = 8) -> dict[str, QuantizedWeight]:
+def gptq_layer(cfg, lw: dict, layer: int, h: torch.Tensor, hooks, rope, s: QuantSettings, chunk: int = 8,
+               chosen: dict[str, set[int]] | None = None) -> dict[str, QuantizedWeight]:
     """GPTQ of one block's linears from its inputs h. Where down_proj's Hessian is big (8 * ffn^2 bytes over
     SPLIT_HESSIANS_BYTES: 1 GB at 7B) the other sites' are gathered, used and dropped before it is gathered in a
     second forward pass, so one pass's Hessians are held; the same numbers either way (every site's Hessian
@@ -69,7 +71,7 @@ def gptq_layer(cfg, lw: dict, layer: int, h: torch.Tensor, hooks, rope, s: Quant
     out = {}
     for sites in HESSIAN_PASSES if split else (ACT_SITES,):
         out.update(round_layer(lw, s, gptq_hessians(cfg, lw, layer, h, hooks, rope, chunk, sites), release=True,
-                               layer=layer, n_layers=cfg.num_layers))
+                               layer=layer, n_layers=cfg.num_layers, chosen=chosen))
     return out
 
 
@@ -99,11 +101,14 @@ def quantize_model(
     src = block_weights(model, settings, calib, device)
     cfg = src.config
     hooks = RotationHooks(r3=False, r4=settings.r4) if settings.rotated else IDENTITY
+    chosen = (more_bits_by_sensitivity(src, calib, settings, hooks, chunk)
+              if settings.ggml_mix and settings.ggml_choice == "sensitivity" and mix(settings.ggml_mix).more_bits
+              else None)
 
     def step(b: Block) -> tuple[dict, dict]:
         lw = b.weights
-        qlayer = (gptq_layer(cfg, lw, b.layer, b.h_q, hooks, b.rope, settings, chunk) if gptq
-                  else round_layer(lw, settings, None, layer=b.layer, n_layers=cfg.num_layers))
+        qlayer = (gptq_layer(cfg, lw, b.layer, b.h_q, hooks, b.rope, settings, chunk, chosen) if gptq
+                  else round_layer(lw, settings, None, layer=b.layer, n_layers=cfg.num_layers, chosen=chosen))
         return {k: v for name, qw in qlayer.items()
                 for k, v in linear_tensors(f"layers.{b.layer}.{name}", qw, lw.get(f"{name}.bias")).items()}, {}
 
@@ -116,11 +121,41 @@ def quantize_model(
     tensors.put(float_tensors(cfg, src.outside_and_norms(), settings, head_inputs=walk.h_q), "outside.safetensors")
     return Artifact(
         model=cfg.to_dict(),
-        quant=settings.quant_config(),
+        quant=dict(settings.quant_config(), **({"ggml_more_bits": {k: sorted(v) for k, v in chosen.items()}}
+                                               if chosen else {})),
         tensors=tensors,
         source=source_info(model),
         calibration={"seconds": round(time.time() - t0, 1), "windows": 0 if calib is None else list(calib.shape)},
     )
+
+
+SENSITIVITY_WINDOWS = 16  # calibration windows the choice of more-bits layers is measured on
+
+
+def more_bits_by_sensitivity(src, calib: torch.Tensor | None, s: QuantSettings, hooks,
+                             chunk: int = 8) -> dict[str, set[int]]:
+    """Which layers' attn_v / ffn_down get the mix's more-bits type, from measured sensitivity: on the float
+    model's inputs (SENSITIVITY_WINDOWS windows), the fall in each tensor's output error tr(dW H dW^T) when ggml
+    rounds it (with its importance, diag H) in the more-bits type instead of the base type; the layers of
+    largest fall, as many as llama.cpp's rule picks (the same file size)."""
+    if calib is None:
+        raise ValueError("choosing the more-bits layers by sensitivity needs calibration windows (a GPTQ method)")
+    cfg, m = src.config, mix(s.ggml_mix)
+    sites = {"v": "attn_in", "down": "down_in"}
+
+    def step(b: Block) -> tuple[dict, dict]:
+        hs = gptq_hessians(cfg, b.weights, b.layer, b.h_q, hooks, b.rope, chunk, tuple(sites.values()))
+        entry = {}
+        for lin, site in sites.items():
+            w, h = b.weights[f"{lin}.weight"].to(torch.float32), hs[site].hessian
+            errors = [weight_error(w, ggml_rtn(w, fits(t, w.shape[1]), torch.diagonal(h)).dequantize(), h)
+                      for t in (m.base, m.more_bits)]
+            entry[lin] = errors[0] - errors[1]
+        return {}, entry
+
+    walk = walk_blocks(src, calib[:SENSITIVITY_WINDOWS], step, lambda i, bt, fp_lw: (fp_lw, hooks), TensorStore(None),
+                       desc="sensitivity", chunk=chunk)
+    return {lin: choose_more_bits([e[lin] for e in walk.log], cfg.num_layers) for lin in sites}
 
 
 HEAD_GPTQ_ELEMENTS = 2**24  # GPTQ of a head table works on slices of rows of about this many entries

@@ -23,6 +23,7 @@ METHODS = (BASEQ, "rtn", "gptq", "quarot-rtn", "quarot-gptq")
 """Quantization methods; baseq is rotated with GPTQ weights, then calibrated by calibrate.calibrate_baseq."""
 
 
+GGML_CHOICES = ("llama.cpp", "sensitivity")
 HEAD_GROUP_SIZE = 32
 """Group size of a 4-bit embedding / lm_head: onnxruntime's GatherBlockQuantized and MatMulNBits blocks."""
 
@@ -50,6 +51,8 @@ class QuantSettings:
     r1_steps: int = 0  # learned residual rotation on top of R1 (learn_rotation.py): steps of its fit; 0 = R1 alone
     ggml_mix: str | None = None  # weight-only GGUF in llama.cpp's block types (quant.ggml_mix.MIXES): ggml picks the
     # scales, GPTQ (or ggml itself for rtn) the codes; None = the artifact's own 4-bit grid (weight_grid)
+    ggml_choice: str = "llama.cpp"  # which layers' attn_v / ffn_down get a mix's more-bits type: llama.cpp's list,
+    # or "sensitivity": as many layers, those whose output error falls most (measured on calibration windows)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -83,6 +86,9 @@ class QuantSettings:
             from .quant.ggml_mix import mix
 
             mix(self.ggml_mix)
+            if self.ggml_choice not in GGML_CHOICES:
+                raise ValueError(f"unknown choice of more-bits layers {self.ggml_choice!r}; choose one of "
+                                 f"{', '.join(GGML_CHOICES)}")
             if self.bits != W4A16 or (self.rotated and self.r4) or self.head_bits != 16 or self.method == BASEQ:
                 raise ValueError(f"--gguf-mix {self.ggml_mix} is a weight-only llama.cpp format: it takes --bits w4a16, "
                                  "no online rotation (R4 off), float heads (--head-bits 16) and a method among rtn, "
@@ -130,7 +136,7 @@ class QuantSettings:
                if self.head_bits == 4 else {}),
             **({"head_act_bits": 8} if self.head_act_bits == 8 else {}),
             **({"linear_act_bits": 8} if self.linear_act_bits == 8 else {}),
-            **({"ggml_mix": self.ggml_mix} if self.ggml_mix else {}),
+            **({"ggml_mix": self.ggml_mix, "ggml_choice": self.ggml_choice} if self.ggml_mix else {}),
         }
 
 

@@ -57,3 +57,19 @@ def test_user_text_files(tmp_path):
     binary.write_bytes(b"\xff\xfe\x00bad")
     with pytest.raises(ValueError, match="not UTF-8"):
         data.read_text_file(binary)
+
+
+def test_several_calibration_files_are_joined_in_order(tmp_path):
+    from baseq_export.cli import build_parser, check_text_files
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("first file\n")
+    b.write_text("second file\n")
+    assert data.corpus_text("calib", [a, b]) == "first file\n\n\nsecond file\n"
+    assert data.corpus_text("calib", []) == data.embedded_text("calib")
+    args = build_parser().parse_args(["quantize", "--calib-text", str(a), str(b), "--out", str(tmp_path / "o")])
+    assert args.calib_text == [str(a), str(b)]
+    check_text_files(args)
+    args.calib_text.append(str(tmp_path / "missing.txt"))
+    with pytest.raises(FileNotFoundError, match="missing.txt does not exist"):
+        check_text_files(args)

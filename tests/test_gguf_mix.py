@@ -114,3 +114,22 @@ def test_mixes_are_refused_where_they_do_not_apply(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="llama.cpp's block types"):
         api.export(art, "onnx", tmp_path / "m-onnx")
     assert not (tmp_path / "m-onnx").exists()
+
+
+def test_more_bits_by_sensitivity_keeps_the_size_and_picks_the_largest_gains(tmp_path, tokenizer):
+    from baseq_export.quant.ggml_mix import choose_more_bits, more_bits, more_bits_count
+
+    gains = [0.5, 3.0, -1.0, 2.0, 0.1, 7.0, 0.0, 1.0]
+    assert more_bits_count(8) == sum(more_bits(i, 8) for i in range(8)) == 4
+    assert choose_more_bits(gains, 8) == set(np.argsort(gains)[::-1][:4].tolist())  # {5, 1, 3, 7}
+    _, model = tiny("llama", tokenizer)
+    calib = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(4))
+    arts = {c: api.quantize(model, tmp_path / f"{c}.baseq", profile="gguf", ggml_mix="q4_k_m", ggml_choice=c,
+                            calib=calib) for c in ("llama.cpp", "sensitivity")}
+    files = {c: G.write(a, tmp_path / f"{c}.gguf") for c, a in arts.items()}
+    data_bytes = {c: sum(t.nbytes for t in read_header(f).tensors) for c, f in files.items()}
+    assert data_bytes["llama.cpp"] == data_bytes["sensitivity"]  # (the metadata differs by the recorded choice)
+    chosen = arts["sensitivity"].quant["ggml_more_bits"]
+    types = {t.name: QT(t.qtype).name for t in read_header(files["sensitivity"]).tensors}
+    for lin, tensor in (("v", "attn_v"), ("down", "ffn_down")):
+        assert [i for i in range(model.config.num_layers) if types[f"blk.{i}.{tensor}.weight"] == "Q6_K"] == chosen[lin]

@@ -71,10 +71,25 @@ def more_bits(layer: int, n_layers: int) -> bool:
     return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
 
 
-def linear_type(name: str, linear: str, layer: int, n_layers: int, k: int) -> str:
-    """The type of block linear `linear` (q, k, v, o, gate, up, down) of `layer` with rows of k weights."""
+def more_bits_count(n_layers: int) -> int:
+    """How many layers' attn_v (and ffn_down) llama.cpp's rule gives more bits: a choice of as many has its size."""
+    return sum(more_bits(i, n_layers) for i in range(n_layers))
+
+
+def choose_more_bits(gains: list[float], n_layers: int) -> set[int]:
+    """The more_bits_count layers of largest measured gain (the fall in a layer's output error when the tensor
+    takes the more-bits type instead of the base type), instead of llama.cpp's fixed list of layers."""
+    order = sorted(range(n_layers), key=lambda i: (-gains[i], i))
+    return set(order[: more_bits_count(n_layers)])
+
+
+def linear_type(name: str, linear: str, layer: int, n_layers: int, k: int,
+                chosen: dict[str, set[int]] | None = None) -> str:
+    """The type of block linear `linear` (q, k, v, o, gate, up, down) of `layer` with rows of k weights. chosen:
+    the layers of each MORE_BITS_LINEARS tensor that get more bits (choose_more_bits), else llama.cpp's rule."""
     m = mix(name)
-    if m.more_bits and linear in MORE_BITS_LINEARS and more_bits(layer, n_layers):
+    if m.more_bits and linear in MORE_BITS_LINEARS and (
+            layer in chosen[linear] if chosen is not None else more_bits(layer, n_layers)):
         return fits(m.more_bits, k)
     if m.early_down and linear == "down" and layer < n_layers // 8:
         return fits(m.early_down, k)

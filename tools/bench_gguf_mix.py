@@ -1,0 +1,139 @@
+"""Our GGUF mixes against llama.cpp's own files of the same type, on text that llama.cpp tokenizes itself.
+
+    python tools/bench_gguf_mix.py --model smollm2-offgrid --json tools/results/gguf-mix.json \
+        [--mixes q4_0,q4_1,q4_k_m,iq4_xs] [--workdir DIR] [--calib-text FILE ...] [--windows N]
+
+For each mix, side by side in one run:
+- llama.cpp: its quantizer (llama_model_quantize) of the model's F32 GGUF to the file type of that name, with an
+  importance matrix (mean squared input of every block linear) from the same calibration windows as ours;
+- ours: `--profile gguf --gguf-mix MIX` (rotation R1/R2 folded, ggml picks each block's scales for the layer's
+  Hessian, GPTQ the codes), output / embedding in the types of llama.cpp's file.
+Columns: perplexity in llama.cpp on the embedded evaluation split and on the GPL-3 text Debian ships (never used
+for calibration), each text tokenized by llama.cpp with the file's own vocabulary into windows of --ctx tokens;
+file size; decode tokens/s (greedy, after a short prompt, every file timed in interleaved rounds, median of
+--repeats, CPU idle-checked). Pass the off-grid copy (tools/offgrid_copy.py): the default model's weights lie on
+a 4-bit grid. With --workdir, files are kept and reused by a rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench_gguf import head_types, importance_matrix
+from benchutil import busy_fraction, machine, require_idle, write_json
+
+from baseq_export import api, data
+from baseq_export.models import load_model
+from baseq_export.targets import gguf as G
+from baseq_export.targets.gguf import pretok
+from baseq_export.targets.gguf.runtime import llama_quantize
+
+GPL3 = Path("/usr/share/common-licenses/GPL-3")
+PROMPT = "The license says that"
+
+
+def llama_perplexity(path: Path, text: str, ctx: int, windows: int | None, threads: int) -> dict:
+    """Perplexity of a GGUF in llama.cpp on text tokenized by llama.cpp itself (no BOS), in windows of ctx
+    tokens, every position after the first scored."""
+    ids = torch.tensor(pretok.llama_ids(path, [text])[0])
+    n = ids.numel() // ctx if windows is None else min(windows, ids.numel() // ctx)
+    backend = G.open(path, n_threads=threads, n_ctx=ctx)
+    nll, count = 0.0, 0
+    for w in ids[: n * ctx].view(n, ctx):
+        logits = backend.logits(w[None])[0].to(torch.float64)
+        nll += float(torch.nn.functional.cross_entropy(logits[:-1], w[1:], reduction="sum"))
+        count += ctx - 1
+    return {"ppl": round(math.exp(nll / count), 4), "tokens": int(ids.numel()), "windows": n}
+
+
+def decode_speeds(paths: dict[str, Path], threads: int, repeats: int, new_tokens: int) -> dict[str, dict]:
+    """Median greedy tokens/s of every file, timed in interleaved rounds (file 1, file 2, ..., then again)."""
+    backends = {k: G.open(p, n_threads=threads) for k, p in paths.items()}
+    runs: dict[str, list[float]] = {k: [] for k in paths}
+    busy = []
+    for _ in range(repeats):
+        for key, b in backends.items():
+            busy.append(busy_fraction(0.5))
+            prompt = pretok.llama_ids(paths[key], [PROMPT])[0]
+            stamps = [time.perf_counter() for _tok in b.greedy(prompt, new_tokens)]
+            runs[key].append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    return {k: {"decode_tok_s": round(statistics.median(v), 2), "runs": [round(x, 2) for x in v],
+                "max_cpu_busy_before": round(max(busy), 3)} for k, v in runs.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="the off-grid copy (tools/offgrid_copy.py) or another checkpoint")
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--mixes", default="q4_0,q4_1,q4_k_m,iq4_xs")
+    ap.add_argument("--workdir", default="bench-gguf-mix")
+    ap.add_argument("--calib-text", nargs="*", default=None, help="calibration text files (default: the embedded split)")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--calib-ctx", type=int, default=512)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=None, help="at most this many windows per text (default: all)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--decode", type=int, default=64, help="new tokens per decode run")
+    args = ap.parse_args()
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    model = load_model(args.model)
+    texts = {"eval": data.embedded_text("eval"), **({"GPL-3": GPL3.read_text()} if GPL3.is_file() else {})}
+    calib = api.calibration_windows(model.tokenizer, args.nsamples, args.calib_ctx, 0, args.calib_text)
+    f32 = work / "f32.gguf"
+    if not f32.is_file():
+        G.write_model(model, f32, force=True, weights="f32", head="f32")
+    imatrix = importance_matrix(model, calib)
+    results: dict = {"machine": machine(), "model": args.model, "calib_text": args.calib_text or "embedded calib split",
+                     "nsamples": args.nsamples, "calib_ctx": args.calib_ctx, "ctx": args.ctx, "rows": []}
+    files: dict[str, Path] = {"f32": f32}
+    for mix in args.mixes.split(","):
+        theirs = work / f"llama-{mix}.gguf"
+        seconds = {}
+        if not theirs.is_file():
+            seconds[f"llama-{mix}"] = llama_quantize(f32, theirs, mix, args.threads, imatrix)
+        head, embed = head_types(theirs)
+        ours = work / f"ours-{mix}.gguf"
+        if not ours.is_file():
+            t0 = time.time()
+            art = api.quantize(model, work / f"ours-{mix}.baseq", profile="gguf", ggml_mix=mix, calib=calib,
+                               force=True)
+            G.write(art, ours, force=True, head=head, embed=embed)
+            seconds[f"ours-{mix}"] = time.time() - t0
+        files[f"llama-{mix}"], files[f"ours-{mix}"] = theirs, ours
+        results.setdefault("quantize_s", {}).update({k: round(v, 1) for k, v in seconds.items()})
+    for key, path in files.items():
+        row = {"key": key, "bytes": path.stat().st_size, "pre": pretok.name_of(path)}
+        for name, text in texts.items():
+            row[name] = llama_perplexity(path, text, args.ctx, args.windows, args.threads)
+        results["rows"].append(row)
+        print(key, json.dumps(row), flush=True)
+        write_json(args.json, results)
+    results["cpu_busy_at_decode"] = require_idle()
+    speeds = decode_speeds(files, args.threads, args.repeats, args.decode)
+    for row in results["rows"]:
+        row.update(speeds[row["key"]])
+    write_json(args.json, results)
+    by = {r["key"]: r for r in results["rows"]}
+    print(f"\n{'mix':8} {'text':6} {'llama.cpp ppl':>13} {'ours ppl':>9} {'ppl ratio':>9} {'size ratio':>10} "
+          f"{'decode ratio':>12}")
+    for mix in args.mixes.split(","):
+        a, b = by[f"llama-{mix}"], by[f"ours-{mix}"]
+        for name in texts:
+            print(f"{mix:8} {name:6} {a[name]['ppl']:13.3f} {b[name]['ppl']:9.3f} {b[name]['ppl'] / a[name]['ppl']:9.4f} "
+                  f"{b['bytes'] / a['bytes']:10.4f} {b['decode_tok_s'] / a['decode_tok_s']:12.3f}")
+    np.set_printoptions()
+
+
+if __name__ == "__main__":
+    main()
