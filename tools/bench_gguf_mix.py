@@ -24,7 +24,6 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from bench_gguf import head_types, importance_matrix
@@ -32,6 +31,7 @@ from benchutil import busy_fraction, machine, require_idle, write_json
 
 from baseq_export import api, data
 from baseq_export.models import load_model
+from baseq_export.quant.ggml_mix import MIXES
 from baseq_export.targets import gguf as G
 from baseq_export.targets.gguf import pretok
 from baseq_export.targets.gguf.runtime import llama_quantize
@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("--json", required=True)
     ap.add_argument("--mixes", default="q4_0,q4_1,q4_k_m,iq4_xs")
     ap.add_argument("--workdir", default="bench-gguf-mix")
+    ap.add_argument("--choices", default="llama.cpp", help="more-bits layer choices of the _m mixes to run "
+                    "(llama.cpp,sensitivity: both; a sensitivity row is keyed ours-MIX-sensitivity)")
     ap.add_argument("--calib-text", nargs="*", default=None, help="calibration text files (default: the embedded split)")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--calib-ctx", type=int, default=512)
@@ -83,7 +85,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decode", type=int, default=64, help="new tokens per decode run")
+    ap.add_argument("--decode-only", metavar="PASS1.json", default=None,
+                    help="keep everything of a finished run's JSON and measure the decode speed of its files (in "
+                    "--workdir) again: calibrate once, then time every file on an idle CPU")
     args = ap.parse_args()
+    if args.decode_only:
+        results = json.loads(Path(args.decode_only).read_text())
+        files = {r["key"]: Path(args.workdir) / f"{r['key']}.gguf" for r in results["rows"]}
+        results.update(cpu_busy_at_decode=require_idle(), decode_remeasured_from=args.decode_only,
+                       decode_repeats=args.repeats, decode_new_tokens=args.decode)
+        speeds = decode_speeds(files, args.threads, args.repeats, args.decode)
+        for row in results["rows"]:
+            row.update(speeds[row["key"]])
+        write_json(args.json, results)
+        print(json.dumps({k: v["decode_tok_s"] for k, v in speeds.items()}))
+        return
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -103,14 +119,17 @@ def main() -> None:
         if not theirs.is_file():
             seconds[f"llama-{mix}"] = llama_quantize(f32, theirs, mix, args.threads, imatrix)
         head, embed = head_types(theirs)
-        ours = work / f"ours-{mix}.gguf"
-        if not ours.is_file():
-            t0 = time.time()
-            art = api.quantize(model, work / f"ours-{mix}.baseq", profile="gguf", ggml_mix=mix, calib=calib,
-                               force=True)
-            G.write(art, ours, force=True, head=head, embed=embed)
-            seconds[f"ours-{mix}"] = time.time() - t0
-        files[f"llama-{mix}"], files[f"ours-{mix}"] = theirs, ours
+        files[f"llama-{mix}"] = theirs
+        for choice in args.choices.split(",") if MIXES[mix].more_bits else ["llama.cpp"]:
+            key = f"ours-{mix}" + ("" if choice == "llama.cpp" else f"-{choice}")
+            ours = work / f"{key}.gguf"
+            if not ours.is_file():
+                t0 = time.time()
+                art = api.quantize(model, work / f"{key}.baseq", profile="gguf", ggml_mix=mix, ggml_choice=choice,
+                                   calib=calib, force=True)
+                G.write(art, ours, force=True, head=head, embed=embed)
+                seconds[key] = time.time() - t0
+            files[key] = ours
         results.setdefault("quantize_s", {}).update({k: round(v, 1) for k, v in seconds.items()})
     for key, path in files.items():
         row = {"key": key, "bytes": path.stat().st_size, "pre": pretok.name_of(path)}
@@ -119,20 +138,21 @@ def main() -> None:
         results["rows"].append(row)
         print(key, json.dumps(row), flush=True)
         write_json(args.json, results)
-    results["cpu_busy_at_decode"] = require_idle()
+    results.update(cpu_busy_at_decode=require_idle(), decode_repeats=args.repeats, decode_new_tokens=args.decode)
     speeds = decode_speeds(files, args.threads, args.repeats, args.decode)
     for row in results["rows"]:
         row.update(speeds[row["key"]])
     write_json(args.json, results)
     by = {r["key"]: r for r in results["rows"]}
-    print(f"\n{'mix':8} {'text':6} {'llama.cpp ppl':>13} {'ours ppl':>9} {'ppl ratio':>9} {'size ratio':>10} "
+    print(f"\n{'file':24} {'text':6} {'llama.cpp ppl':>13} {'ours ppl':>9} {'ppl ratio':>9} {'size ratio':>10} "
           f"{'decode ratio':>12}")
-    for mix in args.mixes.split(","):
-        a, b = by[f"llama-{mix}"], by[f"ours-{mix}"]
+    for key, b in by.items():
+        if not key.startswith("ours-"):
+            continue
+        a = by["llama-" + next(m for m in args.mixes.split(",") if key == f"ours-{m}" or key.startswith(f"ours-{m}-"))]
         for name in texts:
-            print(f"{mix:8} {name:6} {a[name]['ppl']:13.3f} {b[name]['ppl']:9.3f} {b[name]['ppl'] / a[name]['ppl']:9.4f} "
+            print(f"{key:24} {name:6} {a[name]['ppl']:13.3f} {b[name]['ppl']:9.3f} {b[name]['ppl'] / a[name]['ppl']:9.4f} "
                   f"{b['bytes'] / a['bytes']:10.4f} {b['decode_tok_s'] / a['decode_tok_s']:12.3f}")
-    np.set_printoptions()
 
 
 if __name__ == "__main__":

@@ -155,6 +155,27 @@ def gguf(name: str) -> Callable[[], str]:
     return section
 
 
+def gguf_mix() -> str:
+    """bench_gguf_mix.py: each of our mixes beside llama.cpp's own file of that type (with an importance matrix),
+    perplexity on llama.cpp-tokenized text, size and decode speed ratios."""
+    d = with_name("bench-gguf-mix.json")
+    by = {r["key"]: r for r in d["rows"]}
+    texts = [t for t in ("eval", "GPL-3") if t in d["rows"][0]]
+    head = ["GGUF", "file"] + [f"perplexity, {t} ({d['rows'][0][t]['windows']} x {d['ctx']})" for t in texts]
+    head += ["decode tok/s", "ours / llama.cpp: size, decode"]
+    rows = []
+    for key, r in by.items():
+        peer = by.get("llama-" + key.removeprefix("ours-").split("-")[0]) if key.startswith("ours-") else None
+        name = {"f32": "F32"}.get(key, key.replace("llama-", "llama.cpp ").replace("ours-", "ours ").upper()
+                                    .replace("LLAMA.CPP", "llama.cpp").replace("OURS", "ours")
+                                    .replace("-SENSITIVITY", ", sensitivity choice"))
+        ratio = f"{r['bytes'] / peer['bytes']:.3f}, {r['decode_tok_s'] / peer['decode_tok_s']:.3f}" if peer else ""
+        rows.append([name, mb(r["bytes"])] + [num(r[t]["ppl"], 3) for t in texts]
+                    + [num(r.get("decode_tok_s"), 1), ratio])
+    return (table(head, rows) + f"\n\nCalibration: {d['nsamples']} windows of {d['calib_ctx']} tokens of "
+            f"{d['calib_text']} (llama.cpp's importance matrix from the same windows). " + machine(d))
+
+
 def scale() -> str:
     """Peak memory and time of each stage on Llama-2-7B-shaped checkpoints of 2, 4 and 8 layers."""
     d = with_name("bench-scale.json")
@@ -209,7 +230,7 @@ SECTIONS: dict[str, Callable[[], str]] = {
     "onnx-parity": onnx_parity, "onnx-speed": onnx_speed, "onnx-offgrid": onnx_offgrid,
     "gguf-offgrid": gguf("bench-gguf-offgrid.json"), "gguf-offgrid-tuned": gguf("bench-gguf-offgrid-tuned.json"),
     "gguf-default": gguf("bench-gguf-default.json"), "gguf-default-tuned": gguf("bench-gguf-default-tuned.json"),
-    "scale": scale, "extrapolation": extrapolation,
+    "gguf-mix": gguf_mix, "scale": scale, "extrapolation": extrapolation,
 }
 
 
