@@ -3,17 +3,17 @@ Q4_1 minimums) and bias; 4-bit heads; the online parameters of activation and KV
 
 from __future__ import annotations
 
+import gguf
 import torch
 
 from .models.base import ACT_SITES, ModelConfig
-import gguf
-
 from .quant import QuantizedWeight, pack_int4, unpack_int4
 from .quant.ggml_weights import GgmlWeight
 
 QT = gguf.GGMLQuantizationType
 
 KV_SITES = ("k_cache", "v_cache")
+HEAD_TENSORS = ("embed", "lm_head")  # stored as float, or as 4-bit codes (quant["head_group_size"])
 QUANTIZED_SUFFIXES = (".qweight", ".ggml")  # the tensor that marks a linear as quantized, in each storage form
 GGML_TENSORS = (".ggml", ".ggml_type")  # a linear in a ggml type: its block bytes, the GGMLQuantizationType number
 
@@ -21,7 +21,12 @@ GGML_TENSORS = (".ggml", ".ggml_type")  # a linear in a ggml type: its block byt
 def quantized_prefixes(tensors) -> set[str]:
     """The names (without suffix) of every quantized linear / head an artifact stores."""
     return {n.rsplit(".", 1)[0] for n in tensors if n.endswith(QUANTIZED_SUFFIXES)}
-HEAD_TENSORS = ("embed", "lm_head")  # stored as float, or as 4-bit codes (quant["head_group_size"])
+
+
+def stored_ggml_type(tensors, prefix: str) -> str | None:
+    """The ggml type name a linear is stored in (reads one int32), or None when it is not stored in one."""
+    key = prefix + GGML_TENSORS[1]
+    return QT(int(tensors[key][0])).name if key in tensors else None
 
 
 def is_online_param(name: str) -> bool:
@@ -34,7 +39,8 @@ def linear_tensors(prefix: str, qw: QuantizedWeight | GgmlWeight, bias: torch.Te
     """The artifact tensors of one quantized linear: packed codes, scales, zero points, bias (a weight in a ggml
     type: its block bytes and the type's number, GGML_TENSORS)."""
     if isinstance(qw, GgmlWeight):
-        out = {f"{prefix}.ggml": qw.raw, f"{prefix}.ggml_type": torch.tensor([int(QT[qw.qtype])], dtype=torch.int32)}
+        raw_name, type_name = (prefix + suffix for suffix in GGML_TENSORS)
+        out = {raw_name: qw.raw, type_name: torch.tensor([int(QT[qw.qtype])], dtype=torch.int32)}
         return {**out, **({f"{prefix}.bias": bias.to(torch.float32)} if bias is not None else {})}
     if qw.bits != 4:
         raise ValueError(f"{prefix}: the artifact stores 4-bit weights, got {qw.bits}")
@@ -53,8 +59,9 @@ def linear_from_tensors(
 ) -> QuantizedWeight:
     """QuantizedWeight of one linear read back from artifact tensors. grid: the quant config's "weight_grid"
     (None: "q4_1" when `{prefix}.mins` is stored, else "int"). A linear stored in a ggml type is a GgmlWeight."""
-    if f"{prefix}.ggml" in tensors:
-        return GgmlWeight(tensors[f"{prefix}.ggml"], QT(int(tensors[f"{prefix}.ggml_type"][0])).name, in_features)
+    qtype = stored_ggml_type(tensors, prefix)
+    if qtype is not None:
+        return GgmlWeight(tensors[prefix + GGML_TENSORS[0]], qtype, in_features)
     codes = unpack_int4(tensors[f"{prefix}.qweight"], in_features)
     mins = tensors.get(f"{prefix}.mins")
     grid = grid or ("q4_1" if mins is not None else "int")

@@ -34,9 +34,10 @@ class GGUFFileError(ValueError):
     """A .gguf file that is missing, not GGUF, truncated or damaged; the message says which."""
 
 
-def check_file(path: str | Path) -> None:
+def check_file(path: str | Path, wanted: set[str] = frozenset()) -> "Header":
     """Raise GGUFFileError unless path is a complete GGUF file (magic, readable header, every tensor's data
-    inside the file): llama.cpp's own message for these cases is only 'failed to load model'."""
+    inside the file): llama.cpp's own message for these cases is only 'failed to load model'. Returns the header
+    read on the way (read_header, with the wanted keys)."""
     path = Path(path)
     if not path.is_file():
         raise GGUFFileError(f"{path} does not exist or is not a file")
@@ -46,12 +47,13 @@ def check_file(path: str | Path) -> None:
     if magic != b"GGUF":
         raise GGUFFileError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
     try:
-        head = read_header(path)
+        head = read_header(path, wanted)
     except (ValueError, IndexError, KeyError, OverflowError, TypeError, struct.error, UnicodeDecodeError) as e:
         raise GGUFFileError(f"{path} is truncated or damaged: its header cannot be read ({e}); export it again") from e
     end = max((t.offset + t.nbytes for t in head.tensors), default=0)
     if end > size:
         raise GGUFFileError(f"{path} is truncated: its tensors need {end} bytes, the file has {size}; export it again")
+    return head
 
 
 _SCALARS = {gguf.GGUFValueType.UINT8: "<B", gguf.GGUFValueType.INT8: "<b", gguf.GGUFValueType.UINT16: "<H",

@@ -41,6 +41,7 @@ import torch
 from benchutil import busy_fraction, machine, require_idle, write_json
 
 from baseq_export import data
+from baseq_export.gguf_file import read_header
 from baseq_export.targets.gguf.runtime import llama_quantize
 from baseq_export.perplexity import perplexity
 from baseq_export.models import load_model
@@ -107,7 +108,7 @@ def tensor_types(path: Path) -> dict[str, str]:
     """GGUF tensor name -> type name in lower case (q4_0, q6_k, f32, ...)."""
     import gguf
 
-    return {t.name: t.tensor_type.name.lower() for t in gguf.GGUFReader(str(path)).tensors}
+    return {t.name: gguf.GGMLQuantizationType(t.qtype).name.lower() for t in read_header(path).tensors}
 
 
 def head_types(path: Path) -> tuple[str, str]:
@@ -118,9 +119,7 @@ def head_types(path: Path) -> tuple[str, str]:
 
 
 def parameters(path: Path) -> int:
-    import gguf
-
-    return int(sum(int(np.prod(t.shape)) for t in gguf.GGUFReader(str(path)).tensors))
+    return sum(t.n_elements for t in read_header(path).tensors)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ def ggml_gptq(w: torch.Tensor, hessian: torch.Tensor, qtype: str, damp: float = 
     """GPTQ of w [N, K] on a ggml type's grid: ggml picks every block's scale / min for importance diag H (dead
     inputs zeroed), then the columns are rounded in act order to the nearest level of their block's grid with
     GPTQ's error feedback; the codes go back into ggml's bytes with the scales untouched."""
-    n, k = w.shape
+    k = w.shape[1]
     factor = gptq_factor(hessian, damp, act_order, w.device, scratch)
     wf = w.detach().to(torch.float32).clone()
     wf[:, factor.dead] = 0.0

@@ -24,7 +24,7 @@ import numpy as np
 
 from ...artifact import Artifact
 from ...artifact_tensors import is_online_param
-from ...gguf_file import check_file, read_header, read_keys
+from ...gguf_file import check_file, read_keys
 from ...models.base import LINEARS, ModelConfig, linear_in_features
 from ...quant import GGML_BLOCK
 from .. import loaded, option_default
@@ -132,8 +132,7 @@ def is_export(path: str | Path) -> bool:
     if not path.is_file():
         return False
     try:
-        check_file(path)
-        return read_keys(path, {FORMAT_KEY}).get(FORMAT_KEY) == FORMAT_VALUE
+        return check_file(path, {FORMAT_KEY}).values.get(FORMAT_KEY) == FORMAT_VALUE
     except (OSError, ValueError, IndexError, KeyError, TypeError, OverflowError, struct.error):
         return False
 
@@ -236,8 +235,7 @@ def write(artifact: Artifact | str | Path, out: str | Path, force: bool = False,
 def validate_written(path: Path, plan: Plan) -> None:
     """Re-read a written file before it replaces anything: complete, and holding the planned tensors by name,
     type and element count."""
-    check_file(path)
-    got = {t.name: (t.qtype, t.n_elements) for t in read_header(path).tensors}
+    got = {t.name: (t.qtype, t.n_elements) for t in check_file(path).tensors}
     want = {p.name: (int(p.qtype), int(np.prod(p.shape))) for p in plan.tensors}
     if got != want:
         raise GGUFExportError(f"the written GGUF holds other tensors than planned ({len(got)} against {len(want)}); "

@@ -124,6 +124,27 @@ def merge_scores(model: dict, vocab_size: int) -> list[float]:
     return scores
 
 
+def tokenizer_json(tok_dir: Path) -> dict:
+    """The parsed tokenizer.json in tok_dir, or the refusal of a directory without one."""
+    path = tok_dir / "tokenizer.json"
+    if not path.is_file():
+        raise GGUFExportError(f"{tok_dir} has no tokenizer.json; a GGUF carries its tokenizer: quantize a model that "
+                              "has a fast (tokenizer.json) tokenizer")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def vocab_kind(tj: dict) -> str:
+    """llama.cpp's tokenizer model for a parsed tokenizer.json: gpt2 (GPT-2-style byte-level BPE) or llama
+    (SentencePiece-style BPE with byte fallback); any other tokenizer is refused."""
+    model, decoder = tj.get("model") or {}, (tj.get("decoder") or {}).get("type")
+    if model.get("type") == "BPE" and decoder == "ByteLevel" and not model.get("byte_fallback"):
+        return "gpt2"
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        return "llama"
+    raise GGUFExportError(f"tokenizer model {model.get('type')!r} (decoder {decoder!r}) has no llama.cpp form here: "
+                          "GGUF export takes GPT-2-style byte-level BPE and SentencePiece-style BPE tokenizers")
+
+
 def token_table(tok_dir: Path, vocab_size: int) -> tuple[str, list[str], list[int], list[float] | None]:
     """(tokenizer model, tokens, token types, scores or None) for llama.cpp from a tokenizer.json.
 
@@ -131,39 +152,25 @@ def token_table(tok_dir: Path, vocab_size: int) -> tuple[str, list[str], list[in
     other added tokens USER_DEFINED); SentencePiece-style BPE with byte fallback -> "llama" through gguf-py's
     LlamaHfVocab. Ids the model has beyond the tokenizer become unused [PADi] tokens.
     """
-    path = tok_dir / "tokenizer.json"
-    if not path.is_file():
-        raise GGUFExportError(f"{tok_dir} has no tokenizer.json; a GGUF carries its tokenizer: quantize a model that "
-                              "has a fast (tokenizer.json) tokenizer")
-    tj = json.loads(path.read_text(encoding="utf-8"))
-    model, decoder = tj.get("model") or {}, (tj.get("decoder") or {}).get("type")
+    tj = tokenizer_json(tok_dir)
+    model, kind = tj.get("model") or {}, vocab_kind(tj)
     tokens: list = [None] * vocab_size
     types = [int(gguf.TokenType.UNUSED)] * vocab_size
     scores = None
-    if model.get("type") == "BPE" and decoder == "ByteLevel" and not model.get("byte_fallback"):
-        kind = "gpt2"
+    if kind == "gpt2":
         entries = [(i, text, gguf.TokenType.NORMAL) for text, i in model["vocab"].items()]
         entries += [(a["id"], a["content"], gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED)
                     for a in tj.get("added_tokens") or []]
-    elif model.get("type") == "BPE" and model.get("byte_fallback"):
-        kind = "llama"
+    else:
         vocab = list(gguf.vocab.LlamaHfVocab(tok_dir).all_tokens())
         entries = [(i, text.decode("utf-8", errors="replace"), typ) for i, (text, _, typ) in enumerate(vocab)]
         scores = merge_scores(model, vocab_size)
-    else:
-        raise GGUFExportError(f"tokenizer model {model.get('type')!r} (decoder {decoder!r}) has no llama.cpp form here: "
-                              "GGUF export takes GPT-2-style byte-level BPE and SentencePiece-style BPE tokenizers")
     beyond = sorted(i for i, _, _ in entries if i >= vocab_size)
     if beyond:
         raise GGUFExportError(f"the tokenizer has ids up to {beyond[-1]}, beyond the model's vocabulary of {vocab_size}")
     for i, text, typ in entries:
         tokens[i], types[i] = text, int(typ)
     return kind, [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)], types, scores
-
-
-def tokenizer_kind(tok_dir: Path, vocab_size: int) -> str:
-    """llama.cpp's tokenizer model for the tokenizer in tok_dir: gpt2 (byte-level BPE) or llama (SentencePiece-style)."""
-    return token_table(tok_dir, vocab_size)[0]
 
 
 def add_tokenizer(w: "gguf.GGUFWriter", art: Artifact, tok_dir: Path, pre: str | None) -> None:
@@ -201,6 +208,5 @@ def write_vocab(path: Path, art: Artifact, arch: str, tok_dir: Path, pre: str | 
 def choose_pre(art: Artifact, arch: str, tok_dir: Path, requested: str | None = None,
                texts: list[str] | None = None) -> str | None:
     """The llama.cpp pre-tokenizer that reproduces the artifact's Hugging Face tokenization (pretok.choose)."""
-    cfg = ModelConfig.from_dict(art.model)
     return pretok.choose(lambda path, pre: write_vocab(path, art, arch, tok_dir, pre), tok_dir,
-                         tokenizer_kind(tok_dir, cfg.vocab_size), requested, source_config(art).get("pre"), texts)
+                         vocab_kind(tokenizer_json(tok_dir)), requested, source_config(art).get("pre"), texts)

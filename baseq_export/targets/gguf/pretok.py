@@ -77,11 +77,13 @@ def likely(tok_dir: Path) -> str | None:
     return {(byte_level,): "gpt-2", (("Digits", True, True), byte_level): "smollm"}.get(tuple(forms))
 
 
-def hf_ids(tok_dir: Path, text: str) -> list[int]:
-    """Token ids of text from the Hugging Face fast tokenizer in tok_dir (tokenizer.json), no special tokens added."""
+def hf_ids(tok_dir: Path, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text from the Hugging Face fast tokenizer in tok_dir (tokenizer.json, read once), no
+    special tokens added."""
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(Path(tok_dir) / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+    tokenizer = Tokenizer.from_file(str(Path(tok_dir) / "tokenizer.json"))
+    return [tokenizer.encode(text, add_special_tokens=False).ids for text in texts]
 
 
 def llama_ids(path: Path, texts: list[str]) -> list[list[int]] | None:
@@ -135,7 +137,7 @@ def choose(write_vocab, tok_dir: Path, kind: str, requested: str | None = None, 
     Hugging Face ids on texts (probe_texts() by default); none -> PreTokenizerError.
     """
     texts = probe_texts() if texts is None else texts
-    hf = [hf_ids(tok_dir, t) for t in texts]
+    hf = hf_ids(tok_dir, texts)
     if requested:
         names: list[str | None] = [requested]
     elif kind != "gpt2":

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from ...artifact import Artifact
-from ...artifact_tensors import QUANTIZED_SUFFIXES, HEAD_TENSORS, head_from_tensors, linear_from_tensors
+from ...artifact_tensors import (GGML_TENSORS, HEAD_TENSORS, QUANTIZED_SUFFIXES, head_from_tensors, linear_from_tensors,
+                                 stored_ggml_type)
 from ...gguf_file import GGUF_TENSORS, rope_permutation, tensor_name
 from ...memory import row_slices
 from ...models.base import LINEARS, ModelConfig, linear_in_features
@@ -126,7 +127,7 @@ def convert(w: np.ndarray, qtype: "gguf.GGMLQuantizationType") -> np.ndarray:
         return w
     if qtype == QT.F16:
         return w.astype(np.float16)
-    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
     if w.shape[-1] % block:
         raise GGUFExportError(f"rows of {w.shape[-1]} values do not split into {qtype.name} blocks of {block}; "
                               "choose another type (q8_0 takes rows of any multiple of 32)")
@@ -207,14 +208,14 @@ def weight_type_of(art: Artifact, requested: str) -> str:
     """The GGUF type of the block linears: for auto the artifact's own grid (Q4_0 when symmetric), f16 for floats."""
     if requested not in WEIGHT_TYPES:
         raise GGUFExportError(f"weights must be one of {WEIGHT_TYPES}, got {requested!r}")
-    qw = quantized_matrix(art, "layers.0.q")
-    if isinstance(qw, GgmlWeight):  # written as quantized, in the mix's types
+    if stored_ggml_type(art.tensors, "layers.0.q") is not None:  # written as quantized, in the mix's types
         if requested != "auto":
             raise GGUFExportError(f"this artifact holds its weights in llama.cpp's types already (mix "
                                   f"{art.quant.get('ggml_mix')}): they are written as they are; drop --gguf-weights")
         return str(art.quant.get("ggml_mix"))
     if requested != "auto":
         return requested
+    qw = quantized_matrix(art, "layers.0.q")
     if qw is None:
         return "f16"
     return "q4_0" if is_symmetric(qw) else "q4_1"
@@ -228,8 +229,9 @@ def head_type_of(art: Artifact, name: str, requested: str | None) -> str:
         return requested
     qw = quantized_matrix(art, name)
     if qw is None and art.quant.get("ggml_mix"):
-        output, embed = head_types(art.quant["ggml_mix"], ModelConfig.from_dict(art.model).hidden_size)
-        return (output if name == "lm_head" or ModelConfig.from_dict(art.model).tied_embeddings else embed).lower()
+        cfg = ModelConfig.from_dict(art.model)
+        output, embed = head_types(art.quant["ggml_mix"], cfg.hidden_size)
+        return (output if name == "lm_head" or cfg.tied_embeddings else embed).lower()
     if qw is None:
         return "q8_0"
     return "q4_0" if is_symmetric(qw) else "q4_1"
@@ -240,15 +242,18 @@ def _add_matrix(plan: Plan, name: str, art: Artifact, prefix: str, kind: str, pe
     The plan keeps only names: each weight is read from the artifact when its data is made, so writing a model
     larger than memory holds one weight at a time (a plan holding them grew with the depth: +68% from 2 to 8
     7B-shaped layers)."""
-    qw = quantized_matrix(art, prefix)
-    if isinstance(qw, GgmlWeight):  # the artifact's own ggml bytes (rows are independent: permuting them is exact)
+    stored = stored_ggml_type(art.tensors, prefix)
+    if stored is not None:  # the artifact's own ggml bytes (rows are independent: permuting them is exact)
         def make_raw() -> np.ndarray:
             raw = quantized_matrix(art, prefix).raw.numpy()
             return np.ascontiguousarray(raw if perm is None else raw[perm])
 
-        plan.add(name, QT[qw.qtype], qw.shape, make_raw)
+        rows = tensor_meta(art.tensors, prefix + GGML_TENSORS[0])[1][0]
+        k = linear_in_features(ModelConfig.from_dict(art.model), prefix.rsplit(".", 1)[-1])
+        plan.add(name, QT[stored], (rows, k), make_raw)
         return
     qtype = TYPES[kind]
+    qw = quantized_matrix(art, prefix)
     if qw is not None:
         shape = qw.shape
         if kind in ("q4_0", "q4_1"):

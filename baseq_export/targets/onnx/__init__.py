@@ -17,6 +17,7 @@ from pathlib import Path
 import onnx
 
 from ...artifact import Artifact, staged_dir
+from ...artifact_tensors import GGML_TENSORS
 from ...models.base import ModelConfig
 from .. import loaded, option_default
 from .genai import GenaiBackend, write_genai_config
@@ -62,7 +63,7 @@ def default_out(stem: str) -> str:
 
 def check_artifact(art: Artifact) -> None:
     """Every artifact kind has an ONNX form except weights in llama.cpp's block types (--gguf-mix)."""
-    if art.quant.get("ggml_mix") or any(n.endswith(".ggml") for n in art.tensors):
+    if art.quant.get("ggml_mix") or any(n.endswith(GGML_TENSORS) for n in art.tensors):
         raise ValueError(f"this artifact holds its weights in llama.cpp's block types (--gguf-mix "
                          f"{art.quant.get('ggml_mix')}), which onnxruntime has no kernels for: export it with --format "
                          "gguf, or quantize again without --gguf-mix for ONNX")
