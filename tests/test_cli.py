@@ -296,10 +296,15 @@ def bpe_checkpoint(tmp_path):
 
 
 def test_main_job_for_gguf_runs_the_profile_and_llama_cpp(tmp_path, capsys):
-    """--format gguf: the gguf profile (W4A16 rotated GPTQ on Q4_1 blocks, no R4), the file written, its
-    perplexity measured in llama.cpp next to the torch reference of the same artifact."""
+    """--format gguf: the gguf profile (W4A16 rotated GPTQ, no R4) in llama.cpp's Q4_K_M mix, the file written
+    with exactly that mix's tensor types, its perplexity measured in llama.cpp next to the torch reference of the
+    same artifact."""
     pytest.importorskip("llama_cpp")
+    import gguf
     from baseq_export.artifact import load_artifact
+    from baseq_export.gguf_file import GGUF_TENSORS, read_header, tensor_name
+    from baseq_export.models.base import LINEARS, ModelConfig, linear_in_features
+    from baseq_export.quant.ggml_mix import linear_type
 
     ckpt, text = bpe_checkpoint(tmp_path)
     out = tmp_path / "m.gguf"
@@ -308,9 +313,16 @@ def test_main_job_for_gguf_runs_the_profile_and_llama_cpp(tmp_path, capsys):
     assert main(args) == 0
     stdout = capsys.readouterr().out
     fp, q, cpp = map(float, re.search(r"FP ([\d.]+), torch reference ([\d.]+), llama.cpp ([\d.]+)", stdout).groups())
-    quant = load_artifact(tmp_path / "m.gguf.baseq").quant
-    assert (quant["method"], quant["bits"], quant["group_size"], quant["weight_grid"]) == ("quarot-gptq", "w4a16", 32, "q4_1")
-    assert quant["rotation"]["r4"] is False and out.is_file() and f"GGUF export: {out}" in stdout
+    art = load_artifact(tmp_path / "m.gguf.baseq")
+    quant = art.quant
+    assert (quant["method"], quant["bits"], quant["ggml_mix"]) == ("quarot-gptq", "w4a16", "q4_k_m")
+    assert quant["rotation"]["r4"] is False and out.is_file() and f"GGUF export: {out} (MOSTLY_Q4_K_M," in stdout
+    cfg = ModelConfig.from_dict(art.model)
+    want = {tensor_name(GGUF_TENSORS[lin], bid=i): linear_type("q4_k_m", lin, i, cfg.num_layers,
+                                                              linear_in_features(cfg, lin))
+            for i in range(cfg.num_layers) for lin in LINEARS}
+    got = {t.name: gguf.GGMLQuantizationType(t.qtype).name for t in read_header(out, set()).tensors if t.name in want}
+    assert got == want and len(set(got.values())) > 1  # a mix: more bits for some tensors
     assert abs(cpp / q - 1) < 0.01 and q != fp  # llama.cpp's 8-bit block activations: close, not equal
 
 

@@ -577,7 +577,7 @@ def test_target_interface_options(tmp_path, tokenizer):
     G.add_arguments(sub, sub=True)
     assert vars(sub.parse_args([])) == {}  # a subcommand does not mask the main parser's values
     assert G.options(argparse.Namespace())["weights"] == "auto" and G.default_out("m") == "m.gguf"
-    assert G.main_job_settings(argparse.Namespace(method="baseq", bits="w4a4kv4", group_size=None)) == {"profile": "gguf"}
+    assert G.main_job_settings(argparse.Namespace()) == {"profile": "gguf", "gguf_mix": G.MAIN_JOB_MIX}
     _, model = tiny("llama", tokenizer)
     asym = save(tmp_path, quantize_model(model, QuantSettings(method="rtn", bits="w4a16", group_size=32)), tokenizer)
     with pytest.raises(G.GGUFExportError, match="write it as q4_1"):

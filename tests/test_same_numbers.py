@@ -49,10 +49,22 @@ runs = [
 for args in runs:
     if main(args) != 0:
         sys.exit(f"failed: {args}")
+def gguf_digest(p):
+    # a GGUF by content: its tensor bytes and its keys; baseq.quant is provenance JSON, written compactly without
+    # unset values since 2026-12-07, so it compares as those values
+    import gguf
+    r = gguf.GGUFReader(p)
+    keys = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    keys["baseq.quant"] = {k: v for k, v in json.loads(keys["baseq.quant"]).items() if v is not None}
+    data = p.read_bytes()[r.tensors[0].data_offset:]
+    infos = [(t.name, int(t.tensor_type), [int(x) for x in t.shape]) for t in r.tensors]
+    return hashlib.sha256(json.dumps([keys, infos], sort_keys=True).encode() + data).hexdigest()
+
 digests = {}
 for p in sorted(out.rglob("*")):
     if p.is_file() and not p.name.endswith(tuple(sys.argv[4].split(","))):
-        digests[str(p.relative_to(out))] = hashlib.sha256(p.read_bytes()).hexdigest()
+        digest = gguf_digest(p) if p.suffix == ".gguf" else hashlib.sha256(p.read_bytes()).hexdigest()
+        digests[str(p.relative_to(out))] = digest
 print("DIGESTS " + json.dumps(digests))
 """
 

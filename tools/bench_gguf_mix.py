@@ -1,7 +1,7 @@
 """Our GGUF mixes against llama.cpp's own files of the same type, on text that llama.cpp tokenizes itself.
 
     python tools/bench_gguf_mix.py --model smollm2-offgrid --json tools/results/gguf-mix.json \
-        [--mixes q4_0,q4_1,q4_k_m,iq4_xs] [--workdir DIR] [--calib-text FILE ...] [--windows N]
+        [--mixes q4_0,q4_1,q4_k_m,iq4_xs] [--workdir DIR] [--calib-text FILE ...] [--windows N] [--main-job]
 
 For each mix, side by side in one run:
 - llama.cpp: its quantizer (llama_model_quantize) of the model's F32 GGUF to the file type of that name, with an
@@ -11,7 +11,10 @@ For each mix, side by side in one run:
 Columns: perplexity in llama.cpp on the embedded evaluation split and on the GPL-3 text Debian ships (never used
 for calibration), each text tokenized by llama.cpp with the file's own vocabulary into windows of --ctx tokens;
 file size; decode tokens/s (greedy, after a short prompt, every file timed in interleaved rounds, median of
---repeats, CPU idle-checked). Pass the off-grid copy (tools/offgrid_copy.py): the default model's weights lie on
+--repeats, CPU idle-checked) and the decode ratio to llama.cpp's file of the type as the median of per-round
+ratios, each pair timed back to back, in alternating order. With --main-job, the main job itself
+(`baseq-export --format gguf`, run as a user runs it) is one more row, against llama.cpp's file of its type.
+Pass the off-grid copy (tools/offgrid_copy.py): the default model's weights lie on
 a 4-bit grid. With --workdir, files are kept and reused by a rerun.
 """
 
@@ -21,6 +24,8 @@ import argparse
 import json
 import math
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -54,19 +59,55 @@ def llama_perplexity(path: Path, text: str, ctx: int, windows: int | None, threa
     return {"ppl": round(math.exp(nll / count), 4), "tokens": int(ids.numel()), "windows": n}
 
 
-def decode_speeds(paths: dict[str, Path], threads: int, repeats: int, new_tokens: int) -> dict[str, dict]:
-    """Median greedy tokens/s of every file, timed in interleaved rounds (file 1, file 2, ..., then again)."""
+def decode_speeds(paths: dict[str, Path], threads: int, repeats: int, new_tokens: int,
+                  pairs: dict[str, str]) -> dict[str, dict]:
+    """Median greedy tokens/s of every file, timed in interleaved rounds (file 1, file 2, ..., then again; every
+    other round in reverse order), and for each file in `pairs` (ours -> llama.cpp's) the median of its per-round
+    speed ratios: a pair is timed back to back, so drifts of a shared VM's speed cancel in the ratio."""
     backends = {k: G.open(p, n_threads=threads) for k, p in paths.items()}
+    prompts = {k: pretok.llama_ids(p, [PROMPT])[0] for k, p in paths.items()}
     runs: dict[str, list[float]] = {k: [] for k in paths}
+    ratios: dict[str, list[float]] = {k: [] for k in pairs}
     busy = []
-    for _ in range(repeats):
-        for key, b in backends.items():
-            busy.append(busy_fraction(0.5))
-            prompt = pretok.llama_ids(paths[key], [PROMPT])[0]
-            stamps = [time.perf_counter() for _tok in b.greedy(prompt, new_tokens)]
-            runs[key].append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-    return {k: {"decode_tok_s": round(statistics.median(v), 2), "runs": [round(x, 2) for x in v],
-                "max_cpu_busy_before": round(max(busy), 3)} for k, v in runs.items()}
+
+    def speed(key: str) -> float:
+        busy.append(busy_fraction(0.3))
+        stamps = [time.perf_counter() for _tok in backends[key].greedy(prompts[key], new_tokens)]
+        runs[key].append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        return runs[key][-1]
+
+    for r in range(repeats):
+        for key in (k for k in paths if k not in pairs and k not in pairs.values()):
+            speed(key)
+        for ours, theirs in pairs.items():
+            if r % 2 == 0:
+                b = speed(theirs)
+                ratios[ours].append(speed(ours) / b)
+            else:
+                a = speed(ours)
+                ratios[ours].append(a / speed(theirs))
+    out = {k: {"decode_tok_s": round(statistics.median(v), 2), "runs": [round(x, 2) for x in v],
+               "max_cpu_busy_before": round(max(busy), 3)} for k, v in runs.items()}
+    for ours, v in ratios.items():
+        out[ours].update(decode_ratio_paired=round(statistics.median(v), 4), decode_ratios=[round(x, 4) for x in v])
+    return out
+
+
+def run_main_job(model: str, out: Path, calib_text: list[str] | None) -> float:
+    """The main job as a user runs it (`baseq-export --format gguf`), in its own process; returns its seconds."""
+    cmd = [sys.executable, "-m", "baseq_export", "--format", "gguf", "--model", model, "--out", str(out), "--force"]
+    if calib_text:
+        cmd += ["--calib-text", *calib_text]
+    t0 = time.time()
+    subprocess.run(cmd, check=True)
+    return time.time() - t0
+
+
+def mix_of(key: str, mixes: list[str]) -> str:
+    """The mix a row's key names (ours-q4_k_m-sensitivity -> q4_k_m; main-job -> the main job's mix)."""
+    if key == "main-job":
+        return G.MAIN_JOB_MIX
+    return next(m for m in mixes if key == f"ours-{m}" or key.startswith(f"ours-{m}-"))
 
 
 def main() -> None:
@@ -84,17 +125,22 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=None, help="at most this many windows per text (default: all)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--decode", type=int, default=64, help="new tokens per decode run")
+    ap.add_argument("--decode", type=int, default=128, help="new tokens per decode run")
+    ap.add_argument("--main-job", action="store_true", help="add the main job (`baseq-export --format gguf`) as a row")
     ap.add_argument("--decode-only", metavar="PASS1.json", default=None,
                     help="keep everything of a finished run's JSON and measure the decode speed of its files (in "
                     "--workdir) again: calibrate once, then time every file on an idle CPU")
     args = ap.parse_args()
+    mixes = args.mixes.split(",")
+    if args.main_job and G.MAIN_JOB_MIX not in mixes:
+        mixes.append(G.MAIN_JOB_MIX)
     if args.decode_only:
         results = json.loads(Path(args.decode_only).read_text())
         files = {r["key"]: Path(args.workdir) / f"{r['key']}.gguf" for r in results["rows"]}
         results.update(cpu_busy_at_decode=require_idle(), decode_remeasured_from=args.decode_only,
                        decode_repeats=args.repeats, decode_new_tokens=args.decode)
-        speeds = decode_speeds(files, args.threads, args.repeats, args.decode)
+        pairs = {k: f"llama-{mix_of(k, mixes)}" for k in files if not k.startswith(("llama-", "f32"))}
+        speeds = decode_speeds(files, args.threads, args.repeats, args.decode, pairs)
         for row in results["rows"]:
             row.update(speeds[row["key"]])
         write_json(args.json, results)
@@ -113,7 +159,7 @@ def main() -> None:
     results: dict = {"machine": machine(), "model": args.model, "calib_text": args.calib_text or "embedded calib split",
                      "nsamples": args.nsamples, "calib_ctx": args.calib_ctx, "ctx": args.ctx, "rows": []}
     files: dict[str, Path] = {"f32": f32}
-    for mix in args.mixes.split(","):
+    for mix in mixes:
         theirs = work / f"llama-{mix}.gguf"
         seconds = {}
         if not theirs.is_file():
@@ -131,6 +177,10 @@ def main() -> None:
                 seconds[key] = time.time() - t0
             files[key] = ours
         results.setdefault("quantize_s", {}).update({k: round(v, 1) for k, v in seconds.items()})
+    if args.main_job:
+        files["main-job"] = work / "main-job.gguf"
+        if not files["main-job"].is_file():
+            results["main_job_s"] = round(run_main_job(args.model, files["main-job"], args.calib_text), 1)
     for key, path in files.items():
         row = {"key": key, "bytes": path.stat().st_size, "pre": pretok.name_of(path)}
         for name, text in texts.items():
@@ -139,20 +189,19 @@ def main() -> None:
         print(key, json.dumps(row), flush=True)
         write_json(args.json, results)
     results.update(cpu_busy_at_decode=require_idle(), decode_repeats=args.repeats, decode_new_tokens=args.decode)
-    speeds = decode_speeds(files, args.threads, args.repeats, args.decode)
+    pairs = {k: f"llama-{mix_of(k, mixes)}" for k in files if not k.startswith(("llama-", "f32"))}
+    speeds = decode_speeds(files, args.threads, args.repeats, args.decode, pairs)
     for row in results["rows"]:
         row.update(speeds[row["key"]])
     write_json(args.json, results)
     by = {r["key"]: r for r in results["rows"]}
-    print(f"\n{'file':24} {'text':6} {'llama.cpp ppl':>13} {'ours ppl':>9} {'ppl ratio':>9} {'size ratio':>10} "
+    print(f"\n{'file':24} {'text':6} {'llama.cpp ppl':>13} {'ours ppl':>9} {'ppl ratio':>9} {'bytes - theirs':>14} "
           f"{'decode ratio':>12}")
-    for key, b in by.items():
-        if not key.startswith("ours-"):
-            continue
-        a = by["llama-" + next(m for m in args.mixes.split(",") if key == f"ours-{m}" or key.startswith(f"ours-{m}-"))]
+    for key, theirs in pairs.items():
+        a, b = by[theirs], by[key]
         for name in texts:
             print(f"{key:24} {name:6} {a[name]['ppl']:13.3f} {b[name]['ppl']:9.3f} {b[name]['ppl'] / a[name]['ppl']:9.4f} "
-                  f"{b['bytes'] / a['bytes']:10.4f} {b['decode_tok_s'] / a['decode_tok_s']:12.3f}")
+                  f"{b['bytes'] - a['bytes']:14d} {b['decode_ratio_paired']:12.4f}")
 
 
 if __name__ == "__main__":

@@ -108,7 +108,19 @@ def add_hparams(w: "gguf.GGUFWriter", art: Artifact, plan: Plan, n_ctx: int) -> 
     w.add_file_type(mixed.file_type if mixed else FILE_TYPES.get(plan.weight_type, gguf.LlamaFileType.GUESSED))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_string(FORMAT_KEY, FORMAT_VALUE)
-    w.add_string(QUANT_KEY, json.dumps(art.quant or {}, sort_keys=True))
+    w.add_string(QUANT_KEY, quant_note(art.quant or {}))
+
+
+GGML_DECIDED = ("w_bits", "group_size", "symmetric", "weight_grid", "weight_clip", "embed", "lm_head")
+"""Quant settings that a ggml mix's tensor types decide (ggml picks the scales): left out of a mixed file's note."""
+
+
+def quant_note(quant: dict) -> str:
+    """The artifact's quant settings as compact JSON for the file's QUANT_KEY: provenance only (nothing reads it to
+    compute), so unset values, and in a ggml mix the settings its tensor types decide, are left out."""
+    dropped = GGML_DECIDED if quant.get("ggml_mix") else ()
+    return json.dumps({k: v for k, v in quant.items() if v is not None and k not in dropped}, sort_keys=True,
+                      separators=(",", ":"))
 
 
 def merge_scores(model: dict, vocab_size: int) -> list[float]:
