@@ -1,14 +1,18 @@
 """baseq-export: BASE-Q quantization of causal LMs and export to ONNX / GGUF.
 
-The public API (api.py): quantize, export, evaluate, plan, plan_of, load; imported on first use, so that
-`import baseq_export` stays light.
+The public API (api.py): quantize, export, evaluate, chat, plan, plan_of, load (and generate.Sampling); imported
+on first use, so that `import baseq_export` stays light.
 """
 
 __version__ = "0.1.0"
-__all__ = ["quantize", "export", "evaluate", "plan", "plan_of", "load", "Plan"]
+__all__ = ["quantize", "export", "evaluate", "chat", "plan", "plan_of", "load", "Plan", "Sampling"]
 
 
 def __getattr__(name: str):
+    if name == "Sampling":
+        from .generate import Sampling
+
+        return Sampling
     if name in __all__:
         from . import api
 

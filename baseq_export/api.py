@@ -248,6 +248,26 @@ def runner(target, backend: str | None, device: torch.device, ctx: int, need_tok
     return (lambda ids: forward(m.config, weights, ids.to(device)).cpu()), "FP", lambda: m.tokenizer
 
 
+def chat(target="default", *, backend: str | None = None, device: str | torch.device = "cpu",
+         sampling=None, max_new_tokens: int = 64, raw: bool = False):
+    """A generate.Conversation with an artifact (torch reference), an export (its runtime, or `backend`) or a model
+    name for load() (the full-precision model): ask(text) answers through the tokenizer's chat template unless
+    raw; sampling is a generate.Sampling (default greedy)."""
+    from .generate import Conversation, Sampling
+    from .targets import FloatBackend, open_backend
+
+    if is_model(target):
+        if backend not in (None, "torch"):
+            raise ValueError(f"{target} is a model, which runs in the torch float forward; backend {backend!r} runs "
+                             "exports: pass an export's path")
+        run = FloatBackend(str(target))
+        tokenizer = run.model.tokenizer
+    else:
+        run = open_backend(target, backend, device=resolve(device))
+        tokenizer = load_tokenizer(target)
+    return Conversation(run, tokenizer, sampling or Sampling(), max_new_tokens, raw)
+
+
 def is_model(name: str | Path) -> bool:
     """True for what load() reads: 'default', a Hugging Face checkpoint directory or a .gguf file that is no
     export of ours."""

@@ -144,12 +144,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(ev, sub=True)
     add_eval_args(ev, sub=True)
 
-    r = sub.add_parser("run", help="generate text (greedy) with an artifact or an export")
-    r.add_argument("path", help="a .baseq artifact or an export")
-    r.add_argument("--prompt", required=True)
+    r = sub.add_parser("run", help="generate text with an artifact, an export or the FP model (chat models answer "
+                       "through their chat template)")
+    r.add_argument("path", nargs="?", default=None, help="a .baseq artifact or an export")
+    r.add_argument("--model", default=None, help="run this unquantized model instead of a PATH (default, a checkpoint "
+                   "directory or a .gguf), in the float torch forward: the answer to compare with")
+    r.add_argument("--prompt", default=None, help="the user's message (or plain text with --raw)")
+    r.add_argument("-i", "--interactive", action="store_true",
+                   help="a conversation: read one message per line from the terminal, keep the history; an empty "
+                   "line or Ctrl-D ends it")
+    r.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
     r.add_argument("--backend", choices=backend_names(), default=None,
                    help="default: torch for an artifact, the format's first runtime for an export")
-    r.add_argument("--max-new-tokens", type=int_at_least(1), default=64)
+    r.add_argument("--max-new-tokens", type=int_at_least(1), default=256)
+    r.add_argument("--temperature", type=float, default=0.0, help="0 (default) picks the most likely token (greedy); "
+                   "above 0 samples from the softmax of logits / temperature")
+    r.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    r.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens whose probability "
+                   "reaches p (1: all)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the sampler: the same seed gives the same text")
 
     rp = sub.add_parser("report", help="PNG plots of a calibrated artifact")
     rp.add_argument("artifact")
@@ -302,13 +315,17 @@ def cmd_main_job(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_PROMPT = "Write a Python function that returns the n-th Fibonacci number."
+"""The question the main job suggests asking its export (a chat model gets it as a user message)."""
+
+
 def print_run_commands(path) -> None:
     from .targets import find_target
 
     t = find_target(path)
-    print(f"run it:      baseq-export run {path} --prompt \"def fibonacci(n):\"")
+    print(f"run it:      baseq-export run {path} --prompt \"{DEMO_PROMPT}\"")
     for backend in t.BACKENDS[1:]:
-        print(f"   or with {backend}: baseq-export run {path} --backend {backend} --prompt \"def fibonacci(n):\"")
+        print(f"   or with {backend}: baseq-export run {path} --backend {backend} --prompt \"{DEMO_PROMPT}\"")
     print(f"measure it:  baseq-export eval {path}")
 
 
@@ -333,16 +350,35 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .targets import open_backend
-    from .generate import prompt_ids, stream_text
+    from .generate import Sampling
 
-    backend = open_backend(args.path, args.backend)
-    tokenizer = api.load_tokenizer(args.path)
-    ids = prompt_ids(tokenizer, args.prompt)
-    tokens = backend.greedy(ids, args.max_new_tokens)
-    print(args.prompt, end="", flush=True)
-    stream_text(tokens, tokenizer, args.max_new_tokens, lambda text: print(text, end="", flush=True))
-    print()
+    if (args.path is None) == (args.model is None):
+        raise ValueError("pass either PATH (an artifact or an export) or --model M (the unquantized model), not "
+                         f"{'both' if args.path else 'neither'}")
+    if (args.prompt is None) == (not args.interactive):
+        raise ValueError("pass --prompt TEXT for one answer or -i for a conversation" if args.prompt is None else
+                         "--prompt and -i do not go together: -i reads the messages from the terminal")
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    talk = api.chat(args.path or args.model, backend=args.backend, sampling=sampling,
+                    max_new_tokens=args.max_new_tokens, raw=args.raw)
+    show = lambda text: print(text, end="", flush=True)  # noqa: E731  tokens stream to the terminal
+    if not args.interactive:
+        if not talk.chat:
+            show(args.prompt)
+        talk.ask(args.prompt, show)
+        print()
+        return 0
+    print(f"{talk.backend.label}: {'chat' if talk.chat else 'plain text (no chat template)'}; an empty line or "
+          "Ctrl-D ends", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        talk.ask(line, show)
+        print()
     return 0
 
 

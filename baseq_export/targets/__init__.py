@@ -3,8 +3,10 @@
 A target (``targets/onnx/``, ``targets/gguf/``) is a sub-package whose ``__init__`` provides what `Target`
 names: its --format value, the runtimes that run its exports, its command-line options, write() of a loaded
 artifact, and open() / is_export() / describe() / diagnose() for the files it wrote. A Backend has ``label``,
-``logits(ids [B, T]) -> [B, T, vocab]`` (a fresh context per call) and ``greedy(prompt_ids, max_new_tokens=None)
--> Iterator[int]`` (the argmax continuation; the bound lets runtimes that allocate ahead size their buffers).
+``logits(ids [B, T]) -> [B, T, vocab]`` (a fresh context per call), ``greedy(prompt_ids, max_new_tokens=None)
+-> Iterator[int]`` (the argmax continuation; the bound lets runtimes that allocate ahead size their buffers) and
+``generate(prompt_ids, max_new_tokens=None, choose=None)``, the same with the next token picked by ``choose``
+from each step's logits (generate.Sampling.chooser(); None is greedy).
 A new format is one new sub-package named in TARGETS, and nothing else.
 """
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 from pathlib import Path
-from typing import Iterator, Protocol, cast
+from typing import Callable, Iterator, Protocol, cast
 
 import torch
 
@@ -30,6 +32,9 @@ class Backend(Protocol):
     def logits(self, ids: torch.Tensor) -> torch.Tensor: ...
 
     def greedy(self, prompt_ids: list[int], max_new_tokens: int | None = None) -> Iterator[int]: ...
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int | None = None,
+                 choose: Callable[[torch.Tensor], int] | None = None) -> Iterator[int]: ...
 
 
 class Target(Protocol):
@@ -114,9 +119,45 @@ class TorchBackend:
         return self.model.logits(ids.to(self.device)).cpu()
 
     def greedy(self, prompt_ids: list[int], max_new_tokens: int | None = None) -> Iterator[int]:
-        from ..generate import greedy_stream, torch_stepper
+        return self.generate(prompt_ids, max_new_tokens)
 
-        return greedy_stream(torch_stepper(self.model), prompt_ids)
+    def generate(self, prompt_ids: list[int], max_new_tokens: int | None = None,
+                 choose: Callable[[torch.Tensor], int] | None = None) -> Iterator[int]:
+        from ..generate import argmax_token, token_stream, torch_stepper
+
+        return token_stream(torch_stepper(self.model), prompt_ids, choose or argmax_token)
+
+
+class FloatBackend:
+    """The unquantized model (--model M, no artifact) in the float forward: the baseline a user compares with."""
+
+    def __init__(self, model: str):
+        from ..models import load_model
+
+        self.model = load_model(model)
+        self.label = "FP (torch)"
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        from ..models.base import forward
+
+        with torch.inference_mode():
+            return forward(self.model.config, self.model.weights, ids)
+
+    def greedy(self, prompt_ids: list[int], max_new_tokens: int | None = None) -> Iterator[int]:
+        return self.generate(prompt_ids, max_new_tokens)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int | None = None,
+                 choose: Callable[[torch.Tensor], int] | None = None) -> Iterator[int]:
+        from ..generate import argmax_token, token_stream
+        from ..models.base import forward, new_cache
+
+        cache = new_cache(self.model.config)
+
+        @torch.inference_mode()
+        def step(ids: list[int]) -> torch.Tensor:
+            return forward(self.model.config, self.model.weights, torch.tensor([ids]), cache=cache)[0, -1]
+
+        return token_stream(step, prompt_ids, choose or argmax_token)
 
 
 def backend_names() -> tuple[str, ...]:

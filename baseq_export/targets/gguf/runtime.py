@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -123,6 +123,12 @@ class LlamaCppBackend:
 
     def greedy(self, prompt_ids: list[int], max_new_tokens: int | None = None) -> Iterator[int]:
         """Argmax tokens after prompt_ids, one llama.cpp decode step each (until the context is full)."""
+        return self.generate(prompt_ids, max_new_tokens)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int | None = None,
+                 choose: Callable[[torch.Tensor], int] | None = None) -> Iterator[int]:
+        """Tokens after prompt_ids picked by choose (None: argmax) from llama.cpp's logits of the last position,
+        one decode step each (until the context is full)."""
         import llama_cpp
 
         n_ctx = max(self.n_ctx, len(prompt_ids) + (max_new_tokens if max_new_tokens is not None else 512))
@@ -135,7 +141,7 @@ class LlamaCppBackend:
         llm.eval(list(prompt_ids))
         produced = 0
         while llm.n_tokens < n_ctx and (max_new_tokens is None or produced < max_new_tokens):
-            token = int(np.argmax(last_logits()))
+            token = int(np.argmax(last_logits())) if choose is None else choose(torch.from_numpy(last_logits()))
             yield token
             produced += 1
             if llm.n_tokens + 1 > n_ctx:

@@ -62,11 +62,17 @@ def default_out(stem: str) -> str:
 
 
 def check_artifact(art: Artifact) -> None:
-    """Every artifact kind has an ONNX form except weights in llama.cpp's block types (--gguf-mix)."""
+    """Every artifact kind has an ONNX form except weights in llama.cpp's block types (--gguf-mix) or on its
+    Q4_1 grid (a float minimum per block, which MatMulNBits' integer zero points cannot hold)."""
     if art.quant.get("ggml_mix") or any(n.endswith(GGML_TENSORS) for n in art.tensors):
         raise ValueError(f"this artifact holds its weights in llama.cpp's block types (--gguf-mix "
                          f"{art.quant.get('ggml_mix')}), which onnxruntime has no kernels for: export it with --format "
                          "gguf, or quantize again without --gguf-mix for ONNX")
+    if art.quant.get("weight_grid") == "q4_1":
+        raise ValueError("this artifact's weights lie on llama.cpp's Q4_1 grid (a float minimum per block of 32, e.g. "
+                         "--profile gguf), which onnxruntime's MatMulNBits (integer zero points) cannot hold: export it "
+                         "with --format gguf, or quantize for ONNX (the main job `--format onnx`, or --profile "
+                         "onnx-w4a16)")
 
 
 def is_export(path: str | Path) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -66,8 +66,10 @@ def write_genai_config(out: Path, cfg: ModelConfig, art: Artifact, max_length: i
     (out / GENAI_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
-def genai_stream(path, prompt_ids: list[int], max_new_tokens: int) -> Iterator[int]:
-    """Greedy tokens from onnxruntime-genai running an export directory (one with a genai_config.json)."""
+def genai_stream(path, prompt_ids: list[int], max_new_tokens: int,
+                 choose: Callable[[torch.Tensor], int] | None = None) -> Iterator[int]:
+    """Tokens from onnxruntime-genai running an export directory (one with a genai_config.json): its greedy search,
+    or tokens picked by choose from the logits it returns."""
     try:
         import onnxruntime_genai as og
     except ImportError as e:
@@ -77,9 +79,17 @@ def genai_stream(path, prompt_ids: list[int], max_new_tokens: int) -> Iterator[i
     params.set_search_options(max_length=len(prompt_ids) + max_new_tokens, do_sample=False)
     gen = og.Generator(model, params)
     gen.append_tokens(np.array([prompt_ids], dtype=np.int32))
-    while not gen.is_done():
-        gen.generate_next_token()
-        yield int(gen.get_next_tokens()[0])
+    if choose is None:
+        while not gen.is_done():
+            gen.generate_next_token()
+            yield int(gen.get_next_tokens()[0])
+        return
+    for produced in range(max_new_tokens):
+        logits = np.asarray(gen.get_logits(), np.float32)
+        token = choose(torch.from_numpy(logits.reshape(-1, logits.shape[-1])[-1].copy()))
+        yield token
+        if produced + 1 < max_new_tokens:
+            gen.append_tokens(np.array([[token]], dtype=np.int32))
 
 
 class GenaiBackend:
@@ -102,5 +112,12 @@ class GenaiBackend:
                          "use `baseq-export run --backend onnxruntime-genai`")
 
     def greedy(self, prompt_ids: list[int], max_new_tokens: int | None = None) -> Iterator[int]:
+        return self.generate(prompt_ids, max_new_tokens)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int | None = None,
+                 choose: Callable[[torch.Tensor], int] | None = None) -> Iterator[int]:
+        """Tokens after prompt_ids: genai's own greedy search, or with choose, each token picked from genai's
+        logits of the last position and appended back (so every backend samples the same way)."""
         room = self.context_length - len(prompt_ids)
-        return genai_stream(self.path, prompt_ids, room if max_new_tokens is None else min(room, max_new_tokens))
+        return genai_stream(self.path, prompt_ids, room if max_new_tokens is None else min(room, max_new_tokens),
+                            choose)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -138,6 +138,18 @@ class OnnxModel:
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         out, _ = self.step(ids.numpy(), self.empty_cache(ids.shape[0]))
         return torch.from_numpy(out)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int | None = None,
+                 choose: Callable[[torch.Tensor], int] | None = None) -> Iterator[int]:
+        """Tokens after prompt_ids picked by choose from each step's logits (None: greedy, the C++ decoder)."""
+        from ...generate import onnx_stepper, token_stream
+
+        if choose is None:
+            return self.greedy(prompt_ids, max_new_tokens)
+        if not self.shares_buffer:
+            return token_stream(onnx_stepper(self), prompt_ids, choose)
+        room = max_new_tokens if max_new_tokens is not None else max(1, self.max_length - len(prompt_ids))
+        return token_stream(buffer_stepper(self, len(prompt_ids) + room), prompt_ids, choose)
 
     def greedy(self, prompt_ids: list[int], max_new_tokens: int | None = None, native: bool = True) -> Iterator[int]:
         """Greedy tokens after prompt_ids. Where the export's attention ops write the KV cache in place, the
