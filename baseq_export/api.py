@@ -223,6 +223,47 @@ def evaluate(target="default", text: str | Path | None = None, ctx: int = 512, m
     return dataclasses.replace(result, label=label)
 
 
+def fp_reference(model="default", windows: torch.Tensor | None = None, device: str | torch.device = "cpu",
+                 cache: bool = True):
+    """The FP model's compare.FPTop on token windows [n, T]: read from the cache (compare.cache_dir) when this
+    model (by weights digest) was scored on these windows before, else computed and, with cache, stored."""
+    from .compare import cache_dir, fp_top, load_reference, reference_key, save_reference
+    from .models import weights_digest
+
+    m = load(model) if isinstance(model, (str, Path)) else model
+    path = cache_dir() / "fp" / f"{reference_key(weights_digest(m), windows)}.npz"
+    found = load_reference(path, windows) if cache else None
+    if found is not None:
+        return found
+    logits, _, _ = runner(m, None, resolve(device), windows.shape[1], need_tokenizer=False)
+    fp = fp_top(logits, windows)
+    if cache:
+        save_reference(path, fp)
+    return fp
+
+
+def compare(target, against="default", text: str | Path | None = None, ctx: int = 512, max_windows: int | None = None,
+            backend: str | None = None, device: str | torch.device = "cpu", cache: bool = True):
+    """A compare.Comparison of target (an artifact, an export in its runtime or `backend`) against the FP model
+    `against` (a name for load() or a loaded model) on windows of a text file (default: the embedded evaluation
+    split) tokenized by the target's own tokenizer: perplexity, per-token KL divergence, top-1 agreement.
+    `against` may also be an fp_reference() already made: then its windows are scored."""
+    import dataclasses as dc
+
+    from . import data
+    from .compare import FPTop, compare as compare_logits
+
+    logits, label, tokenizer = runner(target, backend, resolve(device), ctx, not isinstance(against, FPTop))
+    if isinstance(against, FPTop):
+        fp = against
+    else:
+        windows = data.token_windows(data.tokenize(tokenizer(), data.corpus_text("eval", text)), ctx, max_windows)
+        fp = fp_reference(against, windows, device, cache)
+    with torch.inference_mode():
+        result = compare_logits(logits, fp, desc=f"{label} against FP")
+    return dc.replace(result, label=label)
+
+
 def runner(target, backend: str | None, device: torch.device, ctx: int, need_tokenizer: bool = True):
     """(logits function, label, a function returning the tokenizer) of whatever evaluate() was given."""
     from .artifact import Artifact
@@ -256,11 +297,13 @@ def chat(target="default", *, backend: str | None = None, device: str | torch.de
     from .generate import Conversation, Sampling
     from .targets import FloatBackend, open_backend
 
-    if is_model(target):
+    from .models import LoadedModel
+
+    if isinstance(target, LoadedModel) or is_model(target):
         if backend not in (None, "torch"):
             raise ValueError(f"{target} is a model, which runs in the torch float forward; backend {backend!r} runs "
                              "exports: pass an export's path")
-        run = FloatBackend(str(target))
+        run = FloatBackend(target)
         tokenizer = run.model.tokenizer
     else:
         run = open_backend(target, backend, device=resolve(device))

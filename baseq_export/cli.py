@@ -143,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("artifact", nargs="?", help="a .baseq artifact or an export; without it the FP --model is evaluated")
     add_model_args(ev, sub=True)
     add_eval_args(ev, sub=True)
+    ev.add_argument("--against", metavar="M", default=None,
+                    help="also compare with the unquantized model M (default, a checkpoint directory or a .gguf) on "
+                    "the same windows: per-token KL divergence (mean, median, 99th percentile, max) and top-1 "
+                    "agreement, as llama-perplexity --kl-divergence reports them; M's side is cached")
+    ev.add_argument("--backend", choices=backend_names(), default=None,
+                    help="the runtime that scores an export (default: its format's first)")
 
     r = sub.add_parser("run", help="generate text with an artifact, an export or the FP model (chat models answer "
                        "through their chat template)")
@@ -200,6 +206,7 @@ def eval_artifact(path, args: argparse.Namespace):
     """Perplexity of a .baseq artifact (a path or a loaded one: PyTorch reference) or an export (its runtime), printed."""
     t0 = time.time()
     result = api.evaluate(path, args.eval_text, args.ctx, args.max_windows, args.batch_size,
+                          backend=getattr(args, "backend", None),
                           device=getattr(args, "device", "cpu"))
     print(f"{result.label} perplexity {result.ppl:.4f} on {result.tokens} scored tokens "
           f"({result.windows} windows x {args.ctx}) in {time.time() - t0:.1f} s")
@@ -207,6 +214,19 @@ def eval_artifact(path, args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if getattr(args, "against", None):
+        if not args.artifact:
+            raise ValueError("--against compares an artifact or an export with the FP model: pass its PATH")
+        t0 = time.time()
+        r = api.compare(args.artifact, args.against, args.eval_text, args.ctx, args.max_windows,
+                        backend=getattr(args, "backend", None), device=getattr(args, "device", "cpu"))
+        print(f"{r.label} against FP {args.against} ({r.windows} windows x {args.ctx}, {r.positions} positions, "
+              f"{time.time() - t0:.1f} s):\n"
+              f"  perplexity {r.ppl:.4f} (FP {r.fp_ppl:.4f})\n"
+              f"  KL divergence: mean {r.kld_mean:.5f}, median {r.kld_median:.5f}, 99th percentile {r.kld_p99:.5f}, "
+              f"max {r.kld_max:.5f}\n"
+              f"  top-1 agreement {100 * r.top1:.2f}%")
+        return 0
     if args.artifact:
         eval_artifact(args.artifact, args)
     else:
@@ -292,9 +312,8 @@ def cmd_main_job(args: argparse.Namespace) -> int:
     if Path(out).exists() and find_target(out) is not fmt:
         raise FileExistsError(f"{out} exists and is not a {fmt.NAME} export of ours; pass another --out")
     path = Path(f"{out}.baseq") if args.out else Path(default_out(args.model, f"{args.method}-{args.bits}-{args.preset}.baseq"))
-    model, fp = evaluate_fp(args)
+    model, fp = fp_reference(args)
     max_positions = model.max_positions
-    del model  # quantize reads the model again lazily, a block at a time: the whole model is not held twice
     if is_artifact(path) and not args.force:
         quant = read_config(path)["quant"]
         if quant != api.plan(max_positions=max_positions, **plan_options(args)).quant_config():
@@ -304,19 +323,71 @@ def cmd_main_job(args: argparse.Namespace) -> int:
         artifact = load_artifact(path, lazy=True)
     else:
         artifact = quantize(args, str(path))
-    q = eval_artifact(artifact, args)  # the artifact is loaded once: evaluated and exported from memory
+    q = compared(artifact, fp, args)  # the artifact is loaded once: evaluated and exported from memory
     exported = export(artifact, args.format, out, force=True, options=fmt.options(args))  # derived from the artifact: refresh it
-    e = eval_artifact(exported, args)
-    print(f"\n{fmt.describe(exported)}")
-    text = args.eval_text or "embedded evaluation split"
-    print(f"perplexity ({text}, ctx {args.ctx}): FP {fp.ppl:.4f}, torch reference {q.ppl:.4f}, "
-          f"{fmt.BACKENDS[0]} {e.ppl:.4f}")
-    print_run_commands(exported)
+    e = compared(exported, fp, args)
+    print_summary(args, model, fp, (artifact, q), (exported, e), fmt)
     return 0
 
 
+def fp_reference(args: argparse.Namespace):
+    """Load --model and score it on the evaluation windows (compare.FPTop: its perplexity and the distributions
+    every later row is compared with; cached by weights digest and windows), printed; returns (model, FPTop)."""
+    from . import data
+
+    t0 = time.time()
+    print(f"loading model {args.model!r} ...", file=sys.stderr)
+    m = api.load(args.model)
+    api.check_context(m, args.ctx, "--ctx")
+    windows = data.token_windows(data.tokenize(m.tokenizer, data.corpus_text("eval", args.eval_text)), args.ctx,
+                                 args.max_windows)
+    fp = api.fp_reference(m, windows, getattr(args, "device", "cpu"))
+    print(f"FP perplexity {fp.ppl:.4f} on {fp.nll.numel()} scored tokens ({len(windows)} windows x {args.ctx}, "
+          f"{args.eval_text or 'embedded evaluation split'}) in {time.time() - t0:.1f} s", file=sys.stderr)
+    return m, fp
+
+
+def compared(target, fp, args: argparse.Namespace):
+    """An artifact (torch reference) or export (its runtime) against the FP reference, printed."""
+    t0 = time.time()
+    r = api.compare(target, fp, device=getattr(args, "device", "cpu"))
+    print(f"{r.label} perplexity {r.ppl:.4f}, mean KLD {r.kld_mean:.5f}, top-1 agreement {100 * r.top1:.2f}% in "
+          f"{time.time() - t0:.1f} s", file=sys.stderr)
+    return r
+
+
+def print_summary(args: argparse.Namespace, model, fp, artifact, export_, fmt) -> None:
+    """The main job's closing table and the FP model's and the export's answers to DEMO_PROMPT, side by side."""
+    from .summary import Row, decode_speed, path_bytes, side_by_side, table
+
+    (art, q), (path, e) = artifact, export_
+    talk = api.chat(path, max_new_tokens=ANSWER_TOKENS)
+    speed = decode_speed(talk.backend, talk.prompt(DEMO_PROMPT))
+    fp_bytes = sum(model.weights[k].numel() * 4 for k in model.weights)  # one tensor at a time (lazy weights)
+    rows = [Row("FP (float32)", fp.ppl, None, None, fp_bytes),
+            Row("torch reference", q.ppl, q.kld_mean, q.top1, path_bytes(art.path) if art.path else None),
+            Row(f"export, {talk.backend.label}", e.ppl, e.kld_mean, e.top1, path_bytes(path), speed)]
+    print(f"\n{fmt.describe(path)}")
+    print(f"\n{table(rows, args.ctx, len(fp.windows))}")
+    print(f"({args.eval_text or 'embedded evaluation split'}; KLD and top-1 agreement against the FP model's "
+          "next-token distributions; decode: greedy tokens/s in the export's runtime, after a warm-up)")
+    print(f"\nasked: {DEMO_PROMPT}\n")
+    if fp_bytes > FP_ANSWER_BYTES:
+        fp_answer = f"(not run: the FP model holds {fp_bytes / 2**30:.1f} GiB of float32 weights)"
+    else:
+        fp_answer = api.chat(model, max_new_tokens=ANSWER_TOKENS).ask(DEMO_PROMPT)
+    print(side_by_side("FP model", fp_answer, f"export ({talk.backend.label})", talk.ask(DEMO_PROMPT)))
+    print()
+    print_run_commands(path)
+
+
 DEMO_PROMPT = "Write a Python function that returns the n-th Fibonacci number."
-"""The question the main job suggests asking its export (a chat model gets it as a user message)."""
+"""The question the main job asks the FP model and its export, and suggests asking (a chat model gets it as a user
+message)."""
+ANSWER_TOKENS = 160
+"""Tokens of each answer in the main job's summary."""
+FP_ANSWER_BYTES = 8 * 2**30
+"""Largest FP model the summary loads whole for its answer (a 7B model's float32 weights would not fit in memory)."""
 
 
 def print_run_commands(path) -> None:

@@ -94,6 +94,18 @@ def test_quantize_then_eval_artifact(tmp_path, capsys):
     assert abs(ppl - perplexity(reference_model(art).logits, windows).ppl) < 1e-3
 
 
+def summary_rows(out: str) -> list[dict]:
+    """The main job's closing table (rows FP, torch reference, export) as numbers; '-' is None."""
+    rows = []
+    for line in out.splitlines():
+        if line.startswith(("FP (float32)", "torch reference", "export, ")):
+            cells = re.split(r"\s{2,}", line.strip())
+            num = lambda c: None if c == "-" else float(c.rstrip("%").removesuffix(" MB"))  # noqa: E731
+            rows.append(dict(zip(("name", "ppl", "kld", "top1", "mb", "tok_s"), [cells[0]] + [num(c) for c in cells[1:]])))
+    assert [r["name"].split(",")[0] for r in rows] == ["FP (float32)", "torch reference", "export"], out
+    return rows
+
+
 def test_main_job_calibrates_baseq_and_reuses_the_artifact(tmp_path, capsys):
     from baseq_export.artifact import load_artifact
 
@@ -102,11 +114,16 @@ def test_main_job_calibrates_baseq_and_reuses_the_artifact(tmp_path, capsys):
             "--nsamples", "4", "--calib-ctx", "16", "--out", str(tmp_path / "export")]
     assert main(args) == 0
     out, err = capsys.readouterr()
-    fp, q, o = map(float, re.search(r"FP ([\d.]+), torch reference ([\d.]+), onnxruntime ([\d.]+)", out).groups())
+    fp, q, o = (r["ppl"] for r in summary_rows(out))
     art = load_artifact(tmp_path / "export.baseq")
     assert art.quant["method"] == "baseq" and art.quant["baseq"]["name"] == "quick"
     assert art.quant["lm_head"] == "int4" and art.quant["head_act_bits"] == 8  # the head on the int8 kernels
     assert len(art.calibration["blocks"]) == 2 and q != fp and abs(o / q - 1) < 0.005
+    fp_row, q_row, o_row = summary_rows(out)
+    assert fp_row["kld"] is None and 0 < q_row["kld"] and abs(o_row["kld"] / q_row["kld"] - 1) < 0.05
+    assert 0 < o_row["top1"] <= 100 and o_row["tok_s"] > 0 and q_row["tok_s"] is None
+    assert o_row["mb"] == pytest.approx(sum(f.stat().st_size for f in (tmp_path / "export").rglob("*") if f.is_file()) / 1e6, abs=0.06)
+    assert "asked: " in out and "FP model" in out and "export (onnxruntime" in out
     assert f"ONNX export: {tmp_path / 'export'}/model.onnx" in out and "baseq-export run" in out
     assert not (tmp_path / "export.baseq.partial").exists()  # the resume state is removed once saved
     assert main(args) == 0
@@ -162,7 +179,7 @@ def test_main_job_with_the_fast_w4a16_onnx_profile(tmp_path, capsys):
             "--ctx", "16", "--nsamples", "4", "--calib-ctx", "16", "--out", str(tmp_path / "export")]
     assert main(args) == 0
     out = capsys.readouterr().out
-    fp, q, o = map(float, re.search(r"FP ([\d.]+), torch reference ([\d.]+), onnxruntime ([\d.]+)", out).groups())
+    fp, q, o = (r["ppl"] for r in summary_rows(out))
     quant = load_artifact(tmp_path / "export.baseq").quant
     assert (quant["method"], quant["bits"], quant["group_size"], quant["rotation"]["r4"]) == ("quarot-gptq", "w4a16", 64, False)
     assert (quant["head_act_bits"], quant["linear_act_bits"], quant["weight_clip"]) == (8, 8, "mse")
@@ -312,7 +329,7 @@ def test_main_job_for_gguf_runs_the_profile_and_llama_cpp(tmp_path, capsys):
             "--nsamples", "4", "--calib-ctx", "32", "--out", str(out)]
     assert main(args) == 0
     stdout = capsys.readouterr().out
-    fp, q, cpp = map(float, re.search(r"FP ([\d.]+), torch reference ([\d.]+), llama.cpp ([\d.]+)", stdout).groups())
+    fp, q, cpp = (r["ppl"] for r in summary_rows(stdout))
     art = load_artifact(tmp_path / "m.gguf.baseq")
     quant = art.quant
     assert (quant["method"], quant["bits"], quant["ggml_mix"]) == ("quarot-gptq", "w4a16", "q4_k_m")

@@ -131,10 +131,14 @@ class TorchBackend:
 class FloatBackend:
     """The unquantized model (--model M, no artifact) in the float forward: the baseline a user compares with."""
 
-    def __init__(self, model: str):
-        from ..models import load_model
+    def __init__(self, model):
+        """model: a name for models.load_model, or a LoadedModel (its weights read into memory if lazy)."""
+        from ..models import LoadedModel, load_model
 
-        self.model = load_model(model)
+        m = model if isinstance(model, LoadedModel) else load_model(model)
+        if hasattr(m.weights, "read_all"):
+            m = LoadedModel(**{**m.__dict__, "weights": m.weights.read_all()})
+        self.model = m
         self.label = "FP (torch)"
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:

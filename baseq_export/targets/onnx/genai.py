@@ -93,7 +93,8 @@ def genai_stream(path, prompt_ids: list[int], max_new_tokens: int,
 
 
 class GenaiBackend:
-    """An export in onnxruntime-genai (an export.Backend); genai runs generation only, not scoring."""
+    """An export in onnxruntime-genai (an export.Backend). genai is a generation API: logits of a whole window
+    are read one position at a time (each token appended, the last position's logits read), as a decode does."""
 
     label = "onnxruntime-genai"
 
@@ -108,8 +109,23 @@ class GenaiBackend:
         self.context_length = json.loads((self.path / GENAI_CONFIG).read_text())["model"]["context_length"]
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        raise ValueError("perplexity is measured in onnxruntime (our runner); onnxruntime-genai runs generation: "
-                         "use `baseq-export run --backend onnxruntime-genai`")
+        import onnxruntime_genai as og
+
+        if ids.shape[1] > self.context_length:
+            raise ValueError(f"windows of {ids.shape[1]} tokens exceed the export's context of {self.context_length}")
+        model = og.Model(str(self.path))
+        rows = []
+        for row in ids.tolist():
+            params = og.GeneratorParams(model)
+            params.set_search_options(max_length=len(row) + 1, do_sample=False)
+            gen = og.Generator(model, params)
+            out = []
+            for token in row:
+                gen.append_tokens(np.array([[token]], dtype=np.int32))
+                logits = np.asarray(gen.get_logits(), np.float32)
+                out.append(logits.reshape(-1, logits.shape[-1])[-1].copy())
+            rows.append(np.stack(out))
+        return torch.from_numpy(np.stack(rows))
 
     def greedy(self, prompt_ids: list[int], max_new_tokens: int | None = None) -> Iterator[int]:
         return self.generate(prompt_ids, max_new_tokens)
