@@ -212,3 +212,27 @@ def load_artifact(path: str | Path, map_location: str = "cpu", lazy: bool = Fals
     if (path / CALIBRATION).is_file():
         calibration = json.loads((path / CALIBRATION).read_text())
     return Artifact(config["model"], config["quant"], tensors, config.get("source", {}), calibration, path)
+
+
+def source_config(art: Artifact) -> dict:
+    """Context length, RoPE base and llama.cpp pre-tokenizer of the source model, where it is still readable:
+    a Hugging Face config.json, or the keys of a source .gguf (the default model)."""
+    import gguf
+
+    from .gguf_file import read_keys
+
+    src = Path(str((art.source or {}).get("model", "")))
+    out: dict = {}
+    try:
+        if src.is_dir() and (src / "config.json").is_file():
+            c = json.loads((src / "config.json").read_text())
+            out["context_length"] = c.get("max_position_embeddings")
+            out["rope_theta"] = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta")
+        elif src.is_file() and src.suffix == ".gguf":
+            arch = read_keys(src, {gguf.Keys.General.ARCHITECTURE}).get(gguf.Keys.General.ARCHITECTURE)
+            keys = {gguf.Keys.LLM.CONTEXT_LENGTH.format(arch=arch): "context_length",
+                    gguf.Keys.Rope.FREQ_BASE.format(arch=arch): "rope_theta", gguf.Keys.Tokenizer.PRE: "pre"}
+            out = {keys[k]: v for k, v in read_keys(src, set(keys)).items()}
+    except (OSError, ValueError, KeyError, AttributeError):
+        return {}
+    return {k: v for k, v in out.items() if v is not None}

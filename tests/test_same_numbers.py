@@ -35,15 +35,20 @@ try:  # since 2026-12-07 the GGUF names the pre-tokenizer that reproduces the to
     same_pre = ["--gguf-pre", "default"]
 except ImportError:
     same_pre = []
+try:  # since 2026-12-07 an ONNX export's context defaults to the source model's: 2048 before, asked for here
+    from baseq_export.targets.onnx import export_length  # noqa: F401
+    same_len = ["--max-length", "2048"]
+except ImportError:
+    same_len = []
 runs = [
     ["quantize", "--method", "rtn", "--bits", "w4a16", "--group-size", "32", "--out", str(out / "rtn.baseq"), *calib],
     ["quantize", "--method", "quarot-gptq", "--bits", "w4a4kv4", "--head-bits", "4", "--out", str(out / "gptq.baseq"), *calib],
     ["quantize", "--method", "baseq", "--r1-steps", "4", "--e2e-epochs", "1", "--out", str(out / "baseq.baseq"), *calib],
     ["quantize", "--profile", "gguf", "--out", str(out / "gguf.baseq"), *calib],
     ["quantize", "--profile", "onnx-w4a16", "--out", str(out / "w4a16.baseq"), *calib],
-    ["export", str(out / "baseq.baseq"), "--out", str(out / "baseq-onnx")],
-    ["export", str(out / "baseq.baseq"), "--out", str(out / "baseq-onnx-std"), "--ops", "standard"],
-    ["export", str(out / "w4a16.baseq"), "--out", str(out / "w4a16-onnx")],
+    ["export", str(out / "baseq.baseq"), "--out", str(out / "baseq-onnx"), *same_len],
+    ["export", str(out / "baseq.baseq"), "--out", str(out / "baseq-onnx-std"), "--ops", "standard", *same_len],
+    ["export", str(out / "w4a16.baseq"), "--out", str(out / "w4a16-onnx"), *same_len],
     ["export", str(out / "gguf.baseq"), "--format", "gguf", "--out", str(out / "gguf.gguf"), *same_pre],
 ]
 for args in runs:
@@ -63,7 +68,14 @@ def gguf_digest(p):
 digests = {}
 for p in sorted(out.rglob("*")):
     if p.is_file() and not p.name.endswith(tuple(sys.argv[4].split(","))):
-        digest = gguf_digest(p) if p.suffix == ".gguf" else hashlib.sha256(p.read_bytes()).hexdigest()
+        if p.suffix == ".gguf":
+            digest = gguf_digest(p)
+        elif p.name == "manifest.json":  # the artifact is named, no longer by its absolute path (2026-12-07)
+            m = json.loads(p.read_text())
+            m["artifact"] = Path(m["artifact"]).name
+            digest = hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()
+        else:
+            digest = hashlib.sha256(p.read_bytes()).hexdigest()
         digests[str(p.relative_to(out))] = digest
 print("DIGESTS " + json.dumps(digests))
 """

@@ -10,8 +10,7 @@ import gguf
 import numpy as np
 import torch
 
-from ...artifact import Artifact
-from ...gguf_file import read_keys
+from ...artifact import Artifact, source_config
 from ...models.base import ModelConfig
 from ...quant.ggml_mix import MIXES
 from . import pretok
@@ -23,26 +22,6 @@ QUANT_KEY = "baseq.quant"
 DEFAULT_CONTEXT = 4096  # when the source model no longer says how long a context it was trained for
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
               "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}
-
-
-def source_config(art: Artifact) -> dict:
-    """Context length, RoPE base and llama.cpp pre-tokenizer of the source model, where it is still readable:
-    a Hugging Face config.json, or the keys of a source .gguf (the default model)."""
-    src = Path(str((art.source or {}).get("model", "")))
-    out: dict = {}
-    try:
-        if src.is_dir() and (src / "config.json").is_file():
-            c = json.loads((src / "config.json").read_text())
-            out["context_length"] = c.get("max_position_embeddings")
-            out["rope_theta"] = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta")
-        elif src.is_file() and src.suffix == ".gguf":
-            arch = read_keys(src, {gguf.Keys.General.ARCHITECTURE}).get(gguf.Keys.General.ARCHITECTURE)
-            keys = {gguf.Keys.LLM.CONTEXT_LENGTH.format(arch=arch): "context_length",
-                    gguf.Keys.Rope.FREQ_BASE.format(arch=arch): "rope_theta", gguf.Keys.Tokenizer.PRE: "pre"}
-            out = {keys[k]: v for k, v in read_keys(src, set(keys)).items()}
-    except (OSError, ValueError, KeyError, AttributeError):
-        return {}
-    return {k: v for k, v in out.items() if v is not None}
 
 
 def rope_base(art: Artifact) -> float:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import onnx
 
-from ...artifact import Artifact, staged_dir
+from ...artifact import Artifact, source_config, staged_dir
 from ...artifact_tensors import GGML_TENSORS
 from ...models.base import ModelConfig
 from .. import loaded, option_default
@@ -32,6 +32,7 @@ BACKENDS = ("onnxruntime", "onnxruntime-genai")
 MANIFEST_FORMAT = "baseq-onnx"
 OPS_OPTIONS = ("auto", "custom", "standard")
 DEFAULT_MAX_LENGTH = 2048
+"""Context of an export when the source model no longer says its own (--max-length sets it)."""
 
 
 def add_arguments(p: argparse.ArgumentParser, sub: bool = False) -> None:
@@ -39,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser, sub: bool = False) -> None:
     p.add_argument("--ops", choices=OPS_OPTIONS, default=option_default("auto", sub),
                    help="ONNX online parts as our C++ custom ops (custom), as standard ONNX ops for runtimes that cannot "
                    "load our library (standard), or custom when the library builds here, else standard (auto, default)")
+    p.add_argument("--max-length", type=int, default=option_default(None, sub), metavar="N",
+                   help="longest sequence (prompt + generated tokens) the ONNX export runs: the size of its RoPE tables "
+                   "and of onnxruntime-genai's KV buffer (default: the source model's own context, else "
+                   f"{DEFAULT_MAX_LENGTH})")
     p.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, default=option_default("float", sub),
                    help="ONNX KV cache of model.onnx: float32 values on the 4-bit grid (default), or packed 4-bit codes + "
                    "per-token scale/zero (int4: about 6x smaller, our ops only). With our ops and a 4-bit KV artifact "
@@ -46,7 +51,17 @@ def add_arguments(p: argparse.ArgumentParser, sub: bool = False) -> None:
 
 
 def options(args: argparse.Namespace) -> dict:
-    return {"ops": getattr(args, "ops", "auto"), "kv_cache": getattr(args, "kv_cache", "float")}
+    return {"ops": getattr(args, "ops", "auto"), "kv_cache": getattr(args, "kv_cache", "float"),
+            "max_length": getattr(args, "max_length", None)}
+
+
+def export_length(art: Artifact, requested: int | None) -> int:
+    """The export's context: the option, else the source model's own (artifact.source_config), else
+    DEFAULT_MAX_LENGTH."""
+    n = requested or source_config(art).get("context_length") or DEFAULT_MAX_LENGTH
+    if int(n) < 2:
+        raise ValueError(f"--max-length must be at least 2 tokens, got {n}")
+    return int(n)
 
 
 def main_job_settings(args: argparse.Namespace) -> dict:
@@ -124,12 +139,14 @@ def is_tokenizer_file(name: str) -> bool:
     return name.startswith("tokenizer") or name in ("special_tokens_map.json", "chat_template.jinja")
 
 
-def write(artifact: Artifact | str | Path, out: str | Path, force: bool = False, max_length: int = DEFAULT_MAX_LENGTH,
+def write(artifact: Artifact | str | Path, out: str | Path, force: bool = False, max_length: int | None = None,
           ops: str = "auto", kv_cache: str = "float") -> Path:
     """Write model.onnx (+ model.onnx.data), the tokenizer (the files in the artifact's directory),
     genai_config.json, a manifest and, with custom ops, a copy of our op library to `out`, atomically.
-    A lazily loaded artifact is read a tensor at a time while the graphs are built."""
+    A lazily loaded artifact is read a tensor at a time while the graphs are built. max_length: export_length.
+    Nothing written names a path of this machine: an export is shipped to others."""
     art, out = loaded(artifact), Path(out).expanduser()
+    max_length = export_length(art, max_length)
     if out.exists():
         if not force:
             raise FileExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
@@ -161,7 +178,7 @@ def write(artifact: Artifact | str | Path, out: str | Path, force: bool = False,
         # genai runs the same graph as our runner; with our attention ops past and present share one buffer
         write_genai_config(tmp, ModelConfig.from_dict(art.model), art, max_length,
                            library.name if library is not None else None, runner["model"], share_buffer=ops == "custom")
-        manifest = {"format": MANIFEST_FORMAT, "artifact": str(art.path.resolve()) if art.path is not None else None,
+        manifest = {"format": MANIFEST_FORMAT, "artifact": art.path.name if art.path is not None else None,
                     "quant": art.quant,
                     "model": art.model, "max_length": max_length, "ops": ops, "kv_cache": kv_cache,
                     "onnxruntime": runner, "files": files, "digests": file_digests(tmp, files)}

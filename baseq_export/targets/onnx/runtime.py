@@ -128,6 +128,9 @@ class OnnxModel:
     def step(self, ids: np.ndarray, past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Logits for ids [B, T] after `past`, and the cache that includes them."""
         total = ids.shape[1] + next(iter(past.values())).shape[2]
+        if self.max_length and total > self.max_length:
+            raise ValueError(f"{total} tokens exceed this export's context of {self.max_length} (its RoPE tables): "
+                             "export again with a larger --max-length")
         mask = np.ones((ids.shape[0], total), np.int64)
         outs = self.session.run(None, {"input_ids": ids.astype(np.int64), "attention_mask": mask, **past})
         names = [o.name for o in self.session.get_outputs()]
