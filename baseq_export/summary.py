@@ -28,13 +28,13 @@ def path_bytes(path: str | Path) -> int:
     return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
-def decode_speed(backend, prompt_ids: list[int], new_tokens: int = 64, warmup: int = 8) -> float:
+def decode_speed(backend, prompt_ids: list[int], new_tokens: int = 64, warmup: int = 8) -> float | None:
     """Greedy tokens per second of a runner after prompt_ids, timed from the warmup-th new token on (the first
-    steps pay for allocation and caches)."""
+    steps pay for allocation and caches); None when the context ends before two tokens are timed."""
     stamps = [time.perf_counter() for _ in itertools.islice(backend.greedy(prompt_ids, warmup + new_tokens),
                                                             warmup + new_tokens)]
     timed = stamps[warmup - 1:]
-    return (len(timed) - 1) / (timed[-1] - timed[0])
+    return (len(timed) - 1) / (timed[-1] - timed[0]) if len(timed) > 2 else None
 
 
 def table(rows: list[Row], ctx: int, windows: int) -> str:

@@ -178,6 +178,7 @@ def main() -> None:
             files[key] = ours
         results.setdefault("quantize_s", {}).update({k: round(v, 1) for k, v in seconds.items()})
     if args.main_job:
+        results["main_job_mix"] = G.MAIN_JOB_MIX
         files["main-job"] = work / "main-job.gguf"
         if not files["main-job"].is_file():
             results["main_job_s"] = round(run_main_job(args.model, files["main-job"], args.calib_text), 1)

@@ -162,16 +162,19 @@ def gguf_mix() -> str:
     by = {r["key"]: r for r in d["rows"]}
     texts = [t for t in ("eval", "GPL-3") if t in d["rows"][0]]
     head = ["GGUF", "file"] + [f"perplexity, {t} ({d['rows'][0][t]['windows']} x {d['ctx']})" for t in texts]
-    head += ["decode tok/s", "ours / llama.cpp: size, decode"]
+    head += ["decode tok/s", "bytes over llama.cpp's", "decode ratio (paired)"]
     rows = []
     for key, r in by.items():
-        peer = by.get("llama-" + key.removeprefix("ours-").split("-")[0]) if key.startswith("ours-") else None
-        name = {"f32": "F32"}.get(key, key.replace("llama-", "llama.cpp ").replace("ours-", "ours ").upper()
-                                    .replace("LLAMA.CPP", "llama.cpp").replace("OURS", "ours")
-                                    .replace("-SENSITIVITY", ", sensitivity choice"))
-        ratio = f"{r['bytes'] / peer['bytes']:.3f}, {r['decode_tok_s'] / peer['decode_tok_s']:.3f}" if peer else ""
+        mix = d.get("main_job_mix", "q4_k_m") if key == "main-job" else key.removeprefix("ours-").split("-")[0]
+        peer = by.get(f"llama-{mix}") if key.startswith("ours-") or key == "main-job" else None
+        name = {"f32": "F32", "main-job": f"main job (`--format gguf`, {mix.upper()})"}.get(
+            key, key.replace("llama-", "llama.cpp ").replace("ours-", "ours ").upper()
+            .replace("LLAMA.CPP", "llama.cpp").replace("OURS", "ours").replace("-SENSITIVITY", ", sensitivity choice"))
+        paired = r.get("decode_ratio_paired")
+        ratio = ([f"{r['bytes'] - peer['bytes']:+d}", num(paired, 3) if paired else
+                  f"{r['decode_tok_s'] / peer['decode_tok_s']:.3f} (medians)"] if peer else ["", ""])
         rows.append([name, mb(r["bytes"])] + [num(r[t]["ppl"], 3) for t in texts]
-                    + [num(r.get("decode_tok_s"), 1), ratio])
+                    + [num(r.get("decode_tok_s"), 1)] + ratio)
     return (table(head, rows) + f"\n\nCalibration: {d['nsamples']} windows of {d['calib_ctx']} tokens of "
             f"{d['calib_text']} (llama.cpp's importance matrix from the same windows). " + machine(d))
 

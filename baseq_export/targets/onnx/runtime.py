@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Callable, Iterator
@@ -149,10 +150,21 @@ class OnnxModel:
 
         if choose is None:
             return self.greedy(prompt_ids, max_new_tokens)
+        room = self.room(len(prompt_ids), max_new_tokens)
         if not self.shares_buffer:
-            return token_stream(onnx_stepper(self), prompt_ids, choose)
-        room = max_new_tokens if max_new_tokens is not None else max(1, self.max_length - len(prompt_ids))
-        return token_stream(buffer_stepper(self, len(prompt_ids) + room), prompt_ids, choose)
+            return itertools.islice(token_stream(onnx_stepper(self), prompt_ids, choose), room)
+        return itertools.islice(token_stream(buffer_stepper(self, len(prompt_ids) + room), prompt_ids, choose), room)
+
+    def room(self, n_prompt: int, max_new_tokens: int | None) -> int:
+        """New tokens after a prompt of n_prompt: max_new_tokens, ending where the export's context does (as
+        llama.cpp's generation ends at its context); a prompt that fills the context is refused."""
+        left = self.max_length - n_prompt if self.max_length else None
+        if left is not None and left < 1:
+            raise ValueError(f"the prompt's {n_prompt} tokens fill this export's context of {self.max_length}: "
+                             "export again with a larger --max-length")
+        if max_new_tokens is None:
+            return left if left is not None else 512
+        return max_new_tokens if left is None else min(max_new_tokens, left)
 
     def greedy(self, prompt_ids: list[int], max_new_tokens: int | None = None, native: bool = True) -> Iterator[int]:
         """Greedy tokens after prompt_ids. Where the export's attention ops write the KV cache in place, the
@@ -160,14 +172,14 @@ class OnnxModel:
         on the same shared buffer. All paths give the same tokens."""
         from ...generate import greedy_stream, onnx_stepper
 
+        room = self.room(len(prompt_ids), max_new_tokens)
         if not self.shares_buffer:
-            return greedy_stream(onnx_stepper(self), prompt_ids)
-        room = max_new_tokens if max_new_tokens is not None else max(1, self.max_length - len(prompt_ids))
+            return itertools.islice(greedy_stream(onnx_stepper(self), prompt_ids), room)
         if native:
             decoder = self.native_decoder(len(prompt_ids) + room)
             if decoder is not None:
-                return native_stream(decoder, prompt_ids)
-        return greedy_stream(buffer_stepper(self, len(prompt_ids) + room), prompt_ids)
+                return itertools.islice(native_stream(decoder, prompt_ids), room)
+        return itertools.islice(greedy_stream(buffer_stepper(self, len(prompt_ids) + room), prompt_ids), room)
 
     def native_decoder(self, capacity: int):
         """This model's C++ greedy decoder (native.NativeGreedy), reset for a new sequence of up to
