@@ -321,7 +321,7 @@ def test_main_job_for_gguf_runs_the_profile_and_llama_cpp(tmp_path, capsys):
     from baseq_export.artifact import load_artifact
     from baseq_export.gguf_file import GGUF_TENSORS, read_header, tensor_name
     from baseq_export.models.base import LINEARS, ModelConfig, linear_in_features
-    from baseq_export.quant.ggml_mix import linear_type
+    from baseq_export.quant.ggml_mix import head_types, linear_type
 
     ckpt, text = bpe_checkpoint(tmp_path)
     out = tmp_path / "m.gguf"
@@ -340,6 +340,10 @@ def test_main_job_for_gguf_runs_the_profile_and_llama_cpp(tmp_path, capsys):
             for i in range(cfg.num_layers) for lin in LINEARS}
     got = {t.name: gguf.GGMLQuantizationType(t.qtype).name for t in read_header(out, set()).tensors if t.name in want}
     assert got == want and len(set(got.values())) > 1  # a mix: more bits for some tensors
+    output, embed = head_types("q4_k_m", cfg.hidden_size)  # the output and token embedding as llama.cpp's mix has them
+    heads = {t.name: gguf.GGMLQuantizationType(t.qtype).name for t in read_header(out, set()).tensors}
+    assert heads["token_embd.weight"] == (output if cfg.tied_embeddings else embed)
+    assert heads.get("output.weight", output) == output
     assert abs(cpp / q - 1) < 0.01 and q != fp  # llama.cpp's 8-bit block activations: close, not equal
 
 

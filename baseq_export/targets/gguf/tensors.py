@@ -316,7 +316,9 @@ def plan_tensors(art: Artifact, weights: str = "auto", head: str = "auto", embed
     perms = {"q": rope_permutation(cfg.num_heads, cfg.head_dim) if permute else None,
              "k": rope_permutation(cfg.num_kv_heads, cfg.head_dim) if permute else None}
     head_kind = head_type_of(art, "embed" if cfg.tied_embeddings else "lm_head", head)
-    embed_kind = head_type_of(art, "embed", embed if embed is not None else head_kind)
+    # the embedding follows the head's type unless a mix decides it (llama.cpp's Q4_K_M: output Q6_K, token_embd Q4_K)
+    follow = head_kind if head not in (None, "auto") or not art.quant.get("ggml_mix") else "auto"
+    embed_kind = head_type_of(art, "embed", embed if embed is not None else follow)
     _add_matrix(plan, tensor_name(gguf.MODEL_TENSOR.TOKEN_EMBD), art, "embed", embed_kind, None)
     for i in range(cfg.num_layers):
         _add_vector(plan, tensor_name(gguf.MODEL_TENSOR.ATTN_NORM, bid=i), art, f"layers.{i}.attn_norm",

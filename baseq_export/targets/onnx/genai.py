@@ -109,23 +109,29 @@ class GenaiBackend:
         self.context_length = json.loads((self.path / GENAI_CONFIG).read_text())["model"]["context_length"]
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        import onnxruntime_genai as og
-
         if ids.shape[1] > self.context_length:
             raise ValueError(f"windows of {ids.shape[1]} tokens exceed the export's context of {self.context_length}")
-        model = og.Model(str(self.path))
-        rows = []
-        for row in ids.tolist():
-            params = og.GeneratorParams(model)
-            params.set_search_options(max_length=len(row) + 1, do_sample=False)
-            gen = og.Generator(model, params)
-            out = []
-            for token in row:
-                gen.append_tokens(np.array([[token]], dtype=np.int32))
-                logits = np.asarray(gen.get_logits(), np.float32)
-                out.append(logits.reshape(-1, logits.shape[-1])[-1].copy())
-            rows.append(np.stack(out))
-        return torch.from_numpy(np.stack(rows))
+        return genai_logits(self.path, ids)
+
+
+def genai_logits(path: str | Path, ids: torch.Tensor) -> torch.Tensor:
+    """float32 logits [B, T, vocab] of every position of ids [B, T] in onnxruntime-genai running the model
+    directory at path (ours or another builder's), a token at a time: genai returns the last position's logits."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(path))
+    rows = []
+    for row in ids.tolist():
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(row) + 1, do_sample=False)
+        gen = og.Generator(model, params)
+        out = []
+        for token in row:
+            gen.append_tokens(np.array([[token]], dtype=np.int32))
+            logits = np.asarray(gen.get_logits(), np.float32)
+            out.append(logits.reshape(-1, logits.shape[-1])[-1].copy())
+        rows.append(np.stack(out))
+    return torch.from_numpy(np.stack(rows))
 
     def greedy(self, prompt_ids: list[int], max_new_tokens: int | None = None) -> Iterator[int]:
         return self.generate(prompt_ids, max_new_tokens)
