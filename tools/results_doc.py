@@ -209,17 +209,19 @@ def headline() -> str:
     """The README's one table: what each shipped file costs and scores, beside the runtimes' own quantizers."""
     onnx = with_name("bench-onnx.json")
     by = {r["label"]: r for r in onnx["rows"]}
-    gk = {r["key"]: r for r in load("bench-gguf-offgrid.json")["rows"]}
+    gm = {r["key"]: r for r in load("bench-gguf-mix.json")["rows"]}
     rows = []
     for label, what in (("ours quick-w4a4kv4", "ONNX W4A4KV4, `baseq-export --format onnx`"),
                         ("ours w4a16-g64", "ONNX W4A16, `quantize --profile onnx-w4a16`"),
                         ("genai builder int4", "onnxruntime-genai builder int4 (peer)")):
         r = by[label]
         rows.append([what, mb(r["bytes"]), num(r["ppl"]), f"{r['genai_decode_tok_s_short']:.0f} (genai)", "Xeon, default model"])
-    for key, what in (("rot-gptq-q4_1", "GGUF Q4_1, `baseq-export --format gguf`"),
-                      ("llama-q4_k_m", "llama.cpp Q4_K_M (peer)"), ("llama-q4_1", "llama.cpp Q4_1 (peer)")):
-        r = gk[key]
-        rows.append([what, mb(r["bytes"]), num(r["ppl"]), f"{r['decode_tok_s']:.0f} (llama.cpp)", "EPYC, off-grid copy"])
+    for key, what in (("main-job", "GGUF Q4_K_M, `baseq-export --format gguf`"),
+                      ("llama-q4_k_m", "llama.cpp Q4_K_M + imatrix (peer)"),
+                      ("llama-q4_0", "llama.cpp Q4_0 + imatrix (peer)")):
+        r = gm[key]
+        rows.append([what, mb(r["bytes"]), num(r["eval"]["ppl"]), f"{r['decode_tok_s']:.0f} (llama.cpp)",
+                     "EPYC, off-grid copy"])
     cl = closure_spread(load("bench-baseq-seeds3.json")["rows"])
     quick, std = cl["BASE-Q quick + learned R1 w4a4kv4"], cl["BASE-Q standard + learned R1 + end-to-end w4a4kv4"]
     return (table(["file", "size", "perplexity (38 x 512)", "decode tok/s, 2 threads", "machine, model"], rows)
