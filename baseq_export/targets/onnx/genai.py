@@ -114,6 +114,18 @@ class GenaiBackend:
         return genai_logits(self.path, ids)
 
 
+    def greedy(self, prompt_ids: list[int], max_new_tokens: int | None = None) -> Iterator[int]:
+        return self.generate(prompt_ids, max_new_tokens)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int | None = None,
+                 choose: Callable[[torch.Tensor], int] | None = None) -> Iterator[int]:
+        """Tokens after prompt_ids: genai's own greedy search, or with choose, each token picked from genai's
+        logits of the last position and appended back (so every backend samples the same way)."""
+        room = self.context_length - len(prompt_ids)
+        return genai_stream(self.path, prompt_ids, room if max_new_tokens is None else min(room, max_new_tokens),
+                            choose)
+
+
 def genai_logits(path: str | Path, ids: torch.Tensor) -> torch.Tensor:
     """float32 logits [B, T, vocab] of every position of ids [B, T] in onnxruntime-genai running the model
     directory at path (ours or another builder's), a token at a time: genai returns the last position's logits."""
@@ -132,14 +144,3 @@ def genai_logits(path: str | Path, ids: torch.Tensor) -> torch.Tensor:
             out.append(logits.reshape(-1, logits.shape[-1])[-1].copy())
         rows.append(np.stack(out))
     return torch.from_numpy(np.stack(rows))
-
-    def greedy(self, prompt_ids: list[int], max_new_tokens: int | None = None) -> Iterator[int]:
-        return self.generate(prompt_ids, max_new_tokens)
-
-    def generate(self, prompt_ids: list[int], max_new_tokens: int | None = None,
-                 choose: Callable[[torch.Tensor], int] | None = None) -> Iterator[int]:
-        """Tokens after prompt_ids: genai's own greedy search, or with choose, each token picked from genai's
-        logits of the last position and appended back (so every backend samples the same way)."""
-        room = self.context_length - len(prompt_ids)
-        return genai_stream(self.path, prompt_ids, room if max_new_tokens is None else min(room, max_new_tokens),
-                            choose)
