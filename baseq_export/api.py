@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .locks import out_lock
 from .settings import PRESET_R1_STEPS, PRESETS, PROFILES, W4A4KV4, W4A16, BaseqSettings, QuantSettings
 
 GPTQ_NSAMPLES, GPTQ_CTX = 128, 512
@@ -150,37 +151,40 @@ def quantize(model="default", out: str | Path | None = None, *, method: str = "b
     from .artifact import check_writable, load_artifact, save_artifact
     from .gptq_model import quantize_model
 
-    device = resolve_device(device) if isinstance(device, str) else device
-    if out is not None:
-        check_writable(out, force)  # fail before the long work, not after it
-    keywords = dict(profile=profile, nsamples=nsamples, calib_ctx=calib_ctx, e2e_epochs=e2e_epochs, r1_steps=r1_steps)
-    if plan is None:
-        make_plan(method, bits, preset, **keywords, **settings)  # bad settings: refused before the model loads
-    m = load(model) if isinstance(model, (str, Path)) else model  # lazy: a block's tensors read when needed
-    p = plan or make_plan(method, bits, preset, max_positions=m.max_positions, **keywords, **settings)
-    p.settings.check_model(m.config)
-    if calib is None and p.nsamples:
-        check_context(m, p.calib_ctx, "--calib-ctx")
-        calib = calibration_windows(m.tokenizer, p.nsamples, p.calib_ctx, p.settings.seed, calib_text)
-    save = (lambda art: save_artifact(out, art, overwrite=force, write_extra=lambda d: m.tokenizer.save_pretrained(str(d))))
-    if p.baseq or p.tune:  # resumable: each finished block is kept in out.partial
-        from .tune import tune_blocks
+    with out_lock(out) if out is not None else contextlib.nullcontext():  # one writer per --out (locks.py)
+        device = resolve_device(device) if isinstance(device, str) else device
+        if out is not None:
+            check_writable(out, force)  # fail before the long work, not after it
+        keywords = dict(profile=profile, nsamples=nsamples, calib_ctx=calib_ctx, e2e_epochs=e2e_epochs,
+                        r1_steps=r1_steps)
+        if plan is None:
+            make_plan(method, bits, preset, **keywords, **settings)  # bad settings: refused before the model loads
+        m = load(model) if isinstance(model, (str, Path)) else model  # lazy: a block's tensors read when needed
+        p = plan or make_plan(method, bits, preset, max_positions=m.max_positions, **keywords, **settings)
+        p.settings.check_model(m.config)
+        if calib is None and p.nsamples:
+            check_context(m, p.calib_ctx, "--calib-ctx")
+            calib = calibration_windows(m.tokenizer, p.nsamples, p.calib_ctx, p.settings.seed, calib_text)
+        save = (lambda art: save_artifact(out, art, overwrite=force,
+                                          write_extra=lambda d: m.tokenizer.save_pretrained(str(d))))
+        if p.baseq or p.tune:  # resumable: each finished block is kept in out.partial
+            from .tune import tune_blocks
 
-        workdir = Path(out).with_name(Path(out).name + ".partial") if out is not None else None
-        if workdir is not None and workdir.exists():
-            print(f"resuming the partial run in {workdir}", file=sys.stderr)
-        art = (calibrate_baseq(m, p.settings, p.baseq, calib, workdir=workdir, device=device) if p.baseq else
-               tune_blocks(m, p.settings, calib, p.tune, workdir=workdir, device=device))  # blocks: workdir's files
-        if out is None:
-            return art
-        path = save(art)
-        shutil.rmtree(workdir, ignore_errors=True)
-    elif out is None:
-        return quantize_model(m, p.settings, calib, device=device)
-    else:
-        with spool_dir(Path(out)) as spool:  # finished blocks wait on disk, not in memory, until the artifact is written
-            path = save(quantize_model(m, p.settings, calib, spool=spool, device=device))
-    return load_artifact(path, lazy=True)
+            workdir = Path(out).with_name(Path(out).name + ".partial") if out is not None else None
+            if workdir is not None and workdir.exists():
+                print(f"resuming the partial run in {workdir}", file=sys.stderr)
+            art = (calibrate_baseq(m, p.settings, p.baseq, calib, workdir=workdir, device=device) if p.baseq else
+                   tune_blocks(m, p.settings, calib, p.tune, workdir=workdir, device=device))  # blocks: workdir's files
+            if out is None:
+                return art
+            path = save(art)
+            shutil.rmtree(workdir, ignore_errors=True)
+        elif out is None:
+            return quantize_model(m, p.settings, calib, device=device)
+        else:
+            with spool_dir(Path(out)) as spool:  # finished blocks wait on disk, not in memory, until it is written
+                path = save(quantize_model(m, p.settings, calib, spool=spool, device=device))
+        return load_artifact(path, lazy=True)
 
 
 def export(artifact, format: str = "onnx", out: str | Path | None = None, *, force: bool = False, **options) -> Path:
@@ -201,7 +205,8 @@ def export(artifact, format: str = "onnx", out: str | Path | None = None, *, for
         out = t.default_out(str(Path(art.path).with_suffix("")))
     t.check_artifact(art)
     map_big_allocations(block_bytes(ModelConfig.from_dict(art.model)))  # as quantize does, for a 7B model (memory.py)
-    return t.write(art, out, force=force, **options)
+    with out_lock(out):  # one writer per --out (locks.py)
+        return t.write(art, out, force=force, **options)
 
 
 def evaluate(target="default", text: str | Path | None = None, ctx: int = 512, max_windows: int | None = None,

@@ -173,7 +173,64 @@ def read_config(path: str | Path) -> dict:
             f"{path} has artifact format version {version}, this baseq-export reads version {FORMAT_VERSION}; "
             "quantize the model again with this version"
         )
+    check_record(cfg_path, config)
     return config
+
+
+def check_record(where: Path, config: dict) -> None:
+    """Every field of an artifact's config.json that is read has the type it is used as, and the tensor index
+    agrees with the model's dimensions (each linear's out x in, norms, the embedding): else ArtifactError naming
+    the file, the field and the fix."""
+    from .models.base import LINEARS, ModelConfig, linear_in_features, linear_out_features
+
+    def bad(field: str, what: str) -> ArtifactError:
+        return ArtifactError(f"{where}: {field} {what}; the artifact is damaged or was edited: quantize again")
+
+    problem = ModelConfig.problem(config.get("model"))
+    if problem:
+        raise bad('"model"', f"is not a model config: it {problem}")
+    quant, index = config.get("quant"), config.get("tensors")
+    if not isinstance(quant, dict) or not all(isinstance(quant.get(k), str) for k in ("method", "bits")):
+        raise bad('"quant"', "is not an object naming method and bits")
+    for k in ("group_size", "head_group_size"):
+        if quant.get(k) is not None and not (type(quant[k]) is int and quant[k] > 0):
+            raise bad(f'"quant.{k}"', "is not a positive whole number or null")
+    for k in ("a_bits", "kv_bits", "w_bits", "head_act_bits"):
+        if quant.get(k) is not None and quant[k] not in (4, 8, 16):
+            raise bad(f'"quant.{k}"', "is not 4, 8 or 16")
+    for k in ("source", "checksums", "baseq", "rotation"):
+        holder = quant if k in ("baseq", "rotation") else config
+        if holder.get(k) is not None and not isinstance(holder[k], dict):
+            raise bad(f'"{k}"', "is not an object")
+    if not isinstance(index, dict) or not all(
+            isinstance(m, dict) and isinstance(m.get("dtype"), str) and isinstance(m.get("shape"), list)
+            and all(type(n) is int and n >= 0 for n in m["shape"]) for m in index.values()):
+        raise bad('"tensors"', "is not a map of tensor name to {dtype, shape}")
+    cfg = ModelConfig.from_dict(config["model"])
+    want = {"norm": [cfg.hidden_size]}
+    for i in range(cfg.num_layers):
+        want.update({f"layers.{i}.attn_norm": [cfg.hidden_size], f"layers.{i}.mlp_norm": [cfg.hidden_size]})
+        for lin in LINEARS:
+            out, inp = linear_out_features(cfg, lin), linear_in_features(cfg, lin)
+            prefix = f"layers.{i}.{lin}"
+            if not any(prefix + s in index for s in (".qweight", ".ggml", ".weight")):
+                raise bad('"tensors"', f"has no {prefix} weight")
+            want.update({f"{prefix}.weight": [out, inp], f"{prefix}.qweight": [out, (inp + 1) // 2],
+                         f"{prefix}.bias": [out]})
+            for s in (".scales", ".zeros", ".mins"):
+                if prefix + s in index and index[prefix + s]["shape"][:1] != [out]:
+                    raise bad(f'"tensors.{prefix}{s}"', f"has shape {index[prefix + s]['shape']}, not {out} rows")
+    for name in ("embed", "lm_head"):
+        want.update({name: [cfg.vocab_size, cfg.hidden_size], f"{name}.qweight": [cfg.vocab_size, (cfg.hidden_size + 1) // 2]})
+    if not any(k in index for k in ("embed", "embed.qweight")):
+        raise bad('"tensors"', "has no embedding (embed)")
+    for name, shape in want.items():
+        if name in index and index[name]["shape"] != shape:
+            raise bad(f'"tensors.{name}"', f"has shape {index[name]['shape']}, but the model's dimensions give {shape}")
+    extra = sorted(n for n in index if n.startswith("layers.") and not n.split(".")[1].isdigit()
+                   or n.startswith("layers.") and int(n.split(".")[1]) >= cfg.num_layers)
+    if extra:
+        raise bad('"tensors"', f"has {extra[0]}, beyond the model's {cfg.num_layers} layers")
 
 
 def load_artifact(path: str | Path, map_location: str = "cpu", lazy: bool = False) -> Artifact:

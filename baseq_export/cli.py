@@ -391,12 +391,14 @@ FP_ANSWER_BYTES = 8 * 2**30
 
 
 def print_run_commands(path) -> None:
-    from .targets import find_target
+    from .targets import find_target, install_hint
 
     t = find_target(path)
     print(f"run it:      baseq-export run {path} --prompt \"{DEMO_PROMPT}\"")
     for backend in t.BACKENDS[1:]:
-        print(f"   or with {backend}: baseq-export run {path} --backend {backend} --prompt \"{DEMO_PROMPT}\"")
+        hint = install_hint(backend)
+        print(f"   or with {backend}{f' (after {hint})' if hint else ''}: "
+              f"baseq-export run {path} --backend {backend} --prompt \"{DEMO_PROMPT}\"")
     print(f"measure it:  baseq-export eval {path}")
 
 

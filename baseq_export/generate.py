@@ -179,7 +179,13 @@ def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
     template in a sandboxed jinja environment."""
     if not has_chat_template(tokenizer):
         raise ValueError("this tokenizer has no chat template; send plain text with --raw")
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    from jinja2 import TemplateError
+
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except TemplateError as e:  # the sandbox's refusal (SecurityError) among them
+        raise ValueError(f"the tokenizer's chat template cannot be rendered ({type(e).__name__}: {e}); send plain "
+                         "text with --raw, or fix chat_template in tokenizer_config.json") from e
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     return [int(i) for i in ids]

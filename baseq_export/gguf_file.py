@@ -85,6 +85,7 @@ def read_header(path: str | Path, wanted: set[str] = frozenset()) -> Header:
     """The wanted metadata keys (scalars and strings) and the tensor infos of a GGUF, read sequentially from its
     header (arrays are skipped, not parsed: gguf-py's GGUFReader takes seconds over a 49k-token vocabulary)."""
     values: dict = {}
+    size = Path(path).stat().st_size
     with Path(path).open("rb") as f:
         def take(fmt: str):
             raw = f.read(struct.calcsize(fmt))
@@ -94,6 +95,8 @@ def read_header(path: str | Path, wanted: set[str] = frozenset()) -> Header:
 
         def text() -> str:
             n = take("<Q")
+            if n > size - f.tell():  # a damaged length: never allocate it
+                raise GGUFFileError(f"{path} is damaged: a string in its header claims {n} bytes; export it again")
             raw = f.read(n)
             if len(raw) != n:
                 raise GGUFFileError(f"{path} is truncated inside its header; export it again")

@@ -10,24 +10,21 @@ from baseq_export.quant import pack_int4, unpack_int4
 
 
 def sample_artifact() -> Artifact:
+    """A whole one-layer artifact (RTN, groups of 32) with tensors of several dtypes: float16, float64, uint8."""
+    from baseq_export.gptq_model import quantize_model
+    from baseq_export.models import from_hf_model
+    from baseq_export.settings import QuantSettings
+    from conftest import tiny_hf_model
+
+    model = from_hf_model(tiny_hf_model("llama", dtype=torch.float32, num_hidden_layers=1, vocab_size=10))
+    art = quantize_model(model, QuantSettings(method="rtn", bits="w4a16", group_size=32))
     gen = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, 16, (48, 64), generator=gen, dtype=torch.uint8)
-    tensors = {
-        "layers.0.q.qweight": pack_int4(codes),
-        "layers.0.q.scales": torch.rand(48, 2, generator=gen).half().float(),
-        "layers.0.q.zeros": torch.randint(0, 16, (48, 2), generator=gen, dtype=torch.uint8),
-        "layers.0.q.bias": torch.randn(48, generator=gen),
-        "layers.0.attn_norm": torch.randn(64, generator=gen),
-        "layers.0.o_in.shift": torch.randn(64, generator=gen, dtype=torch.float64),
-        "embed": torch.randn(10, 64, generator=gen).half(),
-    }
-    return Artifact(
-        model={"arch": "llama", "hidden_size": 64},
-        quant={"bits": "w4a4kv4", "group_size": 32},
-        tensors=tensors,
-        source={"model": "test"},
-        calibration={"blocks": [{"loss": 0.5}]},
-    )
+    tensors = dict(art.tensors)
+    tensors["layers.0.q.bias"] = torch.randn(64, generator=gen)
+    tensors["layers.0.o_in.shift"] = torch.randn(64, generator=gen, dtype=torch.float64)
+    tensors["embed"] = tensors["embed"].half()
+    return Artifact(model=art.model, quant=art.quant, tensors=tensors, source={"model": "test"},
+                    calibration={"blocks": [{"loss": 0.5}]})
 
 
 def test_round_trip_is_bit_exact(tmp_path):
@@ -197,11 +194,16 @@ def test_lazy_and_eager_loads_agree_and_both_check_the_index(tmp_path):
     assert set(lazy.tensors) == set(eager.tensors) == set(a.tensors)
     assert all(torch.equal(lazy.tensors[k], a.tensors[k]) and torch.equal(eager.tensors[k], a.tensors[k]) for k in a.tensors)
     cfg = json.loads((path / "config.json").read_text())
-    cfg["tensors"]["embed"]["shape"] = [11, 64]
+    cfg["tensors"]["layers.0.o_in.shift"]["shape"] = [65]
     (path / "config.json").write_text(json.dumps(cfg))
     for lazy_load in (True, False):
-        with pytest.raises(ArtifactError, match="tensor embed is float16 \\[10, 64\\], config.json says float16 \\[11, 64\\]"):
+        with pytest.raises(ArtifactError, match="tensor layers.0.o_in.shift is float64 \\[64\\], config.json says float64 \\[65\\]"):
             load_artifact(path, lazy=lazy_load)
+    cfg["tensors"]["layers.0.o_in.shift"]["shape"] = [64]
+    cfg["tensors"]["embed"]["shape"] = [11, 64]  # the index against the model's dimensions: refused before reading
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ArtifactError, match="tensors.embed\" has shape \\[11, 64\\], but the model's dimensions give \\[10, 64\\]"):
+        load_artifact(path)
 
 
 def test_a_signal_inside_a_safetensors_call_is_held_until_it_returns():

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from baseq_export import cli
 from baseq_export.cli import build_parser, main
 from baseq_export.perplexity import perplexity
 from baseq_export.models import load_model
@@ -263,7 +264,14 @@ def test_export_eval_and_run_onnx(tmp_path, capsys):
                  "--calib-ctx", "16", "--out", str(art)]) == 0
     assert main(["export", str(art), "--out", str(tmp_path / "onnx")]) == 0
     assert main(["export", str(art), "--out", str(tmp_path / "onnx-std"), "--ops", "standard"]) == 0
-    assert "--backend onnxruntime-genai" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "or with onnxruntime-genai: baseq-export run" in out and "(after pip install" not in out
+    from baseq_export import targets
+
+    with pytest.MonkeyPatch.context() as mp:  # where genai is not installed, the suggested line says how to get it
+        mp.setitem(targets.OPTIONAL_BACKENDS, "onnxruntime-genai", ("no_such_module_here", "onnxruntime-genai"))
+        cli.print_run_commands(tmp_path / "onnx")
+    assert "or with onnxruntime-genai (after pip install onnxruntime-genai): baseq-export run" in capsys.readouterr().out
     for path, ops in ((tmp_path / "onnx", "custom"), (tmp_path / "onnx-std", "standard")):
         assert json.loads((path / "manifest.json").read_text())["ops"] == ops
     ppl = {}

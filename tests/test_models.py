@@ -113,11 +113,12 @@ def test_default_model_matches_transformers(default_model):
 
 
 def save_word_tokenizer(path) -> None:
-    """A real (word-level) tokenizer of 96 entries next to a tiny checkpoint."""
+    """A real (word-level) tokenizer of 95 entries next to a tiny checkpoint of 96 embedding rows (Qwen2's tokenizer
+    class adds <|endoftext|>: that fills the last row)."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, 96)}}
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, 95)}}
     PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")),
                             unk_token="[UNK]").save_pretrained(path)
 

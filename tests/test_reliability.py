@@ -389,6 +389,18 @@ def test_a_full_disk_leaves_the_previous_output_intact(what, tmp_path, ckpt, exp
     assert sorted(os.listdir(tmp_path)) == [prev.name]
 
 
+def _edit_manifest(d: Path, change) -> None:
+    m = json.loads((d / "manifest.json").read_text())
+    change(m)
+    (d / "manifest.json").write_text(json.dumps(m))
+
+
+def _edit_genai(d: Path, change) -> None:
+    m = json.loads((d / "genai_config.json").read_text())
+    change(m)
+    (d / "genai_config.json").write_text(json.dumps(m))
+
+
 def _flip_last_byte(f: Path) -> None:
     data = bytearray(f.read_bytes())
     data[-1] ^= 0xFF
@@ -403,7 +415,33 @@ DAMAGE = {
     "foreign-op-library": (lambda d: _flip_last_byte(d / "libbaseq_ops.so"), "an op library from another build"),
     "graph-missing": (lambda d: (d / "model.onnx").unlink(), "lacks model.onnx"),
     "manifest-missing": (lambda d: (d / "manifest.json").unlink(), "holds model.onnx but no manifest.json"),
+    "manifest-names-a-file-outside": (lambda d: _edit_manifest(d, lambda m: m["files"].append("../../outside.so")),
+                                      "'../../outside.so' lies outside the export directory"),
+    "manifest-absolute-graph": (lambda d: _edit_manifest(d, lambda m: m.update(onnxruntime={
+                                    "model": "/tmp/model.onnx", "kv_cache": "float"})),
+                                "'/tmp/model.onnx' lies outside the export directory"),
+    "manifest-bad-model": (lambda d: _edit_manifest(d, lambda m: m["model"].update(hidden_size="64")),
+                           '"model" is not a model config'),
+    "manifest-not-an-object": (lambda d: (d / "manifest.json").write_text("[1, 2]"), "is not a JSON object"),
 }
+GENAI_DAMAGE = {
+    "genai-library-outside": (lambda d: _edit_genai(d, lambda m: m["model"]["decoder"]["session_options"].update(
+        custom_ops_library="/usr/lib/evil.so")), "custom_ops_library\" ('/usr/lib/evil.so') is not a file name inside"),
+    "genai-graph-outside": (lambda d: _edit_genai(d, lambda m: m["model"]["decoder"].update(filename="../m.onnx")),
+                            "filename\" ('../m.onnx') is not a file name inside"),
+    "genai-context": (lambda d: _edit_genai(d, lambda m: m["model"].update(context_length=-5)),
+                      "context_length\" is not a positive whole number"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(GENAI_DAMAGE))
+def test_a_genai_config_that_names_files_outside_or_bad_numbers_is_refused(damage, tmp_path, capsys, exported):
+    d = tmp_path / "x.onnx"
+    shutil.copytree(exported[1], d)
+    edit, needle = GENAI_DAMAGE[damage]
+    edit(d)
+    refused(capsys, ["run", str(d), "--prompt", "the a", "--max-new-tokens", "2", "--backend", "onnxruntime-genai"],
+            needle, "re-export it", keep=(d,))
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))

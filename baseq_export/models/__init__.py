@@ -15,6 +15,7 @@ import torch
 from . import llama, mistral, qwen2
 from ..gguf_file import load_tokenizer as gguf_tokenizer
 from .base import ModelConfig
+from .checks import check_config_fields, check_not_pickle_only, check_shapes, check_tokenizer
 
 ADAPTERS = {m.ARCH: m for m in (llama, mistral, qwen2)}
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -230,12 +231,18 @@ def load_model(spec: str = "default", dtype: torch.dtype = torch.float32, lazy: 
             config = json.loads((directory / "config.json").read_text())
         except ValueError as e:
             raise ModelLoadError(f"{directory / 'config.json'} is not valid JSON ({e}); restore it from the checkpoint") from e
-        adapter_for(str(config.get("model_type")))
+        if isinstance(config, dict) and isinstance(config.get("model_type"), str):
+            adapter_for(config["model_type"])  # an architecture we lack is named before its fields are checked
+        check_config_fields(config, directory / "config.json")
         check_config(config)
+        check_not_pickle_only(directory)
     check_weight_files(directory, gguf)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    if not gguf:
+        check_checkpoint_shapes(spec, directory)
 
     kwargs = {"gguf_file": gguf} if gguf else {}
     if lazy:
@@ -247,15 +254,35 @@ def load_model(spec: str = "default", dtype: torch.dtype = torch.float32, lazy: 
                                                               output_loading_info=True, **kwargs)
         tokenizer = gguf_tokenizer(directory / gguf) if gguf else AutoTokenizer.from_pretrained(directory,
                                                                                                local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelLoadError(f"could not load {spec!r}: {e}. Supported: {SUPPORTED}") from e
+    except Exception as e:  # noqa: BLE001 - transformers' loaders raise many types on files it cannot read
+        raise ModelLoadError(f"could not load {spec!r} from {directory}: {e}. Supported: {SUPPORTED}") from e
     finally:
         hf_logging.set_verbosity(verbosity)
     check_loading_info(info, bool(getattr(hf_model.config, "tie_word_embeddings", False)))
+    if not gguf:  # a GGUF's vocabulary and embedding are one file's (transformers' reading may add a token)
+        check_tokenizer(tokenizer, hf_model.config.vocab_size, str(directory))
     model = from_hf_model(hf_model, tokenizer, source=str(directory / gguf) if gguf else str(directory))
     check_finite(model.weights)
     model.max_positions = getattr(hf_model.config, "max_position_embeddings", None)
     return model
+
+
+def check_checkpoint_shapes(spec: str, directory: Path) -> None:
+    """checks.check_shapes of a safetensors checkpoint against transformers' model of its config.json."""
+    from transformers import AutoConfig
+
+    from .lazy import meta_model
+
+    try:
+        hf_config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers' validation raises many types
+        raise ModelLoadError(f"could not load {spec!r}: {directory / 'config.json'}: {e}. Supported: {SUPPORTED}") from e
+    try:
+        shell = meta_model(hf_config)
+    except Exception as e:  # noqa: BLE001 - torch and transformers raise many types (AssertionError included)
+        raise ModelLoadError(f"{directory / 'config.json'}: transformers cannot build a model of this config ({e}); "
+                             "use the checkpoint's own config.json") from e
+    check_shapes(directory, hf_config, shell)
 
 
 def _load_lazy(spec: str, directory: Path, gguf: str | None, dtype: torch.dtype) -> LoadedModel:
@@ -271,9 +298,11 @@ def _load_lazy(spec: str, directory: Path, gguf: str | None, dtype: torch.dtype)
         hf_config = AutoConfig.from_pretrained(directory, local_files_only=True, **kwargs)
         tokenizer = gguf_tokenizer(directory / gguf) if gguf else AutoTokenizer.from_pretrained(directory,
                                                                                                local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelLoadError(f"could not load {spec!r}: {e}. Supported: {SUPPORTED}") from e
+    except Exception as e:  # noqa: BLE001 - transformers' and tokenizers' loaders raise many types
+        raise ModelLoadError(f"could not load {spec!r} from {directory}: {e}. Supported: {SUPPORTED}") from e
     adapter = adapter_for(hf_config.model_type)
+    if not gguf:  # a GGUF's vocabulary and embedding are one file's (transformers' reading may add a token)
+        check_tokenizer(tokenizer, hf_config.vocab_size, str(directory))
     if gguf:  # a checkpoint directory's config.json was checked by load_model already
         check_config(hf_config.to_dict())
     cfg = adapter.config_from_hf(hf_config)

@@ -13,6 +13,7 @@ Weight names: ``embed``, ``norm``, ``lm_head``, ``rope.inv_freq`` and per layer 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -51,6 +52,30 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config keys {sorted(unknown)}")
         return cls(**d)
+
+    @classmethod
+    def problem(cls, d: object) -> str | None:
+        """Why d (an artifact's or export's "model" record) is no config a forward can be built from, or None."""
+        if not isinstance(d, dict):
+            return "is not an object"
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        if set(d) - {f.name for f in dataclasses.fields(cls)} or required - set(d):
+            return f"does not have exactly the fields {sorted(required)} (and optional ones)"
+        whole = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+        bad = [k for k in whole if not (type(d[k]) is int and 0 < d[k] < 2**31)]
+        if bad:
+            return f"has {', '.join(bad)} that are not positive whole numbers"
+        if d["num_heads"] % d["num_kv_heads"]:
+            return "has num_heads not a multiple of num_kv_heads"
+        numbers = [d["rms_eps"], d.get("rope_attention_scaling", 1.0)]
+        if not all(type(x) in (int, float) and math.isfinite(x) and x > 0 for x in numbers):
+            return "has rms_eps or rope_attention_scaling that are not positive numbers"
+        window = d.get("sliding_window")
+        if type(d["tied_embeddings"]) is not bool or not (window is None or type(window) is int and window > 0):
+            return "has tied_embeddings that is not true/false or a sliding_window that is not a positive number"
+        if type(d["arch"]) is not str:
+            return "has an arch that is not a name"
+        return None
 
 
 class Hooks(Protocol):
@@ -117,6 +142,13 @@ def site_width(cfg: "ModelConfig", site: str) -> int:
 def linear_in_features(cfg: "ModelConfig", linear: str) -> int:
     """in_features of a named projection."""
     return next(site_width(cfg, site) for site, names in SITE_LINEARS.items() if linear in names)
+
+
+def linear_out_features(cfg: "ModelConfig", linear: str) -> int:
+    """out_features of a named projection."""
+    return {"q": cfg.num_heads * cfg.head_dim, "k": cfg.num_kv_heads * cfg.head_dim,
+            "v": cfg.num_kv_heads * cfg.head_dim, "o": cfg.hidden_size, "gate": cfg.intermediate_size,
+            "up": cfg.intermediate_size, "down": cfg.hidden_size}[linear]
 
 
 def _wide(x: torch.Tensor, exact: bool) -> torch.Tensor:

@@ -164,6 +164,18 @@ class FloatBackend:
         return token_stream(step, prompt_ids, choose or argmax_token)
 
 
+OPTIONAL_BACKENDS = {"onnxruntime-genai": ("onnxruntime_genai", "onnxruntime-genai")}
+"""Backends whose Python package the base install does not bring: backend -> (module, pip package)."""
+
+
+def install_hint(backend: str) -> str | None:
+    """`pip install PACKAGE` when the backend's package is not installed here, else None."""
+    import importlib.util
+
+    module, package = OPTIONAL_BACKENDS.get(backend, (None, None))
+    return None if module is None or importlib.util.find_spec(module) else f"pip install {package}"
+
+
 def backend_names() -> tuple[str, ...]:
     """Every backend name: torch (artifacts) and each target's runtimes."""
     return ("torch",) + tuple(b for t in all_targets() for b in t.BACKENDS)

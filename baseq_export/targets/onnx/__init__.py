@@ -23,13 +23,11 @@ from .. import loaded, option_default
 from .genai import GenaiBackend, write_genai_config
 from .graph import ExternalData
 from .model import KV_CACHE_CHOICES, build_model
-from .runtime import (DATA_FILE, KV4_MODEL_FILE, MANIFEST, MODEL_FILE, OnnxModel, file_digests,
-                           greedy_graph_file, open_session,
-                           read_manifest, verify_files)
+from .runtime import (DATA_FILE, KV4_MODEL_FILE, MANIFEST, MANIFEST_FORMAT, MODEL_FILE, OnnxModel, file_digests,
+                      greedy_graph_file, open_session, read_manifest, verify_files)
 
 NAME = "onnx"
 BACKENDS = ("onnxruntime", "onnxruntime-genai")
-MANIFEST_FORMAT = "baseq-onnx"
 OPS_OPTIONS = ("auto", "custom", "standard")
 DEFAULT_MAX_LENGTH = 2048
 """Context of an export when the source model no longer says its own (--max-length sets it)."""
@@ -226,5 +224,5 @@ def open(path: str | Path, backend: str | None = None, threads: int | None = Non
 
 def describe(path: str | Path) -> str:
     """One line for the main job's summary: what was written and with which ops."""
-    manifest = json.loads((Path(path) / MANIFEST).read_text())
+    manifest = read_manifest(path)
     return f"ONNX export: {Path(path) / MODEL_FILE} ({manifest['ops']} ops, {manifest.get('kv_cache', 'float')} KV cache)"

@@ -66,6 +66,38 @@ def write_genai_config(out: Path, cfg: ModelConfig, art: Artifact, max_length: i
     (out / GENAI_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
+def read_genai_config(path: Path) -> dict:
+    """genai_config.json of an export, checked where genai would act on it: the context length is a positive whole
+    number and the graph and op library it names lie inside the export (genai loads them); else ValueError naming
+    the file, the field and the fix."""
+    from .runtime import inside
+
+    f = path / GENAI_CONFIG
+
+    def bad(field: str, what: str) -> ValueError:
+        return ValueError(f"{f}: {field} {what}; the file is damaged or was edited: re-export it")
+
+    try:
+        config = json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{f} is not valid JSON ({e}); re-export it") from e
+    model = config.get("model") if isinstance(config, dict) else None
+    decoder = model.get("decoder") if isinstance(model, dict) else None
+    if not isinstance(decoder, dict):
+        raise bad('"model.decoder"', "is missing or not an object")
+    length = model.get("context_length")
+    if not (isinstance(length, int) and not isinstance(length, bool) and 0 < length < 2**31):
+        raise bad('"model.context_length"', "is not a positive whole number")
+    options = decoder.get("session_options", {})
+    names = {"model.decoder.filename": decoder.get("filename")}
+    if isinstance(options, dict) and "custom_ops_library" in options:
+        names["model.decoder.session_options.custom_ops_library"] = options["custom_ops_library"]
+    for field, name in names.items():
+        if not inside(path, name):
+            raise bad(f'"{field}" ({name!r})', "is not a file name inside the export directory")
+    return config
+
+
 def genai_stream(path, prompt_ids: list[int], max_new_tokens: int,
                  choose: Callable[[torch.Tensor], int] | None = None) -> Iterator[int]:
     """Tokens from onnxruntime-genai running an export directory (one with a genai_config.json): its greedy search,
@@ -73,7 +105,10 @@ def genai_stream(path, prompt_ids: list[int], max_new_tokens: int,
     try:
         import onnxruntime_genai as og
     except ImportError as e:
-        raise ValueError("the onnxruntime-genai backend needs `pip install onnxruntime-genai`") from e
+        from .. import OPTIONAL_BACKENDS
+
+        raise ValueError(f"the onnxruntime-genai backend needs `pip install {OPTIONAL_BACKENDS['onnxruntime-genai'][1]}`"
+                         f" ({e})") from e
     model = og.Model(str(path))
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(prompt_ids) + max_new_tokens, do_sample=False)
@@ -106,7 +141,7 @@ class GenaiBackend:
         if not (self.path / GENAI_CONFIG).is_file():
             raise ValueError(f"{path} has no {GENAI_CONFIG}: onnxruntime-genai cannot run it (the model has no "
                              "eos_token_id; export it again from an artifact whose tokenizer has one)")
-        self.context_length = json.loads((self.path / GENAI_CONFIG).read_text())["model"]["context_length"]
+        self.context_length = read_genai_config(self.path)["model"]["context_length"]
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.shape[1] > self.context_length:

@@ -11,12 +11,13 @@ import numpy as np
 import torch
 
 from ...models.base import ModelConfig
-from .model import kv_row_width
+from .model import KV_CACHE_CHOICES as KV_CACHES, kv_row_width
 
 MODEL_FILE = "model.onnx"
 KV4_MODEL_FILE = "model.kv4.onnx"  # the same model with the packed 4-bit KV cache, sharing model.onnx.data
 DATA_FILE = "model.onnx.data"
 MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "baseq-onnx"
 
 
 def greedy_graph_file(model_file: str) -> str:
@@ -25,15 +26,65 @@ def greedy_graph_file(model_file: str) -> str:
 
 
 def read_manifest(path: str | Path) -> dict:
-    """manifest.json of an export directory, with a clear error when it is missing or damaged."""
+    """manifest.json of an export directory, checked (check_manifest), with a clear error when it is missing or
+    damaged."""
     f = Path(path) / MANIFEST
     try:
-        return json.loads(f.read_text())
+        manifest = json.loads(f.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} has no {MANIFEST}: it is not a baseq ONNX export (make one with "
                                 "`baseq-export export ARTIFACT`)") from None
-    except ValueError as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{f} is not valid JSON ({e}); export again") from e
+    check_manifest(Path(path), manifest)
+    return manifest
+
+
+def inside(directory: Path, name: object) -> bool:
+    """True when name is a plain relative file name that resolves to a file path inside directory."""
+    if not isinstance(name, str) or not name or "\x00" in name or Path(name).is_absolute() or ".." in Path(name).parts:
+        return False
+    root = directory.resolve()
+    return (root / name).resolve().is_relative_to(root)
+
+
+def check_manifest(path: Path, manifest: object) -> None:
+    """Every field of a manifest that is read has the type and range it is used as, and every file it names lies
+    inside the export directory: else ValueError naming the file, the field and the fix."""
+    where = path / MANIFEST
+
+    def bad(field: str, what: str) -> ValueError:
+        return ValueError(f"{where}: {field} {what}; the manifest is damaged or was edited: re-export it")
+
+    if not isinstance(manifest, dict):
+        raise bad("the top level", "is not a JSON object")
+    if manifest.get("format", MANIFEST_FORMAT) != MANIFEST_FORMAT:
+        return  # not ours: the callers name it (is_export / diagnose)
+    problem = ModelConfig.problem(manifest.get("model"))
+    if problem:
+        raise bad('"model"', f"is not a model config: it {problem}")
+    files = manifest.get("files", [])
+    if not isinstance(files, list) or not all(isinstance(x, str) for x in files):
+        raise bad('"files"', "is not a list of file names")
+    digests = manifest.get("digests", {})
+    if not isinstance(digests, dict) or not all(
+            isinstance(d, dict) and isinstance(d.get("bytes"), int) and isinstance(d.get("sha256"), str)
+            for d in digests.values()):
+        raise bad('"digests"', "is not a map of file name to {bytes, sha256}")
+    runner = manifest.get("onnxruntime", {"model": MODEL_FILE, "kv_cache": manifest.get("kv_cache", "float")})
+    if not isinstance(runner, dict) or not isinstance(runner.get("model"), str) or \
+            runner.get("kv_cache") not in KV_CACHES:
+        raise bad('"onnxruntime"', f"is not {{model: a graph file, kv_cache: one of {', '.join(KV_CACHES)}}}")
+    if manifest.get("kv_cache", "float") not in KV_CACHES:
+        raise bad('"kv_cache"', f"is not one of {', '.join(KV_CACHES)}")
+    if manifest.get("ops", "standard") not in ("custom", "standard"):
+        raise bad('"ops"', "is not custom or standard")
+    length = manifest.get("max_length")
+    if length is not None and not (isinstance(length, int) and not isinstance(length, bool) and 0 < length < 2**31):
+        raise bad('"max_length"', "is not a positive whole number")
+    for name in [*files, *digests, runner["model"]]:
+        if not inside(path, name):
+            raise bad(f"the file name {name!r}", "lies outside the export directory")
 
 
 def file_digests(path: Path, files: list[str]) -> dict[str, dict]:
