@@ -11,6 +11,7 @@ Rows (every file made once in --workdir and reused by a rerun):
 - onnxruntime-genai's builder int4 export (`python -m onnxruntime_genai.models.builder -p int4`, genai);
 - our main job's GGUF (`baseq-export --format gguf`) and llama.cpp's own Q4_0 and Q4_K_M with an importance matrix
   from the calibration windows (its quantizer on the F32 GGUF, as tools/bench_gguf_mix.py makes them), in llama.cpp.
+A rerun with the same --json keeps the rows scored before (so --targets onnx and --targets gguf can run apart).
 Every row is scored on the same windows of two texts, each against one FP reference (api.fp_reference): the
 embedded evaluation split and the GPL-3 text Debian ships (calibration never sees either). Each runtime's
 tokenizer gives the same ids here (the GGUF files' pre-tokenizer is checked to reproduce them on both texts).
@@ -20,6 +21,7 @@ Pass the off-grid copy (tools/offgrid_copy.py): the default model's weights lie 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -84,6 +86,10 @@ def main() -> None:
     model = load_model(args.model)
     texts = {"eval": data.embedded_text("eval"), **({"GPL-3": GPL3.read_text()} if GPL3.is_file() else {})}
     results = {"machine": machine(), "model": args.model, "ctx": args.ctx, "texts": {}, "rows": []}
+    before = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}
+    if (before.get("model"), before.get("ctx")) == (args.model, args.ctx):  # a rerun keeps the rows scored before
+        results["rows"] = before["rows"]
+    done = {r["label"] for r in results["rows"]}
     refs = {}
     for name, text in texts.items():
         t0 = time.time()
@@ -110,6 +116,8 @@ def main() -> None:
                  ("llama.cpp Q4_0 + imatrix, llama.cpp", theirs["q4_0"], None),
                  ("llama.cpp Q4_K_M + imatrix, llama.cpp", theirs["q4_k_m"], None)]
     for label, path, backend in rows:
+        if label in done:
+            continue
         row = {"label": label, "path": str(path), "bytes": files_bytes(path)}
         for name, fp in refs.items():
             t0 = time.time()

@@ -179,6 +179,26 @@ def gguf_mix() -> str:
             f"{d['calib_text']} (llama.cpp's importance matrix from the same windows). " + machine(d))
 
 
+def kld() -> str:
+    """bench_kld.py: every 4-bit file against the FP model in its own runtime, on two texts: perplexity, KL
+    divergence per token (mean, 99th percentile) and top-1 agreement, with the file's size."""
+    d = with_name("bench-kld.json")
+    texts = list(d["texts"])
+    head = ["file, runtime", "size"]
+    for t in texts:
+        w = d["texts"][t]
+        head += [f"{t}: ppl (FP {w['fp_ppl']:.3f})", f"{t}: KLD mean", f"{t}: KLD p99", f"{t}: top-1"]
+    rows = []
+    for r in d["rows"]:
+        cells = [r["label"], mb(r["bytes"])]
+        for t in texts:
+            x = r[t]
+            cells += [num(x["ppl"], 3), num(x["kld_mean"], 4), num(x["kld_p99"], 3), f"{100 * x['top1']:.1f}%"]
+        rows.append(cells)
+    windows = ", ".join(f"{t} {w['windows']} x {d['ctx']} tokens" for t, w in d["texts"].items())
+    return table(head, rows) + f"\n\nWindows: {windows}. " + machine(d)
+
+
 def scale() -> str:
     """Peak memory and time of each stage on Llama-2-7B-shaped checkpoints of 2, 4 and 8 layers."""
     d = with_name("bench-scale.json")
@@ -235,7 +255,7 @@ SECTIONS: dict[str, Callable[[], str]] = {
     "onnx-parity": onnx_parity, "onnx-speed": onnx_speed, "onnx-offgrid": onnx_offgrid,
     "gguf-offgrid": gguf("bench-gguf-offgrid.json"), "gguf-offgrid-tuned": gguf("bench-gguf-offgrid-tuned.json"),
     "gguf-default": gguf("bench-gguf-default.json"), "gguf-default-tuned": gguf("bench-gguf-default-tuned.json"),
-    "gguf-mix": gguf_mix, "scale": scale, "extrapolation": extrapolation,
+    "gguf-mix": gguf_mix, "kld": kld, "scale": scale, "extrapolation": extrapolation,
 }
 
 
