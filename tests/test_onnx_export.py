@@ -262,7 +262,7 @@ def test_default_model_onnx_parity(default_model, tmp_path, kind):
         assert art.calibration["end_to_end"]["kl_end"] > 0
     path = save_artifact(tmp_path / "m.baseq", art, write_extra=lambda d: tok.save_pretrained(str(d)))
     ref = reference_model(art)
-    windows = data.token_windows(data.tokenize(tok, data.embedded_text("eval")), 512, 2)  # 1,022 scored tokens
+    windows = data.token_windows(data.tokenize(tok, data.embedded_text("eval")), 512, 4)
     p_ref = perplexity(ref.logits, windows).ppl
     prompt = tok("def fibonacci(n):\n    ", add_special_tokens=False)["input_ids"]
     torch_tokens = greedy_tokens(torch_stepper(ref), prompt, 32)
