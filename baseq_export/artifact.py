@@ -227,8 +227,8 @@ def check_record(where: Path, config: dict) -> None:
     for name, shape in want.items():
         if name in index and index[name]["shape"] != shape:
             raise bad(f'"tensors.{name}"', f"has shape {index[name]['shape']}, but the model's dimensions give {shape}")
-    extra = sorted(n for n in index if n.startswith("layers.") and not n.split(".")[1].isdigit()
-                   or n.startswith("layers.") and int(n.split(".")[1]) >= cfg.num_layers)
+    layers = {n: n.split(".")[1] for n in index if n.startswith("layers.")}
+    extra = sorted(n for n, i in layers.items() if not i.isdecimal() or int(i) >= cfg.num_layers)
     if extra:
         raise bad('"tensors"', f"has {extra[0]}, beyond the model's {cfg.num_layers} layers")
 

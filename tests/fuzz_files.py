@@ -6,9 +6,9 @@ and opens it with the loader the CLI uses.
 
 The property: the loader returns, or raises what the CLI turns into a one-line refusal (ValueError,
 FileNotFoundError, FileExistsError, OSError) with a message that names the file; and nothing is written anywhere
-(the format's directory and its parent hold the same files after the case). Anything else (a TypeError, KeyError,
-IndexError, ... out of a loader, or a message that does not say which file) is a failure that hypothesis shrinks
-and prints. Prints one line of counts per format; exits 1 on the first failure.
+(every file under the parent of the format's directory has the same SHA-256 after the case). Anything else (a
+TypeError, KeyError, IndexError, ... out of a loader, or a message that does not say which file) is a failure that
+hypothesis shrinks and prints. Prints one line of counts per format; exits 1 on the first failure.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from typing import Callable
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from test_reliability import tree_state  # noqa: E402
 
 REFUSALS = (ValueError, FileNotFoundError, FileExistsError, OSError)  # cli.main: exit 1, one line
 
@@ -196,11 +198,6 @@ def read_header_size(original: bytes, read_header) -> int:
         return min(t.offset for t in read_header(f.name).tensors)
 
 
-def listing(*dirs: Path) -> dict[str, int]:
-    return {str(p): p.stat().st_size for d in dirs for p in sorted(d.rglob("*"))
-            if p.is_file() and not p.name.startswith(".")}
-
-
 def names_the_file(message: str, d: Path, file: str) -> bool:
     return str(d) in message or file in message
 
@@ -212,7 +209,7 @@ def fuzz(fmt: str, dirs: dict[str, Path], cases: int, seed: int, counts: Counter
     f = d / file
     original = f.read_bytes()
     load(d)  # the unmutated file loads
-    before = listing(d.parent)
+    before = tree_state(d.parent)
 
     @settings(max_examples=cases, deadline=None, database=None, derandomize=seed == 0,
               suppress_health_check=list(HealthCheck), print_blob=True)
@@ -228,7 +225,7 @@ def fuzz(fmt: str, dirs: dict[str, Path], cases: int, seed: int, counts: Counter
             counts[(fmt, "refused")] += 1
         finally:
             f.write_bytes(original)
-        assert listing(d.parent) == before, "a file was written or removed"
+        assert tree_state(d.parent) == before, "a file was written, changed or removed"
 
     case()
 

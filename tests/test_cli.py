@@ -38,22 +38,30 @@ def test_model_option_before_or_after_subcommand(tmp_path):
     assert p.parse_args(["eval"]).ctx == 512
 
 
-def tiny_checkpoint(tmp_path, **overrides):
-    """A tiny random Llama with a real (word-level) tokenizer, saved as a HF checkpoint dir (overrides: config)."""
+WORDS = "the a of to and in is it that for on with as was by be this are or from".split()
+
+
+def word_tokenizer():
+    """A real (word-level) tokenizer of WORDS and [UNK] (id 0)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from conftest import tiny_hf_model
-
-    words = "the a of to and in is it that for on with as was by be this are or from".split()
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path)
-    tiny_hf_model("llama", dtype=torch.float32, vocab_size=len(vocab), **overrides).save_pretrained(tmp_path)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def tiny_checkpoint(tmp_path, **overrides):
+    """A tiny random Llama with a real (word-level) tokenizer, saved as a HF checkpoint dir (overrides: config)."""
+    from conftest import tiny_hf_model
+
+    tok = word_tokenizer()
+    tok.save_pretrained(tmp_path)
+    tiny_hf_model("llama", dtype=torch.float32, vocab_size=len(tok), **overrides).save_pretrained(tmp_path)
     text = tmp_path / "eval.txt"
     gen = torch.Generator().manual_seed(0)
-    text.write_text(" ".join(words[int(i)] for i in torch.randint(0, len(words), (200,), generator=gen)))
+    text.write_text(" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (200,), generator=gen)))
     return tmp_path, text
 
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
+
 from baseq_export.generate import chat_ids
 from baseq_export.models import load_model
 from test_cli import tiny_checkpoint
 from test_generate import chat_tokenizer
 from test_reliability import eval_args, refused
-
-import pytest
 
 
 def test_a_checkpoints_own_python_code_is_never_run(tmp_path, capsys):

@@ -241,12 +241,10 @@ def load_model(spec: str = "default", dtype: torch.dtype = torch.float32, lazy: 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    if not gguf:
-        check_checkpoint_shapes(spec, directory)
-
+    checked = None if gguf else check_checkpoint_shapes(spec, directory)
     kwargs = {"gguf_file": gguf} if gguf else {}
     if lazy:
-        return _load_lazy(spec, directory, gguf, dtype)
+        return _load_lazy(spec, directory, gguf, dtype, checked)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -267,8 +265,9 @@ def load_model(spec: str = "default", dtype: torch.dtype = torch.float32, lazy: 
     return model
 
 
-def check_checkpoint_shapes(spec: str, directory: Path) -> None:
-    """checks.check_shapes of a safetensors checkpoint against transformers' model of its config.json."""
+def check_checkpoint_shapes(spec: str, directory: Path):
+    """checks.check_shapes of a safetensors checkpoint against transformers' model of its config.json; returns
+    (that config, the model on the meta device) for the lazy loader to reuse."""
     from transformers import AutoConfig
 
     from .lazy import meta_model
@@ -283,10 +282,12 @@ def check_checkpoint_shapes(spec: str, directory: Path) -> None:
         raise ModelLoadError(f"{directory / 'config.json'}: transformers cannot build a model of this config ({e}); "
                              "use the checkpoint's own config.json") from e
     check_shapes(directory, hf_config, shell)
+    return hf_config, shell
 
 
-def _load_lazy(spec: str, directory: Path, gguf: str | None, dtype: torch.dtype) -> LoadedModel:
-    """load_model(lazy=True): the config and tokenizer through transformers, the weights through models.lazy."""
+def _load_lazy(spec: str, directory: Path, gguf: str | None, dtype: torch.dtype, checked=None) -> LoadedModel:
+    """load_model(lazy=True): the config and tokenizer through transformers, the weights through models.lazy.
+    checked: check_checkpoint_shapes' (config, meta model) of a checkpoint directory, built once."""
     import dataclasses
 
     from transformers import AutoConfig, AutoTokenizer
@@ -295,18 +296,18 @@ def _load_lazy(spec: str, directory: Path, gguf: str | None, dtype: torch.dtype)
 
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
-        hf_config = AutoConfig.from_pretrained(directory, local_files_only=True, **kwargs)
+        hf_config = checked[0] if checked else AutoConfig.from_pretrained(directory, local_files_only=True, **kwargs)
         tokenizer = gguf_tokenizer(directory / gguf) if gguf else AutoTokenizer.from_pretrained(directory,
                                                                                                local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers' and tokenizers' loaders raise many types
         raise ModelLoadError(f"could not load {spec!r} from {directory}: {e}. Supported: {SUPPORTED}") from e
     adapter = adapter_for(hf_config.model_type)
-    if not gguf:  # a GGUF's vocabulary and embedding are one file's (transformers' reading may add a token)
-        check_tokenizer(tokenizer, hf_config.vocab_size, str(directory))
     if gguf:  # a checkpoint directory's config.json was checked by load_model already
         check_config(hf_config.to_dict())
+    else:  # a GGUF's vocabulary and embedding are one file's (transformers' reading may add a token)
+        check_tokenizer(tokenizer, hf_config.vocab_size, str(directory))
     cfg = adapter.config_from_hf(hf_config)
-    shell = meta_model(hf_config)
+    shell = checked[1] if checked else meta_model(hf_config)
     inv_freq, scaling = rope_tensors(shell, hf_config)
     if scaling != 1.0:
         cfg = dataclasses.replace(cfg, rope_attention_scaling=scaling)

@@ -25,6 +25,11 @@ from ..quant import IntActivation
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
+def whole(x: object) -> bool:
+    """A positive whole number a dimension or length read from a file can be (JSON true is not one)."""
+    return type(x) is int and 0 < x < 2**31
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Dimensions and options of a Llama-family decoder, independent of transformers."""
@@ -61,8 +66,8 @@ class ModelConfig:
         required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
         if set(d) - {f.name for f in dataclasses.fields(cls)} or required - set(d):
             return f"does not have exactly the fields {sorted(required)} (and optional ones)"
-        whole = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
-        bad = [k for k in whole if not (type(d[k]) is int and 0 < d[k] < 2**31)]
+        dims = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+        bad = [k for k in dims if not whole(d[k])]
         if bad:
             return f"has {', '.join(bad)} that are not positive whole numbers"
         if d["num_heads"] % d["num_kv_heads"]:

@@ -70,6 +70,7 @@ def read_genai_config(path: Path) -> dict:
     """genai_config.json of an export, checked where genai would act on it: the context length is a positive whole
     number and the graph and op library it names lie inside the export (genai loads them); else ValueError naming
     the file, the field and the fix."""
+    from ...models.base import whole
     from .runtime import inside
 
     f = path / GENAI_CONFIG
@@ -79,14 +80,14 @@ def read_genai_config(path: Path) -> dict:
 
     try:
         config = json.loads(f.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
+    except ValueError as e:  # UnicodeDecodeError included
         raise ValueError(f"{f} is not valid JSON ({e}); re-export it") from e
     model = config.get("model") if isinstance(config, dict) else None
     decoder = model.get("decoder") if isinstance(model, dict) else None
     if not isinstance(decoder, dict):
         raise bad('"model.decoder"', "is missing or not an object")
     length = model.get("context_length")
-    if not (isinstance(length, int) and not isinstance(length, bool) and 0 < length < 2**31):
+    if not whole(length):
         raise bad('"model.context_length"', "is not a positive whole number")
     options = decoder.get("session_options", {})
     names = {"model.decoder.filename": decoder.get("filename")}
@@ -147,7 +148,6 @@ class GenaiBackend:
         if ids.shape[1] > self.context_length:
             raise ValueError(f"windows of {ids.shape[1]} tokens exceed the export's context of {self.context_length}")
         return genai_logits(self.path, ids)
-
 
     def greedy(self, prompt_ids: list[int], max_new_tokens: int | None = None) -> Iterator[int]:
         return self.generate(prompt_ids, max_new_tokens)
