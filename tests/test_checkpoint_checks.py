@@ -15,21 +15,11 @@ import torch
 
 from baseq_export.models import ModelLoadError, load_model
 from conftest import TINY, tiny_hf_model
+from test_cli import WORDS, word_tokenizer
 from test_reliability import eval_args, refused
 
 ARCHS = ["llama", "mistral", "qwen2"]
-WORDS = "the a of to and in is it that for on with as was by be this are or from".split()
 ROWS = len(WORDS) + 1 + 8  # the embedding's rows: the word vocabulary, [UNK] and spare rows
-
-
-def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -121,3 +111,23 @@ def test_pickle_only_weights_are_named_as_such_and_never_opened(checkpoint, tmp_
     assert not marker.exists()
     (d / "pytorch_model.bin").unlink()  # no weights at all: said so, not "lacks every tensor"
     both_loaders_refuse(d, "has no weight files")
+
+
+def test_a_gguf_whose_metadata_does_not_give_its_tensors_shapes_is_refused(tmp_path):
+    """The same rule for a --model FILE.gguf: head_count_kv raised in the header, so k_proj's rows disagree."""
+    from baseq_export.targets import gguf as G
+    from test_cli import bpe_checkpoint
+
+    bpe, _ = bpe_checkpoint(tmp_path / "bpe")
+    (tmp_path / "g").mkdir()
+    f = G.write_model(load_model(str(bpe)), tmp_path / "g" / "m.gguf", weights="f16", head="f16")
+    data = bytearray(f.read_bytes())
+    at = data.index(b"llama.attention.head_count_kv") + len(b"llama.attention.head_count_kv")
+    assert int.from_bytes(data[at : at + 4], "little") == 4  # GGUF's uint32 type, then the value
+    assert int.from_bytes(data[at + 4 : at + 8], "little") == TINY["num_key_value_heads"]
+    data[at + 4 : at + 8] = TINY["num_attention_heads"].to_bytes(4, "little")
+    f.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError) as e:
+        load_model(str(f), lazy=True)
+    assert str(f) in str(e.value) and "attn_k.weight has shape [32, 64] but the file's metadata implies [64, 64]" in \
+        str(e.value) and "the file is damaged" in str(e.value), str(e.value)

@@ -423,6 +423,8 @@ DAMAGE = {
     "manifest-bad-model": (lambda d: _edit_manifest(d, lambda m: m["model"].update(hidden_size="64")),
                            '"model" is not a model config'),
     "manifest-not-an-object": (lambda d: (d / "manifest.json").write_text("[1, 2]"), "is not a JSON object"),
+    "manifest-of-another-format": (lambda d: _edit_manifest(d, lambda m: m.update(format=None, model={})),
+                                   "format None is not 'baseq-onnx'"),
 }
 GENAI_DAMAGE = {
     "genai-library-outside": (lambda d: _edit_genai(d, lambda m: m["model"]["decoder"]["session_options"].update(

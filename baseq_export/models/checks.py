@@ -11,6 +11,8 @@ import json
 import math
 from pathlib import Path
 
+from .base import whole
+
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "pytorch_model.bin.index.json")
 
 
@@ -30,11 +32,6 @@ def convert_command(directory: Path) -> str:
 
 DIMENSIONS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 OPTIONAL_DIMENSIONS = ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
-
-
-def whole(x: object) -> bool:
-    """A positive whole number a tensor dimension can be (JSON true is not one)."""
-    return isinstance(x, int) and not isinstance(x, bool) and 0 < x < 2**31
 
 
 def number(x: object) -> bool:
@@ -110,15 +107,19 @@ def config_fields(hf_config) -> dict[str, int]:
     return {k: v for k, v in fields.items() if isinstance(v, int)}
 
 
-def shape_mismatch(name: str, found: list[int], want: list[int], fields: dict[str, int]) -> str | None:
-    """The refusal text for one tensor whose shape is not the config's, or None when they agree."""
+CONFIG_FIX = "the config does not belong to these weights; use the checkpoint's own config.json or correct those fields"
+
+
+def shape_mismatch(name: str, found: list[int], want: list[int], fields: dict[str, int],
+                   implied_by: str = "config.json", fix: str = CONFIG_FIX) -> str | None:
+    """The refusal text for one tensor whose shape is not the one its config (implied_by) gives, or None when they
+    agree."""
     if list(found) == list(want):
         return None
     setting = sorted({f"{k} = {v}" for i, w in enumerate(want) if i >= len(found) or found[i] != w
                       for k, v in fields.items() if v == w})
     why = f" ({', '.join(setting)})" if setting else ""
-    return (f"tensor {name} has shape {list(found)} but config.json implies {list(want)}{why}: the config does not "
-            "belong to these weights; use the checkpoint's own config.json or correct those fields")
+    return f"tensor {name} has shape {list(found)} but {implied_by} implies {list(want)}{why}: {fix}"
 
 
 def checkpoint_shapes(directory: Path) -> dict[str, tuple[str, list[int]]]:

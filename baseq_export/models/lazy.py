@@ -127,6 +127,7 @@ def gguf_weights(path: Path, cfg: ModelConfig, dtype: torch.dtype, inv_freq: tor
     import gguf
 
     from ..gguf_file import GGUF_TENSORS, rope_permutation, tensor_name
+    from .checks import config_fields, shape_mismatch
 
     reader = gguf.GGUFReader(str(path))
     tensors = {t.name: t for t in reader.tensors}
@@ -152,8 +153,19 @@ def gguf_weights(path: Path, cfg: ModelConfig, dtype: torch.dtype, inv_freq: tor
             return torch.from_numpy(np.array(values, dtype=np.float32)).to(dtype)  # a writable copy
         return read
 
+    hf = hf_names(cfg, adapter)
+    want = {k: list(v.shape) for k, v in shell.state_dict().items()}
+    fields = config_fields(shell.config)
+    for c, n in names.items():  # each tensor's shape against the one its metadata implies (checks.check_shapes's rule)
+        if n in tensors and hf.get(c) in want:
+            problem = shape_mismatch(n, [int(d) for d in reversed(tensors[n].shape)], want[hf[c]], fields,
+                                     "the file's metadata", "the file is damaged; convert or download it again")
+            if problem:
+                from . import ModelLoadError
+
+                raise ModelLoadError(f"{path}: {problem}")
     readers = {c: read_tensor(c, n) for c, n in names.items() if n in tensors}
-    _checked(readers, cfg, set(tensors), names, expected_names(shell, hf_names(cfg, adapter)))
+    _checked(readers, cfg, set(tensors), names, expected_names(shell, hf))
     if cfg.tied_embeddings:  # (an untied model without output.weight was refused by _checked)
         readers["lm_head"] = readers["embed"]
     readers["rope.inv_freq"] = lambda: inv_freq.clone()

@@ -105,11 +105,10 @@ def diagnose(path: str | Path) -> None:
         raise FileNotFoundError(f"{path} holds {MODEL_FILE} but no {MANIFEST}: it is not an export of ours, or its "
                                 "manifest was lost; re-export it with `baseq-export export ARTIFACT`")
     if path.is_dir() and (path / MANIFEST).is_file():
-        manifest = read_manifest(path)
-        if manifest.get("format", MANIFEST_FORMAT) == MANIFEST_FORMAT:
-            if not (path / MODEL_FILE).is_file():
-                raise FileNotFoundError(f"{path} lacks {MODEL_FILE}; copy the whole export directory again or re-export it")
-            verify_files(path, manifest)
+        manifest = read_manifest(path)  # a manifest.json of another format is refused, naming it
+        if not (path / MODEL_FILE).is_file():
+            raise FileNotFoundError(f"{path} lacks {MODEL_FILE}; copy the whole export directory again or re-export it")
+        verify_files(path, manifest)
 
 
 def resolve_ops(ops: str) -> tuple[str, Path | None]:

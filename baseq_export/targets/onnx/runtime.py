@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from ...models.base import ModelConfig
+from ...models.base import ModelConfig, whole
 from .model import KV_CACHE_CHOICES as KV_CACHES, kv_row_width
 
 MODEL_FILE = "model.onnx"
@@ -34,7 +34,7 @@ def read_manifest(path: str | Path) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} has no {MANIFEST}: it is not a baseq ONNX export (make one with "
                                 "`baseq-export export ARTIFACT`)") from None
-    except (ValueError, UnicodeDecodeError) as e:
+    except ValueError as e:  # UnicodeDecodeError included
         raise ValueError(f"{f} is not valid JSON ({e}); export again") from e
     check_manifest(Path(path), manifest)
     return manifest
@@ -58,8 +58,9 @@ def check_manifest(path: Path, manifest: object) -> None:
 
     if not isinstance(manifest, dict):
         raise bad("the top level", "is not a JSON object")
-    if manifest.get("format", MANIFEST_FORMAT) != MANIFEST_FORMAT:
-        return  # not ours: the callers name it (is_export / diagnose)
+    if manifest.get("format", MANIFEST_FORMAT) != MANIFEST_FORMAT:  # checked before any field is trusted
+        raise ValueError(f"{where}: format {manifest.get('format')!r} is not {MANIFEST_FORMAT!r}: {path} is not an ONNX "
+                         "export of baseq-export (make one with `baseq-export export ARTIFACT`)")
     problem = ModelConfig.problem(manifest.get("model"))
     if problem:
         raise bad('"model"', f"is not a model config: it {problem}")
@@ -71,7 +72,7 @@ def check_manifest(path: Path, manifest: object) -> None:
             isinstance(d, dict) and isinstance(d.get("bytes"), int) and isinstance(d.get("sha256"), str)
             for d in digests.values()):
         raise bad('"digests"', "is not a map of file name to {bytes, sha256}")
-    runner = manifest.get("onnxruntime", {"model": MODEL_FILE, "kv_cache": manifest.get("kv_cache", "float")})
+    runner = onnxruntime_graph(manifest)
     if not isinstance(runner, dict) or not isinstance(runner.get("model"), str) or \
             runner.get("kv_cache") not in KV_CACHES:
         raise bad('"onnxruntime"', f"is not {{model: a graph file, kv_cache: one of {', '.join(KV_CACHES)}}}")
@@ -80,11 +81,22 @@ def check_manifest(path: Path, manifest: object) -> None:
     if manifest.get("ops", "standard") not in ("custom", "standard"):
         raise bad('"ops"', "is not custom or standard")
     length = manifest.get("max_length")
-    if length is not None and not (isinstance(length, int) and not isinstance(length, bool) and 0 < length < 2**31):
+    if length is not None and not whole(length):
         raise bad('"max_length"', "is not a positive whole number")
     for name in [*files, *digests, runner["model"]]:
         if not inside(path, name):
             raise bad(f"the file name {name!r}", "lies outside the export directory")
+
+
+def genai_graph(manifest: dict) -> dict:
+    """{model, kv_cache} of the graph genai runs (model.onnx, the export's own cache kind)."""
+    return {"model": MODEL_FILE, "kv_cache": manifest.get("kv_cache", "float")}
+
+
+def onnxruntime_graph(manifest: dict) -> dict:
+    """{model, kv_cache} of the graph our onnxruntime runner opens by default: the manifest's "onnxruntime" entry
+    where the export carries a second graph (packed KV cache), else genai's."""
+    return manifest.get("onnxruntime", genai_graph(manifest))
 
 
 def file_digests(path: Path, files: list[str]) -> dict[str, dict]:
@@ -145,8 +157,7 @@ class OnnxModel:
         manifest = read_manifest(path)
         self.config = ModelConfig.from_dict(manifest["model"])
         # an export may carry a second graph for onnxruntime (packed KV cache) beside genai's float-cache one
-        main = {"model": MODEL_FILE, "kv_cache": manifest.get("kv_cache", "float")}
-        runner = manifest.get("onnxruntime", main)
+        main, runner = genai_graph(manifest), onnxruntime_graph(manifest)
         if kv_cache not in (None, runner["kv_cache"]):
             if kv_cache != main["kv_cache"]:
                 raise ValueError(f"{path} has no graph with a {kv_cache} KV cache; export it with --kv-cache {kv_cache}")
