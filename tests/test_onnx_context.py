@@ -53,6 +53,18 @@ def test_a_prompt_past_2048_tokens_runs_in_onnxruntime_and_genai(artifact, tmp_p
         run.logits(torch.randint(3, 300, (1, 2601), generator=gen))
 
 
+@pytest.mark.skipif(not importlib.util.find_spec("onnxruntime_genai"), reason="onnxruntime-genai not installed")
+def test_genai_scores_a_window_as_long_as_the_context(artifact, tmp_path):
+    """eval --ctx N on an export of context N: genai takes the whole window (it once asked for N + 1 and refused)."""
+    path, _ = artifact
+    out = api.export(path, "onnx", tmp_path / "onnx", max_length=48)
+    ids = torch.randint(3, 300, (1, 48), generator=torch.Generator().manual_seed(1))
+    ref = reference_model(load_artifact(path)).logits(ids)
+    got = api.chat(out, backend="onnxruntime-genai").backend.logits(ids)
+    assert got.shape == ref.shape and torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert (got - ref).abs().max() < 1e-3 * ref.abs().max()
+
+
 def test_default_length_is_the_source_models_and_no_path_of_this_machine_is_written(artifact, tmp_path):
     path, built = artifact
     assert main(["export", str(path), "--out", str(tmp_path / "onnx")]) == 0

@@ -170,7 +170,7 @@ def genai_logits(path: str | Path, ids: torch.Tensor) -> torch.Tensor:
     rows = []
     for row in ids.tolist():
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(row) + 1, do_sample=False)
+        params.set_search_options(max_length=len(row), do_sample=False)  # a window as long as the context fits
         gen = og.Generator(model, params)
         out = []
         for token in row:
