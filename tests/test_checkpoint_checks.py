@@ -67,6 +67,17 @@ def test_a_config_whose_dimensions_are_not_the_tensors_is_refused(checkpoint, fi
     refused(capsys, eval_args(d, checkpoint[1]), *needles, keep=(d,))
 
 
+@pytest.mark.parametrize("layers", [TINY["num_hidden_layers"] + 1, 10**9])
+def test_a_config_with_more_layers_than_the_tensors_is_refused_before_a_model_is_built(checkpoint, layers, tmp_path,
+                                                                                       capsys):
+    """10**9 layers: found by the fuzzer, once a hang (a model of the config was built layer by layer first)."""
+    d = copy_with(checkpoint[0], tmp_path / "m", num_hidden_layers=layers)
+    needles = (str(d / "config.json"), f"num_hidden_layers is {layers}",
+               f"hold {TINY['num_hidden_layers']} layers", "use the checkpoint's own config.json")
+    both_loaders_refuse(d, *needles)
+    refused(capsys, eval_args(d, checkpoint[1]), *needles, keep=(d,))
+
+
 def test_the_unchanged_checkpoint_loads_and_its_shapes_agree(checkpoint):
     """The check does not refuse a good checkpoint (both loaders, equal weights)."""
     eager, lazy = load_model(str(checkpoint[0])), load_model(str(checkpoint[0]), lazy=True)
@@ -131,3 +142,20 @@ def test_a_gguf_whose_metadata_does_not_give_its_tensors_shapes_is_refused(tmp_p
         load_model(str(f), lazy=True)
     assert str(f) in str(e.value) and "attn_k.weight has shape [32, 64] but the file's metadata implies [64, 64]" in \
         str(e.value) and "the file is damaged" in str(e.value), str(e.value)
+
+
+def test_a_gguf_claiming_more_blocks_than_its_tensors_is_refused_before_a_model_is_built(tmp_path):
+    """block_count raised to 10**9 in the header: refused from the header, not after building 10**9 layers."""
+    from baseq_export.targets import gguf as G
+    from test_cli import bpe_checkpoint
+
+    bpe, _ = bpe_checkpoint(tmp_path / "bpe")
+    (tmp_path / "g").mkdir()
+    f = G.write_model(load_model(str(bpe)), tmp_path / "g" / "m.gguf", weights="f16", head="f16")
+    data = bytearray(f.read_bytes())
+    at = data.index(b"llama.block_count") + len(b"llama.block_count")
+    assert int.from_bytes(data[at + 4 : at + 8], "little") == TINY["num_hidden_layers"]
+    data[at + 4 : at + 8] = (10**9).to_bytes(4, "little")
+    f.write_bytes(bytes(data))
+    both_loaders_refuse(f, str(f), "llama.block_count is 1000000000",
+                        f"tensors hold {TINY['num_hidden_layers']} layers")

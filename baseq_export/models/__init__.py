@@ -15,7 +15,7 @@ import torch
 from . import llama, mistral, qwen2
 from ..gguf_file import load_tokenizer as gguf_tokenizer
 from .base import ModelConfig
-from .checks import check_config_fields, check_not_pickle_only, check_shapes, check_tokenizer
+from .checks import check_config_fields, check_gguf_layer_count, check_layer_count, check_not_pickle_only, check_shapes, check_tokenizer
 
 ADAPTERS = {m.ARCH: m for m in (llama, mistral, qwen2)}
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -237,6 +237,10 @@ def load_model(spec: str = "default", dtype: torch.dtype = torch.float32, lazy: 
         check_config(config)
         check_not_pickle_only(directory)
     check_weight_files(directory, gguf)
+    if gguf:  # before transformers builds anything of the config
+        check_gguf_layer_count(directory / gguf)
+    else:
+        check_layer_count(directory, config["num_hidden_layers"])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 from .base import whole
@@ -145,6 +146,40 @@ def check_shapes(directory: Path, hf_config, shell) -> None:
             problem = shape_mismatch(name, found, want[name], fields)
             if problem:
                 raise _error(f"{directory / file}: {problem}")
+
+
+LAYER_INDEX = re.compile(r"(?:^|\.)(layers|blk)\.(\d+)\.")  # transformers' and llama.cpp's tensor names
+
+
+def layers_held(names) -> int:
+    """How many decoder layers tensors of these names hold (the highest layer index + 1; 0 if none)."""
+    found = [int(m.group(2)) for name in names if (m := LAYER_INDEX.search(name))]
+    return max(found) + 1 if found else 0
+
+
+def check_layer_count(directory: Path, layers: int) -> None:
+    """config.json's num_hidden_layers matches the layers the checkpoint's tensors hold, checked before a model of
+    the config is built (a config claiming millions of layers would otherwise take that long to build)."""
+    held = layers_held(checkpoint_shapes(directory))
+    if layers != held:
+        span = f" (layers.0 to layers.{held - 1})" if held else ""
+        raise _error(f"{directory / 'config.json'}: num_hidden_layers is {layers} but the checkpoint's tensors hold "
+                     f"{held} layers{span}; use the checkpoint's own config.json")
+
+
+def check_gguf_layer_count(path: Path) -> None:
+    """The same for a GGUF: its <arch>.block_count against its blk.N tensors, before transformers reads the file."""
+    from ..gguf_file import read_header
+
+    arch = read_header(path, {"general.architecture"}).values.get("general.architecture")
+    if not isinstance(arch, str):
+        return  # transformers' reader refuses the file, naming it
+    header = read_header(path, {f"{arch}.block_count"})
+    layers = header.values.get(f"{arch}.block_count")
+    held = layers_held(t.name for t in header.tensors)
+    if layers != held:
+        raise _error(f"{path}: {arch}.block_count is {layers!r} but the file's tensors hold {held} layers; use the "
+                     "GGUF as llama.cpp's converter wrote it")
 
 
 def check_tokenizer(tokenizer, vocab_size: int, where: str) -> None:
