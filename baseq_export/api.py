@@ -82,7 +82,7 @@ def plan(method: str = "baseq", bits: str = W4A4KV4, preset: str = "quick", *, p
     if tune and not (q.bits == W4A16 and q.gptq):
         raise ValueError("blockwise weight tuning follows GPTQ on weight-only models: use it with --profile gguf, or "
                          "--method quarot-gptq --bits w4a16")
-    if q.gptq or r1_steps:
+    if q.gptq or r1_steps or q.kv_clip_fit != "fixed":
         from .tune import TuneSettings
 
         return Plan(q, None, nsamples or GPTQ_NSAMPLES, calib_ctx or min(GPTQ_CTX, max_positions or GPTQ_CTX),
@@ -165,6 +165,14 @@ def quantize(model="default", out: str | Path | None = None, *, method: str = "b
         if calib is None and p.nsamples:
             check_context(m, p.calib_ctx, "--calib-ctx")
             calib = calibration_windows(m.tokenizer, p.nsamples, p.calib_ctx, p.settings.seed, calib_text)
+        kv_windows = None
+        if p.settings.kv_clip_fit != "fixed":  # its own, longer windows of the same text (kv_clips.py)
+            from . import data
+            from .kv_clips import FIT_CTX, FIT_WINDOWS
+
+            tokens = data.tokenize(m.tokenizer, data.corpus_text("calib", calib_text))
+            ctx = min(FIT_CTX, m.max_positions or FIT_CTX, tokens.numel())  # shorter for a short text or context
+            kv_windows = data.calibration_windows(tokens, FIT_WINDOWS, ctx, p.settings.seed)
         save = (lambda art: save_artifact(out, art, overwrite=force,
                                           write_extra=lambda d: m.tokenizer.save_pretrained(str(d))))
         if p.baseq or p.tune:  # resumable: each finished block is kept in out.partial
@@ -180,10 +188,10 @@ def quantize(model="default", out: str | Path | None = None, *, method: str = "b
             path = save(art)
             shutil.rmtree(workdir, ignore_errors=True)
         elif out is None:
-            return quantize_model(m, p.settings, calib, device=device)
+            return quantize_model(m, p.settings, calib, device=device, kv_windows=kv_windows)
         else:
             with spool_dir(Path(out)) as spool:  # finished blocks wait on disk, not in memory, until it is written
-                path = save(quantize_model(m, p.settings, calib, spool=spool, device=device))
+                path = save(quantize_model(m, p.settings, calib, spool=spool, device=device, kv_windows=kv_windows))
         return load_artifact(path, lazy=True)
 
 

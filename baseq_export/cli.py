@@ -16,7 +16,7 @@ from pathlib import Path
 from . import __version__, api
 from .targets import TARGETS, backend_names, option_default
 
-from .settings import BITS_PRESETS, GGML_CHOICES, METHODS, PRESETS, PROFILES, W4A4KV4
+from .settings import BITS_PRESETS, GGML_CHOICES, KV_CLIP_FITS, METHODS, PRESETS, PROFILES, W4A4KV4
 from .quant.ggml_mix import MIXES
 
 
@@ -86,7 +86,11 @@ def add_quant_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
                    help="a named set of quantization settings: gguf = llama.cpp's weight-only profile (W4A16 rotated "
                    "GPTQ on Q4_1 blocks of 32 with searched fp16 d and m, R1/R2 offline, no online Hadamard); "
                    "onnx-w4a16 = the fast weight-only ONNX export (rotated GPTQ in groups of 64, rotations offline, "
-                   "4-bit head, int8 kernels); the options given explicitly win")
+                   "4-bit head, int8 kernels); onnx-w4a16kv4 = the same weights with the rotated 4-bit KV cache, its "
+                   "clips fitted (for long prompts); the options given explicitly win")
+    p.add_argument("--kv-clip-fit", choices=KV_CLIP_FITS, default=option_default("fixed", sub),
+                   help="clips of the KV-cache quantizers: fixed (0.95) or mse, fitted per layer and KV head on long "
+                   "windows of the calibration text (quarot-* / gptq methods with a quantized KV cache)")
     p.add_argument("--gguf-mix", choices=tuple(MIXES), default=option_default(None, sub),
                    help="weight-only GGUF in llama.cpp's own block types, mixed per tensor as llama.cpp's file type of "
                    "the same name (q4_k_m: Q4_K with Q6_K for half the attn_v / ffn_down; rows that K-quants cannot "
@@ -268,7 +272,7 @@ def plan_options(args: argparse.Namespace) -> dict:
                 calib_ctx=args.calib_ctx, e2e_epochs=args.e2e_epochs, r1_steps=args.r1_steps,
                 group_size=args.group_size, seed=args.seed, head_bits=args.head_bits, head_act_bits=args.head_act_bits,
                 linear_act_bits=args.linear_act_bits, weight_clip=args.weight_clip, tune=args.tune_blocks,
-                ggml_mix=args.gguf_mix, ggml_choice=args.gguf_choice, **extra)
+                ggml_mix=args.gguf_mix, ggml_choice=args.gguf_choice, kv_clip_fit=args.kv_clip_fit, **extra)
 
 
 def quantize(args: argparse.Namespace, out: str):

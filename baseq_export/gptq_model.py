@@ -9,10 +9,12 @@ fed by the already-quantized blocks before it).
 from __future__ import annotations
 
 import time
+from collections import ChainMap
 from pathlib import Path
 
 import torch
 
+from .kv_clips import fit_kv_clips, with_clips
 from .blocks import Block, TapHooks, dequantized_linears, run_block, walk_blocks
 from .learn_rotation import block_weights
 from .memory import row_slices
@@ -87,11 +89,12 @@ def gptq_hessians(cfg, lw: dict, layer: int, h: torch.Tensor, hooks, rope, chunk
 @torch.no_grad()
 def quantize_model(
     model: LoadedModel, settings: QuantSettings, calib: torch.Tensor | None = None, chunk: int = 8,
-    spool: Path | None = None, device: torch.device | None = None,
+    spool: Path | None = None, device: torch.device | None = None, kv_windows: torch.Tensor | None = None,
 ) -> Artifact:
     """Quantize `model` into an artifact. `calib` [n, T] token windows are needed for GPTQ. With `spool` (a
     directory) each finished block's tensors go to a file there instead of staying in memory; `device`: where
-    the blocks are calibrated (default CPU)."""
+    the blocks are calibrated (default CPU). kv_windows: the windows the KV clips are fitted on when
+    settings.kv_clip_fit asks for it (default: calib)."""
     t0 = time.time()
     if settings.method == BASEQ:
         raise ValueError("baseq is calibrated by calibrate.calibrate_baseq, not quantize_model")
@@ -118,15 +121,20 @@ def quantize_model(
     tensors = TensorStore(spool)
     walk = walk_blocks(src, calib if gptq else None, step, advance, tensors, desc=f"{settings.method} {settings.bits}",
                        chunk=chunk)
-    tensors.put(float_tensors(cfg, src.outside_and_norms(), settings, head_inputs=walk.h_q), "outside.safetensors")
-    return Artifact(
-        model=cfg.to_dict(),
-        quant=dict(settings.quant_config(), **({"ggml_more_bits": {k: sorted(v) for k, v in chosen.items()}}
-                                               if chosen else {})),
-        tensors=tensors,
-        source=source_info(model),
-        calibration={"seconds": round(time.time() - t0, 1), "windows": 0 if calib is None else list(calib.shape)},
-    )
+    outside = float_tensors(cfg, src.outside_and_norms(), settings, head_inputs=walk.h_q)
+    quant = dict(settings.quant_config(), **({"ggml_more_bits": {k: sorted(v) for k, v in chosen.items()}}
+                                             if chosen else {}))
+    calibration = {"windows": 0 if calib is None else list(calib.shape)}
+    if settings.kv_clip_fit == "mse":
+        kv_windows = calib if kv_windows is None else kv_windows
+        if kv_windows is None:
+            raise ValueError("fitting the KV clips needs calibration windows")
+        draft = Artifact(model=cfg.to_dict(), quant=quant, tensors=ChainMap(outside, tensors))
+        outside = with_clips(outside, fit_kv_clips(draft, kv_windows))
+        calibration["kv_clip_windows"] = list(kv_windows.shape)
+    tensors.put(outside, "outside.safetensors")
+    return Artifact(model=cfg.to_dict(), quant=quant, tensors=tensors, source=source_info(model),
+                    calibration={"seconds": round(time.time() - t0, 1), **calibration})
 
 
 SENSITIVITY_WINDOWS = 16  # calibration windows the choice of more-bits layers is measured on

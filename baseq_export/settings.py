@@ -14,8 +14,8 @@ from .quant import GGML_BLOCK, WEIGHT_GRIDS
 if TYPE_CHECKING:
     from .models.base import ModelConfig
 
-W4A16, W4A8KV8, W4A4KV4 = "w4a16", "w4a8kv8", "w4a4kv4"
-BITS_PRESETS = {W4A16: (4, None, None), W4A8KV8: (4, 8, 8), W4A4KV4: (4, 4, 4)}
+W4A16, W4A16KV4, W4A8KV8, W4A4KV4 = "w4a16", "w4a16kv4", "w4a8kv8", "w4a4kv4"
+BITS_PRESETS = {W4A16: (4, None, None), W4A16KV4: (4, None, 4), W4A8KV8: (4, 8, 8), W4A4KV4: (4, 4, 4)}
 """Bit-width presets: (weight, activation, KV-cache) bits; None = float."""
 
 BASEQ = "baseq"
@@ -24,6 +24,7 @@ METHODS = (BASEQ, "rtn", "gptq", "quarot-rtn", "quarot-gptq")
 
 
 GGML_CHOICES = ("llama.cpp", "sensitivity")
+KV_CLIP_FITS = ("fixed", "mse")
 HEAD_GROUP_SIZE = 32
 """Group size of a 4-bit embedding / lm_head: onnxruntime's GatherBlockQuantized and MatMulNBits blocks."""
 
@@ -37,7 +38,9 @@ class QuantSettings:
     group_size: int | None = None  # None = per output channel
     symmetric: bool = False
     a_clip: float = 0.9  # activation clip ratio (QuaRot's default for 4-bit)
-    kv_clip: float = 0.95
+    kv_clip: float = 0.95  # the KV quantizers' clip ratio, or with kv_clip_fit its starting point
+    kv_clip_fit: str = "fixed"  # "fixed": kv_clip everywhere; "mse": per layer and KV head, the clip of least squared
+    # K / V error on the calibration windows (kv_clips.fit_kv_clips; for methods without learned clips)
     seed: int = 0
     damp: float = 0.01
     act_order: bool = True
@@ -70,9 +73,15 @@ class QuantSettings:
                              "add --head-bits 4 or drop --head-act-bits")
         if self.linear_act_bits not in (8, 16):
             raise ValueError(f"linear activation bits must be 8 or 16 (float), got {self.linear_act_bits}")
-        if self.linear_act_bits == 8 and (self.bits != W4A16 or self.group_size is None):
+        if self.linear_act_bits == 8 and (BITS_PRESETS[self.bits][1] or self.group_size is None):
             raise ValueError("8-bit linear activations are for weight-only linears with grouped weights (onnxruntime's "
-                             "int8 kernels round per weight group): use --bits w4a16 --group-size 32|64|128")
+                             "int8 kernels round per weight group): use --bits w4a16 (or w4a16kv4) --group-size "
+                             "32|64|128")
+        if self.kv_clip_fit not in KV_CLIP_FITS:
+            raise ValueError(f"unknown KV clip fit {self.kv_clip_fit!r}; choose one of {', '.join(KV_CLIP_FITS)}")
+        if self.kv_clip_fit != "fixed" and (not BITS_PRESETS[self.bits][2] or self.method == BASEQ):
+            raise ValueError("fitting the KV clips needs a quantized KV cache (--bits w4a16kv4, w4a8kv8 or w4a4kv4) and "
+                             "a method other than baseq (whose calibration learns them)")
         if self.weight_grid not in WEIGHT_GRIDS:
             raise ValueError(f"unknown weight grid {self.weight_grid!r}; choose one of {', '.join(WEIGHT_GRIDS)}")
         if self.weight_grid != "int" and self.group_size != GGML_BLOCK:
@@ -137,6 +146,7 @@ class QuantSettings:
             **({"head_act_bits": 8} if self.head_act_bits == 8 else {}),
             **({"linear_act_bits": 8} if self.linear_act_bits == 8 else {}),
             **({"ggml_mix": self.ggml_mix, "ggml_choice": self.ggml_choice} if self.ggml_mix else {}),
+            **({"kv_clip_fit": self.kv_clip_fit} if self.kv_clip_fit != "fixed" else {}),
         }
 
 
@@ -148,6 +158,10 @@ PROFILES = {
     # head and linears on MatMulNBits' int8 kernels (inputs rounded to int8 per group, as the reference does).
     "onnx-w4a16": dict(method="quarot-gptq", bits=W4A16, group_size=64, weight_clip="mse", r4=False, head_bits=4,
                        head_act_bits=8, linear_act_bits=8),
+    # onnxruntime for long prompts: onnx-w4a16's weights and kernels plus the rotated (R3) 4-bit KV cache, its clips
+    # fitted per layer and KV head on the calibration windows (read packed by the fused attention op).
+    "onnx-w4a16kv4": dict(method="quarot-gptq", bits=W4A16KV4, group_size=64, weight_clip="mse", r4=False, head_bits=4,
+                          head_act_bits=8, linear_act_bits=8, kv_clip_fit="mse"),
 }
 
 
