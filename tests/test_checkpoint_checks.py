@@ -124,8 +124,8 @@ def test_pickle_only_weights_are_named_as_such_and_never_opened(checkpoint, tmp_
     both_loaders_refuse(d, "has no weight files")
 
 
-def test_a_gguf_whose_metadata_does_not_give_its_tensors_shapes_is_refused(tmp_path):
-    """The same rule for a --model FILE.gguf: head_count_kv raised in the header, so k_proj's rows disagree."""
+def gguf_with(tmp_path: Path, key: str, was: int, value: int) -> Path:
+    """A tiny model's GGUF (what --model FILE.gguf reads) with the uint32 metadata value of key changed."""
     from baseq_export.targets import gguf as G
     from test_cli import bpe_checkpoint
 
@@ -133,11 +133,17 @@ def test_a_gguf_whose_metadata_does_not_give_its_tensors_shapes_is_refused(tmp_p
     (tmp_path / "g").mkdir()
     f = G.write_model(load_model(str(bpe)), tmp_path / "g" / "m.gguf", weights="f16", head="f16")
     data = bytearray(f.read_bytes())
-    at = data.index(b"llama.attention.head_count_kv") + len(b"llama.attention.head_count_kv")
+    at = data.index(key.encode()) + len(key)
     assert int.from_bytes(data[at : at + 4], "little") == 4  # GGUF's uint32 type, then the value
-    assert int.from_bytes(data[at + 4 : at + 8], "little") == TINY["num_key_value_heads"]
-    data[at + 4 : at + 8] = TINY["num_attention_heads"].to_bytes(4, "little")
+    assert int.from_bytes(data[at + 4 : at + 8], "little") == was
+    data[at + 4 : at + 8] = value.to_bytes(4, "little")
     f.write_bytes(bytes(data))
+    return f
+
+
+def test_a_gguf_whose_metadata_does_not_give_its_tensors_shapes_is_refused(tmp_path):
+    """The same rule for a --model FILE.gguf: head_count_kv raised in the header, so k_proj's rows disagree."""
+    f = gguf_with(tmp_path, "llama.attention.head_count_kv", TINY["num_key_value_heads"], TINY["num_attention_heads"])
     with pytest.raises(ModelLoadError) as e:
         load_model(str(f), lazy=True)
     assert str(f) in str(e.value) and "attn_k.weight has shape [32, 64] but the file's metadata implies [64, 64]" in \
@@ -146,16 +152,6 @@ def test_a_gguf_whose_metadata_does_not_give_its_tensors_shapes_is_refused(tmp_p
 
 def test_a_gguf_claiming_more_blocks_than_its_tensors_is_refused_before_a_model_is_built(tmp_path):
     """block_count raised to 10**9 in the header: refused from the header, not after building 10**9 layers."""
-    from baseq_export.targets import gguf as G
-    from test_cli import bpe_checkpoint
-
-    bpe, _ = bpe_checkpoint(tmp_path / "bpe")
-    (tmp_path / "g").mkdir()
-    f = G.write_model(load_model(str(bpe)), tmp_path / "g" / "m.gguf", weights="f16", head="f16")
-    data = bytearray(f.read_bytes())
-    at = data.index(b"llama.block_count") + len(b"llama.block_count")
-    assert int.from_bytes(data[at + 4 : at + 8], "little") == TINY["num_hidden_layers"]
-    data[at + 4 : at + 8] = (10**9).to_bytes(4, "little")
-    f.write_bytes(bytes(data))
+    f = gguf_with(tmp_path, "llama.block_count", TINY["num_hidden_layers"], 10**9)
     both_loaders_refuse(f, str(f), "llama.block_count is 1000000000",
                         f"tensors hold {TINY['num_hidden_layers']} layers")
