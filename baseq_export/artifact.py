@@ -241,7 +241,10 @@ def load_artifact(path: str | Path, map_location: str = "cpu", lazy: bool = Fals
     tensor_file = path / TENSORS
     if not tensor_file.is_file():
         raise ArtifactError(f"{path} has no {TENSORS}; the artifact is incomplete, quantize again")
-    expected = config.get("checksums", {}).get(TENSORS)
+    expected = (config.get("checksums") or {}).get(TENSORS)  # null is allowed by check_record: no checksum
+    if not isinstance(expected, str):
+        raise ArtifactError(f"{path / CONFIG} records no checksum of {TENSORS} (\"checksums\" is "
+                            f"{config.get('checksums')!r}); the artifact is damaged or was edited: quantize again")
     actual = sha256_file(tensor_file)
     if expected != actual:
         raise ArtifactError(
@@ -268,7 +271,7 @@ def load_artifact(path: str | Path, map_location: str = "cpu", lazy: bool = Fals
     calibration = None
     if (path / CALIBRATION).is_file():
         calibration = json.loads((path / CALIBRATION).read_text())
-    return Artifact(config["model"], config["quant"], tensors, config.get("source", {}), calibration, path)
+    return Artifact(config["model"], config["quant"], tensors, config.get("source") or {}, calibration, path)
 
 
 def source_config(art: Artifact) -> dict:

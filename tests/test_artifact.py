@@ -74,6 +74,20 @@ def test_corrupted_tensor_file_is_rejected(tmp_path):
         load_artifact(path)
 
 
+@pytest.mark.parametrize("checksums", [None, {}, {artifact.TENSORS: 7}])
+def test_a_config_without_the_tensor_files_checksum_is_refused_and_a_null_source_loads(tmp_path, checksums):
+    """Found by tests/fuzz_files.py: "checksums": null raised AttributeError out of load_artifact."""
+    path = save_artifact(tmp_path / "m.baseq", sample_artifact())
+    cfg_file = path / artifact.CONFIG
+    good = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**good, "checksums": checksums}))
+    with pytest.raises(ArtifactError, match="records no checksum") as e:
+        load_artifact(path)
+    assert str(cfg_file) in str(e.value)
+    cfg_file.write_text(json.dumps({**good, "source": None}))
+    assert load_artifact(path).source == {}
+
+
 def test_truncated_tensor_file_is_rejected(tmp_path):
     path = save_artifact(tmp_path / "m.baseq", sample_artifact())
     f = path / artifact.TENSORS
