@@ -155,3 +155,11 @@ def test_a_gguf_claiming_more_blocks_than_its_tensors_is_refused_before_a_model_
     f = gguf_with(tmp_path, "llama.block_count", TINY["num_hidden_layers"], 10**9)
     both_loaders_refuse(f, str(f), "llama.block_count is 1000000000",
                         f"tensors hold {TINY['num_hidden_layers']} layers")
+
+
+def test_a_gguf_whose_rope_dimension_is_huge_is_refused_before_anything_is_sized_by_it(tmp_path):
+    """Found by the 10,000-case fuzz run: rope.dimension_count (transformers' head_dim) raised to 2**30 made the
+    rotary table 4 GiB before the tensors' shapes were compared; now attn_q's shape refuses it first."""
+    head_dim = TINY["hidden_size"] // TINY["num_attention_heads"]
+    f = gguf_with(tmp_path, "llama.rope.dimension_count", head_dim, 2**30)
+    both_loaders_refuse(f, str(f), "attn_q.weight has shape", "the file is damaged")

@@ -249,6 +249,8 @@ def load_model(spec: str = "default", dtype: torch.dtype = torch.float32, lazy: 
     kwargs = {"gguf_file": gguf} if gguf else {}
     if lazy:
         return _load_lazy(spec, directory, gguf, dtype, checked)
+    if gguf:  # the lazy loader's checks of the header and each tensor's shape, before transformers builds the model
+        _load_lazy(spec, directory, gguf, dtype)  # (weights not read: a damaged header must not size allocations)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -312,11 +314,13 @@ def _load_lazy(spec: str, directory: Path, gguf: str | None, dtype: torch.dtype,
         check_tokenizer(tokenizer, hf_config.vocab_size, str(directory))
     cfg = adapter.config_from_hf(hf_config)
     shell = checked[1] if checked else meta_model(hf_config)
+    weights = (gguf_weights(directory / gguf, cfg, dtype, shell, adapter) if gguf
+               else safetensors_weights(directory, cfg, adapter, dtype, shell))
+    # after the tensors' shapes are checked: a damaged header's head_dim would size this table (gigabytes)
     inv_freq, scaling = rope_tensors(shell, hf_config)
+    weights = weights.with_tensor("rope.inv_freq", inv_freq)
     if scaling != 1.0:
         cfg = dataclasses.replace(cfg, rope_attention_scaling=scaling)
-    weights = (gguf_weights(directory / gguf, cfg, dtype, inv_freq, shell, adapter) if gguf
-               else safetensors_weights(directory, cfg, adapter, dtype, inv_freq, shell))
     check_finite(weights)
     source = str(directory / gguf) if gguf else str(directory)
     return LoadedModel(cfg, weights, tokenizer, source, special_token_ids(hf_config, tokenizer),

@@ -34,6 +34,10 @@ class LazyWeights(Mapping):
     def __len__(self) -> int:
         return len(self._readers)
 
+    def with_tensor(self, name: str, tensor: torch.Tensor) -> "LazyWeights":
+        """These weights plus one held in memory (e.g. rope.inv_freq, computed rather than read)."""
+        return LazyWeights({**self._readers, name: lambda: tensor.clone()})
+
     def read_all(self) -> dict[str, torch.Tensor]:
         """Every tensor read once into memory, for work that reads them all many times (a full-precision
         evaluation); names with one reader (a tied head and the embedding) share one tensor."""
@@ -95,8 +99,7 @@ def _checked(weights: dict, cfg: ModelConfig, present: set[str], names: dict[str
         raise ModelLoadError(TIED_HEAD_DIFFERS)
 
 
-def safetensors_weights(directory: Path, cfg: ModelConfig, adapter, dtype: torch.dtype,
-                        inv_freq: torch.Tensor, shell) -> LazyWeights:
+def safetensors_weights(directory: Path, cfg: ModelConfig, adapter, dtype: torch.dtype, shell) -> LazyWeights:
     """Lazy weights of a safetensors checkpoint (one file, or the shards its index lists)."""
     from ..tensor_files import read_tensor, tensor_index
 
@@ -118,11 +121,10 @@ def safetensors_weights(directory: Path, cfg: ModelConfig, adapter, dtype: torch
     _checked(readers, cfg, set(where), names, expected_names(shell, names))
     if cfg.tied_embeddings:
         readers["lm_head"] = readers["embed"]
-    readers["rope.inv_freq"] = lambda: inv_freq.clone()
     return LazyWeights(readers)
 
 
-def gguf_weights(path: Path, cfg: ModelConfig, dtype: torch.dtype, inv_freq: torch.Tensor, shell, adapter) -> LazyWeights:
+def gguf_weights(path: Path, cfg: ModelConfig, dtype: torch.dtype, shell, adapter) -> LazyWeights:
     """Lazy weights of a llama.cpp GGUF file: each tensor dequantized by gguf-py when read."""
     import gguf
 
@@ -140,8 +142,6 @@ def gguf_weights(path: Path, cfg: ModelConfig, dtype: torch.dtype, inv_freq: tor
         for name in LINEARS:
             for suffix in ("weight", "bias"):
                 names[f"layers.{i}.{name}.{suffix}"] = tensor_name(GGUF_TENSORS[name], suffix, i)
-    unpermute = {"q": np.argsort(rope_permutation(cfg.num_heads, cfg.head_dim)),
-                 "k": np.argsort(rope_permutation(cfg.num_kv_heads, cfg.head_dim))}
 
     def read_tensor(canonical: str, gguf_name: str) -> Callable[[], torch.Tensor]:
         def read() -> torch.Tensor:
@@ -164,9 +164,11 @@ def gguf_weights(path: Path, cfg: ModelConfig, dtype: torch.dtype, inv_freq: tor
                 from . import ModelLoadError
 
                 raise ModelLoadError(f"{path}: {problem}")
+    # sized by the metadata: made only once the tensors' shapes agree with it
+    unpermute = {"q": np.argsort(rope_permutation(cfg.num_heads, cfg.head_dim)),
+                 "k": np.argsort(rope_permutation(cfg.num_kv_heads, cfg.head_dim))}
     readers = {c: read_tensor(c, n) for c, n in names.items() if n in tensors}
     _checked(readers, cfg, set(tensors), names, expected_names(shell, hf))
     if cfg.tied_embeddings:  # (an untied model without output.weight was refused by _checked)
         readers["lm_head"] = readers["embed"]
-    readers["rope.inv_freq"] = lambda: inv_freq.clone()
     return LazyWeights(readers)
