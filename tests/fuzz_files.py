@@ -3,6 +3,7 @@ or export (JSON fields deleted, added, retyped, set out of range or to paths; or
 and opens it with the loader the CLI uses.
 
     python tests/fuzz_files.py --cases 10000 [--formats checkpoint-config,baseq-config,...] [--seed 0] [--json F]
+        [--max-memory-gb 10]
 
 The property: the loader returns, or raises what the CLI turns into a one-line refusal (ValueError,
 FileNotFoundError, FileExistsError, OSError) with a message that names the file; and nothing is written anywhere
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import resource
 import sys
 import tempfile
 import time
@@ -236,7 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--seed", type=int, default=0, help="0: derandomized (the same cases every run)")
     ap.add_argument("--json", default=None, help="write the counts per format here (tools/results/fuzz-files.json)")
+    ap.add_argument("--max-memory-gb", type=float, default=10.0,
+                    help="address-space cap of this process (0: none): a case that allocates by a damaged size then "
+                    "fails with MemoryError, which the property reports, instead of the kernel killing the run")
     args = ap.parse_args(argv)
+    if args.max_memory_gb:
+        cap = int(args.max_memory_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     counts: Counter = Counter()
     results = {"cases_per_format": args.cases, "seed": args.seed, "formats": {}}
     with tempfile.TemporaryDirectory() as tmp:
