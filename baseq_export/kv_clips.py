@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from tqdm.auto import tqdm
 
 from .artifact import Artifact
 from .quant import fake_quant_kv
@@ -64,7 +65,8 @@ def fit_kv_clips(art: Artifact, windows: torch.Tensor, batch: int = 1) -> dict[s
     qm = reference_model(art, exact=False)
     errors: dict[str, torch.Tensor] = {}
     qm.hooks = _Recorder(qm.hooks, errors)
-    for i in range(0, windows.shape[0], batch):
+    for i in tqdm(range(0, windows.shape[0], batch), desc=f"KV clips on {windows.shape[0]} x {windows.shape[1]} tokens",
+                  unit="window", leave=False):
         qm.logits(windows[i:i + batch])
     grid = torch.tensor(CLIP_GRID, dtype=torch.float32)
     return {name: grid[e.argmin(-1)].reshape(-1, 1, 1) for name, e in errors.items()}
