@@ -86,8 +86,8 @@ def add_quant_args(p: argparse.ArgumentParser, sub: bool = False) -> None:
                    help="a named set of quantization settings: gguf = llama.cpp's weight-only profile (W4A16 rotated "
                    "GPTQ on Q4_1 blocks of 32 with searched fp16 d and m, R1/R2 offline, no online Hadamard); "
                    "onnx-w4a16 = the fast weight-only ONNX export (rotated GPTQ in groups of 64, rotations offline, "
-                   "4-bit head, int8 kernels); onnx-w4a16kv4 = the same weights with the rotated 4-bit KV cache, its "
-                   "clips fitted (for long prompts); the options given explicitly win")
+                   "4-bit head, int8 kernels); onnx-w4a16kv4 = the same weights with the rotated 4-bit KV cache "
+                   "(7,200 bytes per token of context instead of 46,080); the options given explicitly win")
     p.add_argument("--kv-clip-fit", choices=KV_CLIP_FITS, default=option_default("fixed", sub),
                    help="clips of the KV-cache quantizers: fixed (0.95) or mse, fitted per layer and KV head on long "
                    "windows of the calibration text (quarot-* / gptq methods with a quantized KV cache)")

@@ -1,6 +1,7 @@
-"""The onnx-w4a16kv4 profile: onnx-w4a16's weights and int8 kernels with the rotated 4-bit KV cache, its clips fitted
-per layer and KV head (kv_clips.py). The fit against the fixed clip on windows it never saw, the profile's artifact
-against its torch reference in onnxruntime (packed cache) and genai, and the settings it refuses. Tiny models."""
+"""The onnx-w4a16kv4 profile: onnx-w4a16's weights and int8 kernels with the rotated 4-bit KV cache, here with its
+clips fitted per layer and KV head (kv_clips.py, --kv-clip-fit mse). The fit against the fixed clip on windows it
+never saw, the profile's artifact against its torch reference in onnxruntime (packed cache) and genai, and the
+settings it refuses. Tiny models."""
 
 from __future__ import annotations
 
@@ -80,7 +81,8 @@ def test_fitted_kv_clips_beat_the_fixed_clip_on_windows_the_fit_never_saw():
 
 def test_the_profile_quantizes_exports_and_runs_as_its_reference(tmp_path):
     ckpt, _ = tiny_checkpoint(tmp_path / "ckpt")
-    art = api.quantize(str(ckpt), tmp_path / "m.baseq", profile="onnx-w4a16kv4", nsamples=8, calib_ctx=32)
+    art = api.quantize(str(ckpt), tmp_path / "m.baseq", profile="onnx-w4a16kv4", kv_clip_fit="mse", nsamples=8,
+                       calib_ctx=32)
     q = art.quant
     assert (q["bits"], q["a_bits"], q["kv_bits"], q["group_size"], q["linear_act_bits"], q["head_act_bits"],
             q["kv_clip_fit"], q["rotation"]["r3"], q["rotation"]["r4"]) == \
