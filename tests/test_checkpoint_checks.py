@@ -67,7 +67,7 @@ def test_a_config_whose_dimensions_are_not_the_tensors_is_refused(checkpoint, fi
     refused(capsys, eval_args(d, checkpoint[1]), *needles, keep=(d,))
 
 
-@pytest.mark.parametrize("layers", [TINY["num_hidden_layers"] + 1, 10**9])
+@pytest.mark.parametrize("layers", [10**9])  # (one more layer than held: tests/test_models.py)
 def test_a_config_with_more_layers_than_the_tensors_is_refused_before_a_model_is_built(checkpoint, layers, tmp_path,
                                                                                        capsys):
     """10**9 layers: found by the fuzzer, once a hang (a model of the config was built layer by layer first)."""

@@ -9,7 +9,7 @@ import pytest
 
 import fuzz_files
 
-CASES = 50
+CASES = 25
 
 
 @pytest.fixture(scope="module")
