@@ -217,6 +217,28 @@ def test_mse_clip_search_not_worse_than_rtn(symmetric, group_size):
     assert float(group_err(searched).sum()) < float(group_err(base).sum())
 
 
+@pytest.mark.parametrize("symmetric, group_size, weighted", [(False, None, False), (False, 32, True), (True, 32, False)])
+def test_mse_clip_search_is_the_best_ratio_per_group_numpy(symmetric, group_size, weighted):
+    """The int grid's clip search (range found once, codes never stored) picks, for each group, the ratio of least
+    weighted squared error, as a plain numpy loop over the ratios computes it."""
+    w = heavy_weight(12, 128, seed=9)
+    v = torch.rand(128, generator=torch.Generator().manual_seed(3)) if weighted else None
+    scale, zero, _ = quant.search_weight_qparams(w, "int", 4, group_size, symmetric, importance=v)
+    gs = group_size or 128
+    wn = w.numpy().astype(F32)
+    vn = np.ones(128, F32) if v is None else v.numpy()
+    best_err = best = None
+    for i in range(80):  # ratios 1, 0.99, ..., 0.21
+        s, z = np_qparams(wn, 4, gs, symmetric, 1.0 - i / 100)
+        err = (((np_dequant(np_quant(wn, s, z, 4, gs), s, z, gs) - wn) ** 2) * vn).reshape(12, -1, gs).sum(-1)
+        if best is None:
+            best_err, best = err, s
+        best, best_err = np.where(err < best_err, s, best), np.minimum(err, best_err)
+    got = quant.dequantize(quant.quantize(w, scale, zero, 4, gs), scale, zero, gs).numpy()
+    np.testing.assert_allclose((((got - wn) ** 2) * vn).reshape(12, -1, gs).sum(-1), best_err, rtol=1e-5, atol=1e-9)
+    np.testing.assert_array_equal(scale.numpy(), best)
+
+
 # --------------------------------------------------------------------------------------
 # int4 packing
 # --------------------------------------------------------------------------------------

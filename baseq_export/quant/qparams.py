@@ -11,8 +11,8 @@ import torch
 from ..memory import row_slices
 from .floats import FP16_TINY, fp16_ceil, fp16_floor, fp16_round, true_div
 from .layout import GGML_BLOCK
-from .weights import (Q4_0_ZERO, QuantizedWeight, check_bits, check_grid, dequantize, grouped, quantize,
-                      resolve_group_size)
+from .weights import (Q4_0_ZERO, QuantizedWeight, check_bits, check_grid, dequant_values, grouped, quant_values,
+                      quantize, resolve_group_size)
 
 
 def _grouped_finite(w: torch.Tensor, gs: int, who: str) -> torch.Tensor:
@@ -37,18 +37,31 @@ def choose_qparams(
     check_bits(bits)
     k = w.shape[-1]
     gs = resolve_group_size(k, group_size)
-    qmax = 2**bits - 1
     wg = _grouped_finite(w, gs, "choose_qparams")
+    return _int_qparams(_int_bounds(wg, symmetric), bits, symmetric, clip_ratio)
+
+
+def _int_bounds(wg: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group range of grouped weights [..., G, gs] that the int grid spans: (min clamped <= 0, max clamped
+    >= 0), or (0, max |w|) when symmetric. Computed once per weight; every clip ratio scales it."""
+    if symmetric:
+        amax = wg.abs().amax(dim=-1)
+        return torch.zeros_like(amax), amax
+    return wg.amin(dim=-1).clamp(max=0.0), wg.amax(dim=-1).clamp(min=0.0)
+
+
+def _int_qparams(bounds: tuple[torch.Tensor, torch.Tensor], bits: int, symmetric: bool,
+                 clip_ratio: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) of the int grid for the range _int_bounds gave, shrunk by clip_ratio."""
+    lo, hi = bounds
     if isinstance(clip_ratio, torch.Tensor):
-        clip_ratio = clip_ratio.to(device=wg.device, dtype=torch.float32)
+        clip_ratio = clip_ratio.to(device=hi.device, dtype=torch.float32)
     if symmetric:
         half = 2 ** (bits - 1)
-        amax = wg.abs().amax(dim=-1) * clip_ratio
-        scale = fp16_ceil(true_div(amax, float(half - 1)))
-        zero = torch.full_like(scale, half, dtype=torch.uint8)
-        return scale, zero
-    xmin = wg.amin(dim=-1).clamp(max=0.0) * clip_ratio
-    xmax = wg.amax(dim=-1).clamp(min=0.0) * clip_ratio
+        scale = fp16_ceil(true_div(hi * clip_ratio, float(half - 1)))
+        return scale, torch.full_like(scale, half, dtype=torch.uint8)
+    qmax = 2**bits - 1
+    xmin, xmax = lo * clip_ratio, hi * clip_ratio
     scale = fp16_ceil(true_div(xmax - xmin, float(qmax)))
     zero = torch.round(-xmin / scale).clamp(0, qmax).to(torch.uint8)
     return scale, zero
@@ -146,6 +159,11 @@ def choose_weight_qparams(
 
 def _candidates(w, grid, bits, gs, symmetric, ratios, refine, importance):
     """Candidate (scale, zero, minimum) of the clip search; the first is plain RTN."""
+    if grid == "int":  # the range is the same for every ratio: found once
+        bounds = _int_bounds(_grouped_finite(w, gs, "search_weight_qparams"), symmetric)
+        for p in ratios:
+            yield (*_int_qparams(bounds, bits, symmetric, p), None)
+        return
     for p in ratios:
         if grid == "q4_0":
             for level in (-8, 7):
@@ -161,8 +179,6 @@ def _candidates(w, grid, bits, gs, symmetric, ratios, refine, importance):
                 codes = quantize(w, scale, None, 4, gs, minimum=minimum)
                 scale, minimum = fit_q4_1(w, codes, scale, minimum, importance)
                 yield scale, None, minimum
-        else:
-            yield (*choose_qparams(w, bits, gs, symmetric, p), None)
 
 
 SEARCH_ELEMENTS = 2**21
@@ -208,9 +224,11 @@ def search_weight_qparams(
                  for part in row_slices(wf.shape[0], k, SEARCH_ELEMENTS)]
         return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))
     ratios = [1.0] + [1.0 - i / steps for i in range(1, int(max_shrink * steps))]
+    wg = grouped(wf, gs)
+    vg = None if importance is None else grouped(importance, gs)
     best = best_err = None
     for cand in _candidates(wf, grid, bits, gs, symmetric, ratios, refine, importance):
-        err = _group_err(wf, *cand, bits, gs, norm, importance)
+        err = _grouped_err(wg, *cand, 2**bits - 1, norm, vg)
         if best is None:
             best, best_err = list(cand), err
             continue
@@ -237,16 +255,18 @@ def mse_clip_search(
     return scale, zero
 
 
-def _group_err(
-    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, minimum: torch.Tensor | None, bits: int, gs: int,
-    norm: float, importance: torch.Tensor | None = None,
+def _grouped_err(
+    wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, minimum: torch.Tensor | None, qmax: int,
+    norm: float, vg: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """sum_j v_j |w_j - deq(quant(w))_j|^norm per group, shape [..., G]."""
-    deq = dequantize(quantize(w, scale, zero, bits, gs, minimum), scale, zero, gs, minimum)
-    e = (deq - w).abs().pow(norm)
-    if importance is not None:
-        e = e * importance
-    return grouped(e, gs).sum(dim=-1)
+    """sum_j v_j |w_j - deq(quant(w))_j|^norm per group [..., G] of grouped float32 weights wg [..., G, gs] (vg:
+    the importance grouped alike, or None): quantize then dequantize's numbers, without the uint8 codes between."""
+    sc, zr, mn = (None if t is None else t.to(torch.float32).unsqueeze(-1) for t in (scale, zero, minimum))
+    d = dequant_values(quant_values(wg, sc, zr, qmax, mn), sc, zr, mn) - wg
+    e = d * d if norm == 2.0 else d.abs().pow(norm)
+    if vg is not None:
+        e = e * vg
+    return e.sum(dim=-1)
 
 
 def weight_qparams(
