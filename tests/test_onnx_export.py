@@ -251,22 +251,24 @@ def test_default_model_onnx_parity(default_model, tmp_path, kind):
     elif kind == "w4a16-int8-kernels":
         art = quantize_model(default_model, QuantSettings(method="quarot-rtn", bits="w4a16", group_size=64, r4=False,
                                                           head_bits=4, head_act_bits=8, linear_act_bits=8))
-    else:  # a small calibration budget keeps the test short; the method (learned R1 and the end-to-end pass
-        # included) and the graph are the same
-        calib = data.calibration_windows(data.tokenize(tok, data.embedded_text("calib")), 4, 128, seed=0)
-        art = calibrate_baseq(default_model, QuantSettings(bits="w4a4kv4", head_bits=4, head_act_bits=8, r1_steps=20),
-                              BaseqSettings(nsamples=4, calib_ctx=128, epochs=1, e2e_epochs=1), calib)
+    else:  # a small calibration budget and min-max weight groups (no clip search) keep the test short; the method
+        # (learned R1 and the end-to-end pass included) and the graph are the main job's
+        calib = data.calibration_windows(data.tokenize(tok, data.embedded_text("calib")), 4, 64, seed=0)
+        art = calibrate_baseq(default_model, QuantSettings(bits="w4a4kv4", head_bits=4, head_act_bits=8, r1_steps=8,
+                                                            weight_clip="minmax"),
+                              BaseqSettings(nsamples=4, calib_ctx=64, epochs=1, e2e_epochs=1), calib)
         # the pass runs; whether it is kept (KL on its check windows lower after one epoch over 4 windows) depends on
         # the CPU's float summation order: on a 2-core AMD EPYC (AVX2) it went 0.3564 -> 0.3575 and was dropped, with
         # the code before and after the redesign alike. Parity holds either way: the graph is the same.
         assert art.calibration["end_to_end"]["kl_end"] > 0
     path = save_artifact(tmp_path / "m.baseq", art, write_extra=lambda d: tok.save_pretrained(str(d)))
     ref = reference_model(art)
-    windows = data.token_windows(data.tokenize(tok, data.embedded_text("eval")), 512, 4)
+    int8_linears = kind == "w4a16-int8-kernels"
+    # exact-mode graphs agree to ~1e-7 on any window; the int8 linears' 0.5% bound is statistical: 4 windows
+    windows = data.token_windows(data.tokenize(tok, data.embedded_text("eval")), 512, 4 if int8_linears else 2)
     p_ref = perplexity(ref.logits, windows).ppl
     prompt = tok("def fibonacci(n):\n    ", add_special_tokens=False)["input_ids"]
     torch_tokens = greedy_tokens(torch_stepper(ref), prompt, 32)
-    int8_linears = kind == "w4a16-int8-kernels"
     first = None
     for ops in ("custom", "standard"):
         out = export_onnx(path, tmp_path / f"onnx-{ops}", ops=ops)
