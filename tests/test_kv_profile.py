@@ -94,7 +94,9 @@ def test_the_profile_quantizes_exports_and_runs_as_its_reference(tmp_path):
     om = OnnxModel(out, threads=1)
     assert om.kv_cache == "int4"  # onnxruntime reads the packed 4-bit rows
     ids = torch.randint(3, art.model["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(2))
-    assert_parity_to_summation_order(om.logits(ids), reference_model(art).logits(ids))
+    # on an AVX-512 VNNI Xeon one last-bit difference before a K/V rounding flips a 4-bit code at position 13 of
+    # the first sequence: its later positions differ by up to 3.8e-3 (logits up to 1.35); on an AVX2 EPYC none
+    assert_parity_to_summation_order(om.logits(ids), reference_model(art).logits(ids), share=0.6, flip=1e-2)
     if importlib.util.find_spec("onnxruntime_genai"):
         prompt = ids[0, :10].tolist()
         want = list(itertools.islice(api.chat(out).backend.greedy(prompt, 8), 8))

@@ -96,14 +96,17 @@ def assert_parity(got: torch.Tensor, ref: torch.Tensor) -> None:
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
 
 
-def assert_parity_to_summation_order(got: torch.Tensor, ref: torch.Tensor) -> None:
+def assert_parity_to_summation_order(got: torch.Tensor, ref: torch.Tensor, share: float = 0.9,
+                                     flip: float = 3e-3) -> None:
     """Weight-only linears on onnxruntime's int8 kernels agree with the reference to float32 summation order
     (quant.fake_quant_int8_blocks): a linear's output may differ in its last bits, and where the next int8
-    rounding of such a value sits on a tie one input code flips, moving that token's logits by ~1e-3. So: most
-    positions equal to the parity tolerance, none off by more than such a flip."""
+    rounding of such a value sits on a tie one input code flips, moving that token's logits by ~1e-3. So: a
+    `share` of the positions equal to the parity tolerance, none off by more than such a flip. A flipped 4-bit
+    KV code (int8 linears before a 4-bit cache) moves logits further and every later position of its sequence
+    reads it: there `share` and `flip` are looser (a wrong graph moves every position by far more)."""
     equal = torch.isclose(got, ref, rtol=1e-5, atol=2e-6).all(-1)
-    assert equal.float().mean() >= 0.9, f"{int((~equal).sum())} of {equal.numel()} positions differ"
-    torch.testing.assert_close(got, ref, rtol=0, atol=3e-3)
+    assert equal.float().mean() >= share, f"{int((~equal).sum())} of {equal.numel()} positions differ"
+    torch.testing.assert_close(got, ref, rtol=0, atol=flip)
 
 
 ARTIFACTS = {

@@ -38,6 +38,7 @@ from benchutil import machine, require_idle, write_json
 import baseq_export as bq
 from baseq_export import data
 from baseq_export.settings import PRESET_R1_STEPS, PRESETS, QuantSettings
+from baseq_export.targets.onnx import main_job_settings
 
 # Stage C's budgets alone (the presets without their end-to-end pass): the "BASE-Q quick / standard" rows and the ablations
 QUICK = dataclasses.replace(PRESETS["quick"], e2e_epochs=0)
@@ -53,6 +54,11 @@ ABLATIONS = [
 LEARNED_R1 = [  # a learned rotation on top of R1 (learn_rotation.py) with the preset's steps, fitted before the blocks
     ("BASE-Q quick + learned R1", QUICK, {"r1_steps": PRESET_R1_STEPS["quick"]}),
     ("BASE-Q standard + learned R1", STANDARD, {"r1_steps": PRESET_R1_STEPS["standard"]}),
+]
+MAIN_JOB = [  # `baseq-export --format onnx`'s calibration: the quick preset as shipped, its learned R1, the ONNX main
+    # job's 4-bit head on int8 inputs (targets/onnx.main_job_settings)
+    ("BASE-Q main job (quick preset as shipped, 4-bit head)", PRESETS["quick"],
+     {"r1_steps": PRESET_R1_STEPS["quick"], **main_job_settings(argparse.Namespace())}),
 ]
 END_TO_END = [  # learned R1, stage C, then one epoch of the end-to-end pass (end_to_end.py): standard's preset as it is
     ("BASE-Q quick + learned R1 + end-to-end", dataclasses.replace(QUICK, e2e_epochs=1), {"r1_steps": PRESET_R1_STEPS["quick"]}),
@@ -197,7 +203,7 @@ def main() -> None:
         baseq_runs.append(("BASE-Q standard", STANDARD, {}))
     if not args.skip_ablations:
         baseq_runs += ABLATIONS
-    baseq_runs += LEARNED_R1 + END_TO_END
+    baseq_runs += LEARNED_R1 + END_TO_END + MAIN_JOB
     if args.only:
         baseq_runs = [run for run in baseq_runs if args.only in run[0]]
     for bits in args.bits.split(","):
