@@ -20,6 +20,7 @@ import torch
 from benchutil import machine, require_idle, write_json
 
 import baseq_export as bq
+from baseq_export import api
 from baseq_export import blocks, calibrate, gptq_model
 from baseq_export.quant import gptq, qparams
 
@@ -97,7 +98,7 @@ def main() -> None:
     model = bq.load(args.model)
     p = bq.plan("baseq", "w4a4kv4", args.preset, head_bits=4, head_act_bits=8, e2e_epochs=args.e2e_epochs,
                 r1_steps=args.r1_steps, seed=args.seed, max_positions=model.max_positions)
-    calib = bq.calibration_windows(model.tokenizer, p.nsamples, p.calib_ctx, args.seed)
+    calib = api.calibration_windows(model.tokenizer, p.nsamples, p.calib_ctx, args.seed)
     t0 = time.perf_counter()
     with clocked(StageClock()) as clock:
         art = calibrate.calibrate_baseq(model, p.settings, p.baseq, calib)

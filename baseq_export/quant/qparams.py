@@ -262,10 +262,10 @@ def _grouped_err(
     """sum_j v_j |w_j - deq(quant(w))_j|^norm per group [..., G] of grouped float32 weights wg [..., G, gs] (vg:
     the importance grouped alike, or None): quantize then dequantize's numbers, without the uint8 codes between."""
     sc, zr, mn = (None if t is None else t.to(torch.float32).unsqueeze(-1) for t in (scale, zero, minimum))
-    d = dequant_values(quant_values(wg, sc, zr, qmax, mn), sc, zr, mn) - wg
-    e = d * d if norm == 2.0 else d.abs().pow(norm)
+    d = dequant_values(quant_values(wg, sc, zr, qmax, mn), sc, zr, mn, in_place=True).sub_(wg)
+    e = d.mul_(d) if norm == 2.0 else d.abs_().pow_(norm)
     if vg is not None:
-        e = e * vg
+        e = e.mul_(vg)
     return e.sum(dim=-1)
 
 

@@ -215,17 +215,19 @@ def quant_values(
     int / q4_0: clamp(round(x / scale) + zero, 0, qmax);  q4_1: clamp(round((x - minimum) / scale), 0, qmax).
     """
     if minimum is not None:
-        return torch.round((x - minimum) / scale).clamp(0, qmax)
-    return (torch.round(x / scale) + zero).clamp(0, qmax)
+        return torch.sub(x, minimum).div_(scale).round_().clamp_(0, qmax)  # in place on its own temporary
+    return torch.div(x, scale).round_().add_(zero).clamp_(0, qmax)
 
 
 def dequant_values(
-    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, minimum: torch.Tensor | None = None
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, minimum: torch.Tensor | None = None,
+    in_place: bool = False,
 ) -> torch.Tensor:
-    """Float32 weights of float codes q: (q - zero) * scale, or q * scale + minimum on the q4_1 grid."""
+    """Float32 weights of float codes q: (q - zero) * scale, or q * scale + minimum on the q4_1 grid. in_place:
+    overwrite q (a temporary of the caller's of the result's shape), the same numbers without a new tensor."""
     if minimum is not None:
-        return q * scale + minimum
-    return (q - zero) * scale
+        return q.mul_(scale).add_(minimum) if in_place else q * scale + minimum
+    return q.sub_(zero).mul_(scale) if in_place else (q - zero) * scale
 
 
 def _expand(t: torch.Tensor | None) -> torch.Tensor | None:
