@@ -201,6 +201,8 @@ class Block:
     rope: tuple[torch.Tensor, torch.Tensor] | None
     started: float  # time.time() when the loop reached the block (its log entry's seconds count from here)
     bar: object  # the loop's progress bar, for a step that shows its training loss
+    next_h_q: torch.Tensor | None = None  # a step that ran the finished block on h_q exactly as `advance` would
+    # (the artifact's weights and hooks) may leave its output here: the loop then takes it instead of a rerun
 
 
 Step = Callable[[Block], tuple[dict[str, torch.Tensor], dict]]
@@ -239,7 +241,7 @@ def walk_blocks(src: BlockWeights, calib: torch.Tensor | None, step: Step, advan
     log = []
     bar = tqdm(range(cfg.num_layers), desc=desc, unit="block")
     for i in bar:
-        started = time.time()
+        started, reused = time.time(), None
         fp_lw = src.layer(i)
         y = None if fp_hooks is None else checked_block(cfg, fp_lw, i, h_fp, fp_hooks, rope, "full-precision", chunk)
         done = work / f"block_{i}.safetensors" if work else None
@@ -247,7 +249,9 @@ def walk_blocks(src: BlockWeights, calib: torch.Tensor | None, step: Step, advan
             bt = load_tensors(done, device=str(src.device))
             entry = json.loads((work / f"block_{i}.json").read_text())
         else:
-            bt, entry = step(Block(i, fp_lw, h_q, h_fp, y, rope, started, bar))
+            blk = Block(i, fp_lw, h_q, h_fp, y, rope, started, bar)
+            bt, entry = step(blk)
+            reused, blk = blk.next_h_q, None
             if done is not None:
                 save_block(work, i, bt, entry)
         log.append(entry)
@@ -255,10 +259,13 @@ def walk_blocks(src: BlockWeights, calib: torch.Tensor | None, step: Step, advan
             tensors.attach(done)
         else:
             tensors.put(bt, f"block_{i}.safetensors")
-        if h_q is not None:
+        if reused is not None and bool(torch.isfinite(reused).all()):
+            h_q = reused  # (a non-finite one is rerun below, so that the refusal names the site)
+        elif h_q is not None:
             lw, hooks = advance(i, bt, fp_lw)
             h_q = checked_block(cfg, lw, i, h_q, hooks, rope, "quantized", chunk)
             del lw, hooks
+        reused = None
         h_fp = y
         del fp_lw, bt, y  # a 7B block's float weights are 0.8 GB a copy: none is held into the next block
         release_free_memory()

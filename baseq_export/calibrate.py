@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .blocks import Block, dequantized_linears, open_workdir, walk_blocks
+from .blocks import Block, dequantized_linears, open_workdir, run_block, walk_blocks
 from .end_to_end import EndToEndFit, end_to_end_bytes, tune_end_to_end
 from .gptq_model import float_tensors, gptq_layer
 from .learn_rotation import block_weights, learned_residual
@@ -40,8 +40,8 @@ from .quant import rescale_rows
 from .rotate import RotationHooks
 from .settings import W4A4KV4, W4A8KV8, BaseqSettings, QuantSettings
 from .stage_a import train_stage_a
-from .stage_c import (LOSSES, block_from_tensors, block_loss, block_tensors, fold_block, init_params, site_means,
-                      train_block)
+from .stage_c import (LOSSES, block_from_tensors, block_loss, block_tensors, fold_block, init_params, output_loss,
+                      site_means, train_block)
 from .tensor_files import TensorStore, load_tensors, save_tensors, write_text_atomically
 
 
@@ -112,12 +112,15 @@ def calibrate_baseq(
             qweights = {n: rescale_rows(qw, params.pop(f"{n}.log_wscale").exp()) for n, qw in qweights.items()}
             qlw = {**qlw, **{f"{n}.weight": qw.dequantize() for n, qw in qweights.items()}}
         lw1, on1 = fold_block(qlw, params, i)
-        loss1 = block_loss(cfg, lw1, i, x, y, QuantHooks(quant_cfg, on1), rope, b.loss)
+        out1 = run_block(cfg, lw1, i, x, QuantHooks(quant_cfg, on1), rope)  # what the artifact's block computes on x
+        loss1 = float(output_loss(out1, y, b.loss))
         kept = "trained"
         if not loss1 < loss0:  # never make a block worse than its GPTQ start
-            lw1, on1, loss1, kept, qweights = lw0, on0, loss0, "untrained", gptq_weights
+            lw1, on1, loss1, kept, qweights, out1 = lw0, on0, loss0, "untrained", gptq_weights, None
+        if b.input_stream == "quant":  # x is the quantized stream: out1 is its next value (walk_blocks reuses it)
+            blk.next_h_q = out1
         bt = block_tensors(qweights, lw1, on1, i)
-        del qweights, gptq_weights, qlw, lw0, lw1, on0, on1, params, means, x, fp_lw  # not kept into the next block
+        del qweights, gptq_weights, qlw, lw0, lw1, on0, on1, params, means, x, fp_lw, out1  # not kept into the next block
         release_free_memory()
         entry = {"block": i, **a_entry, "mse_gptq": loss0, "mse_baseq": loss1, "kept": kept,
                  "seconds": round(time.time() - blk.started, 2), **memory_now()}
