@@ -757,3 +757,19 @@ def test_int8_blocks_are_what_onnxruntime_int8_kernels_compute(rows, block, on_g
     span = np.abs(x.astype(np.float64) @ w.T).max()
     assert np.abs(y - got.astype(np.float64) @ w.T).max() < 1e-5 * span
     assert np.abs(y - x.astype(np.float64) @ w.T).max() > 1e-3 * span  # the kernel does round x (level 4 honoured)
+
+
+def test_int8_block_rounding_passes_gradients_straight_through():
+    """Training through the int8 head input (the end-to-end pass with --head-act-bits 8) needs the gradient of the
+    rounding: straight through, every value that is not its block's max gets d out / d x = 1 (plain round gave 0,
+    and the pass then made the model worse and was dropped). The values are the no-grad ones, bit for bit."""
+    from baseq_export.quant import fake_quant_int8_blocks
+
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    out = fake_quant_int8_blocks(x, 64)
+    with torch.no_grad():
+        assert torch.equal(out, fake_quant_int8_blocks(x, 64))
+    out.sum().backward()
+    blocks = x.detach().abs().reshape(3, 2, 64)
+    not_max = (blocks < blocks.amax(-1, keepdim=True)).reshape(3, 128)
+    torch.testing.assert_close(x.grad[not_max], torch.ones(int(not_max.sum())), rtol=1e-6, atol=1e-6)

@@ -3,6 +3,7 @@ function (a stage's own time: the stages it calls are counted in their own rows,
 
     python tools/profile_calibration.py --json tools/results/profile-calibration.json [--model default]
                                         [--preset quick] [--e2e-epochs N] [--r1-steps N] [--seed 0] [--threads N]
+    python tools/profile_calibration.py --table A.json B.json ...   # earlier runs side by side, measures nothing
 
 The settings are the main job's (`baseq-export --format onnx`: BASE-Q quick with the learned R1, W4A4KV4, 4-bit
 head on int8 inputs) unless changed. Work done for the head (its Hessian, GPTQ) is shown apart, marked (head).
@@ -12,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -39,7 +42,8 @@ STAGES = [
     (gptq, "_gptq_run", "GPTQ: column rounding"),
     (calibrate, "site_means", "stage C: site means"),
     (calibrate, "train_block", "stage C: training (forward, backward, fake quantizers)"),
-    (calibrate, "block_loss", "stage C: block losses before/after"),
+    (calibrate, "block_loss", "stage C: block loss before training"),
+    (calibrate, "run_block", "stage C: block output after training (the next quantized stream)"),
     (blocks, "save_block", "blocks saved"),
     (calibrate, "float_tensors", HEAD),
     (calibrate, "tune_end_to_end", "end-to-end pass"),
@@ -82,9 +86,21 @@ def clocked(clock: StageClock):
             setattr(owner, attr, f)
 
 
+def markdown_table(runs: dict[str, dict]) -> str:
+    """Earlier runs' stage seconds side by side (runs: column label -> the JSON a run wrote), a row per stage."""
+    stages = list(dict.fromkeys(s for r in runs.values() for s in r["stages"]))
+    lines = ["| stage | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
+    for s in stages:
+        lines.append(f"| {s} | " + " | ".join(f"{r['stages'][s]:.1f}" if s in r["stages"] else "" for r in runs.values())
+                     + " |")
+    lines.append("| **total** | " + " | ".join(f"**{r['total']:.1f}**" for r in runs.values()) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", required=True)
+    ap.add_argument("--json", help="where this run's figures go")
+    ap.add_argument("--table", nargs="+", metavar="JSON", help="print earlier runs' stages side by side and stop")
     ap.add_argument("--model", default="default")
     ap.add_argument("--preset", default="quick")
     ap.add_argument("--e2e-epochs", type=int, default=None, help="end-to-end epochs (default: the preset's)")
@@ -92,6 +108,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.table:
+        print(markdown_table({Path(p).stem: json.loads(Path(p).read_text()) for p in args.table}))
+        return
+    if not args.json:
+        ap.error("--json is needed to measure (or --table to print earlier runs)")
     if args.threads:
         torch.set_num_threads(args.threads)
     busy = require_idle()

@@ -123,7 +123,9 @@ def fake_quant_int8_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     amax = xb.abs().amax(-1, keepdim=True)
     # 127 / max|x| as one float32 division (a python number over a tensor would be reciprocal, then product)
     inv = torch.where(amax > 0, torch.full_like(amax, INT8_BLOCK_QMAX) / amax, torch.zeros_like(amax))
-    out = torch.round(xb * inv) * (amax / INT8_BLOCK_QMAX)
+    rnd = _round_ste if torch.is_grad_enabled() and xb.requires_grad else torch.round  # gradients reach x (the
+    # end-to-end pass trains through the int8 head input; plain round's gradient is 0 and only the block max moved)
+    out = rnd(xb * inv) * (amax / INT8_BLOCK_QMAX)
     return out.reshape(xf.shape).to(x.dtype)
 
 
