@@ -246,8 +246,23 @@ def headline() -> str:
     quick, std = cl["BASE-Q quick + learned R1 w4a4kv4"], cl["BASE-Q standard + learned R1 + end-to-end w4a4kv4"]
     return (table(["file", "size", "perplexity (38 x 512)", "decode tok/s, 2 threads", "machine, model"], rows)
             + "\n\nBASE-Q W4A4KV4 closes this share of QuaRot-GPTQ's perplexity gap to FP (3 seeds, embedded / GPL-3 "
-            f"text): quick preset {format_spread(quick['embedded'], 3, False)} / {format_spread(quick['GPL-3'], 3, False)}"
-            f", standard preset {format_spread(std['embedded'], 3, False)} / {format_spread(std['GPL-3'], 3, False)}.")
+            f"text): quick preset without its end-to-end pass {format_spread(quick['embedded'], 3, False)} / "
+            f"{format_spread(quick['GPL-3'], 3, False)}, standard preset {format_spread(std['embedded'], 3, False)} / "
+            f"{format_spread(std['GPL-3'], 3, False)}.")
+
+
+PROFILES = {"before (d1a33ab)": "profile-calibration-d1a33ab.json",
+            "after (clip search, reused block output)": "profile-calibration-reused-output.json"}
+"""The calibration profiles side by side (tools/profile_calibration.py): column label -> results file."""
+
+
+def calibration_profile() -> str:
+    """Seconds per calibration stage of the main job's BASE-Q quick run, before and after the speedups."""
+    from profile_calibration import markdown_table as stage_table
+
+    runs = {label: with_name(name) for label, name in PROFILES.items()}
+    return (stage_table(runs) + "\n\n" + machine(next(iter(runs.values()))) + " Also "
+            + ", ".join(f"`tools/results/{n}`" for n in list(PROFILES.values())[1:]) + ".")
 
 
 SECTIONS: dict[str, Callable[[], str]] = {
@@ -256,6 +271,7 @@ SECTIONS: dict[str, Callable[[], str]] = {
     "gguf-offgrid": gguf("bench-gguf-offgrid.json"), "gguf-offgrid-tuned": gguf("bench-gguf-offgrid-tuned.json"),
     "gguf-default": gguf("bench-gguf-default.json"), "gguf-default-tuned": gguf("bench-gguf-default-tuned.json"),
     "gguf-mix": gguf_mix, "kld": kld, "scale": scale, "extrapolation": extrapolation,
+    "calibration-profile": calibration_profile,
 }
 
 
