@@ -265,7 +265,6 @@ def walk_blocks(src: BlockWeights, calib: torch.Tensor | None, step: Step, advan
             lw, hooks = advance(i, bt, fp_lw)
             h_q = checked_block(cfg, lw, i, h_q, hooks, rope, "quantized", chunk)
             del lw, hooks
-        reused = None
         h_fp = y
         del fp_lw, bt, y  # a 7B block's float weights are 0.8 GB a copy: none is held into the next block
         release_free_memory()

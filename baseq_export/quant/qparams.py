@@ -11,8 +11,8 @@ import torch
 from ..memory import row_slices
 from .floats import FP16_TINY, fp16_ceil, fp16_floor, fp16_round, true_div
 from .layout import GGML_BLOCK
-from .weights import (Q4_0_ZERO, QuantizedWeight, check_bits, check_grid, dequant_values, grouped, quant_values,
-                      quantize, resolve_group_size)
+from .weights import (Q4_0_ZERO, QuantizedWeight, _expand, check_bits, check_grid, dequant_values, grouped,
+                      quant_values, quantize, resolve_group_size)
 
 
 def _grouped_finite(w: torch.Tensor, gs: int, who: str) -> torch.Tensor:
@@ -261,7 +261,7 @@ def _grouped_err(
 ) -> torch.Tensor:
     """sum_j v_j |w_j - deq(quant(w))_j|^norm per group [..., G] of grouped float32 weights wg [..., G, gs] (vg:
     the importance grouped alike, or None): quantize then dequantize's numbers, without the uint8 codes between."""
-    sc, zr, mn = (None if t is None else t.to(torch.float32).unsqueeze(-1) for t in (scale, zero, minimum))
+    sc, zr, mn = _expand(scale), _expand(zero), _expand(minimum)
     d = dequant_values(quant_values(wg, sc, zr, qmax, mn), sc, zr, mn, in_place=True).sub_(wg)
     e = d.mul_(d) if norm == 2.0 else d.abs_().pow_(norm)
     if vg is not None:
