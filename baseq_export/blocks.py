@@ -25,7 +25,7 @@ from .memory import map_big_allocations, release_free_memory
 from .models import LoadedModel, weights_digest
 from .models.base import SITE_LINEARS, ModelConfig, WrappedHooks, block_forward, rope_tables, site_width
 from .artifact_tensors import linear_from_tensors
-from .rotate import rotate_layer, rotate_layer_residual, rotate_outside_layers, rotate_table_residual
+from .rotate import rotate_layer, rotate_layer_dense, rotate_outside_layers, rotate_table_residual
 from .tensor_files import TensorStore, load_tensors, save_tensors, write_text_atomically
 
 
@@ -58,6 +58,7 @@ class BlockWeights:
         """residual: an orthogonal [d, d] applied to the residual stream after R1 (learn_rotation.py), or None."""
         self.model, self.rotated, self.seed, self.r4 = model, rotated, seed, r4
         self.residual = None if residual is None else residual.detach().to("cpu", torch.float64)
+        self._r1_residual = None  # R1 times residual, multiplied out when a block first needs it
         if self.residual is not None and not rotated:
             raise ValueError("a residual rotation applies to a rotated model only")
         map_big_allocations(block_bytes(model.config))  # a 7B model's blocks: resident memory flat over them (memory.py)
@@ -106,13 +107,24 @@ class BlockWeights:
         for name in LINEARS:  # each linear with what its rotation needs: its bias, the norm gain folded into it
             norm = "attn_norm" if name in IN_ATTN else "mlp_norm" if name in IN_MLP else None
             part = {k: w[prefix + k].to(torch.float64) for k in (f"{name}.weight", f"{name}.bias", norm) if k in names}
-            rotated = rotate_layer(self.model.config, part, self.seed, self.r4)
-            if self.residual is not None:
-                rotated = rotate_layer_residual(rotated, self.residual)
+            if self.residual is None:
+                rotated = rotate_layer(self.model.config, part, self.seed, self.r4)
+            else:
+                rotated = rotate_layer_dense(self.model.config, part, self.r1_residual(), self.r4)
             out.update({k: v.to(self.device, torch.float32) for k, v in rotated.items()})
         rest = set(names) - set(out) - {"attn_norm", "mlp_norm"}
         out.update({k: w[prefix + k].to(self.device, torch.float32) for k in sorted(rest)})
         return out
+
+    def r1_residual(self) -> torch.Tensor:
+        """R1 @ residual (float64 [d, d]): the blocks' whole residual rotation as one matrix."""
+        if self._r1_residual is None:
+            from .rotate import random_signs, rotate_input_side
+
+            r1 = rotate_input_side(torch.eye(self.model.config.hidden_size, dtype=torch.float64),
+                                   random_signs(self.model.config.hidden_size, self.seed))  # I R1
+            self._r1_residual = r1 @ self.residual
+        return self._r1_residual
 
     def outside_and_norms(self) -> dict[str, torch.Tensor]:
         """The tensors float_tensors stores: outside the blocks (embedding and head made now), plus each block's

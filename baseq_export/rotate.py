@@ -266,6 +266,13 @@ def rotate_layer(cfg: ModelConfig, lw: dict[str, torch.Tensor], seed: int = 0, r
     return fold_layer_r4(lw) if r4 else lw
 
 
+def rotate_layer_dense(cfg: ModelConfig, lw: dict[str, torch.Tensor], rot: torch.Tensor, r4: bool = True) -> dict[str, torch.Tensor]:
+    """rotate_layer with a dense orthogonal rot [d, d] of the residual stream in place of R1 (R1 times a learned
+    rotation, multiplied out once): one product per linear instead of R1's transform and then a second product."""
+    lw = rotate_layer_r2(rotate_layer_residual(fold_layer_norms(lw), rot), cfg.head_dim)
+    return fold_layer_r4(lw) if r4 else lw
+
+
 def rotate_outside_layers(cfg: ModelConfig, w: dict[str, torch.Tensor], seed: int = 0) -> tuple[ModelConfig, dict]:
     """rotate_model's steps on the tensors outside the blocks (embed, lm_head, norm, rope.inv_freq)."""
     return (dataclasses.replace(cfg, tied_embeddings=False),

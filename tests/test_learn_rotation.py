@@ -145,5 +145,19 @@ def test_site_samples_are_the_norm_outputs_and_respect_the_memory_cap(tiny):
     capped = residual_site_samples(src, ids, RotationFit(steps=1, sample_tokens=40, max_sample_bytes=2 * per_site), seed=3)
     assert len(capped) == 2  # the first and the last site, the same numbers as in the full collection
     assert torch.equal(capped[0].x, every[0].x) and torch.equal(capped[1].x, every[-1].x)
+    # the last block's mlp_in: the unrotated pass's sample times R1 is the rotated model's (its R2 and R4 inside)
+    from baseq_export.blocks import TapHooks, calib_rope, run_block
+
+    taps = {}
+    hooks = TapHooks(RotationHooks(r3=False, r4=True), lambda site, x: taps.__setitem__(site, x.reshape(-1, x.shape[-1])))
+    h = torch.nn.functional.embedding(ids, src.embed())
+    rope = calib_rope(cfg, src.outside, h)
+    for i in range(cfg.num_layers):
+        lw = src.layer(i)
+        h = run_block(cfg, lw, i, h, hooks, rope)
+    assert torch.allclose(every[-1].x, taps["mlp_in"][rows], atol=1e-5)
+    assert torch.allclose(every[-1].mean, taps["mlp_in"].mean(0), atol=1e-6)
+    w = torch.cat([lw[f"{n}.weight"] for n in ("gate", "up")])
+    assert torch.allclose(every[-1].gram, w.T @ w, atol=1e-5)
     assert sampled_sites(64, 4096, 4096, 768 * 2**20) == [0, 13, 25, 38, 50, 63]
     assert sampled_sites(60, 576, 4096, 768 * 2**20) == list(range(60))

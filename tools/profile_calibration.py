@@ -3,6 +3,7 @@ function (a stage's own time: the stages it calls are counted in their own rows,
 
     python tools/profile_calibration.py --json tools/results/profile-calibration.json [--model default]
                                         [--preset quick] [--e2e-epochs N] [--r1-steps N] [--seed 0] [--threads N]
+                                        [--nsamples N --calib-ctx N]
     python tools/profile_calibration.py --table A.json B.json ...   # earlier runs side by side, measures nothing
 
 The settings are the main job's (`baseq-export --format onnx`: BASE-Q quick with the learned R1, W4A4KV4, 4-bit
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import resource
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -75,10 +77,12 @@ class StageClock:
 
 @contextlib.contextmanager
 def clocked(clock: StageClock):
-    """STAGES' functions wrapped by clock while inside, restored after."""
-    saved = [(owner, attr, owner.__dict__[attr]) for owner, attr, _ in STAGES]
+    """STAGES' functions wrapped by clock while inside, restored after (those an older commit lacks are skipped:
+    run with PYTHONPATH=<a checkout of it> to profile that commit)."""
+    present = [(owner, attr, stage) for owner, attr, stage in STAGES if attr in owner.__dict__]
+    saved = [(owner, attr, owner.__dict__[attr]) for owner, attr, _ in present]
     try:
-        for owner, attr, stage in STAGES:
+        for owner, attr, stage in present:
             setattr(owner, attr, clock.timed(owner.__dict__[attr], stage))
         yield clock
     finally:
@@ -101,11 +105,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="where this run's figures go")
     ap.add_argument("--table", nargs="+", metavar="JSON", help="print earlier runs' stages side by side and stop")
-    ap.add_argument("--model", default="default")
+    ap.add_argument("--model", default="default", help="'default' or a checkpoint dir (e.g. bench_scale's 7B-shaped ones)")
     ap.add_argument("--preset", default="quick")
     ap.add_argument("--e2e-epochs", type=int, default=None, help="end-to-end epochs (default: the preset's)")
     ap.add_argument("--r1-steps", type=int, default=None, help="learned R1 steps (default: the preset's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: the preset's)")
+    ap.add_argument("--calib-ctx", type=int, default=None, help="tokens per window (default: the preset's)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
     if args.table:
@@ -118,7 +124,8 @@ def main() -> None:
     busy = require_idle()
     model = bq.load(args.model)
     p = bq.plan("baseq", "w4a4kv4", args.preset, head_bits=4, head_act_bits=8, e2e_epochs=args.e2e_epochs,
-                r1_steps=args.r1_steps, seed=args.seed, max_positions=model.max_positions)
+                r1_steps=args.r1_steps, seed=args.seed, max_positions=model.max_positions,
+                nsamples=args.nsamples, calib_ctx=args.calib_ctx)
     calib = api.calibration_windows(model.tokenizer, p.nsamples, p.calib_ctx, args.seed)
     t0 = time.perf_counter()
     with clocked(StageClock()) as clock:
@@ -134,8 +141,9 @@ def main() -> None:
     write_json(args.json, dict(machine=machine(), busy_before=busy, threads=torch.get_num_threads(),
                                settings=dict(preset=args.preset, nsamples=p.nsamples, calib_ctx=p.calib_ctx,
                                              e2e_epochs=p.baseq.e2e_epochs, r1_steps=p.settings.r1_steps,
-                                             seed=args.seed, model=args.model),
+                                             seed=args.seed, model=args.model, layers=model.config.num_layers),
                                stages={k: round(v, 2) for k, v in stages.items()}, total=round(total, 2),
+                               peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                                end_to_end=art.calibration.get("end_to_end")))
 
 
