@@ -20,7 +20,11 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .models.base import NORM_OF_SITE, SITE_LINEARS, ModelConfig, forward, head_logits
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .models.base import (NORM_OF_SITE, SITE_LINEARS, ModelConfig, block_forward, forward, head_logits, layer_weights,
+                          rope_tables)
 from .blocks import block_bytes
 from .artifact import Artifact
 from .artifact_tensors import KV_SITES
@@ -40,11 +44,22 @@ class EndToEndFit:
     check_windows: int = 8  # windows on which the KL is measured before and after (the pass is kept only if it drops)
 
 
+HELD_BLOCK_BYTES = 2**30
+"""Up to this many bytes of dequantized float32 blocks the pass holds them all; past it (a 7B model's blocks are
+27 GB) it dequantizes a block when it runs and runs it again for the backward (activation checkpointing), so it
+holds one block's weights: the same numbers, a forward more a step."""
+
+
+def holds_blocks(cfg: ModelConfig) -> bool:
+    """Whether the pass holds every dequantized block (else one at a time; HELD_BLOCK_BYTES)."""
+    return block_bytes(cfg) * cfg.num_layers <= HELD_BLOCK_BYTES
+
+
 def end_to_end_bytes(cfg: ModelConfig) -> int:
-    """About what the pass holds: the dequantized float32 weights twice over (the model, and its activations and
-    gradients on one window, which for the models it suits are of the same order)."""
+    """About what the pass holds: the dequantized float32 weights it keeps (every block, or one at a time) and the
+    tables, twice over (its activations and gradients on one window are of the same order)."""
     tables = 4 * cfg.vocab_size * cfg.hidden_size * (1 if cfg.tied_embeddings else 2)
-    return 2 * (block_bytes(cfg) * cfg.num_layers + tables)
+    return 2 * (block_bytes(cfg) * (cfg.num_layers if holds_blocks(cfg) else 2) + tables)
 
 
 class TunableArtifact:
@@ -55,8 +70,10 @@ class TunableArtifact:
     gain / shift / clip) that the trained values give.
     """
 
-    def __init__(self, artifact: Artifact, device: torch.device | None = None):
-        qm = reference_model(artifact, exact=False, device=device)
+    def __init__(self, artifact: Artifact, device: torch.device | None = None, hold: bool | None = None):
+        """hold: keep every dequantized block (default: holds_blocks of the artifact's config)."""
+        self.hold = holds_blocks(ModelConfig.from_dict(artifact.model)) if hold is None else hold
+        qm = reference_model(artifact, exact=False, device=device, lazy=not self.hold)
         self.config, self.weights, self.hooks = qm.config, qm.weights, qm.hooks
         self.online = dict(qm.hooks.params)
         self.params: dict[str, torch.Tensor] = {}
@@ -80,10 +97,14 @@ class TunableArtifact:
             groups.setdefault(kinds.get(kind, fit.lr_gain), []).append(t)
         return [{"params": ts, "lr": lr} for lr, ts in groups.items()]
 
-    def materialize(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """(weights, online) of the reference forward with the current values (differentiable)."""
-        weights, online = dict(self.weights), dict(self.online)
-        for name, t in self.params.items():
+    def materialize(self, layer: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(weights, online) of the reference forward with the current values (differentiable); with layer, the
+        weights of that block only (read from lazy weights when the pass does not hold them)."""
+        prefix = "" if layer is None else f"layers.{layer}."
+        params = {k: v for k, v in self.params.items() if k.startswith(prefix)}
+        weights = {k: self.weights[k] for k in self.weights if k.startswith(prefix)}
+        online = dict(self.online)
+        for name, t in params.items():
             kind = name.rsplit(".", 1)[-1]
             if kind == "beta":
                 online[name.removesuffix(".beta") + ".clip"] = torch.sigmoid(t)
@@ -91,7 +112,7 @@ class TunableArtifact:
                 weights[name] = t
             else:
                 online[name] = t
-        for name, shift in self.params.items():
+        for name, shift in params.items():
             if not name.endswith(".shift"):
                 continue
             layer, site, _ = name.rsplit(".", 2)
@@ -103,19 +124,34 @@ class TunableArtifact:
         return weights, online
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        weights, online = self.materialize()
+        if self.hold:
+            weights, online = self.materialize()
+            self.hooks.params = online
+            return forward(self.config, weights, ids, self.hooks)
+        # models.base.forward's steps, each block materialized when it runs and again for its backward
+        cfg, outside = self.config, {k: self.weights[k] for k in self.weights if not k.startswith("layers.")}
+        h = F.embedding(ids, outside["embed"])
+        cos, sin = rope_tables(outside["rope.inv_freq"], torch.arange(ids.shape[1], device=ids.device),
+                               cfg.rope_attention_scaling, h.dtype)
+        for i in range(cfg.num_layers):
+            h = checkpoint(self._block, i, h, cos, sin, use_reentrant=False)
+        return head_logits(cfg, outside, h, self.hooks)
+
+    def _block(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        weights, online = self.materialize(i)
         self.hooks.params = online
-        return forward(self.config, weights, ids, self.hooks)
+        return block_forward(self.config, layer_weights(weights, i), i, h, cos, sin, self.hooks, None, False)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The artifact tensors that change: norms, the sites' linears' biases, online gains, shifts and clips."""
+        out = dict(self.online)
         with torch.no_grad():
-            weights, online = self.materialize()
-        names = [f"layers.{i}.{n}" for i in range(self.config.num_layers) for n in NORM_OF_SITE.values()]
-        names += [f"layers.{i}.{lin}.bias" for i in range(self.config.num_layers) for s in SITE_LINEARS
-                  for lin in SITE_LINEARS[s]]
-        out = {n: weights[n] for n in names}
-        out.update(online)
+            for i in range(self.config.num_layers):  # a block at a time: lazy weights are never all read at once
+                weights, online = self.materialize(i)
+                names = [f"layers.{i}.{n}" for n in NORM_OF_SITE.values()]
+                names += [f"layers.{i}.{lin}.bias" for s in SITE_LINEARS for lin in SITE_LINEARS[s]]
+                out.update({n: weights[n] for n in names})
+                out.update({k: v for k, v in online.items() if k.startswith(f"layers.{i}.")})
         return {k: v.detach().to("cpu", torch.float32).clone() for k, v in out.items()}
 
 
@@ -127,20 +163,21 @@ def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torc
 
 
 def tune_end_to_end(artifact: Artifact, windows: torch.Tensor, fp_last_hidden: torch.Tensor, fit: EndToEndFit,
-                    seed: int, device: torch.device | None = None) -> tuple[dict[str, torch.Tensor] | None, dict]:
+                    seed: int, device: torch.device | None = None, hold: bool | None = None
+                    ) -> tuple[dict[str, torch.Tensor] | None, dict]:
     """Train the artifact's gains, shifts and clips on the whole model's KL to the FP teacher (module docstring).
 
     windows [n, T] token ids; fp_last_hidden [n, T, d]: the FP blocks' output on them (rotated basis, as the
     artifact's head reads it). Returns (the changed artifact tensors, or None when the KL did not drop on the
-    check windows, and a log entry)."""
+    check windows, and a log entry). hold: TunableArtifact's (default: holds_blocks)."""
     if fit.epochs < 1:
         raise ValueError(f"the end-to-end pass needs at least one epoch, got {fit.epochs}")
     if windows.shape[:2] != fp_last_hidden.shape[:2]:
         raise ValueError(f"windows {list(windows.shape)} and FP hidden states {list(fp_last_hidden.shape)} differ")
     t0 = time.time()
-    model = TunableArtifact(artifact, device)
+    model = TunableArtifact(artifact, device, hold)
     dev = model.weights["embed"].device
-    frozen_head = {k: v for k, v in model.weights.items() if not k.startswith("layers.")}
+    frozen_head = {k: model.weights[k] for k in model.weights if not k.startswith("layers.")}
 
     def teacher(j: int) -> torch.Tensor:
         with torch.no_grad():

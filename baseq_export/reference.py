@@ -16,6 +16,7 @@ from .artifact_tensors import (GGML_TENSORS, HEAD_TENSORS, head_from_tensors, is
                                quantized_prefixes)
 from .hadamard import apply_hadamard
 from .models.base import ModelConfig, forward, linear_in_features
+from .models.lazy import LazyWeights
 from .quant import (IntActivation, fake_quant_int8_blocks, fake_quant_kv, fake_quant_per_token,
                     quantize_per_token)
 
@@ -108,14 +109,18 @@ class QuantizedModel:
 
 
 def reference_model(artifact: Artifact, dtype: torch.dtype = torch.float32, exact: bool = True,
-                    device: torch.device | None = None) -> QuantizedModel:
+                    device: torch.device | None = None, lazy: bool = False) -> QuantizedModel:
     """The PyTorch reference forward of an artifact: exactly what the exporters must compute.
 
     exact (default): the order-independent forward of models.base.forward(exact=True); with 4-bit
     activations and per-channel weights every linear holds integer levels (codes - zero) and its
     per-channel scales instead of a dequantized weight. exact=False: the float32 forward that
-    calibration trains (same values up to rounding). device: where it runs (default CPU).
+    calibration trains (same values up to rounding). device: where it runs (default CPU). lazy (with
+    exact=False): the blocks' linears are dequantized each time they are read (models.lazy.LazyWeights), so a
+    forward a block at a time holds one block's float weights, not the model's.
     """
+    if lazy and exact:
+        raise ValueError("reference_model: lazy weights are the float forward's (exact=False)")
     cfg = ModelConfig.from_dict(artifact.model)
     t = artifact.tensors
     group_size = artifact.quant.get("group_size")
@@ -131,11 +136,16 @@ def reference_model(artifact: Artifact, dtype: torch.dtype = torch.float32, exac
             online[name] = tensor
         else:
             weights[name] = tensor.to(dtype)
+    readers = {}  # lazy: name -> its dequantization, run on every read
     for prefix in quantized:
         if prefix in HEAD_TENSORS:
             weights[prefix] = head_from_tensors(prefix, t, cfg, artifact.quant).dequantize().to(dtype)
             continue
         in_features = linear_in_features(cfg, prefix.rsplit(".", 1)[-1])
+        if lazy:
+            readers[f"{prefix}.weight"] = lambda p=prefix, k=in_features: linear_from_tensors(
+                p, t, k, group_size, artifact.quant.get("weight_grid", "int")).dequantize().to(device=device, dtype=dtype)
+            continue
         qw = linear_from_tensors(prefix, t, in_features, group_size, artifact.quant.get("weight_grid", "int"))
         if integer_linears:
             weights[f"{prefix}.levels"] = qw.codes.to(torch.float32) - qw.zero.to(torch.float32)
@@ -147,4 +157,6 @@ def reference_model(artifact: Artifact, dtype: torch.dtype = torch.float32, exac
         online = {k: v.to(device) for k, v in online.items()}
     if cfg.tied_embeddings or "head_mix" in t:  # the embedding table serves the head (after head_mix)
         weights["lm_head"] = weights["embed"]
+    if lazy:
+        weights = LazyWeights({**{k: (lambda v=v: v) for k, v in weights.items()}, **readers})
     return QuantizedModel(cfg, weights, QuantHooks(artifact.quant, online, exact), artifact)
