@@ -156,7 +156,7 @@ def _tuned_end_to_end(art: Artifact, work: Path | None, b: BaseqSettings, calib:
         if entry.get("kept"):
             art.tensors.attach(tensor_file)
         return entry
-    need, free = end_to_end_bytes(ModelConfig.from_dict(art.model)), available_memory()
+    need, free = end_to_end_bytes(ModelConfig.from_dict(art.model), held=False), available_memory()  # the least it needs
     if free is not None and need > free:
         tqdm.write(f"end-to-end tuning skipped: it needs about {need / 2**30:.1f} GiB and {free / 2**30:.1f} GiB is free; "
                    "the artifact is complete without it (--e2e-epochs 0 leaves it out without this note; a machine "

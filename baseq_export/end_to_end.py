@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from .models.base import (NORM_OF_SITE, SITE_LINEARS, ModelConfig, block_forward, forward, head_logits, layer_weights,
                           rope_tables)
 from .blocks import block_bytes
+from .memory import available_memory
 from .artifact import Artifact
 from .artifact_tensors import KV_SITES
 from .reference import reference_model
@@ -45,21 +46,25 @@ class EndToEndFit:
 
 
 HELD_BLOCK_BYTES = 2**30
-"""Up to this many bytes of dequantized float32 blocks the pass holds them all; past it (a 7B model's blocks are
-27 GB) it dequantizes a block when it runs and runs it again for the backward (activation checkpointing), so it
-holds one block's weights: the same numbers, a forward more a step."""
+"""Where free memory is not known, the pass holds every dequantized float32 block up to this many bytes."""
 
 
-def holds_blocks(cfg: ModelConfig) -> bool:
-    """Whether the pass holds every dequantized block (else one at a time; HELD_BLOCK_BYTES)."""
-    return block_bytes(cfg) * cfg.num_layers <= HELD_BLOCK_BYTES
-
-
-def end_to_end_bytes(cfg: ModelConfig) -> int:
-    """About what the pass holds: the dequantized float32 weights it keeps (every block, or one at a time) and the
+def end_to_end_bytes(cfg: ModelConfig, held: bool = True) -> int:
+    """About what the pass holds: the dequantized float32 weights it keeps (every block, or two at a time) and the
     tables, twice over (its activations and gradients on one window are of the same order)."""
     tables = 4 * cfg.vocab_size * cfg.hidden_size * (1 if cfg.tied_embeddings else 2)
-    return 2 * (block_bytes(cfg) * (cfg.num_layers if holds_blocks(cfg) else 2) + tables)
+    return 2 * (block_bytes(cfg) * (cfg.num_layers if held else 2) + tables)
+
+
+def holds_blocks(cfg: ModelConfig, free: int | None = None) -> bool:
+    """Whether the pass holds every dequantized block: where that fits in free memory (default: what the system
+    has now). Otherwise it dequantizes a block when it runs and runs it again for the backward (activation
+    checkpointing): one block's weights held, the same numbers bit for bit, slower (each step dequantizes every
+    block twice: 4x the pass's time at 7B dims)."""
+    free = available_memory() if free is None else free
+    if free is None:
+        return block_bytes(cfg) * cfg.num_layers <= HELD_BLOCK_BYTES
+    return end_to_end_bytes(cfg, held=True) <= free
 
 
 class TunableArtifact:

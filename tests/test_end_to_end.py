@@ -142,6 +142,18 @@ def test_a_block_at_a_time_trains_the_same_numbers_as_holding_every_block(calibr
         assert torch.equal(a[0][k], b[0][k]), k
 
 
+def test_the_pass_holds_the_blocks_where_they_fit_in_free_memory(calibrated):
+    from baseq_export.end_to_end import end_to_end_bytes, holds_blocks
+    from baseq_export.models.base import ModelConfig
+
+    cfg = ModelConfig.from_dict(calibrated[0].model)
+    need = end_to_end_bytes(cfg, held=True)
+    assert holds_blocks(cfg, free=need) and not holds_blocks(cfg, free=need - 1)
+    assert end_to_end_bytes(cfg, held=False) == need  # two blocks held at most: this cfg has two
+    big = dataclasses.replace(cfg, num_layers=32)
+    assert end_to_end_bytes(big, held=False) < end_to_end_bytes(big, held=True)
+
+
 def test_token_kl_matches_a_direct_computation():
     t, s = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
     p, q = t.softmax(-1).double(), s.softmax(-1).double()
