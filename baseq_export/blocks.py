@@ -25,7 +25,8 @@ from .memory import map_big_allocations, release_free_memory
 from .models import LoadedModel, weights_digest
 from .models.base import SITE_LINEARS, ModelConfig, WrappedHooks, block_forward, rope_tables, site_width
 from .artifact_tensors import linear_from_tensors
-from .rotate import rotate_layer, rotate_layer_dense, rotate_outside_layers, rotate_table_residual
+from .rotate import (random_signs, rotate_input_side, rotate_layer, rotate_layer_dense, rotate_outside_layers,
+                     rotate_table_residual)
 from .tensor_files import TensorStore, load_tensors, save_tensors, write_text_atomically
 
 
@@ -119,8 +120,6 @@ class BlockWeights:
     def r1_residual(self) -> torch.Tensor:
         """R1 @ residual (float64 [d, d]): the blocks' whole residual rotation as one matrix."""
         if self._r1_residual is None:
-            from .rotate import random_signs, rotate_input_side
-
             r1 = rotate_input_side(torch.eye(self.model.config.hidden_size, dtype=torch.float64),
                                    random_signs(self.model.config.hidden_size, self.seed))  # I R1
             self._r1_residual = r1 @ self.residual

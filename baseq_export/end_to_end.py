@@ -20,11 +20,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .models.base import (NORM_OF_SITE, SITE_LINEARS, ModelConfig, block_forward, forward, head_logits, layer_weights,
-                          rope_tables)
+from .models.base import NORM_OF_SITE, SITE_LINEARS, ModelConfig, block_forward, forward, head_logits, layer_weights
 from .blocks import block_bytes
 from .memory import available_memory
 from .artifact import Artifact
@@ -80,6 +78,7 @@ class TunableArtifact:
         self.hold = holds_blocks(ModelConfig.from_dict(artifact.model)) if hold is None else hold
         qm = reference_model(artifact, exact=False, device=device, lazy=not self.hold)
         self.config, self.weights, self.hooks = qm.config, qm.weights, qm.hooks
+        self.outside = {k: self.weights[k] for k in self.weights if not k.startswith("layers.")}  # never trained
         self.online = dict(qm.hooks.params)
         self.params: dict[str, torch.Tensor] = {}
         for i in range(self.config.num_layers):
@@ -133,14 +132,12 @@ class TunableArtifact:
             weights, online = self.materialize()
             self.hooks.params = online
             return forward(self.config, weights, ids, self.hooks)
-        # models.base.forward's steps, each block materialized when it runs and again for its backward
-        cfg, outside = self.config, {k: self.weights[k] for k in self.weights if not k.startswith("layers.")}
-        h = F.embedding(ids, outside["embed"])
-        cos, sin = rope_tables(outside["rope.inv_freq"], torch.arange(ids.shape[1], device=ids.device),
-                               cfg.rope_attention_scaling, h.dtype)
-        for i in range(cfg.num_layers):
-            h = checkpoint(self._block, i, h, cos, sin, use_reentrant=False)
-        return head_logits(cfg, outside, h, self.hooks)
+        # each block materialized when it runs and again for its backward
+        return forward(self.config, self.outside, ids, self.hooks, block=self._checkpointed_block)
+
+    def _checkpointed_block(self, cfg, w, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *rest):
+        """forward's block runner (w is empty: the block's weights are read in _block) under checkpointing."""
+        return checkpoint(self._block, i, h, cos, sin, use_reentrant=False)
 
     def _block(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         weights, online = self.materialize(i)
@@ -182,11 +179,10 @@ def tune_end_to_end(artifact: Artifact, windows: torch.Tensor, fp_last_hidden: t
     t0 = time.time()
     model = TunableArtifact(artifact, device, hold)
     dev = model.weights["embed"].device
-    frozen_head = {k: model.weights[k] for k in model.weights if not k.startswith("layers.")}
 
     def teacher(j: int) -> torch.Tensor:
         with torch.no_grad():
-            return head_logits(model.config, frozen_head, fp_last_hidden[j : j + 1].to(dev), model.hooks)
+            return head_logits(model.config, model.outside, fp_last_hidden[j : j + 1].to(dev), model.hooks)
 
     def check_kl() -> float:
         with torch.no_grad():

@@ -52,6 +52,16 @@ STAGES = [
 ]
 
 
+ONCE_A_MODEL = (HEAD, "learned R1 rotation (fit)", "end-to-end pass")
+"""The stages run once a model; every other stage of STAGES (not marked (head)) runs once a block."""
+
+
+def per_block_seconds(run: dict) -> float:
+    """Seconds a block of a profile run (the JSON main() writes): its once-a-block stages over its layers."""
+    per_block = {stage for _, _, stage in STAGES} - set(ONCE_A_MODEL)
+    return sum(s for stage, s in run["stages"].items() if stage in per_block) / run["settings"]["layers"]
+
+
 class StageClock:
     """Wall seconds per stage, each stage's own (a nested stage's time is taken out of the stage around it)."""
 

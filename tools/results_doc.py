@@ -260,45 +260,27 @@ PROFILES = {"before (d1a33ab)": "profile-calibration-d1a33ab.json",
 """The calibration profiles side by side (tools/profile_calibration.py): column label -> results file."""
 
 
-def calibration_profile() -> str:
-    """Seconds per calibration stage of the main job's BASE-Q quick run, before and after the speedups."""
-    from profile_calibration import markdown_table as stage_table
+def calibration_profile(profiles: dict[str, str] = PROFILES, per_block: bool = False) -> str:
+    """Seconds per calibration stage of the main job's BASE-Q quick run, before and after the speedups (per_block:
+    with the seconds a block and the peak RSS of each run)."""
+    from profile_calibration import markdown_table as stage_table, per_block_seconds
 
-    runs = {label: with_name(name) for label, name in PROFILES.items()}
-    return (stage_table(runs) + "\n\n" + machine(next(iter(runs.values()))) + " Also "
-            + ", ".join(f"`tools/results/{n}`" for n in list(PROFILES.values())[1:]) + ".")
+    runs = {label: with_name(name) for label, name in profiles.items()}
+    first = next(iter(runs.values()))
+    extra = ""
+    if per_block:
+        before, after = (per_block_seconds(r) for r in runs.values())
+        peaks = " / ".join(f"{r['peak_rss_mib']:.0f}" for r in runs.values())
+        extra = (f"Per block (the stages run once a block, over {first['settings']['layers']} blocks): **{before:.1f} s "
+                 f"before, {after:.1f} s after ({after / before:.2f}x)**. Peak RSS of the profiling process before / "
+                 f"after: {peaks} MiB.\n\n")
+    return (stage_table(runs) + "\n\n" + extra + machine(first) + " Also "
+            + ", ".join(f"`tools/results/{n}`" for n in list(profiles.values())[1:]) + ".")
 
 
 PROFILES_7B = {"before (d1a33ab)": "profile-calibration-7b-d1a33ab.json",
                "after": "profile-calibration-7b.json"}
 """The same profile at Llama-2-7B dimensions (bench_scale's 2-layer checkpoint, --nsamples 8 --calib-ctx 128)."""
-
-PER_BLOCK_STAGES = ("rotations folded into a block's weights", "GPTQ: Hessians", "GPTQ: factorization",
-                    "GPTQ: clip search (group scales)", "GPTQ: error feedback", "GPTQ: column rounding",
-                    "stage C: site means", "stage C: training (forward, backward, fake quantizers)",
-                    "stage C: block loss before training", "stage C: block output after training (the next quantized stream)",
-                    "FP and quantized streams (block forwards)", "blocks saved")
-"""The stages a calibration runs once per block (its walk over the blocks), not once per model."""
-
-
-def per_block_seconds(run: dict) -> float:
-    """Seconds a block of a profile run: its per-block stages over its layers."""
-    return sum(run["stages"].get(s, 0.0) for s in PER_BLOCK_STAGES) / run["settings"]["layers"]
-
-
-def calibration_profile_7b() -> str:
-    """The calibration profile at 7B dimensions, before and after, with the seconds a block of each."""
-    from profile_calibration import markdown_table as stage_table
-
-    runs = {label: with_name(name) for label, name in PROFILES_7B.items()}
-    before, after = (per_block_seconds(r) for r in runs.values())
-    peaks = " / ".join(f"{r['peak_rss_mib']:.0f}" for r in runs.values())
-    layers = next(iter(runs.values()))["settings"]["layers"]
-    return (stage_table(runs) + f"\n\nPer block (the stages run once a block, over {layers} "
-            f"blocks): **{before:.1f} s before, {after:.1f} s after ({after / before:.2f}x)**. Peak RSS of the "
-            f"profiling process before / after: {peaks} MiB.\n\n" + machine(next(iter(runs.values()))) + " Also "
-            + ", ".join(f"`tools/results/{n}`" for n in list(PROFILES_7B.values())[1:]) + ".")
-
 
 SECTIONS: dict[str, Callable[[], str]] = {
     "headline": headline, "quarot": quarot, "baseq": baseq, "w4a8kv8": w4a8kv8, "error-budget": error_budget,
@@ -306,7 +288,7 @@ SECTIONS: dict[str, Callable[[], str]] = {
     "gguf-offgrid": gguf("bench-gguf-offgrid.json"), "gguf-offgrid-tuned": gguf("bench-gguf-offgrid-tuned.json"),
     "gguf-default": gguf("bench-gguf-default.json"), "gguf-default-tuned": gguf("bench-gguf-default-tuned.json"),
     "gguf-mix": gguf_mix, "kld": kld, "scale": scale, "extrapolation": extrapolation,
-    "main-job-closure": lambda: baseq("bench-baseq-main-job.json"), "calibration-profile": calibration_profile, "calibration-profile-7b": calibration_profile_7b,
+    "main-job-closure": lambda: baseq("bench-baseq-main-job.json"), "calibration-profile": calibration_profile, "calibration-profile-7b": lambda: calibration_profile(PROFILES_7B, per_block=True),
 }
 
 

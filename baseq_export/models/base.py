@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -288,8 +288,11 @@ def forward(
     hooks: Hooks = IDENTITY,
     cache: list[list] | None = None,
     exact: bool = False,
+    block: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Logits [B, T, vocab] for token ids [B, T]; with `cache` (one list per layer) decoding is incremental.
+    block: what runs each block, with block_forward's arguments (default block_forward; the end-to-end pass's
+    runs a block it dequantizes itself under activation checkpointing).
 
     exact=True (the quantized reference): every norm, attention and SwiGLU product is computed in
     float64 and rounded once to float32, and linears on quantized activations are integer matmuls
@@ -303,7 +306,8 @@ def forward(
     positions = torch.arange(past, past + ids.shape[1], device=ids.device)
     cos, sin = rope_tables(weights["rope.inv_freq"], positions, cfg.rope_attention_scaling, h.dtype)
     for i in range(cfg.num_layers):
-        h = block_forward(cfg, layer_weights(weights, i), i, h, cos, sin, hooks, None if cache is None else cache[i], exact)
+        h = (block or block_forward)(cfg, layer_weights(weights, i), i, h, cos, sin, hooks,
+                                     None if cache is None else cache[i], exact)
     return head_logits(cfg, weights, h, hooks, exact)
 
 
